@@ -1,0 +1,138 @@
+/* One precision of the fused SRU recurrence; included once per `real` type by sru_cpu.c.
+ *
+ * Work is split into items of (batch row, chunk of CHUNK features); each item runs the whole
+ * time loop with its state in a local array, so items are independent and the inner loop over
+ * features is contiguous in memory and vectorises.
+ */
+
+void SRUPP_FN(forward)(const real *restrict u, const real *restrict x, const real *restrict v,
+                       const real *restrict bias, const real *restrict c0, const uint8_t *restrict mask_pad,
+                       const real *restrict mask_c, real *restrict h, real *restrict c_all,
+                       real *restrict c_last, int64_t T, int64_t B, int64_t D, int reverse, int nthreads) {
+    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const int64_t items = B * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t row = item / nchunk;
+        const int64_t d0 = (item % nchunk) * CHUNK;
+        const int64_t n = D - d0 < CHUNK ? D - d0 : CHUNK;
+        real c[CHUNK], vf[CHUNK], vr[CHUNK], bf[CHUNK], br[CHUNK], m[CHUNK];
+        for (int64_t j = 0; j < n; ++j) {
+            c[j] = c0[row * D + d0 + j];
+            vf[j] = v[d0 + j];
+            vr[j] = v[D + d0 + j];
+            bf[j] = bias[d0 + j];
+            br[j] = bias[D + d0 + j];
+            m[j] = mask_c ? mask_c[row * D + d0 + j] : (real)1;
+        }
+        for (int64_t s = 0; s < T; ++s) {
+            const int64_t t = reverse ? T - 1 - s : s;
+            const int64_t at = (t * B + row) * D + d0;
+            const real *uc = u + (t * B + row) * 3 * D + d0;
+            const real *uf = uc + D;
+            const real *ur = uc + 2 * D;
+            const real *xt = x + at;
+            real *ht = h + at;
+            real *ct = c_all ? c_all + at : 0;
+            if (mask_pad && mask_pad[t * B + row]) {
+                for (int64_t j = 0; j < n; ++j) ht[j] = 0;
+                if (ct)
+                    for (int64_t j = 0; j < n; ++j) ct[j] = c[j];
+                continue;
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const real cp = c[j];
+                const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
+                const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                const real cn = uc[j] + f * (cp - uc[j]);
+                const real xv = xt[j];
+                ht[j] = xv + m[j] * r * (cn - xv);
+                c[j] = cn;
+            }
+            if (ct)
+                for (int64_t j = 0; j < n; ++j) ct[j] = c[j];
+        }
+        for (int64_t j = 0; j < n; ++j) c_last[row * D + d0 + j] = c[j];
+    }
+}
+
+/* gvb is [B, 4, D]: per batch row the partial sums of (grad v_f, grad v_r, grad b_f, grad b_r);
+ * the caller sums over B, so no two threads ever write the same address. */
+void SRUPP_FN(backward)(const real *restrict u, const real *restrict x, const real *restrict v,
+                        const real *restrict bias, const real *restrict c0, const uint8_t *restrict mask_pad,
+                        const real *restrict mask_c, const real *restrict c_all, const real *restrict gh,
+                        const real *restrict gc_last, real *restrict gu, real *restrict gx,
+                        real *restrict gvb, real *restrict gc0, int64_t T, int64_t B, int64_t D, int reverse,
+                        int nthreads) {
+    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const int64_t items = B * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t row = item / nchunk;
+        const int64_t d0 = (item % nchunk) * CHUNK;
+        const int64_t n = D - d0 < CHUNK ? D - d0 : CHUNK;
+        real gc[CHUNK], vf[CHUNK], vr[CHUNK], bf[CHUNK], br[CHUNK], m[CHUNK];
+        real gvf[CHUNK], gvr[CHUNK], gbf[CHUNK], gbr[CHUNK];
+        for (int64_t j = 0; j < n; ++j) {
+            gc[j] = gc_last[row * D + d0 + j];
+            vf[j] = v[d0 + j];
+            vr[j] = v[D + d0 + j];
+            bf[j] = bias[d0 + j];
+            br[j] = bias[D + d0 + j];
+            m[j] = mask_c ? mask_c[row * D + d0 + j] : (real)1;
+            gvf[j] = gvr[j] = gbf[j] = gbr[j] = 0;
+        }
+        /* Walk the forward order backwards; the state before step t is c_all at the step the
+         * forward pass ran just before t, or c0 at the forward's first step. */
+        for (int64_t s = 0; s < T; ++s) {
+            const int64_t t = reverse ? s : T - 1 - s;
+            const int first = s == T - 1;
+            const int64_t at = (t * B + row) * D + d0;
+            const int64_t uat = (t * B + row) * 3 * D + d0;
+            real *guc = gu + uat;
+            real *guf = guc + D;
+            real *gur = guc + 2 * D;
+            real *gxt = gx + at;
+            if (mask_pad && mask_pad[t * B + row]) {
+                for (int64_t j = 0; j < n; ++j) guc[j] = guf[j] = gur[j] = gxt[j] = 0;
+                continue;
+            }
+            const real *uc = u + uat;
+            const real *uf = uc + D;
+            const real *ur = uc + 2 * D;
+            const real *xt = x + at;
+            const real *ct = c_all + at;
+            const real *ghtt = gh + at;
+            const real *cprev = first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const real cp = cprev[j];
+                const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
+                const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                const real g = ghtt[j];
+                const real xv = xt[j];
+                const real gct = gc[j] + g * m[j] * r;
+                const real dr = g * m[j] * (ct[j] - xv) * r * ((real)1 - r);
+                const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
+                gxt[j] = g * ((real)1 - m[j] * r);
+                guc[j] = gct * ((real)1 - f);
+                guf[j] = df;
+                gur[j] = dr;
+                gbf[j] += df;
+                gbr[j] += dr;
+                gvf[j] += df * cp;
+                gvr[j] += dr * cp;
+                gc[j] = gct * f + df * vf[j] + dr * vr[j];
+            }
+        }
+        real *out = gvb + row * 4 * D + d0;
+        for (int64_t j = 0; j < n; ++j) {
+            gc0[row * D + d0 + j] = gc[j];
+            out[j] = gvf[j];
+            out[D + j] = gvr[j];
+            out[2 * D + j] = gbf[j];
+            out[3 * D + j] = gbr[j];
+        }
+    }
+}
