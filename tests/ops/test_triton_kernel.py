@@ -1,0 +1,268 @@
+"""The Triton backend against the naive spec: on CPU through Triton's interpreter, and on a CUDA GPU when present.
+
+The kernels pick the interpreter per call for CPU tensors, so TRITON_INTERPRET only has to be set while a
+test runs (the `device` fixture does it with monkeypatch); it never leaks into other test files.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from srupp.ops import sru_recurrence, sru_recurrence_naive, triton_kernel  # noqa: E402
+from tests.helpers import assert_all_close  # noqa: E402
+
+HALF = (torch.float16, torch.bfloat16)
+NO_CUDA = not torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", id="interpret"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")]),
+]
+SHAPES = [(steps, batch, hidden) for steps in (1, 5) for batch in (1, 3) for hidden in (1, 5, 33)]
+OPTIONS = {
+    "plain": dict(),
+    "c0-pad-maskc": dict(with_c0=True, with_pad=True, with_mask_c=True),
+    "c0-pad-maskc-reverse": dict(with_c0=True, with_pad=True, with_mask_c=True, reverse=True),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch) -> torch.device:
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return torch.device(request.param)
+
+
+def make_case(
+    steps: int,
+    batch: int,
+    hidden: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    param_dtype: torch.dtype | None = None,
+    with_c0: bool = False,
+    with_pad: bool = False,
+    with_mask_c: bool = False,
+    reverse: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Inputs and upstream gradients; activations in `dtype`, parameters and state in `param_dtype`."""
+    generator = torch.Generator().manual_seed(seed)
+    compute = torch.float32 if dtype in HALF else dtype
+    param_dtype = param_dtype or compute
+
+    def randn(*shape, dtype):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    mask_pad = None
+    if with_pad:
+        # Row 0 has padded steps between real ones, row 1 is all padding, row 2 has a padded tail.
+        mask_pad = torch.zeros(steps, batch, dtype=torch.bool)
+        mask_pad[1::3, 0] = True
+        if batch > 1:
+            mask_pad[:, 1] = True
+        if batch > 2:
+            mask_pad[steps // 2 + 1 :, 2] = True
+        mask_pad = mask_pad.to(device)
+    mask_c = None
+    if with_mask_c:
+        keep = torch.rand(batch, hidden, generator=generator) > 0.3
+        mask_c = (keep / 0.7).to(device=device, dtype=param_dtype)
+    return {
+        "u": randn(steps, batch, 3 * hidden, dtype=dtype),
+        "x": randn(steps, batch, hidden, dtype=dtype),
+        "v": randn(2, hidden, dtype=param_dtype) * 0.5,
+        "b": randn(2, hidden, dtype=param_dtype) * 0.5,
+        "c0": randn(batch, hidden, dtype=param_dtype) if with_c0 else None,
+        "mask_pad": mask_pad,
+        "mask_c": mask_c,
+        "reverse": reverse,
+        # Rounded to the activation dtype so both sides see the very same upstream gradients.
+        "grad_h": randn(steps, batch, hidden, dtype=dtype).to(compute),
+        "grad_c": randn(batch, hidden, dtype=dtype).to(compute),
+    }
+
+
+NAMES = ["h", "c_last", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"]
+
+
+def run(case: dict, *, backend: str, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Forward and backward through one backend, inputs cast to `dtype` (None keeps them); values in NAMES order."""
+    leaves = []
+    for name in ("u", "x", "v", "b", "c0"):
+        tensor = case[name]
+        if name == "c0" and tensor is None:
+            tensor = torch.zeros_like(case["grad_c"], dtype=case["v"].dtype)
+        leaves.append((tensor if dtype is None else tensor.to(dtype)).detach().requires_grad_())
+    mask_c = case["mask_c"] if dtype is None or case["mask_c"] is None else case["mask_c"].to(dtype)
+    if backend == "naive":
+        h, c_last = sru_recurrence_naive(*leaves, case["mask_pad"], mask_c, case["reverse"])
+    else:
+        h, c_last = sru_recurrence(
+            *leaves, mask_pad=case["mask_pad"], mask_c=mask_c, reverse=case["reverse"], backend=backend
+        )
+    grad_h, grad_c = case["grad_h"], case["grad_c"]
+    loss = (h.to(grad_h.dtype) * grad_h).sum() + (c_last.to(grad_c.dtype) * grad_c).sum()
+    return [h.detach(), c_last.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+def check(case: dict, *, atol: float, rtol: float, reference_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Triton against the naive spec (run in `reference_dtype`) on the same inputs and upstream gradients."""
+    result = run(case, backend="triton")
+    assert_all_close(NAMES, result, run(case, backend="naive", dtype=reference_dtype), atol=atol, rtol=rtol)
+    return result
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-B{b}-D{d}" for t, b, d in SHAPES])
+def test_matches_naive_over_shapes(device, shape, options):
+    check(make_case(*shape, device=device, **options), atol=1e-5, rtol=1e-4)
+
+
+FLAGS = list(itertools.product((False, True), repeat=4))
+
+
+@pytest.mark.parametrize(
+    "with_c0, with_pad, with_mask_c, reverse",
+    FLAGS,
+    ids=[
+        "-".join(name for name, on in zip(("c0", "pad", "maskc", "reverse"), flags, strict=True) if on) or "none"
+        for flags in FLAGS
+    ],
+)
+def test_matches_naive_over_options(device, with_c0, with_pad, with_mask_c, reverse):
+    case = make_case(
+        5, 3, 33, device=device, with_c0=with_c0, with_pad=with_pad, with_mask_c=with_mask_c, reverse=reverse
+    )
+    check(case, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_all_padding_single_sequence(device, reverse):
+    case = make_case(5, 1, 5, device=device, with_c0=True, reverse=reverse)
+    case["mask_pad"] = torch.ones(5, 1, dtype=torch.bool, device=device)
+    h, c_last, *_ = check(case, atol=1e-6, rtol=1e-6)
+    assert not h.any()
+    assert torch.equal(c_last, case["c0"])
+
+
+HALF_CASES = [
+    pytest.param(dtype, param_dtype, id=f"{str(dtype)[6:]}-params-{str(param_dtype)[6:]}")
+    for dtype in HALF
+    for param_dtype in (torch.float32, dtype)
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype, param_dtype", HALF_CASES)
+def test_half_inputs_match_naive_in_float32(device, dtype, param_dtype, reverse):
+    case = make_case(
+        5, 3, 33, device=device, dtype=dtype, param_dtype=param_dtype,
+        with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse,
+    )  # fmt: skip
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    h, c_last, grad_u, grad_x, grad_v, grad_b, grad_c0 = check(
+        case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32
+    )
+    assert h.dtype == c_last.dtype == grad_u.dtype == grad_x.dtype == dtype
+    assert grad_v.dtype == grad_b.dtype == grad_c0.dtype == param_dtype
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradcheck_float64(device, reverse):
+    # Small enough for the full Jacobian in the interpreter; B=3 gives a partly and an all padded row.
+    shape = (2, 3, 1) if device.type == "cpu" else (4, 3, 5)
+    case = make_case(*shape, device=device, dtype=torch.float64, with_c0=True, with_pad=True, with_mask_c=True)
+    inputs = tuple(case[name].requires_grad_() for name in ("u", "x", "v", "b", "c0"))
+
+    def function(u, x, v, b, c0):
+        return sru_recurrence(
+            u, x, v, b, c0, mask_pad=case["mask_pad"], mask_c=case["mask_c"], reverse=reverse, backend="triton"
+        )
+
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_no_grad_forward_equals_grad_forward(device):
+    case = make_case(5, 3, 33, device=device, with_c0=True, with_pad=True, with_mask_c=True)
+    with torch.no_grad():
+        h, c_last = sru_recurrence(
+            case["u"], case["x"], case["v"], case["b"], case["c0"],
+            mask_pad=case["mask_pad"], mask_c=case["mask_c"], backend="triton",
+        )  # fmt: skip
+    result = run(case, backend="triton")
+    assert torch.equal(h, result[0]) and torch.equal(c_last, result[1])
+
+
+def test_opcheck(device):
+    case = make_case(3, 2, 5, device=device, with_c0=True, with_pad=True, with_mask_c=True)
+    leaves = tuple(case[name].requires_grad_() for name in ("u", "x", "v", "b", "c0"))
+    inputs = (*leaves, case["mask_pad"], case["mask_c"])
+    everything = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(triton_kernel.sru_triton_forward, (*inputs, False, True), test_utils=everything)
+    c_all = triton_kernel.sru_triton_forward(*inputs, False, True)[2].detach()
+    inputs = tuple(None if t is None else t.detach() for t in inputs)
+    backward_args = (*inputs, c_all, case["grad_h"], case["grad_c"], False)
+    torch.library.opcheck(
+        triton_kernel.sru_triton_backward, backward_args, test_utils=("test_schema", "test_faketensor")
+    )
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = make_case(2, 1, 3, device=torch.device("cpu"))
+    assert not triton_kernel.is_available(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sru_recurrence(case["u"], case["x"], case["v"], case["b"], backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
+def test_kernels_compile_for_a_gpu_target(dtype):
+    """Lower both kernels to a cubin for sm_90 without a GPU: catches what the interpreter lets through."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no ASTSource/GPUTarget: {err}")
+    compute = "fp64" if dtype == "fp64" else "fp32"
+    flags = {"HAS_MASK_PAD": True, "HAS_MASK_C": True, "REVERSE": True}
+    pointers = {
+        "u": dtype, "x": dtype, "v": compute, "b": compute, "c0": compute, "mask_pad": "u8", "mask_c": compute,
+        "h": dtype, "c_all": compute, "c_last": compute, "grad_h": dtype, "grad_c_last": compute,
+        "grad_u": dtype, "grad_x": dtype, "grad_vb": compute, "grad_c0": compute,
+    }  # fmt: skip
+    for kernel, constexprs in (
+        (triton_kernel._sru_forward_kernel, {**flags, "SAVE_C": True, "BLOCK_D": 128}),
+        (triton_kernel._sru_backward_kernel, {**flags, "BLOCK_D": 128}),
+    ):
+        function = triton.JITFunction(kernel)
+        signature = {}
+        for name in function.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + pointers[name.removesuffix("_ptr")]
+            else:
+                signature[name] = "i32"
+        compiled = triton.compile(
+            ASTSource(function, signature, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
+        )
+        assert compiled.asm["cubin"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 16, 1000), (300, 2, 4099), (17, 129, 512)], ids=str)
+def test_cuda_larger_shapes(shape, dtype):
+    case = make_case(*shape, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
