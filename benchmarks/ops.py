@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_it, write_json  # noqa: E402
-
 from srupp.ops import sru_recurrence  # noqa: E402
 
 SHAPES = [(512, 16, 512), (256, 32, 1024), (1024, 4, 256)]
@@ -122,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows.append(row)
         official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
                          if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
-        print(f"{steps:5d} {batch:4d} {hidden:5d} | {row['naive_forward_s'] * 1e3:8.1f}m {row['cpu_forward_s'] * 1e3:7.2f}m "
+        print(f"{steps:5d} {batch:4d} {hidden:5d} | "
+              f"{row['naive_forward_s'] * 1e3:8.1f}m {row['cpu_forward_s'] * 1e3:7.2f}m "
               f"{row['forward_speedup']:6.1f} | {row['naive_train_s'] * 1e3:8.1f}m {row['cpu_train_s'] * 1e3:7.2f}m "
               f"{row['train_speedup']:6.1f} | {row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
               f" | {official_cols}")  # fmt: skip
@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
           " 'ours x' = authors' CPU forward time / ours")  # fmt: skip
     payload = {
         "copy_bandwidth_GBps": copy / 1e9,
-        "bytes_per_element": {"forward_inference": FORWARD_INFER_BYTES, "forward_train": FORWARD_TRAIN_BYTES,
-                              "backward": BACKWARD_BYTES},  # fmt: skip
+        "bytes_per_element": {
+            "forward_inference": FORWARD_INFER_BYTES,
+            "forward_train": FORWARD_TRAIN_BYTES,
+            "backward": BACKWARD_BYTES,
+        },  # fmt: skip
         "rows": rows,
     }
     path = write_json("ops", payload, args.out)

@@ -16,7 +16,7 @@ def outputs_and_grads(
     outputs = fn(*leaves)
     wanted = [t for t in leaves if t.requires_grad]
     grads = torch.autograd.grad(outputs, wanted, upstream, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads, strict=True)]
     return [o.detach() for o in outputs] + list(grads)
 
 
@@ -26,7 +26,7 @@ def assert_all_close(
     """Compare tensors pairwise; on failure report the max abs and relative error of every pair."""
     assert len(names) == len(actual) == len(expected), (len(names), len(actual), len(expected))
     report, failed = [], False
-    for name, a, e in zip(names, actual, expected):
+    for name, a, e in zip(names, actual, expected, strict=True):
         assert a.shape == e.shape, f"{name}: shape {list(a.shape)} != {list(e.shape)}"
         a64, e64 = a.double(), e.double()
         err = (a64 - e64).abs()
@@ -35,4 +35,4 @@ def assert_all_close(
         ok = torch.allclose(a64, e64, atol=atol, rtol=rtol)
         failed |= not ok
         report.append(f"{name}: max abs {max_abs:.3g}, max rel {max_rel:.3g}{'' if ok else '  <-- FAIL'}")
-    assert not failed, "mismatch (atol={}, rtol={}):\n".format(atol, rtol) + "\n".join(report)
+    assert not failed, f"mismatch (atol={atol}, rtol={rtol}):\n" + "\n".join(report)

@@ -193,22 +193,62 @@ def good():
 
 
 BAD = {
-    "u_rank": (dict(u=torch.zeros(T, 3 * D)), ValueError, r"`u` must have shape \[T, B, 3\*D\] \(3 dims\), got \[4, 18\]"),
-    "u_width": (dict(u=torch.zeros(T, B, 2 * D)), ValueError, r"`u` must have shape \[T, B, 3\*D\] = \[4, 2, 18\], got \[4, 2, 12\]"),
+    "u_rank": (
+        dict(u=torch.zeros(T, 3 * D)),
+        ValueError,
+        r"`u` must have shape \[T, B, 3\*D\] \(3 dims\), got \[4, 18\]",
+    ),
+    "u_width": (
+        dict(u=torch.zeros(T, B, 2 * D)),
+        ValueError,
+        r"`u` must have shape \[T, B, 3\*D\] = \[4, 2, 18\], got \[4, 2, 12\]",
+    ),
     "x_rank": (dict(x=torch.zeros(T, D)), ValueError, r"`x` must have shape \[T, B, D\] \(3 dims\), got \[4, 6\]"),
     "v_shape": (dict(v=torch.zeros(D)), ValueError, r"`v` must have shape \[2, D\] = \[2, 6\], got \[6\]"),
     "b_shape": (dict(b=torch.zeros(3, D)), ValueError, r"`b` must have shape \[2, D\] = \[2, 6\], got \[3, 6\]"),
     "c0_batch": (dict(c0=torch.zeros(B + 1, D)), ValueError, r"`c0` must have shape \[B, D\] = \[2, 6\], got \[3, 6\]"),
-    "mask_pad_shape": (dict(mask_pad=torch.zeros(B, T, dtype=torch.bool)), ValueError, r"`mask_pad` must have shape \[T, B\] = \[4, 2\], got \[2, 4\]"),
-    "mask_pad_dtype": (dict(mask_pad=torch.zeros(T, B)), TypeError, r"`mask_pad` must be a bool tensor .* got dtype torch.float32"),
-    "mask_c_shape": (dict(mask_c=torch.ones(D)), ValueError, r"`mask_c` must have shape \[B, D\] = \[2, 6\], got \[6\]"),
-    "dtype_mismatch": (dict(x=torch.zeros(T, B, D, dtype=torch.float64)), TypeError, r"`x` must have dtype torch.float32 .* got torch.float64"),
-    "int_u": (dict(u=torch.zeros(T, B, 3 * D, dtype=torch.int64)), TypeError, r"`u` must be a floating-point tensor, got dtype torch.int64"),
+    "mask_pad_shape": (
+        dict(mask_pad=torch.zeros(B, T, dtype=torch.bool)),
+        ValueError,
+        r"`mask_pad` must have shape \[T, B\] = \[4, 2\], got \[2, 4\]",
+    ),
+    "mask_pad_dtype": (
+        dict(mask_pad=torch.zeros(T, B)),
+        TypeError,
+        r"`mask_pad` must be a bool tensor .* got dtype torch.float32",
+    ),
+    "mask_c_shape": (
+        dict(mask_c=torch.ones(D)),
+        ValueError,
+        r"`mask_c` must have shape \[B, D\] = \[2, 6\], got \[6\]",
+    ),
+    "dtype_mismatch": (
+        dict(x=torch.zeros(T, B, D, dtype=torch.float64)),
+        TypeError,
+        r"`x` must have dtype torch.float32 .* got torch.float64",
+    ),
+    "int_u": (
+        dict(u=torch.zeros(T, B, 3 * D, dtype=torch.int64)),
+        TypeError,
+        r"`u` must be a floating-point tensor, got dtype torch.int64",
+    ),
     "not_tensor": (dict(v=[[0.0] * D] * 2), TypeError, r"`v` must be a torch.Tensor, got list"),
-    "empty_time": (dict(u=torch.zeros(0, B, 3 * D), x=torch.zeros(0, B, D), mask_pad=None), ValueError, r"at least one time step \(T >= 1\), got shape \[0, 2, 6\]"),
-    "device_mismatch": (dict(c0=torch.zeros(B, D, device="meta")), ValueError, r"`c0` must be on the device of `u` \(cpu\), got meta"),
-    "backend_name": (dict(backend="cuda"), ValueError, r"`backend` must be one of \('auto', 'naive', 'cpu', 'triton'\), got 'cuda'"),
-}  # fmt: skip
+    "empty_time": (
+        dict(u=torch.zeros(0, B, 3 * D), x=torch.zeros(0, B, D), mask_pad=None),
+        ValueError,
+        r"at least one time step \(T >= 1\), got shape \[0, 2, 6\]",
+    ),
+    "device_mismatch": (
+        dict(c0=torch.zeros(B, D, device="meta")),
+        ValueError,
+        r"`c0` must be on the device of `u` \(cpu\), got meta",
+    ),
+    "backend_name": (
+        dict(backend="cuda"),
+        ValueError,
+        r"`backend` must be one of \('auto', 'naive', 'cpu', 'triton'\), got 'cuda'",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
