@@ -39,6 +39,7 @@ def _library() -> ctypes.CDLL | None:
     for dtype_suffix in _SUFFIX.values():
         getattr(lib, f"srupp_sru_forward_{dtype_suffix}").argtypes = _FORWARD_ARGS
         getattr(lib, f"srupp_sru_backward_{dtype_suffix}").argtypes = _BACKWARD_ARGS
+    lib.srupp_chunk.restype = _INT
     _LIB = lib
     return _LIB
 
@@ -61,9 +62,10 @@ def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _threads(batch: int, hidden: int) -> int:
-    items = batch * ((hidden + 63) // 64)
-    return max(1, min(torch.get_num_threads(), items))
+def _threads(lib: ctypes.CDLL, batch: int, hidden: int) -> int:
+    """The kernel splits work into (batch row, feature chunk) items; more threads than items would idle."""
+    chunk = lib.srupp_chunk()
+    return max(1, min(torch.get_num_threads(), batch * ((hidden + chunk - 1) // chunk)))
 
 
 @torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu")
@@ -88,7 +90,7 @@ def sru_cpu_forward(
     getattr(lib, f"srupp_sru_forward_{_SUFFIX[x.dtype]}")(
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(lib, batch, hidden),
     )  # fmt: skip
     return h, c_last, c_all
 
@@ -124,7 +126,7 @@ def sru_cpu_backward(
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
         grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(lib, batch, hidden),
     )  # fmt: skip
     return grad_u, grad_x, grad_vb[:, :2].sum(0), grad_vb[:, 2:].sum(0), grad_c0
 

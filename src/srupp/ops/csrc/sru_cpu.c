@@ -6,7 +6,9 @@
 #include <math.h>
 #include <stdint.h>
 
-#define CHUNK 64
+#ifndef CHUNK
+#define CHUNK 256
+#endif
 
 /* exp for float32 that the compiler can vectorise (libm's expf is a scalar call): Cody-Waite range
  * reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients), then 2^n built in
@@ -15,7 +17,9 @@
 static inline float srupp_expf(float x) {
     x = x > 88.0f ? 88.0f : x;
     x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    /* n = nearest integer to x/ln2: adding then subtracting 1.5 * 2^23 rounds in the FPU; floorf
+     * would block vectorisation unless -fno-trapping-math. */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -52,3 +56,4 @@ static inline float srupp_expf(float x) {
 #undef SRUPP_FN
 
 int srupp_abi_version(void) { return 1; }
+int srupp_chunk(void) { return CHUNK; }
