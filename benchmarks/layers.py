@@ -1,0 +1,166 @@
+"""Layer speed on CPU: train step (forward + backward) and inference tokens/s.
+
+Compares our SRUpp, the authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and a causal
+``nn.TransformerEncoder``, the last two sized to about our parameter count. Prints a table and the
+ratios the issue asks for, and writes JSON.
+
+    python benchmarks/layers.py            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
+    python benchmarks/layers.py --quick    # tiny shapes, seconds (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import time_it, write_json  # noqa: E402
+from srupp.nn import SRUpp  # noqa: E402
+
+FULL = [
+    {"d": 512, "proj": 128, "layers": 2, "steps": 256, "batch": 16},
+    {"d": 1024, "proj": 256, "layers": 2, "steps": 256, "batch": 16},
+]
+QUICK = [{"d": 32, "proj": 8, "layers": 2, "steps": 16, "batch": 2}]
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def causal_additive_mask(steps: int) -> torch.Tensor:
+    return torch.ones(steps, steps).triu(1) * -1e4
+
+
+class Ours(nn.Module):
+    def __init__(self, d, proj, layers):
+        super().__init__()
+        self.model = SRUpp(d, d, proj, num_layers=layers)
+
+    def forward(self, x):
+        return self.model(x, causal=True)[0]
+
+
+class Authors(nn.Module):
+    def __init__(self, sru, d, proj, layers, steps):
+        super().__init__()
+        self.model = sru.SRUpp(d, d, proj, num_layers=layers)
+        self.register_buffer("mask", causal_additive_mask(steps))
+
+    def forward(self, x):
+        return self.model(x, attn_mask=self.mask)[0]
+
+
+class LSTM(nn.Module):
+    def __init__(self, d, hidden, layers):
+        super().__init__()
+        self.model = nn.LSTM(d, hidden, num_layers=layers)
+
+    def forward(self, x):
+        return self.model(x)[0]
+
+
+class Transformer(nn.Module):
+    def __init__(self, d, width, layers, steps):
+        super().__init__()
+        self.proj = nn.Linear(d, width)
+        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, dropout=0.0)
+        self.model = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(steps))
+
+    def forward(self, x):
+        return self.model(self.proj(x), mask=self.mask, is_causal=True)
+
+
+def closest(build, target: int, candidates) -> nn.Module:
+    return min((build(c) for c in candidates), key=lambda m: abs(count(m) - target))
+
+
+def measure(model: nn.Module, x: torch.Tensor, repeats: int) -> dict:
+    tokens = x.shape[0] * x.shape[1]
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    def inference():
+        with torch.no_grad():
+            model(x)
+
+    model.train()
+    train = time_it(train_step, repeats=repeats)
+    model.eval()
+    infer = time_it(inference, repeats=repeats)
+    return {
+        "params": count(model),
+        "train_tokens_per_s": tokens / train,
+        "inference_tokens_per_s": tokens / infer,
+    }
+
+
+def run_size(size: dict, repeats: int, sru) -> dict:
+    d, proj, layers, steps, batch = size["d"], size["proj"], size["layers"], size["steps"], size["batch"]
+    torch.manual_seed(0)
+    models = {"srupp": Ours(d, proj, layers)}
+    target = count(models["srupp"])
+    if sru is not None:
+        models["sru_authors"] = Authors(sru, d, proj, layers, steps)
+    models["lstm"] = closest(lambda h: LSTM(d, h, layers), target, range(4, 4 * d, 4))
+    models["transformer"] = closest(lambda w: Transformer(d, w, layers, steps), target, range(8, 2 * d, 8))
+    x = torch.randn(steps, batch, d)
+    results = {}
+    for name, model in models.items():
+        results[name] = measure(model, x, repeats)
+        r = results[name]
+        print(f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
+              f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
+    ratios = {}
+    ours = results["srupp"]
+    for other in results:
+        if other != "srupp":
+            for mode in ("train", "inference"):
+                key = f"{mode}_tokens_per_s"
+                ratios[f"{mode}_srupp_over_{other}"] = ours[key] / results[other][key]
+    for key, value in ratios.items():
+        print(f"  {key:40s} {value:6.2f}x")
+    return {"size": size, "results": results, "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers.json, "
+                        "layers_quick.json with --quick)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 5)
+    sru = None
+    if not args.no_official:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import sru  # noqa: F401  (first import compiles its C++ extension)
+        except ImportError:
+            print("the authors' package `sru` is not installed; skipping it", file=sys.stderr)
+    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+    print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
+    payload: dict = {"repeats": repeats, "sizes": []}
+    for size in QUICK if args.quick else FULL:
+        print(f"d={size['d']} d'={size['proj']} layers={size['layers']} T={size['steps']} B={size['batch']}")
+        payload["sizes"].append(run_size(size, repeats, sru))
+    path = write_json("layers_quick" if args.quick else "layers", payload, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

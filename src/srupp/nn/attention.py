@@ -1,0 +1,238 @@
+"""The input transforms of an SRU++ layer: single- or multi-head attention, and the projected linear."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def attention_mask(
+    query_len: int,
+    key_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    key_pad: Tensor | None,
+    device: torch.device,
+) -> Tensor | None:
+    """A boolean mask (True = may attend) of shape ``[B or 1, 1, query_len, key_len]``, or None.
+
+    Query i sits at key position ``key_len - query_len + i`` (the keys are memory, then the queries).
+    ``causal`` hides later keys; ``window`` hides keys more than ``window`` positions away. A query
+    always sees its own key, so no row is empty even where padding covers the window (padded queries'
+    outputs are discarded by the recurrence anyway)."""
+    if not causal and window is None and key_pad is None:
+        return None
+    position = torch.arange(query_len, device=device).unsqueeze(1) + (key_len - query_len)
+    key = torch.arange(key_len, device=device).unsqueeze(0)
+    allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & (key <= position)
+    if window is not None:
+        allowed = allowed & (key >= position - window)
+        if not causal:
+            allowed = allowed & (key <= position + window)
+    allowed = allowed.unsqueeze(0)
+    if key_pad is not None:
+        allowed = allowed & ~key_pad.unsqueeze(1)
+    allowed = allowed | (key == position)
+    return allowed.unsqueeze(1)
+
+
+class SRUppProjectedLinear(nn.Module):
+    """The transform of an SRU++ layer without attention: ``U = Wo dropout(LayerNorm(Wq x))``.
+
+    Args:
+        input_size: features of ``x``.
+        output_size: features of ``U``.
+        proj_size: the bottleneck ``d'``.
+        dropout: dropout before ``Wo``.
+
+    Example:
+        >>> SRUppProjectedLinear(16, 24, 4)(torch.randn(5, 2, 16)).shape
+        torch.Size([5, 2, 24])
+    """
+
+    def __init__(
+        self, input_size: int, output_size: int, proj_size: int, dropout: float = 0.0, *, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size, self.output_size, self.proj_size = input_size, output_size, proj_size
+        self.in_proj = nn.Linear(input_size, proj_size, bias=False, **factory)
+        self.norm = nn.LayerNorm(proj_size, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(proj_size, output_size, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        # Wo scaled by sqrt(1 - dropout): the authors' SRUppProjectedLinear.reset_parameters.
+        with torch.no_grad():
+            self.out_proj.weight.mul_(math.sqrt(1.0 - self.dropout.p))
+        self.norm.reset_parameters()
+
+    def forward(self, input: Tensor, **unused) -> Tensor:
+        """Args: input ``[T, B, input_size]`` (attention keywords are accepted and ignored).
+
+        Returns: ``U [T, B, output_size]``."""
+        return self.out_proj(self.dropout(self.norm(self.in_proj(input))))
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.output_size}, proj_size={self.proj_size}, dropout={self.dropout.p}"
+
+
+class SRUppAttention(nn.Module):
+    """The attention transform of an SRU++ layer (Lei, 2021, Sec. 3).
+
+    ``Q = Wq x``; ``K = Wk Q``, ``V = Wv Q`` from the un-normalised ``Q``;
+    ``A = softmax(Q K^T / sqrt(d'/heads)) V``; ``U = Wo dropout(LayerNorm(Q + alpha * A))``,
+    with ``alpha`` a learned scalar initialised to 0. Keys and values cover the optional memory
+    (earlier positions, projected by the same ``Wq``) followed by the input.
+
+    Args:
+        input_size: features of ``x``.
+        output_size: features of ``U``.
+        proj_size: the attention size ``d'``.
+        num_heads: attention heads; must divide ``proj_size``.
+        dropout: dropout before ``Wo``.
+        attn_dropout: dropout on the attention probabilities.
+
+    Example:
+        >>> attention = SRUppAttention(16, 24, 8, num_heads=2)
+        >>> attention(torch.randn(5, 2, 16), causal=True).shape
+        torch.Size([5, 2, 24])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        proj_size: int,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or proj_size % num_heads != 0:
+            raise ValueError(f"`proj_size` ({proj_size}) must be divisible by `num_heads` ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.input_size, self.output_size, self.proj_size = input_size, output_size, proj_size
+        self.num_heads = num_heads
+        self.head_size = proj_size // num_heads
+        self.attn_dropout = float(attn_dropout)
+        self.in_proj = nn.Linear(input_size, proj_size, bias=False, **factory)
+        # One matmul for [Wk; Wv] (keys are the first proj_size rows), as one d' -> 2d' map.
+        self.kv_proj = nn.Linear(proj_size, 2 * proj_size, bias=False, **factory)
+        self.alpha = nn.Parameter(torch.zeros((), **factory))
+        self.norm = nn.LayerNorm(proj_size, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(proj_size, output_size, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.xavier_uniform_(self.kv_proj.weight)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        with torch.no_grad():
+            # Wo scaled by sqrt(1 - dropout), alpha = 0: the authors' SRUppAttention.reset_parameters.
+            self.out_proj.weight.mul_(math.sqrt(1.0 - self.dropout.p))
+            self.alpha.zero_()
+        self.norm.reset_parameters()
+
+    def _heads(self, tensor: Tensor) -> Tensor:
+        steps, batch, _ = tensor.shape
+        return tensor.reshape(steps, batch, self.num_heads, self.head_size).permute(1, 2, 0, 3)
+
+    def keys_values(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, heads, T, head_size]`` of un-normalised queries ``[T, B, proj_size]``."""
+        keys, values = self.kv_proj(query).chunk(2, dim=-1)
+        return self._heads(keys), self._heads(values)
+
+    def attend(
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, is_causal: bool = False
+    ) -> Tensor:
+        """``U`` ``[T, B, output_size]`` from queries ``[T, B, proj_size]`` and head-split keys and values."""
+        steps, batch, _ = query.shape
+        mixed = F.scaled_dot_product_attention(
+            self._heads(query),
+            keys.to(query.dtype),
+            values.to(query.dtype),
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        mixed = mixed.permute(2, 0, 1, 3).reshape(steps, batch, self.proj_size)
+        return self.out_proj(self.dropout(self.norm(query + self.alpha * mixed)))
+
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        mask_pad: Tensor | None = None,
+        causal: bool = False,
+        memory: Tensor | None = None,
+        attn_window: int | None = None,
+    ) -> Tensor:
+        """Args:
+            input: ``[T, B, input_size]``.
+            mask_pad: ``[T, B]`` bool, True marks padded keys.
+            causal: queries see only keys at or before their position (all memory positions precede).
+            memory: ``[M, B, input_size]`` earlier positions to attend to.
+            attn_window: each query sees at most this many earlier positions.
+
+        Returns: ``U [T, B, output_size]``.
+        """
+        steps, batch, _ = input.shape
+        query = self.in_proj(input)
+        keys, values = self.keys_values(query)
+        memory_len = 0
+        if memory is not None:
+            memory_len = memory.shape[0]
+            memory_keys, memory_values = self.keys_values(self.in_proj(memory))
+            keys = torch.cat([memory_keys, keys], dim=2)
+            values = torch.cat([memory_values, values], dim=2)
+        key_pad = None
+        if mask_pad is not None:
+            key_pad = mask_pad.t()
+            if memory_len:
+                key_pad = torch.cat([key_pad.new_zeros(batch, memory_len), key_pad], dim=1)
+        # Plain causal attention takes SDPA's own causal path (flash kernels on GPU).
+        if causal and memory_len == 0 and key_pad is None and attn_window is None:
+            return self.attend(query, keys, values, None, is_causal=True)
+        mask = attention_mask(
+            steps, memory_len + steps, causal=causal, window=attn_window, key_pad=key_pad, device=input.device
+        )
+        return self.attend(query, keys, values, mask)
+
+    def step(
+        self, input: Tensor, keys: Tensor, values: Tensor, max_context: int | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Causal attention of a chunk ``[T, B, input_size]`` over cached keys and values
+        ``[B, heads, S, head_size]``; returns ``U`` and the cache extended by the chunk, keeping
+        its last ``max_context`` positions (all when None)."""
+        steps = input.shape[0]
+        query = self.in_proj(input)
+        new_keys, new_values = self.keys_values(query)
+        keys = torch.cat([keys.to(new_keys.dtype), new_keys], dim=2)
+        values = torch.cat([values.to(new_values.dtype), new_values], dim=2)
+        key_len = keys.shape[2]
+        mask = attention_mask(steps, key_len, causal=True, window=max_context, key_pad=None, device=input.device)
+        u = self.attend(query, keys, values, mask)
+        if max_context is not None:
+            keep = min(max_context, key_len)
+            keys, values = keys[:, :, key_len - keep :], values[:, :, key_len - keep :]
+        return u, keys, values
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.output_size}, proj_size={self.proj_size}, num_heads={self.num_heads}, "
+            f"dropout={self.dropout.p}, attn_dropout={self.attn_dropout}"
+        )

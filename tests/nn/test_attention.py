@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from srupp.nn import SRUppAttention, SRUppProjectedLinear
+from srupp.nn.attention import attention_mask
+
+
+def reference_attention(module, x, memory=None, mask_pad=None, causal=False, window=None):
+    """The paper's equations written out with an explicit softmax, one batch entry and head at a time."""
+    query = x @ module.in_proj.weight.T
+    context = query if memory is None else torch.cat([memory @ module.in_proj.weight.T, query])
+    keys, values = (context @ module.kv_proj.weight.T).chunk(2, dim=-1)
+    steps, batch, _ = x.shape
+    offset = context.shape[0] - steps
+    heads, size = module.num_heads, module.head_size
+    mixed = torch.zeros_like(query)
+    for b in range(batch):
+        for h in range(heads):
+            part = slice(h * size, (h + 1) * size)
+            scores = query[:, b, part] @ keys[:, b, part].T / math.sqrt(size)
+            for i in range(steps):
+                for j in range(context.shape[0]):
+                    hidden = (causal and j > offset + i) or (window is not None and abs(offset + i - j) > window)
+                    hidden = hidden or (mask_pad is not None and j >= offset and bool(mask_pad[j - offset, b]))
+                    if hidden:
+                        scores[i, j] = -math.inf
+            mixed[:, b, part] = torch.softmax(scores, dim=-1) @ values[:, b, part]
+    normed = torch.nn.functional.layer_norm(
+        query + module.alpha * mixed, (module.proj_size,), module.norm.weight, module.norm.bias
+    )
+    return normed @ module.out_proj.weight.T
+
+
+CASES = {
+    "one-head": dict(),
+    "two-heads-causal": dict(num_heads=2, causal=True),
+    "memory-causal": dict(memory=3, causal=True),
+    "memory-padding": dict(memory=2, padding=True, num_heads=2),
+    "causal-window": dict(causal=True, window=2, memory=2),
+    "padding": dict(padding=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_attention_matches_written_out_equations(assert_close, case):
+    torch.manual_seed(0)
+    module = SRUppAttention(5, 9, 6, num_heads=case.get("num_heads", 1)).eval()
+    with torch.no_grad():
+        module.alpha.fill_(0.8)
+        module.norm.weight.normal_()
+        module.norm.bias.normal_()
+    x = torch.randn(4, 2, 5)
+    memory = torch.randn(case["memory"], 2, 5) if "memory" in case else None
+    mask_pad = (
+        torch.tensor([[False, False], [False, False], [False, True], [False, True]]) if "padding" in case else None
+    )
+    causal, window = case.get("causal", False), case.get("window")
+    with torch.no_grad():
+        actual = module(x, mask_pad=mask_pad, causal=causal, memory=memory, attn_window=window)
+        expected = reference_attention(module, x, memory, mask_pad, causal, window)
+    real = slice(None) if mask_pad is None else ~mask_pad
+    assert_close(actual[real], expected[real])
+
+
+def test_alpha_zero_is_the_projected_linear(assert_close):
+    torch.manual_seed(0)
+    attention = SRUppAttention(7, 12, 4).eval()
+    linear = SRUppProjectedLinear(7, 12, 4).eval()
+    linear.load_state_dict({k: v for k, v in attention.state_dict().items() if not k.startswith(("kv_", "alpha"))})
+    x = torch.randn(5, 3, 7)
+    with torch.no_grad():
+        assert_close(attention(x, causal=True), linear(x))
+        expected = torch.nn.functional.layer_norm(x @ linear.in_proj.weight.T, (4,)) @ linear.out_proj.weight.T
+        assert_close(linear(x), expected)
+
+
+def test_gradients_reach_alpha_wk_wv():
+    torch.manual_seed(0)
+    module = SRUppAttention(5, 6, 4)
+    x = torch.randn(3, 2, 5)
+    module(x, causal=True).square().sum().backward()
+    # At init alpha = 0: only alpha learns, and Wk, Wv start learning once alpha moves.
+    assert module.alpha.grad.abs() > 0 and module.kv_proj.weight.grad.abs().sum() == 0
+    module.zero_grad()
+    with torch.no_grad():
+        module.alpha.fill_(0.1)
+    module(x, causal=True).square().sum().backward()
+    wk, wv = module.kv_proj.weight.grad.chunk(2)
+    assert module.alpha.grad.abs() > 0 and wk.abs().sum() > 0 and wv.abs().sum() > 0
+
+
+def test_mask_never_leaves_a_row_empty():
+    key_pad = torch.tensor([[False, True, True, True, True]])
+    mask = attention_mask(5, 5, causal=True, window=1, key_pad=key_pad, device=torch.device("cpu"))
+    assert mask.shape == (1, 1, 5, 5) and mask.any(-1).all()
+    assert mask[0, 0, 4].tolist() == [False, False, False, False, True]
+    assert attention_mask(3, 3, causal=False, window=None, key_pad=None, device=torch.device("cpu")) is None
+
+
+def test_init_and_errors():
+    module = SRUppAttention(8, 12, 4, dropout=0.5)
+    assert module.alpha.item() == 0
+    bound = math.sqrt(6 / (4 + 12)) * math.sqrt(0.5)
+    assert module.out_proj.weight.abs().max() <= bound
+    with pytest.raises(ValueError, match="divisible"):
+        SRUppAttention(8, 12, 6, num_heads=4)

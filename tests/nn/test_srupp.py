@@ -1,0 +1,257 @@
+import pytest
+import torch
+
+from srupp.nn import SRUpp, SRUppDecodeState, SRUppState
+
+CONFIGS = {
+    "attention-every-layer": dict(num_layers=2),
+    "every-second-layer-two-heads": dict(num_layers=3, attention_every_n_layers=2, num_heads=2),
+    "layer-norm-odd-sizes": dict(num_layers=2, layer_norm=True, hidden_size=9),
+}
+
+
+def make(input_size=6, hidden_size=8, proj_size=4, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = SRUpp(input_size, hidden_size, proj_size, **kwargs)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.has_attention:
+                layer.transform.alpha.fill_(0.7)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_token_by_token_decoding_equals_forward(assert_close, config):
+    model = make(**config)
+    x = torch.randn(7, 2, 6)
+    with torch.no_grad():
+        expected, state = model(x, causal=True)
+        cache = model.init_decode_state(2)
+        outputs = []
+        for t in range(7):
+            out, cache = model.step(x[t : t + 1], cache)
+            outputs.append(out)
+    assert_close(torch.cat(outputs), expected, name="output")
+    assert_close(cache.c, state.c, name="c")
+
+
+@pytest.mark.parametrize("chunks", [[7], [3, 4], [1, 5, 1]], ids=["one-chunk", "3+4", "1+5+1"])
+def test_chunked_prefill_equals_forward(assert_close, chunks):
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    x = torch.randn(7, 3, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+        cache, outputs, start = model.init_decode_state(3), [], 0
+        for size in chunks:
+            out, cache = model.step(x[start : start + size], cache)
+            outputs.append(out)
+            start += size
+    assert_close(torch.cat(outputs), expected)
+
+
+@pytest.mark.parametrize("max_context", [0, 2, 5])
+def test_bounded_cache_equals_windowed_forward(assert_close, max_context):
+    model = make(num_layers=2)
+    x = torch.randn(9, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True, attn_window=max_context)
+        cache, outputs = model.init_decode_state(2, max_context=max_context), []
+        for start, size in [(0, 4), (4, 1), (5, 1), (6, 3)]:
+            out, cache = model.step(x[start : start + size], cache)
+            outputs.append(out)
+            assert cache.keys[0].shape[2] == min(max_context, start + size)
+    assert_close(torch.cat(outputs), expected)
+
+
+def test_window_larger_than_sequence_is_full_attention(assert_close):
+    model = make()
+    x = torch.randn(5, 2, 6)
+    with torch.no_grad():
+        assert_close(model(x, causal=True, attn_window=4)[0], model(x, causal=True)[0])
+        assert_close(model(x, attn_window=4)[0], model(x)[0])
+
+
+def test_memory_segments_equal_one_long_forward(assert_close):
+    model = make(num_layers=3, attention_every_n_layers=2)
+    x = torch.randn(9, 2, 6)
+    with torch.no_grad():
+        expected, full_state = model(x, causal=True)
+        first, state = model(x[:4], causal=True)
+        second, state = model(x[4:], state, causal=True, memory=state.memory)
+    # One segment of memory covers everything earlier, so the split equals the whole.
+    assert_close(torch.cat([first, second]), expected)
+    assert_close(state.c, full_state.c)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional-attention"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_padded_batch_equals_each_sequence_alone(assert_close, causal, bidirectional):
+    model = make(num_layers=2, bidirectional=bidirectional, hidden_size=3 if bidirectional else 6)
+    lengths = [5, 2, 4]
+    x = torch.randn(5, 3, 6)
+    mask_pad = torch.arange(5).unsqueeze(1) >= torch.tensor(lengths)
+    c0 = torch.randn(2 * model.num_directions, 3, model.hidden_size)
+    with torch.no_grad():
+        padded, state = model(x, c0, mask_pad=mask_pad, causal=causal)
+        for b, length in enumerate(lengths):
+            alone, alone_state = model(x[:length, b : b + 1], c0[:, b : b + 1], causal=causal)
+            assert_close(padded[:length, b : b + 1], alone, name=f"output of sequence {b}")
+            assert_close(state.c[:, b : b + 1], alone_state.c, name=f"c of sequence {b}")
+        assert padded[2:, 1].abs().max() == 0
+
+
+def test_batch_first_equals_transposed_call(assert_close):
+    model = make(num_layers=2)
+    batch_first = make(num_layers=2, batch_first=True)
+    x = torch.randn(5, 3, 6)
+    mask_pad = torch.zeros(5, 3, dtype=torch.bool)
+    mask_pad[3:, 0] = True
+    with torch.no_grad():
+        expected, state = model(x, mask_pad=mask_pad, causal=True)
+        actual, state_bf = batch_first(x.transpose(0, 1), mask_pad=mask_pad.t(), causal=True)
+        assert_close(actual, expected.transpose(0, 1))
+        assert_close(state_bf.c, state.c)
+        cache = batch_first.init_decode_state(3)
+        stepped, _ = batch_first.step(x.transpose(0, 1), cache)
+        assert_close(stepped, model(x, causal=True)[0].transpose(0, 1))
+
+
+def test_state_as_tensor_or_dataclass():
+    model = make()
+    x = torch.randn(4, 2, 6)
+    with torch.no_grad():
+        _, state = model(x)
+        a, _ = model(x, state)
+        b, _ = model(x, state.c)
+    assert isinstance(state, SRUppState) and state.c.shape == (2, 2, 8)
+    assert [m.shape[-1] for m in state.memory] == [6, 8]
+    assert torch.equal(a, b)
+
+
+def test_bidirectional_shapes_and_state_order(assert_close):
+    model = make(bidirectional=True, num_layers=2, hidden_size=5)
+    x = torch.randn(4, 2, 6)
+    c0 = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        output, state = model(x, c0)
+        # Layer 0, backward direction: its c is c0 after the backward pass, which ends at t = 0.
+        layer0_h, layer0_c = model.layers[0](x, c0[0:2])
+    assert output.shape == (4, 2, 10) and state.c.shape == (4, 2, 5)
+    assert_close(state.c[0:2], layer0_c)
+
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    model = make(dropout=0.3, attn_dropout=0.3)
+    x = torch.randn(6, 2, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x, causal=True)[0], model(x, causal=True)[0])
+        model.train()
+        assert not torch.equal(model(x, causal=True)[0], model(x, causal=True)[0])
+
+
+def test_gradients_reach_every_parameter_and_the_memory():
+    model = make(num_layers=2).train()
+    memory = [torch.randn(3, 2, 6, requires_grad=True), torch.randn(3, 2, 8, requires_grad=True)]
+    output, state = model(torch.randn(4, 2, 6), torch.randn(2, 2, 8), causal=True, memory=memory)
+    (output.square().sum() + state.c.sum()).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    kv = model.layers[0].transform.kv_proj.weight.grad
+    assert kv[:4].abs().sum() > 0 and kv[4:].abs().sum() > 0  # Wk and Wv
+    assert all(m.grad.abs().sum() > 0 for m in memory)
+    assert state.detach().c.grad_fn is None
+
+
+def test_initialisation():
+    model = SRUpp(16, 16, 4, num_layers=2, highway_bias=-3.0, dropout=0.19)
+    gates = model.layers[0].gates
+    assert gates.weight.abs().max() <= 1 and gates.bias[:, 0].abs().max() == 0
+    assert torch.all(gates.bias[:, 1] == -3.0)
+    assert model.layers[1].transform.alpha.item() == 0
+    assert model.attention_layers == (0, 1)
+    assert SRUpp(8, 8, 4, num_layers=4, attention_every_n_layers=2).attention_layers == (1, 3)
+    assert SRUpp(8, 8, 4, num_layers=4, attention_layers=[3, 0]).attention_layers == (0, 3)
+    assert model.layers[0].recurrence_dropout == 0.19 and model.layers[1].recurrence_dropout == 0.0
+    assert "highway_bias=-3.0" in repr(model) and "dropout=0.19" in repr(model)
+
+
+def test_autocast_bfloat16_runs_in_low_precision_with_fp32_params(assert_close):
+    model = make(num_layers=2)
+    x = torch.randn(5, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual, state = model(x, causal=True)
+    assert actual.dtype == torch.bfloat16
+    assert_close(actual.float(), expected, atol=0.1, rtol=0.1)
+
+
+def test_torch_compile_equals_eager(assert_close):
+    model = make(num_layers=2).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    x = torch.randn(6, 2, 6)
+    outputs, grads = [], []
+    for run in (model, compiled):
+        model.zero_grad()
+        output, state = run(x, causal=True)
+        (output.square().sum() + state.c.sum()).backward()
+        outputs.append(output.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert_close(outputs[1], outputs[0], name="output")
+    assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4, name="grad")
+
+
+BAD_CALLS = {
+    "input-size": (lambda m: m(torch.randn(4, 2, 5)), ValueError, r"\[T, B, input_size\] = \[T, B, 6\]"),
+    "input-dims": (lambda m: m(torch.randn(4, 6)), ValueError, "input"),
+    "input-type": (lambda m: m([1.0]), TypeError, "torch.Tensor"),
+    "state-shape": (lambda m: m(torch.randn(4, 2, 6), torch.zeros(2, 3, 8)), ValueError, r"\[2, 2, 8\]"),
+    "mask-shape": (lambda m: m(torch.randn(4, 2, 6), mask_pad=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
+                   r"\[T, B\] = \[4, 2\]"),
+    "mask-dtype": (lambda m: m(torch.randn(4, 2, 6), mask_pad=torch.zeros(4, 2)), TypeError, "bool"),
+    "memory-length": (lambda m: m(torch.randn(4, 2, 6), memory=[None]), ValueError, "one entry per layer"),
+    "memory-batch": (lambda m: m(torch.randn(4, 2, 6), memory=[torch.randn(3, 5, 6), None]), ValueError,
+                     "batch size B = 2"),
+    "memory-width": (lambda m: m(torch.randn(4, 2, 6), memory=[None, torch.randn(3, 2, 6)]), ValueError,
+                     r"\[M, B, 8\]"),
+    "memory-type": (lambda m: m(torch.randn(4, 2, 6), memory=torch.randn(3, 2, 6)), TypeError, "list"),
+    "window-type": (lambda m: m(torch.randn(4, 2, 6), attn_window=2.0), TypeError, "attn_window"),
+    "decode-batch": (lambda m: m.step(torch.randn(1, 3, 6), m.init_decode_state(2)), ValueError, "decode_state.c"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call(make())
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="divisible by `num_heads`"):
+        SRUpp(8, 8, 6, num_heads=4)
+    with pytest.raises(ValueError, match="attention_layers"):
+        SRUpp(8, 8, 4, num_layers=2, attention_layers=[2])
+    with pytest.raises(ValueError, match="dropout"):
+        SRUpp(8, 8, 4, dropout=1.0)
+    bidirectional = SRUpp(8, 4, 4, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="unidirectional"):
+        bidirectional.init_decode_state(1)
+    with pytest.raises(NotImplementedError, match="unidirectional"):
+        bidirectional.step(torch.randn(1, 1, 8), SRUppDecodeState(torch.zeros(2, 1, 4), [None], [None]))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_fast_backend_equals_naive_with_every_gradient(assert_close, bidirectional):
+    kwargs = dict(num_layers=2, bidirectional=bidirectional, hidden_size=3 if bidirectional else 6, num_heads=2)
+    fast, naive = make(**kwargs), make(**kwargs, backend="naive")
+    x = torch.randn(5, 2, 6)
+    mask_pad = torch.tensor([[False] * 2] * 3 + [[False, True]] * 2)
+    memory = [torch.randn(2, 2, 6), torch.randn(2, 2, 6)]
+    c0 = torch.randn(2 * fast.num_directions, 2, fast.hidden_size)
+    results = []
+    for model in (fast, naive):
+        inputs = x.clone().requires_grad_()
+        output, state = model(inputs, c0, mask_pad=mask_pad, causal=not bidirectional, memory=memory)
+        (output.square().sum() + state.c.sum()).backward()
+        results.append([output, state.c, inputs.grad] + [p.grad for p in model.parameters()])
+    assert_close(results[0], results[1], name="output, c, grads")
