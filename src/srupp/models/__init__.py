@@ -1,0 +1,7 @@
+"""Language models built from srupp.nn: the config dataclass, SRUppLM and generation."""
+
+from srupp.models.config import LMConfig
+from srupp.models.generate import generate, sample_next
+from srupp.models.lm import SRUppLM
+
+__all__ = ["LMConfig", "SRUppLM", "generate", "sample_next"]

@@ -1,14 +1,66 @@
 /* Fused SRU recurrence for the CPU, forward and backward, in float32 and float64.
  *
- * Plain C with OpenMP and no Python or torch headers: the package build compiles it to a shared
- * library that srupp/ops/cpu.py loads with ctypes and calls on tensor data pointers.
+ * Plain C with POSIX threads and no Python or torch headers: the package build compiles it to a
+ * shared library that srupp/ops/cpu.py loads with ctypes and calls on tensor data pointers.
+ *
+ * Why not OpenMP: torch ships its own OpenMP runtime, and a second one in the same process keeps
+ * its idle workers spinning while torch's run, so on a 2-core machine every op around the kernel
+ * slowed down ~10x (measured). Threads made per call and joined before returning leave nothing behind.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #ifndef CHUNK
 #define CHUNK 256
 #endif
+#define MAX_THREADS 256
+/* Below this many elements (T*B*D) a thread costs more to start than it saves. */
+#define MIN_WORK_PER_THREAD 65536
+
+typedef void (*srupp_work_fn)(const void *args, int64_t begin, int64_t end);
+
+struct srupp_job {
+    srupp_work_fn fn;
+    const void *args;
+    int64_t begin, end;
+};
+
+static void *srupp_run_job(void *job) {
+    const struct srupp_job *j = job;
+    j->fn(j->args, j->begin, j->end);
+    return 0;
+}
+
+/* Split [0, items) evenly over up to nthreads threads; the calling thread takes the first share,
+ * and a share whose thread cannot be started runs on the calling thread too. */
+static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_work_fn fn, const void *args) {
+    int64_t n = nthreads;
+    if (n > items) n = items;
+    if (n > work / MIN_WORK_PER_THREAD) n = work / MIN_WORK_PER_THREAD;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    if (n <= 1) {
+        fn(args, 0, items);
+        return;
+    }
+    pthread_t threads[MAX_THREADS];
+    struct srupp_job jobs[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t k = 0; k < n; ++k) {
+        jobs[k].fn = fn;
+        jobs[k].args = args;
+        jobs[k].begin = items * k / n;
+        jobs[k].end = items * (k + 1) / n;
+    }
+    for (int64_t k = 1; k < n; ++k) started[k] = pthread_create(&threads[k], 0, srupp_run_job, &jobs[k]) == 0;
+    srupp_run_job(&jobs[0]);
+    for (int64_t k = 1; k < n; ++k) {
+        if (started[k])
+            pthread_join(threads[k], 0);
+        else
+            srupp_run_job(&jobs[k]);
+    }
+}
 
 /* exp for float32 that the compiler can vectorise (libm's expf is a scalar call): Cody-Waite range
  * reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients), then 2^n built in

@@ -2,17 +2,28 @@
  *
  * Work is split into items of (batch row, chunk of CHUNK features); each item runs the whole
  * time loop with its state in a local array, so items are independent and the inner loop over
- * features is contiguous in memory and vectorises.
+ * features is contiguous in memory and vectorises. The *_items functions run a range of items;
+ * the public entry points at the end share the items out over threads.
  */
 
-void SRUPP_FN(forward)(const real *restrict u, const real *restrict x, const real *restrict v,
-                       const real *restrict bias, const real *restrict c0, const uint8_t *restrict mask_pad,
-                       const real *restrict mask_c, real *restrict h, real *restrict c_all,
-                       real *restrict c_last, int64_t T, int64_t B, int64_t D, int reverse, int nthreads) {
-    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
-    const int64_t items = B * nchunk;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
+struct SRUPP_FN(forward_args) {
+    const real *u, *x, *v, *bias, *c0;
+    const uint8_t *mask_pad;
+    const real *mask_c;
+    real *h, *c_all, *c_last;
+    int64_t T, B, D, nchunk;
+    int reverse;
+};
+
+static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end) {
+    const struct SRUPP_FN(forward_args) *a = args;
+    const real *restrict u = a->u, *restrict x = a->x, *restrict v = a->v, *restrict bias = a->bias;
+    const real *restrict c0 = a->c0, *restrict mask_c = a->mask_c;
+    const uint8_t *restrict mask_pad = a->mask_pad;
+    real *restrict h = a->h, *restrict c_all = a->c_all, *restrict c_last = a->c_last;
+    const int64_t T = a->T, B = a->B, D = a->D, nchunk = a->nchunk;
+    const int reverse = a->reverse;
+    for (int64_t item = begin; item < end; ++item) {
         const int64_t row = item / nchunk;
         const int64_t d0 = (item % nchunk) * CHUNK;
         const int64_t n = D - d0 < CHUNK ? D - d0 : CHUNK;
@@ -57,18 +68,25 @@ void SRUPP_FN(forward)(const real *restrict u, const real *restrict x, const rea
     }
 }
 
-/* gvb is [B, 4, D]: per batch row the partial sums of (grad v_f, grad v_r, grad b_f, grad b_r);
- * the caller sums over B, so no two threads ever write the same address. */
-void SRUPP_FN(backward)(const real *restrict u, const real *restrict x, const real *restrict v,
-                        const real *restrict bias, const real *restrict c0, const uint8_t *restrict mask_pad,
-                        const real *restrict mask_c, const real *restrict c_all, const real *restrict gh,
-                        const real *restrict gc_last, real *restrict gu, real *restrict gx,
-                        real *restrict gvb, real *restrict gc0, int64_t T, int64_t B, int64_t D, int reverse,
-                        int nthreads) {
-    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
-    const int64_t items = B * nchunk;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
+struct SRUPP_FN(backward_args) {
+    const real *u, *x, *v, *bias, *c0;
+    const uint8_t *mask_pad;
+    const real *mask_c, *c_all, *gh, *gc_last;
+    real *gu, *gx, *gvb, *gc0;
+    int64_t T, B, D, nchunk;
+    int reverse;
+};
+
+static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t end) {
+    const struct SRUPP_FN(backward_args) *a = args;
+    const real *restrict u = a->u, *restrict x = a->x, *restrict v = a->v, *restrict bias = a->bias;
+    const real *restrict c0 = a->c0, *restrict mask_c = a->mask_c, *restrict c_all = a->c_all;
+    const real *restrict gh = a->gh, *restrict gc_last = a->gc_last;
+    const uint8_t *restrict mask_pad = a->mask_pad;
+    real *restrict gu = a->gu, *restrict gx = a->gx, *restrict gvb = a->gvb, *restrict gc0 = a->gc0;
+    const int64_t T = a->T, B = a->B, D = a->D, nchunk = a->nchunk;
+    const int reverse = a->reverse;
+    for (int64_t item = begin; item < end; ++item) {
         const int64_t row = item / nchunk;
         const int64_t d0 = (item % nchunk) * CHUNK;
         const int64_t n = D - d0 < CHUNK ? D - d0 : CHUNK;
@@ -135,4 +153,25 @@ void SRUPP_FN(backward)(const real *restrict u, const real *restrict x, const re
             out[3 * D + j] = gbr[j];
         }
     }
+}
+
+void SRUPP_FN(forward)(const real *u, const real *x, const real *v, const real *bias, const real *c0,
+                       const uint8_t *mask_pad, const real *mask_c, real *h, real *c_all, real *c_last, int64_t T,
+                       int64_t B, int64_t D, int reverse, int nthreads) {
+    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const struct SRUPP_FN(forward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, h, c_all, c_last,
+                                                T, B, D, nchunk, reverse};
+    srupp_parallel_for(B * nchunk, T * B * D, nthreads, SRUPP_FN(forward_items), &args);
+}
+
+/* gvb is [B, 4, D]: per batch row the partial sums of (grad v_f, grad v_r, grad b_f, grad b_r);
+ * the caller sums over B, so no two threads ever write the same address. */
+void SRUPP_FN(backward)(const real *u, const real *x, const real *v, const real *bias, const real *c0,
+                        const uint8_t *mask_pad, const real *mask_c, const real *c_all, const real *gh,
+                        const real *gc_last, real *gu, real *gx, real *gvb, real *gc0, int64_t T, int64_t B,
+                        int64_t D, int reverse, int nthreads) {
+    const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const struct SRUPP_FN(backward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, c_all, gh, gc_last,
+                                                 gu, gx, gvb, gc0, T, B, D, nchunk, reverse};
+    srupp_parallel_for(B * nchunk, T * B * D, nthreads, SRUPP_FN(backward_items), &args);
 }

@@ -1,0 +1,261 @@
+"""Corpora prepared into memory-mapped token files: ``{train,valid,test}.bin`` plus ``meta.json``.
+
+A prepared directory holds one flat token file per split (``uint8`` for bytes, ``int32`` for words)
+and a ``meta.json`` naming the tokenizer, vocabulary size, dtype and split lengths. Opening a split
+is an ``np.memmap``: a 100 MB corpus opens instantly and is read lazily by the batcher.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import sysconfig
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+META = "meta.json"
+EOS = "<eos>"
+UNK = "<unk>"
+_ENWIK8_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Maps tokens to ids and back: ``kind="byte"`` is the identity over 256 byte values, ``kind="word"`` a
+    frequency-sorted word list (most frequent first, as adaptive softmax cutoffs assume)."""
+
+    kind: str
+    words: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return 256 if self.kind == "byte" else len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "byte":
+            return list(text.encode("utf-8"))
+        index = {w: i for i, w in enumerate(self.words)}
+        unk = index.get(UNK)
+        ids = []
+        for line in text.split("\n"):
+            for word in line.split():
+                if word not in index and unk is None:
+                    raise ValueError(f"word {word!r} is not in the vocabulary (which has no {UNK} token)")
+                ids.append(index.get(word, unk))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        lines, line = [], []
+        for i in ids:
+            if self.words[i] == EOS:
+                lines.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(self.words[i])
+        return "".join(lines) + " ".join(line)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus directory, opened read-only with memory maps."""
+
+    path: Path
+    vocab: Vocab
+    lengths: dict[str, int]
+    dtype: str
+
+    def split(self, name: str) -> np.ndarray:
+        """The token ids of split ``name`` as a read-only ``np.memmap`` of shape ``[N]``."""
+        if name not in self.lengths:
+            raise ValueError(f"`split` must be one of {sorted(self.lengths)}, got {name!r}")
+        if self.lengths[name] == 0:
+            raise ValueError(f"split {name!r} of corpus {self.path} is empty")
+        return np.memmap(self.path / f"{name}.bin", dtype=self.dtype, mode="r", shape=(self.lengths[name],))
+
+
+def open_corpus(path: str | os.PathLike) -> Corpus:
+    """Open a directory written by one of the ``prepare_*`` functions (``srupp data prepare``)."""
+    path = Path(path)
+    if not (path / META).is_file():
+        hint = "run `srupp data prepare ...` first" if not path.exists() else f"it has no {META}"
+        raise FileNotFoundError(f"no prepared corpus at {path}: {hint}")
+    meta = json.loads((path / META).read_text())
+    for name, length in meta["lengths"].items():
+        file = path / f"{name}.bin"
+        expected = length * np.dtype(meta["dtype"]).itemsize
+        if not file.is_file() or file.stat().st_size != expected:
+            raise ValueError(f"corpus file {file} is missing or has the wrong size (expected {expected} bytes)")
+    return Corpus(path, Vocab(meta["kind"], tuple(meta.get("words", ()))), meta["lengths"], meta["dtype"])
+
+
+def write_corpus(out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: Vocab, source: str) -> Corpus:
+    """Write token arrays as ``<split>.bin`` files and ``meta.json`` (last, so a half-written dir never opens)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = "uint8" if vocab.kind == "byte" else "int32"
+    if "train" not in splits or len(splits["train"]) == 0:
+        raise ValueError(f"the training split of {source} is empty")
+    for name, tokens in splits.items():
+        np.asarray(tokens, dtype=dtype).tofile(out / f"{name}.bin")
+    meta = {"kind": vocab.kind, "vocab_size": vocab.size, "dtype": dtype, "source": source}
+    meta["lengths"] = {name: int(len(tokens)) for name, tokens in splits.items()}
+    if vocab.kind == "word":
+        meta["words"] = list(vocab.words)
+    tmp = out / f"{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / META)
+    return open_corpus(out)
+
+
+def _read_zip_member(archive: Path, name: str) -> bytes:
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.namelist() if Path(m).name == name]
+        if not members:
+            raise ValueError(f"{archive} has no member named {name!r} (members: {zf.namelist()[:5]})")
+        return zf.read(members[0])
+
+
+def _read_bytes(source: Path, name: str) -> bytes:
+    if not source.exists():
+        raise FileNotFoundError(f"corpus source {source} does not exist")
+    if source.is_dir():
+        source = source / name
+    data = _read_zip_member(source, name) if zipfile.is_zipfile(source) else source.read_bytes()
+    if not data:
+        raise ValueError(f"corpus source {source} is empty")
+    return data
+
+
+def _split_90_5_5(data: bytes, source: str, full_size: int | None) -> dict[str, np.ndarray]:
+    if full_size is not None and len(data) != full_size:
+        raise ValueError(f"{source} must have {full_size:,} bytes, got {len(data):,}")
+    tokens = np.frombuffer(data, dtype=np.uint8)
+    n_eval = len(tokens) // 20
+    n_train = len(tokens) - 2 * n_eval
+    return {
+        "train": tokens[:n_train],
+        "valid": tokens[n_train : n_train + n_eval],
+        "test": tokens[n_train + n_eval :],
+    }
+
+
+def prepare_enwik8(source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True) -> Corpus:
+    """enwik8 (``enwik8.zip`` or the unzipped file): bytes, first 90M train / next 5M valid / last 5M test."""
+    data = _read_bytes(Path(source), "enwik8")
+    return write_corpus(
+        out, _split_90_5_5(data, str(source), _ENWIK8_BYTES if check_size else None), Vocab("byte"), "enwik8"
+    )
+
+
+def prepare_text8(source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True) -> Corpus:
+    """text8 (``text8.zip`` or the file): 100M lowercase characters split 90M / 5M / 5M like enwik8."""
+    data = _read_bytes(Path(source), "text8")
+    return write_corpus(
+        out, _split_90_5_5(data, str(source), _ENWIK8_BYTES if check_size else None), Vocab("byte"), "text8"
+    )
+
+
+def _wt103_lines(source: Path, split: str) -> list[str]:
+    name = f"wiki.{split}.tokens"
+    if source.is_dir():
+        candidates = [source / name, source / "wikitext-103" / name]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{source} has no {name}")
+        text = found.read_text(encoding="utf-8")
+    else:
+        text = _read_bytes(source, name).decode("utf-8")
+    return text.splitlines()
+
+
+def prepare_wikitext103(source: str | os.PathLike, out: str | os.PathLike) -> Corpus:
+    """WikiText-103 (the ``wikitext-103-v1.zip`` or its folder): words split on spaces, ``<eos>`` ending
+    every non-empty line, vocabulary from the training split sorted by frequency (Transformer-XL style)."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"corpus source {source} does not exist")
+    lines = {split: [ln.split() + [EOS] for ln in _wt103_lines(source, split) if ln.strip()] for split in SPLITS}
+    counts = collections.Counter(w for line in lines["train"] for w in line)
+    if not counts:
+        raise ValueError(f"the training split of {source} is empty")
+    words = tuple(w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    vocab = Vocab("word", words)
+    index = {w: i for i, w in enumerate(words)}
+    unk = index.get(UNK)
+    splits = {}
+    for split, split_lines in lines.items():
+        ids = [index.get(w, unk) for line in split_lines for w in line]
+        if any(i is None for i in ids):
+            raise ValueError(f"split {split!r} of {source} has words missing from the training vocabulary")
+        splits[split] = np.asarray(ids, dtype=np.int32)
+    return write_corpus(out, splits, vocab, "wikitext-103")
+
+
+def _ratio_split(chunks: list[tuple[str, bytes]], valid_ratio: float, test_ratio: float) -> dict[str, np.ndarray]:
+    """Assign each file to a split by a hash of its name (stable when files are added), or, for a single
+    file, split its bytes: the last ``valid_ratio + test_ratio`` fraction becomes valid then test."""
+    for name, value in (("valid_ratio", valid_ratio), ("test_ratio", test_ratio)):
+        if not 0.0 <= value < 0.5:
+            raise ValueError(f"`{name}` must be in [0, 0.5), got {value}")
+    if len(chunks) == 1:
+        tokens = np.frombuffer(chunks[0][1], dtype=np.uint8)
+        n_valid, n_test = int(len(tokens) * valid_ratio), int(len(tokens) * test_ratio)
+        n_train = len(tokens) - n_valid - n_test
+        return {
+            "train": tokens[:n_train],
+            "valid": tokens[n_train : n_train + n_valid],
+            "test": tokens[n_train + n_valid :],
+        }
+    parts: dict[str, list[bytes]] = {split: [] for split in SPLITS}
+    for name, data in chunks:
+        draw = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") / 2**64
+        split = "valid" if draw < valid_ratio else "test" if draw < valid_ratio + test_ratio else "train"
+        parts[split].append(data)
+    return {split: np.frombuffer(b"".join(p), dtype=np.uint8) for split, p in parts.items()}
+
+
+def _text_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes and not skip & set(p.parts)]
+    return sorted(files)
+
+
+def prepare_text(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    valid_ratio: float = 0.05,
+    test_ratio: float = 0.05,
+    suffixes: tuple[str, ...] = (".txt", ".md", ".py", ".rst"),
+) -> Corpus:
+    """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), as bytes with a ratio split."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"corpus source {source} does not exist")
+    files = _text_files(source, suffixes) if source.is_dir() else [source]
+    chunks = [(str(f.relative_to(source) if source.is_dir() else f.name), f.read_bytes()) for f in files]
+    chunks = [(name, data.rstrip(b"\n") + b"\n\n") for name, data in chunks if data.strip()]
+    if not chunks:
+        raise ValueError(f"no non-empty text with suffixes {suffixes} found at {source}")
+    splits = _ratio_split(chunks, valid_ratio, test_ratio)
+    if len(splits["train"]) == 0:
+        raise ValueError(f"the training split of {source} is empty")
+    return write_corpus(out, splits, Vocab("byte"), str(source))
+
+
+def stdlib_source() -> Path:
+    """The Python standard library's own source folder (the embedded demo corpus, present wherever Python is)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def prepare_stdlib(out: str | os.PathLike, *, valid_ratio: float = 0.02, test_ratio: float = 0.02) -> Corpus:
+    """The standard library's ``.py`` files, sorted, split per file by a hash of the relative path."""
+    return prepare_text(stdlib_source(), out, valid_ratio=valid_ratio, test_ratio=test_ratio, suffixes=(".py",))

@@ -1,0 +1,177 @@
+"""SRU++ language model: embedding -> dropout -> SRUpp -> dropout -> output, with segment-level recurrence."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from srupp.models.config import LMConfig
+from srupp.nn import SRUpp, SRUppDecodeState, SRUppState
+
+
+class SRUppLM(nn.Module):
+    """A causal SRU++ language model (Lei 2021): byte-level with a plain embedding and output layer, or
+    word-level with a tied adaptive input and ``nn.AdaptiveLogSoftmaxWithLoss`` when ``config.cutoffs`` is set.
+
+    Segment-level recurrence: ``forward`` returns a state holding each layer's final ``c`` and its input for
+    this segment (the next segment's attention memory), detached; pass it back with the next segment.
+
+    Args:
+        config: the architecture (:class:`LMConfig`).
+
+    Example:
+        >>> model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=2))
+        >>> tokens = torch.randint(0, 256, (16, 4))
+        >>> nll, state = model(tokens[:-1], targets=tokens[1:])  # nll [15, 4]
+        >>> nll, state = model(tokens[:-1], state, targets=tokens[1:])
+    """
+
+    def __init__(self, config: LMConfig, *, device: torch.device | str | None = None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, LMConfig):
+            raise TypeError(f"`config` must be an LMConfig, got {type(config).__name__}")
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        d = config.hidden_size
+        if config.adaptive:
+            # Transformer-XL style (PAPER.md 2.3): d -> embed_size, then a head and clusters of shrinking width.
+            self.projection = nn.Linear(d, config.embed_size, bias=False, **factory) if config.embed_size else None
+            self.softmax = nn.AdaptiveLogSoftmaxWithLoss(
+                config.adaptive_size, config.vocab_size, config.cutoffs, div_value=config.div_value, **factory
+            )
+            self.emb_dropout = nn.Dropout(config.emb_dropout)
+        else:
+            self.embedding = nn.Embedding(config.vocab_size, d, **factory)
+            self.output = nn.Linear(d, config.vocab_size, **factory)
+        self.dropout = nn.Dropout(config.dropout)
+        self.rnn = SRUpp(
+            d,
+            d,
+            config.proj_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+            attn_dropout=config.attn_dropout,
+            layer_norm=config.layer_norm,
+            highway_bias=config.highway_bias,
+            attention_every_n_layers=config.attention_every_n_layers,
+            attention_layers=config.attention_layers,
+            backend=config.backend,
+            **factory,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Embedding and softmax init U(+-sqrt(3/d)), projections xavier: the authors' LM scripts (PAPER.md 2.3).
+        bound = math.sqrt(3.0 / self.config.hidden_size)
+        with torch.no_grad():
+            if self.config.adaptive:
+                if self.projection is not None:
+                    nn.init.xavier_uniform_(self.projection.weight)
+                nn.init.uniform_(self.softmax.head.weight, -bound, bound)
+                for cluster in self.softmax.tail:
+                    nn.init.xavier_uniform_(cluster[0].weight)
+                    nn.init.uniform_(cluster[1].weight, -bound, bound)
+            else:
+                nn.init.uniform_(self.embedding.weight, -bound, bound)
+                nn.init.uniform_(self.output.weight, -bound, bound)
+                nn.init.zeros_(self.output.bias)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """``[T, B]`` token ids -> ``[T, B, d]``. The adaptive input reuses the softmax's weights: head tokens
+        take their head row, tail tokens their cluster row times the cluster projection, and both go back to
+        d through the transposed ``embed_size`` projection (all tied)."""
+        if not self.config.adaptive:
+            return self.embedding(tokens)
+        head = self.softmax.head.weight
+        out = torch.zeros(*tokens.shape, head.shape[1], device=tokens.device, dtype=head.dtype)
+        edges = [0, *self.config.cutoffs, self.config.vocab_size]
+        for i, (low, high) in enumerate(zip(edges, edges[1:], strict=False)):
+            where = (tokens >= low) & (tokens < high)
+            if not where.any():
+                continue
+            ids = tokens[where] - low
+            if i == 0:
+                vectors = F.embedding(ids, head[: self.config.cutoffs[0]])
+            else:
+                projection, weight = self.softmax.tail[i - 1][0].weight, self.softmax.tail[i - 1][1].weight
+                vectors = self.emb_dropout(F.embedding(ids, weight)) @ projection
+            out[where] = vectors.to(out.dtype)
+        return out if self.projection is None else out @ self.projection.weight
+
+    def _hidden(self, tokens: Tensor, state: SRUppState | None, attn_window: int | None) -> tuple[Tensor, SRUppState]:
+        if tokens.dim() != 2:
+            raise ValueError(f"`input` must have shape [T, B] (2 dims), got {list(tokens.shape)}")
+        x = self.dropout(self.embed(tokens))
+        c, memory = (None, None) if state is None else (state.c, state.memory)
+        hidden, new_state = self.rnn(x, c, memory=memory, causal=True, attn_window=attn_window)
+        return self.dropout(hidden), new_state.detach()
+
+    def _adaptive_input(self, hidden: Tensor) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return flat if self.projection is None else self.projection(flat)
+
+    def log_probs(self, hidden: Tensor) -> Tensor:
+        """``[..., d]`` hidden states -> ``[..., V]`` log-probabilities (float32)."""
+        if self.config.adaptive:
+            return self.softmax.log_prob(self._adaptive_input(hidden)).float().reshape(*hidden.shape[:-1], -1)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        out = F.log_softmax(self.output(flat).float(), dim=-1)
+        return out.reshape(*hidden.shape[:-1], -1)
+
+    def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Per-token negative log-likelihood in nats, ``[T, B]``, float32."""
+        flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if self.config.adaptive:
+            out = -self.softmax(self._adaptive_input(hidden), flat_targets).output
+        else:
+            out = F.cross_entropy(self.output(flat).float(), flat_targets, reduction="none")
+        return out.float().reshape(targets.shape)
+
+    def forward(
+        self,
+        input: Tensor,
+        state: SRUppState | None = None,
+        *,
+        targets: Tensor | None = None,
+        attn_window: int | None = None,
+    ) -> tuple[Tensor, SRUppState]:
+        """Run one segment.
+
+        Args:
+            input: ``[T, B]`` token ids.
+            state: the state returned for the previous segment of the same streams (None at the start).
+            targets: ``[T, B]`` next-token ids; when given the per-token loss is returned instead of log-probs.
+            attn_window: each position attends to at most this many previous positions (a sliding window over
+                memory and segment, the paper's ``same_length`` evaluation); None attends to all of both.
+
+        Returns:
+            ``(nll [T, B], state)`` with ``targets``, else ``(log_probs [T, B, V], state)``; the state is detached.
+        """
+        hidden, new_state = self._hidden(input, state, attn_window)
+        if targets is None:
+            return self.log_probs(hidden), new_state
+        if targets.shape != input.shape:
+            raise ValueError(f"`targets` must have shape [T, B] = {list(input.shape)}, got {list(targets.shape)}")
+        return self.nll(hidden, targets), new_state
+
+    def init_decode_state(self, batch_size: int, max_context: int | None = None) -> SRUppDecodeState:
+        """An empty decoding state for ``batch_size`` streams (attention cache capped at ``max_context``)."""
+        param = next(self.parameters())
+        return self.rnn.init_decode_state(batch_size, max_context=max_context, device=param.device, dtype=param.dtype)
+
+    def step(self, tokens: Tensor, decode_state: SRUppDecodeState) -> tuple[Tensor, SRUppDecodeState]:
+        """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
+
+        Returns:
+            ``(log_probs [B, V] for the chunk's last position, decode_state)``; equal to the causal forward.
+        """
+        hidden, decode_state = self.rnn.step(self.embed(tokens), decode_state)
+        return self.log_probs(hidden[-1]), decode_state
+
+    def extra_repr(self) -> str:
+        kind = f"adaptive cutoffs={self.config.cutoffs}" if self.config.adaptive else "byte/plain softmax"
+        return f"vocab_size={self.config.vocab_size}, {kind}"

@@ -1,0 +1,214 @@
+"""The training configuration: presets in ``configs/``, JSON files and ``--key value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from srupp.models import LMConfig
+
+OPTIMIZERS = ("radam", "adamw")
+PRECISIONS = ("fp32", "mixed")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def presets_dir() -> Path:
+    """The repository's ``configs/`` folder (``SRUPP_CONFIGS`` overrides it)."""
+    return Path(os.environ.get("SRUPP_CONFIGS", Path(__file__).resolve().parents[3] / "configs"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs. ``batch_size`` is global: each of N DDP ranks gets ``batch_size / N`` streams.
+
+    Args:
+        model: the architecture.
+        data: a directory written by ``srupp data prepare``, or ``"stdlib"`` for the embedded demo corpus
+            (prepared into ``<out_dir>/data``).
+        out_dir: run directory (config, metrics, learning curve, checkpoints).
+        batch_size: streams B per update over all ranks; ``unroll_size``: segment length M.
+        grad_accum: consecutive segments per update (tokens per update = batch_size * unroll_size * grad_accum).
+        max_steps: updates to run; ``schedule_steps``: cosine length (None = max_steps), so a run can stop
+            early and be resumed on the same schedule.
+        time_limit_s: also stop (saving a checkpoint) after this many seconds of training.
+        anneal_by_time: the cosine follows ``max(step / schedule, elapsed / time_limit_s)`` so a time-limited run
+            (the demo) ends its schedule on any machine; such a run is not exactly resumable.
+        lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (PAPER.md 2.1).
+        precision: ``"fp32"`` or ``"mixed"`` (fp16 + GradScaler on CUDA, bf16 autocast on CPU).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        eval_every: evaluate on the valid split every N updates (and at the end), writing checkpoints.
+        eval_batch_size, eval_unroll_size (None = unroll_size), eval_tokens (cap per evaluation, None = all).
+        checkpoint_every: also write the last checkpoint every N updates (None = only at evaluations).
+        log_every: train-loss records in ``metrics.jsonl``; ``progress``: show a tqdm bar.
+        num_threads: torch CPU threads (None leaves torch's default).
+        description, paper: documentation only (a preset's purpose and the paper's reported numbers).
+    """
+
+    model: LMConfig = field(default_factory=LMConfig)
+    data: str = "stdlib"
+    out_dir: str = "runs/default"
+    batch_size: int = 16
+    unroll_size: int = 128
+    grad_accum: int = 1
+    max_steps: int = 1000
+    schedule_steps: int | None = None
+    time_limit_s: float | None = None
+    anneal_by_time: bool = False
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    optimizer: str = "radam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 1234
+    eval_every: int = 200
+    eval_batch_size: int = 8
+    eval_unroll_size: int | None = None
+    eval_tokens: int | None = None
+    checkpoint_every: int | None = None
+    log_every: int = 1
+    progress: bool = True
+    num_threads: int | None = None
+    description: str = ""
+    paper: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = LMConfig.from_dict(self.model)
+        if not isinstance(self.model, LMConfig):
+            raise TypeError(f"`model` must be an LMConfig or a dict, got {type(self.model).__name__}")
+        positive = ["batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"]
+        positive += ["schedule_steps", "eval_unroll_size", "eval_tokens", "checkpoint_every", "num_threads"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}")
+        for name in ("max_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad <= 0:
+            raise ValueError(
+                f"`lr` and `clip_grad` must be > 0 and `weight_decay` >= 0, "
+                f"got lr={self.lr}, clip_grad={self.clip_grad}, weight_decay={self.weight_decay}"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"`time_limit_s` must be > 0, got {self.time_limit_s}")
+        if self.anneal_by_time and self.time_limit_s is None:
+            raise ValueError("`anneal_by_time` needs `time_limit_s`")
+
+    @property
+    def total_schedule_steps(self) -> int:
+        return self.schedule_steps or self.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.unroll_size * self.grad_accum
+
+    @property
+    def resolved_eval_unroll(self) -> int:
+        return self.eval_unroll_size or self.unroll_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def load_preset(name_or_path: str) -> TrainConfig:
+    """A JSON config file, or the name of a preset in ``configs/`` (``enwik8-base``, ``demo``, ``tiny``, ...)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = presets_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in presets_dir().glob("*.json"))
+        raise FileNotFoundError(f"no config file or preset named {name_or_path!r}; presets: {available}")
+    try:
+        return TrainConfig.from_json(path.read_text())
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, text: str, kind: Any) -> Any:
+    """Turn the command-line string ``text`` into a value of the field type ``kind``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            return None
+        return _coerce(key, text, args[0])
+    origin = typing.get_origin(kind) or kind
+    try:
+        if origin is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if origin is int:
+            return int(text)
+        if origin is float:
+            return float(text)
+        if origin is str:
+            return text
+        if origin in (list, dict):
+            value = json.loads(text) if text.strip()[:1] in "[{" else [json.loads(v) for v in text.split(",")]
+            if not isinstance(value, origin):
+                raise ValueError(text)
+            return value
+    except ValueError as err:
+        raise ValueError(f"`--{key}` must be a {getattr(kind, '__name__', kind)}, got {text!r}") from err
+    raise NotImplementedError(f"`--{key}`: overriding fields of type {kind} is not supported")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """Return ``cfg`` with ``{"key": "value"}`` overrides coerced to each field's type.
+
+    Keys are TrainConfig fields, ``model.<field>``, or a bare LMConfig field name (``hidden_size``).
+    Unknown keys raise ValueError naming them.
+    """
+    train_types, model_types = _field_types(TrainConfig), _field_types(LMConfig)
+    train_values, model_values = cfg.to_dict(), cfg.model.to_dict()
+    for raw_key, text in overrides.items():
+        key = raw_key.replace("-", "_")
+        if key.startswith("model."):
+            key = key[len("model.") :]
+            if key not in model_types:
+                raise ValueError(f"unknown config key {raw_key!r}; model keys: {sorted(model_types)}")
+            model_values[key] = _coerce(raw_key, text, model_types[key])
+        elif key in train_types and key != "model":
+            train_values[key] = _coerce(raw_key, text, train_types[key])
+        elif key in model_types:
+            model_values[key] = _coerce(raw_key, text, model_types[key])
+        else:
+            known = sorted(set(train_types) - {"model"} | set(model_types))
+            raise ValueError(f"unknown config key {raw_key!r}; known keys: {known}")
+    train_values["model"] = model_values
+    return TrainConfig.from_dict(train_values)

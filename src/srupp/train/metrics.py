@@ -1,0 +1,60 @@
+"""Metrics as JSON lines and a learning-curve PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped."""
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    self.records.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric: str) -> None:
+    """Train loss and valid ``metric`` (``"bpc"`` or ``"ppl"``) against step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r[f"train_{metric}"]) for r in records if f"train_{metric}" in r]
+    valid = [(r["step"], r[f"valid_{metric}"]) for r in records if f"valid_{metric}" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label=f"train {metric}", alpha=0.6, linewidth=1)
+    if valid:
+        ax.plot(*zip(*valid, strict=True), "o-", label=f"valid {metric}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    if metric == "ppl":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("SRU++ learning curve")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,28 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+
+
+def test_speed_benchmark_quick_run_writes_json_and_table(tmp_path):
+    # One thread: tiny matmuls with several OpenMP threads crawl on a busy shared machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "speed.json").read_text())
+    results = report["sizes"][0]["results"]
+    assert {"srupp", "lstm", "transformer"} <= results.keys()
+    assert all(r["train_tokens_per_s"] > 0 and r["inference_tokens_per_s"] > 0 for r in results.values())
+    assert "train_tokens_per_s_srupp_over_transformer" in report["sizes"][0]["ratios"]
+    assert [d["batch"] for d in report["decoding"]] == [1, 2]
+    assert all(row["srupp_over_transformer_cost"] > 0 for row in report["lengths"]["rows"])
+    assert (tmp_path / "speed.md").read_text().startswith("# Speed")

@@ -1,0 +1,54 @@
+import pytest
+
+from srupp.models import LMConfig, SRUppLM
+
+TINY = {"hidden_size": 32, "proj_size": 8, "num_layers": 2}
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        pytest.param({"hidden_size": 0}, "hidden_size", id="hidden_size"),
+        pytest.param({"vocab_size": 1}, "vocab_size", id="vocab_size"),
+        pytest.param({"num_heads": 3}, "proj_size", id="heads-divide"),
+        pytest.param({"dropout": 1.0}, "dropout", id="dropout"),
+        pytest.param({"cutoffs": [50, 20]}, "cutoffs", id="cutoffs-order"),
+        pytest.param({"cutoffs": [10, 300]}, "cutoffs", id="cutoffs-range"),
+        pytest.param({"attention_layers": [5]}, "attention_layers", id="attention-layers"),
+        pytest.param({"cutoffs": [10], "div_value": 64.0}, "div_value", id="div-value"),
+    ],
+)
+def test_invalid_values_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        LMConfig(**{**TINY, **changes})
+
+
+def test_json_round_trip_and_unknown_keys():
+    cfg = LMConfig(**TINY, cutoffs=[20, 100], attention_layers=[1])
+    assert LMConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="unknown LMConfig keys"):
+        LMConfig.from_dict({**TINY, "hiden_size": 3})
+    with pytest.raises(TypeError, match="`num_layers` must be an int"):
+        LMConfig(**{**TINY, "num_layers": 2.0})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({}, id="byte"),
+        pytest.param({"attention_every_n_layers": 2}, id="k2"),
+        pytest.param({"vocab_size": 300, "cutoffs": [20, 100], "div_value": 2.0}, id="adaptive"),
+        pytest.param({"vocab_size": 300, "cutoffs": [20, 100], "embed_size": 16}, id="adaptive-projected"),
+    ],
+)
+def test_num_parameters_matches_the_model(extra):
+    cfg = LMConfig(**TINY, **extra)
+    assert cfg.num_parameters == sum(p.numel() for p in SRUppLM(cfg).parameters())
+
+
+def test_paper_model_sizes():
+    # PAPER.md 1.4: enwik8 107.6M with the corpus's 205 byte values (srupp keeps all 256); WT103 147.7M with
+    # per-cluster projections from d, where srupp's adaptive softmax projects d -> 1024 once (146.7M).
+    assert abs(LMConfig(vocab_size=205).num_parameters / 1e6 - 107.6) < 0.1
+    wt103 = LMConfig(vocab_size=267735, cutoffs=[19997, 39997, 199997], embed_size=1024, dropout=0.15)
+    assert abs(wt103.num_parameters / 1e6 - 147.7) < 1.5

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from srupp.models import LMConfig, SRUppLM
+from tests.helpers import assert_all_close
+
+CONFIGS = [
+    pytest.param(LMConfig(hidden_size=32, proj_size=8, num_layers=2, dropout=0.0, attn_dropout=0.0), id="byte"),
+    pytest.param(
+        LMConfig(vocab_size=120, hidden_size=32, proj_size=8, num_layers=3, attention_every_n_layers=2,
+                 cutoffs=[20, 60], div_value=2.0, dropout=0.0, attn_dropout=0.0),
+        id="adaptive",
+    ),
+    pytest.param(
+        LMConfig(vocab_size=120, hidden_size=32, proj_size=8, num_layers=2, cutoffs=[20, 60], embed_size=16,
+                 div_value=2.0, dropout=0.0, attn_dropout=0.0),
+        id="adaptive-projected",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_step_decoding_equals_forward(cfg):
+    torch.manual_seed(0)
+    model = SRUppLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (9, 2))
+    full, _ = model(tokens)
+    state = model.init_decode_state(2)
+    last, state = model.step(tokens[:4], state)
+    stepped = [last]
+    for t in range(4, 9):
+        last, state = model.step(tokens[t : t + 1], state)
+        stepped.append(last)
+    assert_all_close(["prefill+steps"], [torch.stack(stepped)], [full[3:]], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_nll_matches_log_probs_and_normalises(cfg):
+    torch.manual_seed(0)
+    model = SRUppLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (7, 3))
+    log_probs, _ = model(tokens[:-1])
+    nll, _ = model(tokens[:-1], targets=tokens[1:])
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(6, 3), atol=1e-5)
+    assert torch.allclose(nll, -log_probs.gather(-1, tokens[1:, :, None])[..., 0], atol=1e-5)
+
+
+def test_segment_recurrence_carries_detached_state_and_memory():
+    cfg = CONFIGS[0].values[0]
+    model = SRUppLM(cfg)
+    tokens = torch.randint(0, 256, (17, 2))
+    nll, state = model(tokens[:8], targets=tokens[1:9])
+    assert not state.c.requires_grad and all(not m.requires_grad for m in state.memory)
+    with_memory, _ = model(tokens[8:16], state, targets=tokens[9:17])
+    without, _ = model(tokens[8:16], targets=tokens[9:17])
+    assert not torch.allclose(with_memory, without)
+    with_memory.mean().backward()
+
+
+def test_longer_window_changes_only_late_positions():
+    model = SRUppLM(CONFIGS[0].values[0]).eval()
+    tokens = torch.randint(0, 256, (12, 1))
+    full, _ = model(tokens)
+    windowed, _ = model(tokens, attn_window=4)
+    assert torch.allclose(full[:5], windowed[:5], atol=1e-6)
+
+
+def test_adaptive_input_is_tied():
+    cfg = CONFIGS[1].values[0]
+    model = SRUppLM(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("embedding") for n in names)
+    tokens = torch.tensor([[5], [30], [100]])
+    model.embed(tokens).sum().backward()
+    assert model.softmax.head.weight.grad[5].abs().sum() > 0
+    assert model.softmax.tail[0][1].weight.grad[10].abs().sum() > 0  # token 30 = cluster 1 row 10
+    assert model.softmax.tail[1][0].weight.grad.abs().sum() > 0
+
+
+def test_adaptive_projection_is_tied():
+    model = SRUppLM(CONFIGS[2].values[0])
+    model.embed(torch.tensor([[3]])).sum().backward()
+    assert model.projection.weight.grad.abs().sum() > 0
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters
+
+
+def test_rejects_bad_input():
+    model = SRUppLM(CONFIGS[0].values[0])
+    with pytest.raises(ValueError, match=r"\[T, B\]"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="LMConfig"):
+        SRUppLM({"hidden_size": 3})

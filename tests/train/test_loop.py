@@ -1,0 +1,110 @@
+import json
+import math
+
+import pytest
+import torch
+
+from srupp.models import SRUppLM, generate
+from srupp.train import evaluate, load_checkpoint, load_model, train
+
+
+def test_end_to_end_train_eval_generate(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(max_steps=6, eval_every=3)
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert result.step == 6 and len(result.losses) == 6 and len(result.valid) == 2
+    assert all(math.isfinite(x) for x in result.losses)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert "valid_bpc" in records[-1]
+    assert (run / "learning_curve.png").stat().st_size > 1000
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 6
+    model, loaded_cfg, vocab, ckpt = load_model(run / "checkpoints" / "last.safetensors")
+    assert ckpt.trainer["step"] == 6 and (run / "checkpoints" / "best.safetensors").is_file()
+    from srupp.data import open_corpus
+
+    nats = evaluate(model, open_corpus(cfg.data).split("valid"), batch_size=2, unroll=16, attn_window=32)
+    assert math.isfinite(nats)
+    text = vocab.decode(list(generate(model, vocab.encode("def "), 10, top_k=5)))
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("accum", [pytest.param(1, id="accum1"), pytest.param(2, id="accum2")])
+def test_resume_gives_the_same_losses(tiny_cfg, tmp_path, accum):
+    common = {"schedule_steps": 8, "eval_every": 4, "grad_accum": accum, "dropout": 0.1}
+    full = train(tiny_cfg(**common, max_steps=8, out_dir=tmp_path / "full"))
+    first = train(tiny_cfg(**common, max_steps=5, out_dir=tmp_path / "split"))
+    resumed = train(tiny_cfg(**common, max_steps=8, out_dir=tmp_path / "split"), resume=True)
+    # Bitwise equal here; the tolerance only absorbs CPU reductions whose order depends on memory alignment.
+    assert first.losses + resumed.losses == pytest.approx(full.losses, rel=1e-6, abs=0)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors").prefixed("model/")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").prefixed("model/")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == sorted(s for s in steps if s)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg(max_steps=6, eval_every=2)
+    original = SRUppLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        nll, state = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                nll = nll * float("nan")
+        return nll, state
+
+    monkeypatch.setattr(SRUppLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*last good checkpoint.*step 2"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").trainer["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        pytest.param({"data": "/nonexistent/corpus"}, FileNotFoundError, "srupp data prepare", id="missing-data"),
+        pytest.param({"batch_size": 64, "unroll_size": 512}, ValueError, "smaller than one batch", id="too-small"),
+        pytest.param({"device": "cuda"}, RuntimeError, "no CUDA GPU", id="no-cuda"),
+    ],
+)
+def test_clear_errors(tiny_cfg, overrides, error, match):
+    if overrides.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(error, match=match):
+        train(tiny_cfg(**overrides))
+
+
+def test_empty_split_is_a_clear_error(tiny_corpus, tiny_cfg, tmp_path):
+    import numpy as np
+
+    from srupp.data import Vocab
+    from srupp.data.corpus import write_corpus
+
+    data = write_corpus(tmp_path / "d", {"train": np.arange(500) % 256, "valid": np.zeros(0)}, Vocab("byte"), "t")
+    with pytest.raises(ValueError, match="split 'valid' .* is empty"):
+        train(tiny_cfg(data=data.path, max_steps=2, eval_every=1))
+
+
+def test_mixed_precision_bf16_on_cpu(tiny_cfg):
+    result = train(tiny_cfg(max_steps=2, eval_every=2, precision="mixed"))
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):
+    from srupp.data import prepare_wikitext103
+
+    (tmp_path / "wt").mkdir()
+    for split, lines in (("train", 300), ("valid", 40), ("test", 40)):
+        text = "".join(f" the cat {'sat' if i % 3 else 'ran'} on mat {i % 7} \n" for i in range(lines))
+        (tmp_path / "wt" / f"wiki.{split}.tokens").write_text(text)
+    corpus = prepare_wikitext103(tmp_path / "wt", tmp_path / "wt-data")
+    cfg = tiny_cfg(data=corpus.path, max_steps=3, eval_every=3, cutoffs="[4, 8]", embed_size=16, div_value=2.0)
+    result = train(cfg)
+    assert "valid_ppl" in result.valid[-1] and result.model.config.vocab_size == corpus.vocab.size
+    model, _, vocab, _ = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert vocab.words == corpus.vocab.words
+    assert len(list(generate(model, vocab.encode("the cat"), 5))) == 5
