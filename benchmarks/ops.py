@@ -61,6 +61,8 @@ def bench_shape(steps, batch, hidden, repeats, official):
             return sru_recurrence(u, x, v, b, c0, backend=backend)
 
     def train_step(backend):
+        for leaf in leaves:
+            leaf.grad = None  # as optimizer.zero_grad() leaves them: no accumulation pass is timed
         h, _ = sru_recurrence(*leaves, c0, backend=backend)
         h.backward(grad_h)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from srupp.ops.fused import register_autograd, run_forward
+
 _HERE = Path(__file__).resolve().parent
 _LIB: ctypes.CDLL | None = None
 _LOAD_ERROR: str | None = None
@@ -136,23 +138,7 @@ def _(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
     return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
 
 
-def _setup_context(ctx, inputs, output):
-    u, x, v, b, c0, mask_pad, mask_c, reverse, save_c = inputs
-    ctx.reverse = reverse
-    ctx.save_for_backward(u, x, v, b, c0, mask_pad, mask_c, output[2])
-
-
-def _backward(ctx, grad_h, grad_c_last, _grad_c_all):
-    u, x, v, b, c0, mask_pad, mask_c, c_all = ctx.saved_tensors
-    if c_all.numel() == 0:
-        raise RuntimeError("sru_cpu_forward ran with save_c=False, so it cannot be differentiated")
-    grad_h = torch.zeros_like(x) if grad_h is None else grad_h.contiguous()
-    grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-    grads = sru_cpu_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, ctx.reverse)
-    return *grads, None, None, None, None
-
-
-sru_cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(sru_cpu_forward, sru_cpu_backward)
 
 
 def sru_recurrence_cpu(
@@ -165,12 +151,5 @@ def sru_recurrence_cpu(
     mask_c: Tensor | None = None,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Host wrapper: contiguous float32/float64 tensors of one dtype in, (h, c_last) out."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, v, b, c0))
-    h, c_last, _ = sru_cpu_forward(
-        u.contiguous(), x.contiguous(), v.contiguous(), b.contiguous(), c0.contiguous(),
-        None if mask_pad is None else mask_pad.contiguous(),
-        None if mask_c is None else mask_c.contiguous(),
-        reverse, needs_grad,
-    )  # fmt: skip
-    return h, c_last
+    """Host wrapper: float32/float64 tensors of one dtype in, (h, c_last) out."""
+    return run_forward(sru_cpu_forward, u, x, v, b, c0, mask_pad, mask_c, reverse)

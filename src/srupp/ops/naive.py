@@ -38,18 +38,22 @@ def sru_recurrence_naive(
     """
     steps, batch, width = u.shape
     hidden = width // 3
-    u_c, u_f, u_r = u.view(steps, batch, 3, hidden).unbind(2)
+    # unbind over time once: indexing u[t] instead would make every step's backward write a
+    # gradient the size of the whole of u, O(T^2) work.
+    u_steps = u.view(steps, batch, 3, hidden).unbind(0)
+    x_steps = x.unbind(0)
     v_f, v_r = v
     b_f, b_r = b
     c = c0
     hs: list[Tensor] = [u.new_zeros(())] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        f = torch.sigmoid(u_f[t] + v_f * c + b_f)
-        r = torch.sigmoid(u_r[t] + v_r * c + b_r)
-        c_new = f * c + (1 - f) * u_c[t]
+        u_c, u_f, u_r = u_steps[t].unbind(1)
+        f = torch.sigmoid(u_f + v_f * c + b_f)
+        r = torch.sigmoid(u_r + v_r * c + b_r)
+        c_new = f * c + (1 - f) * u_c
         gate = r if mask_c is None else mask_c * r
-        h = x[t] + gate * (c_new - x[t])
+        h = x_steps[t] + gate * (c_new - x_steps[t])
         if mask_pad is not None:
             pad = mask_pad[t].unsqueeze(-1)
             c_new = torch.where(pad, c, c_new)

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import Tensor
 
+from srupp.ops.fused import register_autograd, run_forward
+
 try:
     import triton
     import triton.language as tl
@@ -328,23 +330,7 @@ def _(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
     return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
 
 
-def _setup_context(ctx, inputs, output):
-    u, x, v, b, c0, mask_pad, mask_c, reverse, save_c = inputs
-    ctx.reverse = reverse
-    ctx.save_for_backward(u, x, v, b, c0, mask_pad, mask_c, output[2])
-
-
-def _backward(ctx, grad_h, grad_c_last, _grad_c_all):
-    u, x, v, b, c0, mask_pad, mask_c, c_all = ctx.saved_tensors
-    if c_all.numel() == 0 and x.numel() != 0:
-        raise RuntimeError("sru_triton_forward ran with save_c=False, so it cannot be differentiated")
-    grad_h = torch.zeros(x.shape, dtype=u.dtype, device=u.device) if grad_h is None else grad_h.contiguous()
-    grad_c_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.to(c0.dtype).contiguous()
-    grads = sru_triton_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, ctx.reverse)
-    return *grads, None, None, None, None
-
-
-sru_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(sru_triton_forward, sru_triton_backward)
 
 
 def sru_recurrence_triton(
@@ -360,14 +346,7 @@ def sru_recurrence_triton(
     """Host wrapper: u, x in one dtype (halves allowed); v, b, c0, mask_c in the compute dtype."""
     if triton is None:
         raise RuntimeError(unavailable_reason(u.device))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, v, b, c0))
-    h, c_last, _ = sru_triton_forward(
-        u.contiguous(), x.contiguous(), v.contiguous(), b.contiguous(), c0.contiguous(),
-        None if mask_pad is None else mask_pad.contiguous(),
-        None if mask_c is None else mask_c.contiguous(),
-        reverse, needs_grad,
-    )  # fmt: skip
-    return h, c_last
+    return run_forward(sru_triton_forward, u, x, v, b, c0, mask_pad, mask_c, reverse)
 
 
 sru_recurrence_triton.native_half = True

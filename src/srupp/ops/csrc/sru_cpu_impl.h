@@ -159,6 +159,9 @@ void SRUPP_FN(forward)(const real *u, const real *x, const real *v, const real *
                        const uint8_t *mask_pad, const real *mask_c, real *h, real *c_all, real *c_last, int64_t T,
                        int64_t B, int64_t D, int reverse, int nthreads) {
     const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const int64_t bytes = T * B * D * (int64_t)sizeof(real);
+    hint_huge_pages(h, bytes);
+    if (c_all) hint_huge_pages(c_all, bytes);
     const struct SRUPP_FN(forward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, h, c_all, c_last,
                                                 T, B, D, nchunk, reverse};
     srupp_parallel_for(B * nchunk, T * B * D, nthreads, SRUPP_FN(forward_items), &args);
@@ -171,6 +174,9 @@ void SRUPP_FN(backward)(const real *u, const real *x, const real *v, const real 
                         const real *gc_last, real *gu, real *gx, real *gvb, real *gc0, int64_t T, int64_t B,
                         int64_t D, int reverse, int nthreads) {
     const int64_t nchunk = (D + CHUNK - 1) / CHUNK;
+    const int64_t bytes = T * B * D * (int64_t)sizeof(real);
+    hint_huge_pages(gu, 3 * bytes);
+    hint_huge_pages(gx, bytes);
     const struct SRUPP_FN(backward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, c_all, gh, gc_last,
                                                  gu, gx, gvb, gc0, T, B, D, nchunk, reverse};
     srupp_parallel_for(B * nchunk, T * B * D, nthreads, SRUPP_FN(backward_items), &args);
