@@ -78,7 +78,10 @@ class Transformer(nn.Module):
 
 
 def closest(build, target: int, candidates) -> nn.Module:
-    return min((build(c) for c in candidates), key=lambda m: abs(count(m) - target))
+    """The model whose parameter count is nearest ``target``; sizes are tried on the meta device (free)."""
+    with torch.device("meta"):
+        best = min(candidates, key=lambda c: abs(count(build(c)) - target))
+    return build(best)
 
 
 def measure(model: nn.Module, x: torch.Tensor, repeats: int) -> dict:

@@ -259,7 +259,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--quick", action="store_true", help="tiny models and budgets, seconds (the smoke test)")
     add("--minutes-per-model", type=float, default=2.5, help="training wall-clock per model in the main runs")
     add("--sweep-minutes", type=float, default=1.0, help="training wall-clock per LR-sweep run")
-    add("--sweep-lrs", default="1e-3,2e-3,4e-3", help="comma-separated peak LRs tried in the sweep")
+    add("--sweep-lrs", default="2e-3,4e-3,8e-3,1.6e-2", help="comma-separated peak LRs tried in the sweep")
     add("--sweep", default="transformer,srupp", help="models whose LR is swept (comma-separated, '' for none)")
     add("--lr", type=float, default=2e-3, help="peak LR of models without a swept one (LSTM by default)")
     add("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
