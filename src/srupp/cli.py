@@ -83,10 +83,12 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
+    from srupp.data.corpus import EOS
     from srupp.models import generate
 
     model, cfg, vocab, device = _load(args)
-    prompt = vocab.encode(args.prompt) or vocab.encode("\n")
+    # An empty prompt starts at a line break; word vocabularies spell it <eos> (encode drops newlines).
+    prompt = vocab.encode(args.prompt) or vocab.encode("\n" if vocab.kind == "byte" else EOS)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = generate(
         model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from srupp.models import LMConfig, SRUppLM
+from srupp.nn import SRUppState
 from tests.helpers import assert_all_close
 
 CONFIGS = [
@@ -19,10 +20,19 @@ CONFIGS = [
 ]  # fmt: skip
 
 
+def with_attention(model: SRUppLM) -> SRUppLM:
+    """alpha starts at 0, where attention (cache, memory, window) has no effect on the output: move it."""
+    with torch.no_grad():
+        for layer in model.rnn.layers:
+            if layer.has_attention:
+                layer.transform.alpha.fill_(0.7)
+    return model
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_step_decoding_equals_forward(cfg):
     torch.manual_seed(0)
-    model = SRUppLM(cfg).eval()
+    model = with_attention(SRUppLM(cfg)).eval()
     tokens = torch.randint(0, cfg.vocab_size, (9, 2))
     full, _ = model(tokens)
     state = model.init_decode_state(2)
@@ -47,22 +57,25 @@ def test_nll_matches_log_probs_and_normalises(cfg):
 
 def test_segment_recurrence_carries_detached_state_and_memory():
     cfg = CONFIGS[0].values[0]
-    model = SRUppLM(cfg)
+    model = with_attention(SRUppLM(cfg))
     tokens = torch.randint(0, 256, (17, 2))
     nll, state = model(tokens[:8], targets=tokens[1:9])
     assert not state.c.requires_grad and all(not m.requires_grad for m in state.memory)
     with_memory, _ = model(tokens[8:16], state, targets=tokens[9:17])
     without, _ = model(tokens[8:16], targets=tokens[9:17])
     assert not torch.allclose(with_memory, without)
+    c_only, _ = model(tokens[8:16], SRUppState(state.c, [None] * cfg.num_layers), targets=tokens[9:17])
+    assert not torch.allclose(with_memory, c_only)
     with_memory.mean().backward()
 
 
 def test_longer_window_changes_only_late_positions():
-    model = SRUppLM(CONFIGS[0].values[0]).eval()
+    model = with_attention(SRUppLM(CONFIGS[0].values[0])).eval()
     tokens = torch.randint(0, 256, (12, 1))
     full, _ = model(tokens)
     windowed, _ = model(tokens, attn_window=4)
     assert torch.allclose(full[:5], windowed[:5], atol=1e-6)
+    assert not torch.allclose(full[5:], windowed[5:], atol=1e-6)
 
 
 def test_adaptive_input_is_tied():
@@ -90,3 +103,7 @@ def test_rejects_bad_input():
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(TypeError, match="LMConfig"):
         SRUppLM({"hidden_size": 3})
+    with pytest.raises(TypeError, match="integer tensor of token ids, got torch.float32"):
+        model(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="`state` must be the SRUppState"):
+        model(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 2, 32))

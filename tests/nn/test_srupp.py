@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from srupp.nn import SRUpp, SRUppDecodeState, SRUppState
+from srupp.ops.naive import sru_recurrence_naive
 
 CONFIGS = {
     "attention-every-layer": dict(num_layers=2),
@@ -128,16 +129,25 @@ def test_state_as_tensor_or_dataclass():
     assert torch.equal(a, b)
 
 
-def test_bidirectional_shapes_and_state_order(assert_close):
+def test_bidirectional_output_and_state_order_match_the_spec(assert_close):
     model = make(bidirectional=True, num_layers=2, hidden_size=5)
     x = torch.randn(4, 2, 6)
     c0 = torch.randn(4, 2, 5)
     with torch.no_grad():
         output, state = model(x, c0)
-        # Layer 0, backward direction: its c is c0 after the backward pass, which ends at t = 0.
-        layer0_h, layer0_c = model.layers[0](x, c0[0:2])
+        # Layer 0 from the spec: forward then reversed recurrence on U's per-direction blocks (the skip is
+        # U's fourth block, as 6 != 2 * 5); nn.LSTM order: output [fwd | bwd], c rows layer-major, then direction.
+        layer = model.layers[0]
+        u = layer.transform(x)
+        spec = [
+            sru_recurrence_naive(u[..., 15 * d : 15 * (d + 1)], u[..., 30 + 5 * d : 35 + 5 * d],
+                                 layer.gates.weight[d], layer.gates.bias[d], c0[d], reverse=d == 1)
+            for d in range(2)
+        ]  # fmt: skip
+        h1, c1 = model.layers[1](torch.cat([spec[0][0], spec[1][0]], dim=-1), c0[2:4])
     assert output.shape == (4, 2, 10) and state.c.shape == (4, 2, 5)
-    assert_close(state.c[0:2], layer0_c)
+    assert_close(state.c[0:2], torch.stack([spec[0][1], spec[1][1]]), name="layer 0 c")
+    assert_close([output, state.c[2:4]], [h1, c1], name="layer 1")
 
 
 def test_eval_is_deterministic_and_train_uses_dropout():

@@ -103,8 +103,15 @@ class SRUppLM(nn.Module):
         return out if self.projection is None else out @ self.projection.weight
 
     def _hidden(self, tokens: Tensor, state: SRUppState | None, attn_window: int | None) -> tuple[Tensor, SRUppState]:
+        if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+            kind = tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise TypeError(f"`input` must be an integer tensor of token ids, got {kind}")
         if tokens.dim() != 2:
             raise ValueError(f"`input` must have shape [T, B] (2 dims), got {list(tokens.shape)}")
+        if state is not None and not isinstance(state, SRUppState):
+            raise TypeError(
+                f"`state` must be the SRUppState of the previous segment or None, got {type(state).__name__}"
+            )
         x = self.dropout(self.embed(tokens))
         c, memory = (None, None) if state is None else (state.c, state.memory)
         hidden, new_state = self.rnn(x, c, memory=memory, causal=True, attn_window=attn_window)
@@ -160,8 +167,7 @@ class SRUppLM(nn.Module):
 
     def init_decode_state(self, batch_size: int, max_context: int | None = None) -> SRUppDecodeState:
         """An empty decoding state for ``batch_size`` streams (attention cache capped at ``max_context``)."""
-        param = next(self.parameters())
-        return self.rnn.init_decode_state(batch_size, max_context=max_context, device=param.device, dtype=param.dtype)
+        return self.rnn.init_decode_state(batch_size, max_context=max_context)
 
     def step(self, tokens: Tensor, decode_state: SRUppDecodeState) -> tuple[Tensor, SRUppDecodeState]:
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.

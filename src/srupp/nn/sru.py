@@ -262,6 +262,9 @@ class SRU(nn.Module):
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
         self.batch_first = batch_first
+        self.layer_norm = layer_norm
+        self.highway_bias = float(highway_bias)
+        self.projection_size = projection_size
         self.layers = nn.ModuleList(
             SRUCell(
                 input_size if i == 0 else self.num_directions * hidden_size,
@@ -316,4 +319,10 @@ class SRU(nn.Module):
             parts.append("bidirectional=True")
         if self.batch_first:
             parts.append("batch_first=True")
+        if self.layer_norm:
+            parts.append("layer_norm=True")
+        if self.highway_bias != -2.0:
+            parts.append(f"highway_bias={self.highway_bias}")
+        if self.projection_size:
+            parts.append(f"projection_size={self.projection_size}")
         return ", ".join(parts)

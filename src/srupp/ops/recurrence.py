@@ -25,40 +25,27 @@ def _check_shape(name: str, tensor: Tensor, expected: list[int], labels: str) ->
         raise ValueError(f"`{name}` must have shape {labels} = {expected}, got {_shape(tensor)}")
 
 
-def _triton_module():
-    from srupp.ops import triton_kernel
-
-    return triton_kernel
-
-
 def _resolve_backend(backend: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
-    global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "naive":
         return sru_recurrence_naive
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
-        if not _cpu.is_available():
-            if backend == "auto":
-                return _fallback(_cpu.unavailable_reason())
-            raise RuntimeError(_cpu.unavailable_reason())
-        return _cpu.sru_recurrence_cpu
-    if backend == "triton" or device.type == "cuda":
-        try:
-            triton_kernel = _triton_module()
-        except ImportError as err:
-            reason = f"srupp's 'triton' backend is unavailable ({err}); install triton (`pip install triton`)"
-            if backend == "auto":
-                return _fallback(reason)
-            raise RuntimeError(reason) from err
-        if not triton_kernel.is_available(device):
-            if backend == "auto":
-                return _fallback(triton_kernel.unavailable_reason(device))
-            raise RuntimeError(triton_kernel.unavailable_reason(device))
-        return triton_kernel.sru_recurrence_triton
-    return _fallback(f"no fused backend for {device.type} tensors")
+        available, reason, run = _cpu.is_available(), _cpu.unavailable_reason, _cpu.sru_recurrence_cpu
+    elif backend == "triton" or device.type == "cuda":
+        from srupp.ops import triton_kernel  # imports without triton; is_available() says whether it runs
+
+        available, run = triton_kernel.is_available(device), triton_kernel.sru_recurrence_triton
+        reason = lambda: triton_kernel.unavailable_reason(device)  # noqa: E731
+    else:
+        return _fallback(f"no fused backend for {device.type} tensors")
+    if available:
+        return run
+    if backend == "auto":
+        return _fallback(reason())
+    raise RuntimeError(reason())
 
 
 def _fallback(reason: str) -> Callable[..., tuple[Tensor, Tensor]]:

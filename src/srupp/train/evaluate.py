@@ -36,10 +36,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
+    window = unroll if attn_window is None else attn_window  # 0 is a valid window: each token sees itself only
     try:
         for x, y in batcher.epoch_segments():
             with autocast or contextlib.nullcontext():
-                nll, state = model(x.to(device), state, targets=y.to(device), attn_window=attn_window or unroll)
+                nll, state = model(x.to(device), state, targets=y.to(device), attn_window=window)
             total += float(nll.double().sum())
             count += nll.numel()
     finally:
