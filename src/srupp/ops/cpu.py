@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import register_autograd, run_forward
+from srupp.ops.fused import fake_backward, register_autograd, run_forward
 
 _HERE = Path(__file__).resolve().parent
 _LIB: ctypes.CDLL | None = None
@@ -133,11 +133,7 @@ def sru_cpu_backward(
     return grad_u, grad_x, grad_vb[:, :2].sum(0), grad_vb[:, 2:].sum(0), grad_c0
 
 
-@sru_cpu_backward.register_fake
-def _(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
-    return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
-
-
+sru_cpu_backward.register_fake(fake_backward)
 register_autograd(sru_cpu_forward, sru_cpu_backward)
 
 

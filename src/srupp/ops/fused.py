@@ -12,6 +12,11 @@ import torch
 from torch import Tensor
 
 
+def fake_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
+    """Shapes and dtypes of a backward op's results, for tracing (``register_fake``)."""
+    return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
+
+
 def register_autograd(forward_op, backward_op) -> None:
     """Make ``forward_op`` differentiable through ``backward_op``."""
 

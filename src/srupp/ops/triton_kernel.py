@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import register_autograd, run_forward
+from srupp.ops.fused import fake_backward, register_autograd, run_forward
 
 try:
     import triton
@@ -325,11 +325,7 @@ def sru_triton_backward(
     return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
 
 
-@sru_triton_backward.register_fake
-def _(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
-    return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
-
-
+sru_triton_backward.register_fake(fake_backward)
 register_autograd(sru_triton_forward, sru_triton_backward)
 
 
