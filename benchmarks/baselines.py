@@ -172,8 +172,7 @@ class SRUppBody(nn.Module):
                          attention_layers=attention_layers)  # fmt: skip
 
     def forward(self, x: Tensor, state: SRUppState | None = None, attn_window: int | None = None):
-        memory = None if state is None else state.memory
-        return self.rnn(x, state, causal=True, memory=memory, attn_window=attn_window)
+        return self.rnn(x, state, causal=True, attn_window=attn_window)
 
     def init_decode(self, batch: int):
         return self.rnn.init_decode_state(batch)

@@ -52,3 +52,22 @@ def test_paper_model_sizes():
     assert abs(LMConfig(vocab_size=205).num_parameters / 1e6 - 107.6) < 0.1
     wt103 = LMConfig(vocab_size=267735, cutoffs=[19997, 39997, 199997], embed_size=1024, dropout=0.15)
     assert abs(wt103.num_parameters / 1e6 - 147.7) < 1.5
+
+
+def test_backend_is_not_architecture():
+    cfg = LMConfig(**TINY)
+    assert "backend" not in cfg.to_dict()
+    # srupp 0.1 saved `backend` in every checkpoint's config: it is dropped on load.
+    assert LMConfig.from_dict({**cfg.to_dict(), "backend": "triton"}) == cfg
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"num_layers": 5, "attention_every_n_layers": 2}, id="k2"),
+        pytest.param({"num_layers": 4, "attention_layers": [3, 0, 3]}, id="explicit"),
+    ],
+)
+def test_attention_layers_follow_the_layer_rule(extra):
+    cfg = LMConfig(**{**TINY, **extra})
+    assert tuple(cfg.attention_layer_indices) == SRUppLM(cfg).rnn.attention_layers

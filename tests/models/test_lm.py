@@ -107,3 +107,30 @@ def test_rejects_bad_input():
         model(torch.zeros(3, 2))
     with pytest.raises(TypeError, match="`state` must be the SRUppState"):
         model(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 2, 32))
+
+
+def test_backend_is_a_runtime_choice():
+    cfg = CONFIGS[0].values[0]
+    torch.manual_seed(0)
+    model = with_attention(SRUppLM(cfg, backend="naive")).eval()
+    assert {layer.backend for layer in model.rnn.layers} == {"naive"}
+    tokens = torch.randint(0, 256, (6, 2))
+    expected, _ = model(tokens)
+    model.set_backend("auto")
+    assert {layer.backend for layer in model.rnn.layers} == {"auto"}
+    assert_all_close(["log_probs"], [model(tokens)[0]], [expected], atol=1e-5, rtol=1e-5)
+    assert not any("backend" in key for key in model.state_dict())
+
+
+def test_decoding_continues_a_forward_segment():
+    cfg = CONFIGS[1].values[0]
+    torch.manual_seed(0)
+    model = with_attention(SRUppLM(cfg)).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (8, 2))
+    full, _ = model(tokens)
+    _, state = model(tokens[:5])
+    stepped = []
+    for t in range(5, 8):
+        last, state = model.step(tokens[t : t + 1], state)
+        stepped.append(last)
+    assert_all_close(["steps after forward"], [torch.stack(stepped)], [full[5:]], atol=1e-5, rtol=1e-4)

@@ -106,3 +106,17 @@ def test_init_and_errors():
     assert module.out_proj.weight.abs().max() <= bound
     with pytest.raises(ValueError, match="divisible"):
         SRUppAttention(8, 12, 6, num_heads=4)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_nan_at_padded_positions_cannot_reach_real_positions(causal):
+    torch.manual_seed(0)
+    module = SRUppAttention(5, 9, 6, num_heads=2).eval()
+    with torch.no_grad():
+        module.alpha.fill_(0.8)
+    x = torch.randn(4, 2, 5)
+    mask_pad = torch.tensor([[False, False], [False, True], [False, True], [False, True]])
+    with torch.no_grad():
+        clean = module(x, mask_pad=mask_pad, causal=causal)
+        dirty = module(x.masked_fill(mask_pad.unsqueeze(-1), float("nan")), mask_pad=mask_pad, causal=causal)
+    assert torch.equal(dirty[~mask_pad], clean[~mask_pad]) and torch.isfinite(dirty).all()

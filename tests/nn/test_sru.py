@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from srupp.nn import SRU, SRUCell
+from srupp.nn import SRU, SRULayer
+from srupp.nn.layer import linear_transform
 
 
 def make(seed=0, **kwargs):
@@ -29,9 +30,9 @@ def test_fast_backend_equals_naive(assert_close, kwargs):
     assert_close(results[0], results[1])
 
 
-def test_cell_equals_equations(assert_close):
+def test_layer_equals_equations(assert_close):
     torch.manual_seed(0)
-    cell = SRUCell(4, 4, highway_bias=-1.0)
+    cell = SRULayer(4, 4, linear_transform, highway_bias=-1.0)
     x = torch.randn(3, 1, 4)
     with torch.no_grad():
         h, c = cell(x)
@@ -81,3 +82,26 @@ def test_init_repr_and_errors():
         model(torch.randn(3, 2, 4), torch.zeros(2, 2, 8))
     with pytest.raises(ValueError, match=r"\[T, B\] = \[3, 2\]"):
         model(torch.randn(3, 2, 4), mask_pad=torch.zeros(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_nan_padding_cannot_reach_real_outputs(bidirectional):
+    model = make(num_layers=2, bidirectional=bidirectional, hidden_size=3 if bidirectional else 6)
+    x = torch.randn(4, 3, 6)
+    mask_pad = torch.arange(4).unsqueeze(1) >= torch.tensor([4, 1, 3])
+    with torch.no_grad():
+        clean, clean_c = model(x, mask_pad=mask_pad)
+        dirty, dirty_c = model(x.masked_fill(mask_pad.unsqueeze(-1), float("nan")), mask_pad=mask_pad)
+    assert torch.equal(dirty, clean) and torch.equal(dirty_c, clean_c)
+
+
+def test_set_backend_and_state_dict_keys():
+    model = SRU(4, 8, num_layers=2, projection_size=3, layer_norm=True)
+    model.set_backend("naive")
+    assert [layer.backend for layer in model.layers] == ["naive", "naive"]
+    # The keys of srupp 0.1's SRUCell layers, so saved SRU weights still load.
+    assert sorted(model.state_dict()) == sorted(
+        f"layers.{i}.{name}" for i in range(2) for name in
+        ("transform.0.weight", "transform.1.weight", "input_norm.weight", "input_norm.bias", "gates.weight",
+         "gates.bias")
+    )  # fmt: skip

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from srupp.nn import SRUpp, SRUppDecodeState, SRUppState
+from srupp.nn import SRUpp, SRUppState
 from srupp.ops.naive import sru_recurrence_naive
 
 CONFIGS = {
@@ -77,11 +77,13 @@ def test_memory_segments_equal_one_long_forward(assert_close):
     x = torch.randn(9, 2, 6)
     with torch.no_grad():
         expected, full_state = model(x, causal=True)
-        first, state = model(x[:4], causal=True)
-        second, state = model(x[4:], state, causal=True, memory=state.memory)
+        first, first_state = model(x[:4], causal=True)
+        second, state = model(x[4:], first_state, causal=True)
+        explicit, explicit_state = model(x[4:], first_state.c, causal=True, memory=first_state.memory)
     # One segment of memory covers everything earlier, so the split equals the whole.
     assert_close(torch.cat([first, second]), expected)
     assert_close(state.c, full_state.c)
+    assert_close([explicit, explicit_state.c], [second, state.c], atol=0, rtol=0, name="memory= keyword")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional-attention"])
@@ -123,9 +125,10 @@ def test_state_as_tensor_or_dataclass():
     with torch.no_grad():
         _, state = model(x)
         a, _ = model(x, state)
-        b, _ = model(x, state.c)
+        b, _ = model(x, state.c, memory=state.memory)
     assert isinstance(state, SRUppState) and state.c.shape == (2, 2, 8)
     assert [m.shape[-1] for m in state.memory] == [6, 8]
+    assert [m is None for m in make(num_layers=3, attention_every_n_layers=2)(x)[1].memory] == [True, False, True]
     assert torch.equal(a, b)
 
 
@@ -181,7 +184,7 @@ def test_initialisation():
     assert model.attention_layers == (0, 1)
     assert SRUpp(8, 8, 4, num_layers=4, attention_every_n_layers=2).attention_layers == (1, 3)
     assert SRUpp(8, 8, 4, num_layers=4, attention_layers=[3, 0]).attention_layers == (0, 3)
-    assert model.layers[0].recurrence_dropout == 0.19 and model.layers[1].recurrence_dropout == 0.0
+    assert model.layers[0].dropout == 0.19 and model.layers[1].dropout == 0.0
     assert "highway_bias=-3.0" in repr(model) and "dropout=0.19" in repr(model)
 
 
@@ -226,7 +229,15 @@ BAD_CALLS = {
                      r"\[M, B, 8\]"),
     "memory-type": (lambda m: m(torch.randn(4, 2, 6), memory=torch.randn(3, 2, 6)), TypeError, "list"),
     "window-type": (lambda m: m(torch.randn(4, 2, 6), attn_window=2.0), TypeError, "attn_window"),
-    "decode-batch": (lambda m: m.step(torch.randn(1, 3, 6), m.init_decode_state(2)), ValueError, "decode_state.c"),
+    "decode-batch": (lambda m: m.step(torch.randn(1, 3, 6), m.init_decode_state(2)), ValueError, "state.c"),
+    "decode-type": (lambda m: m.step(torch.randn(1, 2, 6), torch.zeros(2, 2, 8)), TypeError, "SRUppState"),
+    "memory-twice": (lambda m: m(torch.randn(4, 2, 6), m(torch.randn(3, 2, 6))[1], memory=[None, None]),
+                     ValueError, "memory once"),
+    "cache-shape": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), keys=[torch.zeros(2, 1, 3, 3),
+                    None], values=[torch.zeros(2, 1, 3, 3), None])), ValueError, r"\[2, 1, S, 4\]"),
+    "memory-and-cache": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
+                         memory=[torch.zeros(3, 2, 6), None], keys=[torch.zeros(2, 1, 3, 4), None],
+                         values=[torch.zeros(2, 1, 3, 4), None])), ValueError, "keep one"),
 }  # fmt: skip
 
 
@@ -247,7 +258,7 @@ def test_constructor_errors():
     with pytest.raises(NotImplementedError, match="unidirectional"):
         bidirectional.init_decode_state(1)
     with pytest.raises(NotImplementedError, match="unidirectional"):
-        bidirectional.step(torch.randn(1, 1, 8), SRUppDecodeState(torch.zeros(2, 1, 4), [None], [None]))
+        bidirectional.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(2, 1, 4)))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
@@ -265,3 +276,119 @@ def test_fast_backend_equals_naive_with_every_gradient(assert_close, bidirection
         (output.square().sum() + state.c.sum()).backward()
         results.append([output, state.c, inputs.grad] + [p.grad for p in model.parameters()])
     assert_close(results[0], results[1], name="output, c, grads")
+
+
+def test_forward_reads_the_memory_of_its_state(assert_close):
+    model = make(num_layers=2)
+    x = torch.randn(8, 2, 6)
+    with torch.no_grad():
+        _, first_state = model(x[:4], causal=True)
+        with_memory, _ = model(x[4:], first_state, causal=True)
+        c_only, _ = model(x[4:], first_state.c, causal=True)
+    assert not torch.allclose(with_memory, c_only, atol=1e-3)
+
+
+@pytest.mark.parametrize("order", ["forward-then-step", "step-then-forward"])
+def test_forward_and_step_continue_each_other(assert_close, order):
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    x = torch.randn(7, 2, 6)
+    with torch.no_grad():
+        expected, full_state = model(x, causal=True)
+        if order == "forward-then-step":
+            first, state = model(x[:3], causal=True)
+            second, state = model.step(x[3:5], state)
+            third, state = model.step(x[5:], state)
+        else:
+            first, state = model.step(x[:3], model.init_decode_state(2))
+            second, state = model.step(x[3:5], state)
+            third, state = model(x[5:], state, causal=True)
+    assert_close(torch.cat([first, second, third]), expected, name="output")
+    assert_close(state.c, full_state.c, name="c")
+
+
+def test_state_round_trips_through_tensors(assert_close):
+    model = make(num_layers=3, attention_every_n_layers=2)
+    x = torch.randn(6, 2, 6)
+    with torch.no_grad():
+        _, forward_state = model(x[:3], causal=True)
+        _, step_state = model.step(x[:3], model.init_decode_state(2, max_context=4))
+        for state in (forward_state, step_state):
+            tensors = state.to_tensors("carry/")
+            assert all(key.startswith("carry/") and value.is_contiguous() for key, value in tensors.items())
+            restored = SRUppState.from_tensors({**tensors, "model/other": torch.zeros(1)}, prefix="carry/")
+            assert restored.max_context == state.max_context
+            for name in ("memory", "keys", "values"):
+                original, back = getattr(state, name), getattr(restored, name)
+                assert (original is None) == (back is None), name
+                if original is not None:
+                    assert [t is None for t in original] == [t is None for t in back], name
+            expected, _ = model(x[3:], state, causal=True)
+            actual, _ = model(x[3:], restored, causal=True)
+            assert_close(actual, expected, atol=0, rtol=0)
+    assert forward_state.to_tensors().keys() == {"c", "num_layers", "memory/1"}
+    assert step_state.to_tensors().keys() == {"c", "num_layers", "max_context", "keys/1", "values/1"}
+
+
+def test_state_from_tensors_reads_the_old_carry_format_and_rejects_bad_keys():
+    # srupp 0.1 checkpoints hold `c` and the memory of every layer, no `num_layers`.
+    old = {"c": torch.zeros(2, 1, 8), "memory/0": torch.zeros(3, 1, 6), "memory/1": torch.zeros(3, 1, 8)}
+    state = SRUppState.from_tensors(old)
+    assert [m.shape[-1] for m in state.memory] == [6, 8] and state.keys is None
+    make()(torch.randn(2, 1, 6), state)
+    with pytest.raises(ValueError, match="num_layers = 2"):
+        SRUppState.from_tensors({**old, "num_layers": torch.tensor([2]), "memory/2": torch.zeros(3, 1, 8)})
+    with pytest.raises(ValueError, match="'x/c'"):
+        SRUppState.from_tensors(old, prefix="x/")
+
+
+def test_state_detach_and_to():
+    model = make(num_layers=2).train()
+    _, state = model(torch.randn(4, 2, 6), causal=True)
+    assert state.c.requires_grad and state.memory[1].requires_grad
+    detached = state.detach()
+    assert not detached.c.requires_grad and not any(m.requires_grad for m in detached.memory)
+    moved = state.to("cpu", torch.float64)
+    assert moved.c.dtype == torch.float64 and all(m.dtype == torch.float64 for m in moved.memory)
+
+
+CONTAMINATED = {
+    "causal": dict(causal=True),
+    "bidirectional-attention": dict(causal=False),
+    "bidirectional-recurrence": dict(causal=False, bidirectional=True, hidden_size=3),
+    "memory-layer-norm-every-second": dict(causal=True, memory=True, layer_norm=True, num_layers=3,
+                                           attention_every_n_layers=2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONTAMINATED.values(), ids=CONTAMINATED.keys())
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_padding_cannot_reach_real_outputs(assert_close, case, poison):
+    case = dict(case)
+    causal, use_memory = case.pop("causal"), case.pop("memory", False)
+    model = make(**{"num_layers": 2, **case})
+    x = torch.randn(5, 3, 6)
+    mask_pad = torch.arange(5).unsqueeze(1) >= torch.tensor([5, 2, 4])
+    memory = [torch.randn(2, 3, model.layer_input_size(i)) for i in range(model.num_layers)] if use_memory else None
+    poisoned = x.masked_fill(mask_pad.unsqueeze(-1), poison)
+    results = []
+    for inputs in (x, poisoned):
+        inputs = inputs.clone().requires_grad_()
+        output, state = model(inputs, mask_pad=mask_pad, causal=causal, memory=memory)
+        output[~mask_pad].sum().backward()
+        results.append((output, state, inputs.grad))
+    (clean, clean_state, clean_grad), (dirty, dirty_state, dirty_grad) = results
+    assert torch.isfinite(dirty).all() and torch.isfinite(dirty_state.c).all()
+    assert_close([dirty, dirty_state.c, dirty_grad], [clean, clean_state.c, clean_grad], atol=0, rtol=0)
+    assert all(torch.isfinite(m).all() for m in dirty_state.memory if m is not None)
+
+
+def test_set_backend_reaches_every_layer(assert_close):
+    model = make(num_layers=3)
+    x = torch.randn(4, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+        model.set_backend("naive")
+        assert model.backend == "naive" and all(layer.backend == "naive" for layer in model.layers)
+        assert_close(model(x, causal=True)[0], expected)
+    with pytest.raises(TypeError, match="backend name"):
+        model.set_backend(None)

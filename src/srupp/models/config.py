@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from srupp.nn.layer import HIGHWAY_BIAS, attention_layer_indices
+
 
 @dataclass
 class LMConfig:
@@ -29,7 +31,8 @@ class LMConfig:
         embed_size: the adaptive head's size (the paper's n_e = 1024 for WikiText-103), reached from d by one
             tied projection; None uses d directly.
         div_value: adaptive cluster i has size ``embed_size // div_value ** (i + 1)``.
-        backend: recurrence backend name for :mod:`srupp.ops` (not part of the architecture).
+
+    The recurrence backend is not part of the architecture: see ``SRUppLM(config, backend=...)``.
     """
 
     vocab_size: int = 256
@@ -42,12 +45,11 @@ class LMConfig:
     emb_dropout: float = 0.0
     attention_every_n_layers: int = 1
     attention_layers: list[int] | None = None
-    highway_bias: float = -2.0
+    highway_bias: float = HIGHWAY_BIAS
     layer_norm: bool = False
     cutoffs: list[int] | None = None
     embed_size: int | None = None
     div_value: float = 4.0
-    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "proj_size", "num_layers", "num_heads", "attention_every_n_layers"):
@@ -64,10 +66,7 @@ class LMConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value}")
-        if self.attention_layers is not None:
-            bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
-            if bad:
-                raise ValueError(f"`attention_layers` must be in [0, {self.num_layers}), got {self.attention_layers}")
+        attention_layer_indices(self.num_layers, self.attention_every_n_layers, self.attention_layers)
         if self.cutoffs is not None:
             edges = [0, *self.cutoffs, self.vocab_size]
             if not self.cutoffs or any(a >= b for a, b in zip(edges, edges[1:], strict=False)):
@@ -95,9 +94,8 @@ class LMConfig:
 
     @property
     def attention_layer_indices(self) -> list[int]:
-        if self.attention_layers is not None:
-            return sorted(set(self.attention_layers))
-        return [i for i in range(self.num_layers) if (i + 1) % self.attention_every_n_layers == 0]
+        """The 0-based layers with attention (the rule of ``srupp.nn.attention_layer_indices``)."""
+        return list(attention_layer_indices(self.num_layers, self.attention_every_n_layers, self.attention_layers))
 
     @property
     def num_parameters(self) -> int:
@@ -122,6 +120,9 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
+        """The config of ``to_dict``. A ``backend`` key (saved by srupp <= 0.1, a runtime choice since) is
+        dropped, so old checkpoints load."""
+        values = {key: value for key, value in values.items() if key != "backend"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

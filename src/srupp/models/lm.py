@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from srupp.models.config import LMConfig
-from srupp.nn import SRUpp, SRUppDecodeState, SRUppState
+from srupp.nn import SRUpp, SRUppState
 
 
 class SRUppLM(nn.Module):
@@ -21,6 +21,9 @@ class SRUppLM(nn.Module):
 
     Args:
         config: the architecture (:class:`LMConfig`).
+        backend: recurrence backend (see ``srupp.ops.sru_recurrence``): a runtime choice, not saved with the
+            model; change it later with ``set_backend``.
+        device, dtype: of the parameters.
 
     Example:
         >>> model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=2))
@@ -29,7 +32,14 @@ class SRUppLM(nn.Module):
         >>> nll, state = model(tokens[:-1], state, targets=tokens[1:])
     """
 
-    def __init__(self, config: LMConfig, *, device: torch.device | str | None = None, dtype=None) -> None:
+    def __init__(
+        self,
+        config: LMConfig,
+        *,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(config, LMConfig):
             raise TypeError(f"`config` must be an LMConfig, got {type(config).__name__}")
@@ -59,10 +69,14 @@ class SRUppLM(nn.Module):
             highway_bias=config.highway_bias,
             attention_every_n_layers=config.attention_every_n_layers,
             attention_layers=config.attention_layers,
-            backend=config.backend,
+            backend=backend,
             **factory,
         )
         self.reset_parameters()
+
+    def set_backend(self, name: str) -> None:
+        """Run the recurrence of every layer on backend ``name`` (see ``srupp.ops.sru_recurrence``)."""
+        self.rnn.set_backend(name)
 
     def reset_parameters(self) -> None:
         # Embedding and softmax init U(+-sqrt(3/d)), projections xavier: the authors' LM scripts (PAPER.md 2.3).
@@ -113,8 +127,7 @@ class SRUppLM(nn.Module):
                 f"`state` must be the SRUppState of the previous segment or None, got {type(state).__name__}"
             )
         x = self.dropout(self.embed(tokens))
-        c, memory = (None, None) if state is None else (state.c, state.memory)
-        hidden, new_state = self.rnn(x, c, memory=memory, causal=True, attn_window=attn_window)
+        hidden, new_state = self.rnn(x, state, causal=True, attn_window=attn_window)
         return self.dropout(hidden), new_state.detach()
 
     def _adaptive_input(self, hidden: Tensor) -> Tensor:
@@ -165,18 +178,22 @@ class SRUppLM(nn.Module):
             raise ValueError(f"`targets` must have shape [T, B] = {list(input.shape)}, got {list(targets.shape)}")
         return self.nll(hidden, targets), new_state
 
-    def init_decode_state(self, batch_size: int, max_context: int | None = None) -> SRUppDecodeState:
-        """An empty decoding state for ``batch_size`` streams (attention cache capped at ``max_context``)."""
+    def init_decode_state(self, batch_size: int, max_context: int | None = None) -> SRUppState:
+        """An empty state for ``batch_size`` streams (``step`` keeps at most ``max_context`` cached positions)."""
         return self.rnn.init_decode_state(batch_size, max_context=max_context)
 
-    def step(self, tokens: Tensor, decode_state: SRUppDecodeState) -> tuple[Tensor, SRUppDecodeState]:
+    def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
 
+        Args:
+            tokens: ``[T_chunk, B]`` token ids.
+            state: from ``init_decode_state``, ``step`` or ``forward`` (decoding then continues that segment).
+
         Returns:
-            ``(log_probs [B, V] for the chunk's last position, decode_state)``; equal to the causal forward.
+            ``(log_probs [B, V] for the chunk's last position, state)``; equal to the causal forward.
         """
-        hidden, decode_state = self.rnn.step(self.embed(tokens), decode_state)
-        return self.log_probs(hidden[-1]), decode_state
+        hidden, state = self.rnn.step(self.embed(tokens), state)
+        return self.log_probs(hidden[-1]), state
 
     def extra_repr(self) -> str:
         kind = f"adaptive cutoffs={self.config.cutoffs}" if self.config.adaptive else "byte/plain softmax"

@@ -2,18 +2,20 @@
 
 from srupp.nn.attention import SRUppAttention, SRUppProjectedLinear
 from srupp.nn.convert import c_from_sru, srupp_from_sru
-from srupp.nn.sru import SRU, SRUCell
-from srupp.nn.srupp import SRUpp, SRUppCell, SRUppDecodeState, SRUppState
+from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, attention_layer_indices
+from srupp.nn.sru import SRU
+from srupp.nn.srupp import SRUpp
+from srupp.nn.state import SRUppState
 
 __all__ = [
+    "HIGHWAY_BIAS",
     "SRU",
-    "SRUCell",
+    "SRULayer",
     "SRUpp",
     "SRUppAttention",
-    "SRUppCell",
-    "SRUppDecodeState",
     "SRUppProjectedLinear",
     "SRUppState",
+    "attention_layer_indices",
     "c_from_sru",
     "srupp_from_sru",
 ]

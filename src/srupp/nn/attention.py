@@ -76,8 +76,8 @@ class SRUppProjectedLinear(nn.Module):
             self.out_proj.weight.mul_(math.sqrt(1.0 - self.dropout.p))
         self.norm.reset_parameters()
 
-    def forward(self, input: Tensor, **unused) -> Tensor:
-        """Args: input ``[T, B, input_size]`` (attention keywords are accepted and ignored).
+    def forward(self, input: Tensor) -> Tensor:
+        """Args: input ``[T, B, input_size]``.
 
         Returns: ``U [T, B, output_size]``."""
         return self.out_proj(self.dropout(self.norm(self.in_proj(input))))
@@ -179,26 +179,33 @@ class SRUppAttention(nn.Module):
         mask_pad: Tensor | None = None,
         causal: bool = False,
         memory: Tensor | None = None,
+        cache: tuple[Tensor, Tensor] | None = None,
         attn_window: int | None = None,
     ) -> Tensor:
         """Args:
             input: ``[T, B, input_size]``.
-            mask_pad: ``[T, B]`` bool, True marks padded keys.
+            mask_pad: ``[T, B]`` bool, True marks padded positions: hidden as keys, and their values (even NaN)
+                cannot reach other positions.
             causal: queries see only keys at or before their position (all memory positions precede).
             memory: ``[M, B, input_size]`` earlier positions to attend to.
+            cache: instead of ``memory``, its keys and values ``[B, heads, M, head_size]`` (see ``step``).
             attn_window: each query sees at most this many earlier positions.
 
         Returns: ``U [T, B, output_size]``.
         """
         steps, batch, _ = input.shape
+        if mask_pad is not None:
+            # Masked scores alone are not enough: 0 * NaN = NaN in the probability-weighted sum of values.
+            input = input.masked_fill(mask_pad.unsqueeze(-1), 0.0)
         query = self.in_proj(input)
         keys, values = self.keys_values(query)
-        memory_len = 0
         if memory is not None:
-            memory_len = memory.shape[0]
-            memory_keys, memory_values = self.keys_values(self.in_proj(memory))
-            keys = torch.cat([memory_keys, keys], dim=2)
-            values = torch.cat([memory_values, values], dim=2)
+            cache = self.keys_values(self.in_proj(memory))
+        memory_len = 0
+        if cache is not None:
+            memory_len = cache[0].shape[2]
+            keys = torch.cat([cache[0].to(keys.dtype), keys], dim=2)
+            values = torch.cat([cache[1].to(values.dtype), values], dim=2)
         key_pad = None
         if mask_pad is not None:
             key_pad = mask_pad.t()
@@ -213,23 +220,24 @@ class SRUppAttention(nn.Module):
         return self.attend(query, keys, values, mask)
 
     def step(
-        self, input: Tensor, keys: Tensor, values: Tensor, max_context: int | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Causal attention of a chunk ``[T, B, input_size]`` over cached keys and values
-        ``[B, heads, S, head_size]``; returns ``U`` and the cache extended by the chunk, keeping
-        its last ``max_context`` positions (all when None)."""
+        self, input: Tensor, cache: tuple[Tensor, Tensor] | None, max_context: int | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Causal attention of a chunk ``[T, B, input_size]`` over the cached keys and values
+        ``[B, heads, S, head_size]`` (None: no earlier positions); returns ``U`` and the cache extended by the
+        chunk, keeping its last ``max_context`` positions (all when None)."""
         steps = input.shape[0]
         query = self.in_proj(input)
-        new_keys, new_values = self.keys_values(query)
-        keys = torch.cat([keys.to(new_keys.dtype), new_keys], dim=2)
-        values = torch.cat([values.to(new_values.dtype), new_values], dim=2)
+        keys, values = self.keys_values(query)
+        if cache is not None:
+            keys = torch.cat([cache[0].to(keys.dtype), keys], dim=2)
+            values = torch.cat([cache[1].to(values.dtype), values], dim=2)
         key_len = keys.shape[2]
         mask = attention_mask(steps, key_len, causal=True, window=max_context, key_pad=None, device=input.device)
         u = self.attend(query, keys, values, mask)
         if max_context is not None:
             keep = min(max_context, key_len)
             keys, values = keys[:, :, key_len - keep :], values[:, :, key_len - keep :]
-        return u, keys, values
+        return u, (keys, values)
 
     def extra_repr(self) -> str:
         return (

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from srupp.nn.layer import HIGHWAY_BIAS
 from srupp.nn.srupp import SRUpp
 
 _LAYER_KEY = re.compile(r"^rnn_lst\.(\d+)\.")
@@ -95,12 +96,18 @@ def srupp_from_sru(
     One difference remains with ``layer_norm=True`` and memory: their cell normalises its input but
     not its memory; ours normalises both (so cached decoding equals the full forward).
 
+    Refused with ``NotImplementedError``, as ``SRUpp`` cannot represent them: ``rescale=True`` (a state_dict
+    shows it by its ``scale_x`` buffers), ``proj_input_to_hidden_first=True``, ``attn_layer_norm=False``,
+    post-norm cells (``layer_norm=True, normalize_after=True``; a state_dict shows it only where the first
+    layer's input size differs from its output size) and attention with ``normalize_after=False`` (a module
+    only).
+
     Args:
         source: an ``sru.SRUpp`` module or its ``state_dict()``.
         input_size, hidden_size, proj_size, num_layers, num_heads, bidirectional: sizes (checked or
             needed, see above).
         dropout, attn_dropout, highway_bias: training hyper-parameters to carry over (taken from a
-            module; defaults 0, 0, -2 for a state_dict).
+            module; defaults 0, 0, ``HIGHWAY_BIAS`` for a state_dict).
         batch_first, backend: options of the new module.
 
     Returns:
@@ -150,6 +157,17 @@ def srupp_from_sru(
     for i in layer_ids:
         if f"rnn_lst.{i}.transform_module.layer_norm.weight" not in state:
             raise NotImplementedError("sru.SRUpp with attn_layer_norm=False is not supported")
+        scale = state.get(f"rnn_lst.{i}.scale_x")
+        if scale is not None and not torch.all(scale == 1):
+            raise NotImplementedError(
+                f"sru.SRUpp with rescale=True is not supported (`rnn_lst.{i}.scale_x` = {scale.flatten().tolist()}, "
+                "not 1)"
+            )
+    if layer_norm and state["rnn_lst.0.layer_norm.weight"].numel() != found_input:
+        raise NotImplementedError(
+            "sru.SRUpp with normalize_after=True (post-norm cells) is not supported (`rnn_lst.0.layer_norm` has "
+            f"{state['rnn_lst.0.layer_norm.weight'].numel()} features, the input {found_input})"
+        )
 
     reference = first_wq
     model = SRUpp(
@@ -163,7 +181,7 @@ def srupp_from_sru(
         bidirectional=bidirectional,
         batch_first=batch_first,
         layer_norm=layer_norm,
-        highway_bias=-2.0 if highway_bias is None else highway_bias,
+        highway_bias=HIGHWAY_BIAS if highway_bias is None else highway_bias,
         attention_layers=attention,
         backend=backend,
         device=reference.device,

@@ -79,22 +79,11 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 
 def _carry_tensors(state, prefix: str) -> dict[str, torch.Tensor]:
-    if state is None:
-        return {}
-    tensors = {f"{prefix}c": state.c}
-    for i, memory in enumerate(state.memory or []):
-        if memory is not None:
-            tensors[f"{prefix}memory/{i}"] = memory
-    return tensors
+    return {} if state is None else state.to_tensors(prefix)
 
 
 def _restore_carry(model: SRUppLM, tensors: dict[str, torch.Tensor], device: torch.device):
-    if "c" not in tensors:
-        return None
-    layers = model.config.num_layers
-    memory = [tensors.get(f"memory/{i}") for i in range(layers)]
-    memory = [None if m is None else m.to(device) for m in memory]
-    return SRUppState(c=tensors["c"].to(device), memory=memory)
+    return SRUppState.from_tensors(tensors).to(device) if "c" in tensors else None
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
