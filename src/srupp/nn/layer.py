@@ -146,19 +146,10 @@ class SRULayer(nn.Module):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        transform: Callable[[int, int], nn.Module],
-        *,
-        bidirectional: bool = False,
-        layer_norm: bool = False,
-        highway_bias: float = HIGHWAY_BIAS,
-        dropout: float = 0.0,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, input_size: int, hidden_size: int, transform: Callable[[int, int], nn.Module], *,
+        bidirectional: bool = False, layer_norm: bool = False, highway_bias: float = HIGHWAY_BIAS,
+        dropout: float = 0.0, backend: str = "auto", device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if input_size <= 0 or hidden_size <= 0:

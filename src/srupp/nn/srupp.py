@@ -58,25 +58,11 @@ class SRUpp(SRUStack):
     _repr_defaults = {"proj_size": None, "num_heads": 1, "attn_dropout": 0.0}
 
     def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        proj_size: int,
-        num_layers: int = 2,
-        num_heads: int = 1,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        bidirectional: bool = False,
-        batch_first: bool = False,
-        layer_norm: bool = False,
-        highway_bias: float = HIGHWAY_BIAS,
-        attention_every_n_layers: int = 1,
-        attention_layers: Iterable[int] | None = None,
-        *,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, input_size: int, hidden_size: int, proj_size: int, num_layers: int = 2, num_heads: int = 1,
+        dropout: float = 0.0, attn_dropout: float = 0.0, bidirectional: bool = False, batch_first: bool = False,
+        layer_norm: bool = False, highway_bias: float = HIGHWAY_BIAS, attention_every_n_layers: int = 1,
+        attention_layers: Iterable[int] | None = None, *, backend: str = "auto", device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__(input_size, hidden_size, num_layers, dropout, bidirectional, batch_first, layer_norm,
                          highway_bias)  # fmt: skip
         for name, value in (("proj_size", proj_size), ("num_heads", num_heads)):
