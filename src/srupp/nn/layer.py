@@ -230,11 +230,11 @@ class SRULayer(nn.Module):
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""
-        hidden, steps_batch = self.hidden_size, input.shape[1]
+        hidden, batch = self.hidden_size, input.shape[1]
         skip = u[..., 3 * self.output_size :] if self.project_skip else input
         mask_c = None
         if self.training and self.dropout > 0:
-            mask_c = variational_mask(self.num_directions, steps_batch, hidden, self.dropout, input)
+            mask_c = variational_mask(self.num_directions, batch, hidden, self.dropout, input)
         outputs, states = [], []
         for direction in range(self.num_directions):
             h, c = sru_recurrence(
