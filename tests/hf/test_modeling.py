@@ -45,6 +45,20 @@ def test_greedy_generate_equals_srupp_generate(name):
     assert out[0, 6:].tolist() == expected
 
 
+def test_generate_with_and_without_the_cache_agree():
+    _, model = make(seed=4)
+    prompts = torch.randint(0, 256, (2, 5))
+    greedy = model.generate(prompts, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompts, max_new_tokens=8, do_sample=False, use_cache=False), greedy)
+    # Beam search reorders the cache's batch every step.
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(prompts, **beams), model.generate(prompts, **beams, use_cache=False))
+    # A returned cache continues generation: the prompt's state is not fed again nor dropped.
+    first = model.generate(prompts, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    continued = model.generate(first.sequences, cache=first.cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(continued, greedy[:, :13])
+
+
 def test_batched_left_padded_generation_equals_each_prompt_alone(assert_close):
     lm, model = make("every-second-layer-two-heads-layer-norm", seed=2)
     prompts = [torch.randint(1, 256, (n,)) for n in (5, 2, 7)]

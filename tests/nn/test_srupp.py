@@ -214,6 +214,7 @@ def test_torch_compile_equals_eager(assert_close):
     assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4, name="grad")
 
 
+MEMORY = [torch.zeros(3, 2, 6), torch.zeros(3, 2, 8)]
 BAD_CALLS = {
     "input-size": (lambda m: m(torch.randn(4, 2, 5)), ValueError, r"\[T, B, input_size\] = \[T, B, 6\]"),
     "input-dims": (lambda m: m(torch.randn(4, 6)), ValueError, "input"),
@@ -238,11 +239,10 @@ BAD_CALLS = {
     "memory-and-cache": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
                          memory=[torch.zeros(3, 2, 6), None], keys=[torch.zeros(2, 1, 3, 4), None],
                          values=[torch.zeros(2, 1, 3, 4), None])), ValueError, "keep one"),
-    "key-pad-length": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=[torch.zeros(3, 2, 6),
-                       torch.zeros(3, 2, 8)], key_pad=torch.zeros(2, 4, dtype=torch.bool))), ValueError,
-                       r"\[B, S\] = \[2, \[3\]\]"),
-    "key-pad-dtype": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=[torch.zeros(3, 2, 6),
-                      torch.zeros(3, 2, 8)], key_pad=torch.zeros(2, 3))), TypeError, "bool"),
+    "key-pad-length": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
+                       key_pad=torch.zeros(2, 4, dtype=torch.bool))), ValueError, r"\[B, S\] = \[2, \[3\]\]"),
+    "key-pad-dtype": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
+                      key_pad=torch.zeros(2, 3))), TypeError, "bool"),
     "key-pad-alone": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
                       key_pad=torch.zeros(2, 3, dtype=torch.bool))), ValueError, "no memory or cache"),
     "decode-mask-shape": (lambda m: m.step(torch.randn(3, 2, 6), m.init_decode_state(2),
