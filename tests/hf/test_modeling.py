@@ -7,6 +7,7 @@ import transformers  # noqa: E402
 
 import srupp.hf  # noqa: E402
 from srupp.hf import SRUppCache, SRUppConfig, SRUppForCausalLM, SRUppForSequenceClassification  # noqa: E402
+from srupp.hf.modeling import CACHE_NAME  # noqa: E402
 from srupp.models import generate  # noqa: E402
 from tests.hf.conftest import LM_CONFIGS, TINY, make_lm  # noqa: E402
 
@@ -55,7 +56,7 @@ def test_generate_with_and_without_the_cache_agree():
     assert torch.equal(model.generate(prompts, **beams), model.generate(prompts, **beams, use_cache=False))
     # A returned cache continues generation: the prompt's state is not fed again nor dropped.
     first = model.generate(prompts, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    continued = model.generate(first.sequences, cache=first.cache, max_new_tokens=4, do_sample=False)
+    continued = model.generate(first.sequences, max_new_tokens=4, do_sample=False, **{CACHE_NAME: first[CACHE_NAME]})
     assert torch.equal(continued, greedy[:, :13])
 
 
@@ -89,14 +90,14 @@ def test_prefill_then_steps_equals_full_forward(assert_close, k):
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         out = model(ids[:, :k], use_cache=True)
-        cache, pieces = out.cache, [out.logits]
+        cache, pieces = out[CACHE_NAME], [out.logits]
         assert isinstance(cache, SRUppCache) and cache.get_seq_length() == k
         # Single steps, then a chunk of three fed at once into the running cache, then steps again.
         t = k
         for size in [1, 1, 3, 1]:
             mask = torch.ones(2, t + size, dtype=torch.long)  # as generate passes it: the whole length
-            out = model(ids[:, t : t + size], attention_mask=mask, cache=cache)
-            assert out.cache is cache and cache.get_seq_length() == t + size
+            out = model(ids[:, t : t + size], attention_mask=mask, **{CACHE_NAME: cache})
+            assert out[CACHE_NAME] is cache and cache.get_seq_length() == t + size
             pieces.append(out.logits)
             t += size
     assert_close(torch.cat(pieces, dim=1), expected[:, :t])
@@ -107,7 +108,7 @@ def test_past_key_values_is_the_cache_too(assert_close):
     ids = torch.randint(0, 256, (2, 6))
     with torch.no_grad():
         expected = model(ids).logits[:, 4:]
-        cache = model(ids[:, :4]).cache
+        cache = model(ids[:, :4])[CACHE_NAME]
         actual = model(ids[:, 4:], past_key_values=cache).logits
     assert_close(actual, expected)
 
@@ -118,12 +119,12 @@ def test_cache_reorders_and_repeats_its_batch(assert_close):
     order = torch.tensor([2, 0, 1])
     with torch.no_grad():
         expected = model(ids[order]).logits[:, 4:]
-        cache = model(ids[:, :4]).cache
+        cache = model(ids[:, :4])[CACHE_NAME]
         cache.reorder_cache(order)
-        assert_close(model(ids[order, 4:], cache=cache).logits, expected, name="reordered")
-        cache = model(ids[:, :4]).cache
+        assert_close(model(ids[order, 4:], **{CACHE_NAME: cache}).logits, expected, name="reordered")
+        cache = model(ids[:, :4])[CACHE_NAME]
         cache.batch_repeat_interleave(2)
-        repeated = model(ids[:, 4:].repeat_interleave(2, dim=0), cache=cache).logits
+        repeated = model(ids[:, 4:].repeat_interleave(2, dim=0), **{CACHE_NAME: cache}).logits
     assert_close(repeated, model(ids).logits[:, 4:].repeat_interleave(2, dim=0), name="repeated")
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
@@ -146,21 +147,16 @@ def test_trainer_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     model = SRUppForCausalLM(SRUppConfig(**TINY))
     text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 12))
-    rows = [text[i : i + 32] for i in range(0, 320, 10)]
-    dataset = [{"input_ids": row, "labels": row} for row in rows]
-    batch = torch.stack(rows[:8])
-
-    def loss():
-        with torch.no_grad():
-            return model.eval()(batch, labels=batch).loss.item()
-
-    before = loss()
+    rows = [{"input_ids": row, "labels": row} for row in (text[i : i + 32] for i in range(0, 320, 10))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_steps=4, use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=4, use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    transformers.Trainer(model=model, args=args, train_dataset=dataset).train()
-    assert loss() < before - 0.5, (before, loss())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8])
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5, (before, after)
 
 
 def test_auto_classes_build_the_srupp_models():

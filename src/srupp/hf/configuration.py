@@ -38,6 +38,8 @@ class SRUppConfig(PretrainedConfig):
     """
 
     model_type = "srupp"
+    # Trainer's evaluation leaves the decoding cache out of the gathered outputs.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
 
     def __init__(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from srupp.hf.configuration import SRUppConfig
 from srupp.hf.modeling import SRUppForCausalLM
 from srupp.hf.tokenization import tokenizer_for_vocab
 from srupp.models import SRUppLM
@@ -52,7 +53,12 @@ def export_model(
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"`out_dir` {out} already exists and is not empty; pass overwrite=True to replace it")
-    hf_model = SRUppForCausalLM.from_lm(model.to("cpu")).eval()
+    if not isinstance(model, SRUppLM):
+        raise TypeError(f"`model` must be an SRUppLM, got {type(model).__name__}")
+    # Built on the CPU and filled from the model's state_dict, so the model itself stays where it is.
+    hf_model = SRUppForCausalLM(SRUppConfig.from_lm_config(model.config)).to(dtype=next(model.parameters()).dtype)
+    hf_model.model.load_state_dict(model.state_dict())
+    hf_model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         hf_model.config.pad_token_id = tokenizer.pad_token_id
     hf_model.generation_config = GenerationConfig(pad_token_id=hf_model.config.pad_token_id)
@@ -67,8 +73,10 @@ def export_model(
             old = out.parent / f"{staging.name}.old"
             os.replace(out, old)
         os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if old is not None and old.is_dir():
+            shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -20,8 +20,8 @@ from srupp.models import SRUppLM
 from srupp.nn import SRUpp, SRUppState
 from srupp.nn.layer import SRULayer
 
-# transformers 5 names the cache `cache`; earlier versions `past_key_values`.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""What this ``transformers`` calls the cache in outputs and ``generate``: ``cache`` (5.x) or ``past_key_values``."""
 
 
 class SRUppCache(Cache):
@@ -209,7 +209,7 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        cache = inputs.get(_CACHE_FIELD)
+        cache = inputs.get(CACHE_NAME)
         if isinstance(cache, SRUppCache) and cache.seen > 0:
             # Generated tokens are never padding and the state already knows the prompt's padding.
             inputs["attention_mask"] = None
@@ -277,7 +277,7 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
         logits = lm.log_probs(hidden) if lm.config.adaptive else lm.output(hidden).float()
         if labels is not None:
             loss = _shifted_cross_entropy(logits, labels, kwargs.get("num_items_in_batch"))
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache if use_cache else None})
         return output if return_dict else output.to_tuple()
 
 
