@@ -265,9 +265,8 @@ def test_padded_steps_ignore_what_they_hold(device, poison, dtype, reverse):
 
 
 def test_launch_overrides_names_unknown_parameters():
-    with pytest.raises(ValueError, match="block_size"):
-        with triton_kernel.launch_overrides(block_size=64):
-            pass
+    with pytest.raises(ValueError, match="block_size"), triton_kernel.launch_overrides(block_size=64):
+        pass
 
 
 def test_auto_falls_back_once_when_triton_cannot_compile(monkeypatch):

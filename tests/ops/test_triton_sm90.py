@@ -31,8 +31,8 @@ ALL_CONFIGS = {**CONFIGS, "fp64": ("fp64", 128, 4)}
 def _nvidia_tool(name: str) -> Path | None:
     """The tool Triton itself uses (for ptxas, the one that compiles sm_90), else the one it ships."""
     try:
-        from triton.backends.nvidia import compiler
         from triton import knobs
+        from triton.backends.nvidia import compiler
 
         tool = compiler.get_ptxas(90) if name == "ptxas" else getattr(knobs.nvidia, name)
         path = Path(tool.path)

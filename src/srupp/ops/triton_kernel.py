@@ -392,7 +392,8 @@ def sru_recurrence_triton_or_naive(
         except Exception as err:
             if not type(err).__module__.startswith("triton"):
                 raise
-            _compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _compile_failure = f"{type(err).__name__}: {first_line}"
             warnings.warn(
                 f"srupp's Triton kernels failed to compile for {u.device} ({_compile_failure}); "
                 "falling back to the slow 'naive' backend",
