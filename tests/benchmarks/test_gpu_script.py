@@ -79,13 +79,21 @@ def test_failing_gpu_tests_stop_the_script_with_their_summary(tmp_path, interpre
     assert (tmp_path / "gpu_tests.log").exists()
 
 
+def test_keep_going_runs_the_benchmarks_after_failing_tests(tmp_path, interpreter_env):
+    code = gpu.main(["--dry-run", "--fail", "tests", "--keep-going", "--no-training", "--out", str(tmp_path)])
+    assert code == 1
+    results = read(tmp_path)
+    assert results["sections"]["tests"]["status"] == "failed"
+    assert results["sections"]["kernels"]["status"] == "ok" and results["rows"]
+
+
 def test_the_time_limit_skips_what_does_not_fit(tmp_path, interpreter_env):
     code = gpu.main(["--dry-run", "--skip-tests", "--time-limit", "0", "--out", str(tmp_path)])
     assert code == 0
     results = read(tmp_path)
     assert results["rows"] == []
     assert {name: section["status"] for name, section in results["sections"].items()} == dict.fromkeys(
-        ("copy", "check", "kernels", "official", "training"), "skipped"
+        ("tests", "copy", "check", "kernels", "official", "training"), "skipped"
     )
     assert "time limit" in results["sections"]["kernels"]["reason"]
 

@@ -1,8 +1,11 @@
 """The Triton backend: forward and backward kernels fused over the sequence, registered with torch.library.
 
 Each program owns one batch row and a block of features and runs the whole time loop with its state in
-registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. Activations (u, x, h) are read and written in their
-own dtype; state and sums are float32 (float64 for float64 input). CPU tensors run through Triton's
+registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. The time loop is a ``tl.range`` with ``num_stages``:
+on sm_80+ every step's loads are issued ``STAGES - 1`` steps ahead as asynchronous copies into shared
+memory, so one step does not wait a DRAM round trip for the next (tests/ops/test_triton_sm90.py checks the
+compiled code). Activations (u, x, h) are read and written in their own dtype, at least 4 bytes per thread
+per load; state and sums are float32 (float64 for float64 input). CPU tensors run through Triton's
 interpreter when ``TRITON_INTERPRET=1`` (how the tests check these kernels without a GPU).
 """
 
