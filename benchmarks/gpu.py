@@ -22,6 +22,7 @@ recorded in ``gpu.json`` as ok / failed / skipped with its error, so one failure
 5. ``official``: the authors' CUDA kernel on the same shapes, only with ``--official`` and when ``sru`` imports.
 6. ``training``: tokens/s of one bf16-autocast AdamW step of a byte-level SRU++ LM against the GPT-style
    Transformer of ``benchmarks.baselines`` with about as many parameters.
+7. ``tuning``: with the time left, block sizes 1x, 2x, 4x the smallest (one warp each) at the first shape.
 
 A global deadline (``--time-limit``, default 330 s) is checked between rows: what does not fit is skipped
 and recorded as such. ``gpu.json`` and ``gpu.log`` are rewritten after every row.
@@ -266,8 +267,10 @@ def check_against_spec(shape: tuple[int, int, int], device: torch.device) -> lis
     return rows
 
 
-def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer: Timer, copy: float, dry: bool):
-    """Times of the raw ops and of autograd forward+backward at one shape, dtype and pipeline depth."""
+def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer: Timer, copy: float, dry: bool,
+               block_d: int | None = None, num_warps: int | None = None):  # fmt: skip
+    """Times of the raw ops and of autograd forward+backward at one shape, dtype and pipeline depth
+    (and block size and warps when given; else the launcher's choice)."""
     from srupp.ops import triton_kernel
 
     steps, batch, hidden = shape
@@ -277,7 +280,7 @@ def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer:
     grad_c = inputs["grad_c"]
     repeats = 3 if dry else 20
     row: dict[str, object] = {"T": steps, "B": batch, "D": hidden, "dtype": dtype_name, "stages": stages}
-    with triton_kernel.launch_overrides(stages=stages):
+    with triton_kernel.launch_overrides(stages=stages, block_d=block_d, num_warps=num_warps):
         block, warps, _ = triton_kernel._launch_config(batch, hidden, u.element_size(), device)
         row.update(block_d=block, num_warps=warps)
         forward = triton_kernel.sru_triton_forward
@@ -415,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-official", dest="official", action="store_false", help="(the default)")
     parser.add_argument("--no-training", action="store_true", help="skip the SRU++/Transformer training speed")
     # For the script's own tests: make one section fail on purpose.
-    parser.add_argument("--fail", choices=["tests", "check", "kernels", "training"], help=argparse.SUPPRESS)
+    parser.add_argument("--fail", choices=["tests", "check", "kernels", "training", "tuning"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -554,6 +557,30 @@ def main(argv: list[str] | None = None) -> int:
             return training_rows(run, device, timer, args.dry_run)
 
         run.section("training", training, needs=5 if args.dry_run else 25)
+
+    def tuning():
+        # Block sizes around the launcher's choice at the paper's shape: how much is left on the table.
+        fail_if_asked("tuning")
+        rows = []
+        copy_bytes_per_s = copy["GBps"] * 1e9
+        for dtype_name, dtype in DTYPES.items():
+            smallest = 32 * max(1, 32 // torch.finfo(dtype).bits)  # 4 bytes per thread
+            for multiple in (1, 2, 4):
+                if run.remaining() < (1 if args.dry_run else 6):
+                    break
+                row = kernel_row(shapes[0], dtype_name, stages_list[0], device, timer, copy_bytes_per_s, args.dry_run,
+                                 block_d=smallest * multiple, num_warps=multiple)  # fmt: skip
+                rows.append(row)
+                run.results["tuning_rows"] = rows
+                run.save()
+                run.log(
+                    f"  {dtype_name} stages {row['stages']} block {row['block_d']} warps {row['num_warps']}: "
+                    f"fwd inf {row['forward_inference_ms']:.3f} ms ({row['forward_inference_bw_fraction']:.0%}), "
+                    f"f+b raw {row['forward_backward_raw_ms']:.3f} ms ({row['forward_backward_raw_bw_fraction']:.0%})"
+                )
+        return {"rows": len(rows)}
+
+    run.section("tuning", tuning, needs=1 if args.dry_run else 10)
 
     statuses = {name: section["status"] for name, section in run.results["sections"].items()}
     run.results["summary"] = statuses

@@ -41,7 +41,8 @@ def test_dry_run_as_on_the_gpu_machine(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = read(tmp_path)
     assert results["summary"] == {
-        "tests": "ok", "copy": "ok", "check": "ok", "kernels": "ok", "official": "skipped", "training": "ok"
+        "tests": "ok", "copy": "ok", "check": "ok", "kernels": "ok", "official": "skipped", "training": "ok",
+        "tuning": "ok",
     }  # fmt: skip
     tests = results["sections"]["tests"]["result"]
     assert tests["returncode"] == 0 and "skipped" in tests["summary"]  # the GPU tests collect and skip on CPU
@@ -55,6 +56,9 @@ def test_dry_run_as_on_the_gpu_machine(tmp_path):
             assert row[f"{name}_ms"] > 0 and math.isfinite(row[f"{name}_bw_fraction"])
     assert [row["model"] for row in results["training"]] == ["srupp", "transformer"]
     assert results["srupp_over_transformer_tokens_per_s"] > 0
+    assert {(row["dtype"], row["block_d"]) for row in results["tuning_rows"]} == {
+        ("fp32", 32), ("fp32", 64), ("fp32", 128), ("bf16", 64), ("bf16", 128), ("bf16", 256)
+    }  # fmt: skip
     assert "done in" in (tmp_path / "gpu.log").read_text()
 
 
@@ -93,7 +97,7 @@ def test_the_time_limit_skips_what_does_not_fit(tmp_path, interpreter_env):
     results = read(tmp_path)
     assert results["rows"] == []
     assert {name: section["status"] for name, section in results["sections"].items()} == dict.fromkeys(
-        ("tests", "copy", "check", "kernels", "official", "training"), "skipped"
+        ("tests", "copy", "check", "kernels", "official", "training", "tuning"), "skipped"
     )
     assert "time limit" in results["sections"]["kernels"]["reason"]
 
