@@ -13,10 +13,11 @@ recorded in ``gpu.json`` as ok / failed / skipped with its error, so one failure
 3. ``check``: forward and every gradient of the Triton kernel against the naive spec (float64 for fp32
    inputs) at the paper's per-GPU shape, with padding, c0 and mask_c; allocations are NaN-filled
    (deterministic mode) so an element the kernel forgets to write shows up as NaN.
-4. ``kernels``: per shape x dtype x STAGES, median times (CUDA events) of the raw ops back to back
-   (forward for inference, forward keeping states, backward) and of forward+backward through autograd
-   (``torch.autograd.grad``, so nothing accumulates in ``.grad``), with achieved bandwidth as a fraction of
-   the copy's. Bytes per element of [T, B, D], a = activation bytes (4 fp32, 2 bf16), states float32:
+4. ``kernels``: per shape x dtype x STAGES, times (CUDA events) of the raw ops launched back to back (the
+   mean of 20: forward for inference, forward keeping states, backward, forward then backward) and the
+   median of forward+backward through autograd (``torch.autograd.grad``, so nothing accumulates in
+   ``.grad``; host overhead included), with achieved bandwidth as a fraction of the copy's. Bytes per
+   element of [T, B, D], a = activation bytes (4 fp32, 2 bf16), states float32:
    forward inference 5a (u 3a + x a read, h a written), forward keeping states 5a + 4, backward 9a + 4
    (u, x, grad_h and c_{t-1} read; grad_u, grad_x written).
 5. ``official``: the authors' CUDA kernel on the same shapes, only with ``--official`` and when ``sru`` imports.
@@ -130,6 +131,22 @@ class Timer:
                 function()
                 times.append(time.perf_counter() - started)
         return statistics.median(times)
+
+    def back_to_back(self, function: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
+        """Mean seconds of ``repeats`` calls launched back to back between two events: the GPU time of the
+        kernels without the host's launch gaps (what a model running ahead of the GPU sees)."""
+        if self.device.type == "cpu":
+            return self(function, repeats=1, warmup=min(warmup, 1))
+        for _ in range(warmup):
+            function()
+        self.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -287,28 +304,21 @@ def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer:
         backward = triton_kernel.sru_triton_backward
         _, _, c_all = forward(u, x, v, b, c0, None, None, False, True)
         seconds = {
-            "forward_inference": timer(lambda: forward(u, x, v, b, c0, None, None, False, False), repeats=repeats),
-            "forward_keep_states": timer(lambda: forward(u, x, v, b, c0, None, None, False, True), repeats=repeats),
-            "backward": timer(
+            "forward_inference": timer.back_to_back(
+                lambda: forward(u, x, v, b, c0, None, None, False, False), repeats=repeats
+            ),
+            "forward_keep_states": timer.back_to_back(
+                lambda: forward(u, x, v, b, c0, None, None, False, True), repeats=repeats
+            ),
+            "backward": timer.back_to_back(
                 lambda: backward(u, x, v, b, c0, None, None, c_all, grad_h, grad_c, False), repeats=repeats
             ),
-            "forward_backward_raw": timer(
-                lambda: backward(
-                    u,
-                    x,
-                    v,
-                    b,
-                    c0,
-                    None,
-                    None,
-                    forward(u, x, v, b, c0, None, None, False, True)[2],
-                    grad_h,
-                    grad_c,
-                    False,
-                ),
+            "forward_backward_raw": timer.back_to_back(
+                lambda: backward(u, x, v, b, c0, None, None, forward(u, x, v, b, c0, None, None, False, True)[2],
+                                 grad_h, grad_c, False),
                 repeats=repeats,
-            ),  # fmt: skip
-        }
+            ),
+        }  # fmt: skip
         leaves = [t.detach().requires_grad_() for t in (u, x, v, b, c0)]
 
         def autograd_step():
