@@ -19,9 +19,7 @@ def _require_onnxscript():
         from onnxscript import opset18 as op
         from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
     except ImportError as error:
-        raise RuntimeError(
-            "ONNX export needs the packages onnx and onnxscript: pip install 'srupp[onnx]'"
-        ) from error
+        raise RuntimeError("ONNX export needs the packages onnx and onnxscript: pip install 'srupp[onnx]'") from error
     return ir, op, call_op
 
 
