@@ -17,9 +17,15 @@ def _require_onnxscript():
     try:
         import onnx_ir as ir
         from onnxscript import opset18 as op
-        from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
     except ImportError as error:
         raise RuntimeError("ONNX export needs the packages onnx and onnxscript: pip install 'srupp[onnx]'") from error
+    try:
+        # The exporter's own helper for nodes with several outputs (present in torch 2.13, the tested version).
+        from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+    except ImportError as error:
+        raise RuntimeError(
+            f"ONNX export of the recurrence needs a newer torch (tested with 2.13), got {torch.__version__}"
+        ) from error
     return ir, op, call_op
 
 
