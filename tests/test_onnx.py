@@ -98,6 +98,9 @@ def test_bad_arguments(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
     with pytest.raises(NotImplementedError, match="causal=False"):
         export_onnx(SRUpp(4, 4, 2, bidirectional=True), tmp_path / "x.onnx", causal=True)
+    adaptive = SRUppLM(LMConfig(vocab_size=120, hidden_size=16, proj_size=4, num_layers=1, cutoffs=[20, 60]))
+    with pytest.raises(NotImplementedError, match="adaptive input"):
+        export_onnx(adaptive, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="must be >= 2 and differ"):
         export_onnx(SRUpp(4, 4, 2), tmp_path / "x.onnx", example_length=3, example_batch=3)
     assert not (tmp_path / "x.onnx").exists()

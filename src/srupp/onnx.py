@@ -83,6 +83,11 @@ def export_onnx(
         >>> (output,) = session.run(None, {"input": x.numpy()})  # x [T, B, 32], doctest: +SKIP
     """
     if isinstance(model, SRUppLM):
+        if model.config.adaptive:
+            raise NotImplementedError(
+                "export_onnx supports language models with a plain embedding and softmax; the adaptive input "
+                f"(cutoffs={model.config.cutoffs}) selects rows by token value: export `model.rnn` instead"
+            )
         rnn = model.rnn
         graph: nn.Module = _LMGraph(model, with_state)
         example = torch.randint(0, model.config.vocab_size, (example_length, example_batch))
