@@ -65,7 +65,8 @@ def export_onnx(
     graph inputs. The file is written next to ``path`` and renamed into place.
 
     Args:
-        model: the module to export (float32 weights on the CPU; any recurrence backend).
+        model: the module to export (float32 weights on the CPU, tested; a fused recurrence backend: the
+            "naive" backend is a Python loop over time, which fixes T in the traced graph).
         path: the ``.onnx`` file to write (replaced if it exists).
         causal: for an ``SRUpp`` module, attend only to earlier positions.
         with_state: expose the recurrent state as an input and an output.
@@ -90,7 +91,8 @@ def export_onnx(
             )
         rnn = model.rnn
         graph: nn.Module = _LMGraph(model, with_state)
-        example = torch.randint(0, model.config.vocab_size, (example_length, example_batch))
+        device = next(model.parameters()).device
+        example = torch.randint(0, model.config.vocab_size, (example_length, example_batch), device=device)
         names, axes = ["input_ids"], {0: "T", 1: "B"}
         outputs = ["log_probs"]
     elif isinstance(model, SRUpp):
@@ -115,8 +117,8 @@ def export_onnx(
     args: tuple[Tensor, ...] = (example,)
     dynamic: tuple[dict, ...] = (dims,)
     if with_state:
-        dtype = next(rnn.parameters()).dtype
-        state = torch.zeros(rnn.num_layers * rnn.num_directions, example_batch, rnn.hidden_size, dtype=dtype)
+        reference = next(rnn.parameters())
+        state = reference.new_zeros(rnn.num_layers * rnn.num_directions, example_batch, rnn.hidden_size)
         args, dynamic = (*args, state), (*dynamic, {1: batch})
         names, outputs = [*names, "state"], [*outputs, "state_out"]
 
