@@ -75,7 +75,10 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     )
     seconds = time.perf_counter() - start
     count = min(len(tokens) - 1, args.max_tokens or len(tokens))
-    value = f"bpc {bpc(nats):.4f}" if vocab.kind == "byte" else f"ppl {ppl(nats):.3f}"
+    if vocab.kind == "word":
+        value = f"ppl {ppl(nats):.3f}"
+    else:  # bits per byte of the scored text, for byte and BPE corpora alike
+        value = f"bpc {bpc(nats, corpus.bytes_per_token(args.split, count)):.4f}"
     print(f"{args.split}: {value} (loss {nats:.4f} nats, context {context}, ~{count:,} tokens, {seconds:.1f}s)")
     return 0
 
@@ -89,7 +92,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     torch.set_num_threads(args.threads)
     model, cfg, vocab, device = _load(args)
     # An empty prompt starts at a line break; word vocabularies spell it <eos> (encode drops newlines).
-    prompt = vocab.encode(args.prompt) or vocab.encode("\n" if vocab.kind == "byte" else EOS)
+    prompt = vocab.encode(args.prompt) or vocab.encode(EOS if vocab.kind == "word" else "\n")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = generate(
         model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -102,7 +105,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         pending.append(token)
         text = vocab.decode(pending)
         if vocab.kind == "word" or "\ufffd" not in text or len(pending) > 4:
-            sys.stdout.write(text if vocab.kind == "byte" else " " + text)
+            sys.stdout.write(" " + text if vocab.kind == "word" else text)
             sys.stdout.flush()
             pending = []
     seconds = time.perf_counter() - start
@@ -114,6 +117,8 @@ def _cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from srupp import data
 
     source = args.source
+    if args.tokenizer != "bytes" and args.corpus != "text":
+        raise ValueError(f"--tokenizer applies to corpus 'text' only, got corpus {args.corpus!r}")
     if args.download:
         if args.corpus not in data.URLS and not args.url:
             raise ValueError(f"--download needs --url for corpus {args.corpus!r}")
@@ -134,7 +139,9 @@ def _cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.corpus == "stdlib":
         corpus = data.prepare_stdlib(args.out)
     else:
-        corpus = data.prepare_text(source, args.out, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio)
+        corpus = data.prepare_text(
+            source, args.out, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio, tokenizer=args.tokenizer
+        )
     sizes = ", ".join(f"{k} {v:,}" for k, v in corpus.lengths.items())
     print(f"prepared {args.corpus} in {corpus.path}: {corpus.vocab.kind}-level, vocab {corpus.vocab.size:,}; {sizes}")
     return 0
@@ -223,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-ratio", type=float, default=0.05)
     p.add_argument("--test-ratio", type=float, default=0.05)
     p.add_argument("--no-size-check", action="store_true", help="accept enwik8/text8 files of any size")
+    p.add_argument("--tokenizer", default="bytes", metavar="bytes|bpe:VOCAB|PATH",
+                   help="text only: bytes (default), a byte-level BPE of VOCAB ids trained on the training split, "
+                   "or a byte-level tokenizer.json")  # fmt: skip
     p.set_defaults(func=_cmd_data_prepare)
 
     p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=EPILOG_OVERRIDES)

@@ -1,8 +1,9 @@
 """Corpora prepared into memory-mapped token files: ``{train,valid,test}.bin`` plus ``meta.json``.
 
-A prepared directory holds one flat token file per split (``uint8`` for bytes, ``int32`` for words)
-and a ``meta.json`` naming the tokenizer, vocabulary size, dtype and split lengths. Opening a split
-is an ``np.memmap``: a 100 MB corpus opens instantly and is read lazily by the batcher.
+A prepared directory holds one flat token file per split (``uint8`` for bytes, ``int32`` for words and BPE
+ids) and a ``meta.json`` naming the tokenizer, vocabulary size, dtype and split lengths (a BPE corpus also
+holds its ``tokenizer.json``). Opening a split is an ``np.memmap``: a 100 MB corpus opens instantly and is
+read lazily by the batcher.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import json
 import os
 import sysconfig
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from srupp.data import tokenizer as bpe
 
 SPLITS = ("train", "valid", "test")
 META = "meta.json"
@@ -28,18 +31,47 @@ _ENWIK8_BYTES = 100_000_000
 @dataclass(frozen=True)
 class Vocab:
     """Maps tokens to ids and back: ``kind="byte"`` is the identity over 256 byte values, ``kind="word"`` a
-    frequency-sorted word list (most frequent first, as adaptive softmax cutoffs assume)."""
+    frequency-sorted word list (most frequent first, as adaptive softmax cutoffs assume), ``kind="bpe"`` a
+    byte-level BPE given by its ``tokenizer.json`` text (``tokenizer``)."""
 
     kind: str
     words: tuple[str, ...] = ()
+    tokenizer: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("byte", "word", "bpe"):
+            raise ValueError(f"`kind` must be 'byte', 'word' or 'bpe', got {self.kind!r}")
+        if (self.kind == "bpe") != bool(self.tokenizer):
+            raise ValueError(f"`tokenizer` (tokenizer.json text) is given for kind 'bpe' only, got kind {self.kind!r}")
 
     @property
     def size(self) -> int:
+        if self.kind == "bpe":
+            return len(bpe.token_bytes(self.tokenizer))
         return 256 if self.kind == "byte" else len(self.words)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (checkpoint metadata); ``Vocab.from_dict`` reads it back."""
+        out: dict[str, object] = {"kind": self.kind, "words": list(self.words)}
+        if self.tokenizer:
+            out["tokenizer"] = self.tokenizer
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocab:
+        return cls(data["kind"], tuple(data.get("words", ())), data.get("tokenizer", ""))
+
+    def token_bytes(self) -> np.ndarray:
+        """``[V]`` int64: the UTF-8 bytes of text each id stands for (bytes and BPE; words have no fixed count)."""
+        if self.kind == "word":
+            raise NotImplementedError("word vocabularies have no fixed number of bytes per token")
+        return np.ones(256, dtype=np.int64) if self.kind == "byte" else bpe.token_bytes(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "byte":
             return list(text.encode("utf-8"))
+        if self.kind == "bpe":
+            return bpe.encode(text, self.tokenizer).tolist()
         index = {w: i for i, w in enumerate(self.words)}
         unk = index.get(UNK)
         ids = []
@@ -53,6 +85,8 @@ class Vocab:
     def decode(self, ids: list[int]) -> str:
         if self.kind == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
+        if self.kind == "bpe":
+            return bpe.decode(ids, self.tokenizer)
         lines, line = [], []
         for i in ids:
             if self.words[i] == EOS:
@@ -80,6 +114,19 @@ class Corpus:
             raise ValueError(f"split {name!r} of corpus {self.path} is empty")
         return np.memmap(self.path / f"{name}.bin", dtype=self.dtype, mode="r", shape=(self.lengths[name],))
 
+    def bytes_per_token(self, name: str, num_tokens: int | None = None) -> float:
+        """Mean UTF-8 bytes per scored token of split ``name``: the targets ``tokens[1 : num_tokens + 1]`` (all
+        when None), as evaluation scores them. Bits per byte = nats per token / (ln 2 * this); 1 for bytes."""
+        if self.vocab.kind == "byte":
+            return 1.0
+        lengths, tokens = self.vocab.token_bytes(), self.split(name)
+        end = len(tokens) if num_tokens is None else min(len(tokens), num_tokens + 1)
+        if end < 2:
+            raise ValueError(f"split {name!r} of corpus {self.path} has no token to score")
+        step = 1 << 24
+        total = sum(int(lengths[tokens[i : min(i + step, end)]].sum()) for i in range(1, end, step))
+        return total / (end - 1)
+
 
 def open_corpus(path: str | os.PathLike) -> Corpus:
     """Open a directory written by one of the ``prepare_*`` functions (``srupp data prepare``)."""
@@ -93,7 +140,8 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
         expected = length * np.dtype(meta["dtype"]).itemsize
         if not file.is_file() or file.stat().st_size != expected:
             raise ValueError(f"corpus file {file} is missing or has the wrong size (expected {expected} bytes)")
-    return Corpus(path, Vocab(meta["kind"], tuple(meta.get("words", ()))), meta["lengths"], meta["dtype"])
+    tokenizer = (path / bpe.TOKENIZER_FILE).read_text(encoding="utf-8") if meta["kind"] == "bpe" else ""
+    return Corpus(path, Vocab(meta["kind"], tuple(meta.get("words", ())), tokenizer), meta["lengths"], meta["dtype"])
 
 
 def write_corpus(out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: Vocab, source: str) -> Corpus:
@@ -109,6 +157,9 @@ def write_corpus(out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: V
     meta["lengths"] = {name: int(len(tokens)) for name, tokens in splits.items()}
     if vocab.kind == "word":
         meta["words"] = list(vocab.words)
+    if vocab.kind == "bpe":
+        (out / f"{bpe.TOKENIZER_FILE}.tmp").write_text(vocab.tokenizer, encoding="utf-8")
+        os.replace(out / f"{bpe.TOKENIZER_FILE}.tmp", out / bpe.TOKENIZER_FILE)
     tmp = out / f"{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / META)
@@ -235,8 +286,14 @@ def prepare_text(
     valid_ratio: float = 0.05,
     test_ratio: float = 0.05,
     suffixes: tuple[str, ...] = (".txt", ".md", ".py", ".rst"),
+    tokenizer: str = "bytes",
 ) -> Corpus:
-    """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), as bytes with a ratio split."""
+    """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), with a ratio split.
+
+    ``tokenizer`` is ``"bytes"`` (uint8 bytes), ``"bpe:VOCAB"`` (a byte-level BPE of at most VOCAB ids trained
+    on the training split only) or the path of a byte-level ``tokenizer.json`` to use as is.
+    """
+    kind, arg = bpe.parse_spec(tokenizer)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"corpus source {source} does not exist")
@@ -248,7 +305,12 @@ def prepare_text(
     splits = _ratio_split(chunks, valid_ratio, test_ratio)
     if len(splits["train"]) == 0:
         raise ValueError(f"the training split of {source} is empty")
-    return write_corpus(out, splits, Vocab("byte"), str(source))
+    if kind == "bytes":
+        return write_corpus(out, splits, Vocab("byte"), str(source))
+    texts = bpe.split_texts(splits)
+    vocab = Vocab("bpe", tokenizer=bpe.train_bpe(texts["train"], arg) if kind == "bpe" else bpe.read_tokenizer(arg))
+    ids = {name: bpe.encode(text, vocab.tokenizer) for name, text in texts.items()}
+    return write_corpus(out, ids, vocab, str(source))
 
 
 def stdlib_source() -> Path:

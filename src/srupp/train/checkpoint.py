@@ -186,5 +186,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     cfg = TrainConfig.from_dict(ckpt.config)
     model = SRUppLM(cfg.model)
     load_weights(model, ckpt.prefixed("model/"), path)
-    vocab = Vocab(ckpt.vocab["kind"], tuple(ckpt.vocab.get("words", ())))
+    vocab = Vocab.from_dict(ckpt.vocab)
     return model.to(device).eval(), cfg, vocab, ckpt

@@ -48,8 +48,9 @@ def evaluate(
     return total / count
 
 
-def bpc(nats: float) -> float:
-    return nats / math.log(2)
+def bpc(nats: float, bytes_per_token: float = 1.0) -> float:
+    """Bits per byte of a mean loss in nats per token (``Corpus.bytes_per_token``: 1 for byte corpora)."""
+    return nats / (math.log(2) * bytes_per_token)
 
 
 def ppl(nats: float) -> float:

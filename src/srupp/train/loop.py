@@ -117,14 +117,17 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, device: torch.device, r
     corpus = resolve_corpus(cfg.data, run_dir, dist.is_main)
     if corpus.vocab.size != cfg.model.vocab_size:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab.size))
-    metric = "bpc" if corpus.vocab.kind == "byte" else "ppl"
-    to_metric = bpc if metric == "bpc" else ppl
+    metric = "ppl" if corpus.vocab.kind == "word" else "bpc"
+    # BPE corpora report bits per byte (1 byte per token for byte corpora), so byte and BPE runs compare.
+    train_bpt = corpus.bytes_per_token("train") if metric == "bpc" else 1.0
+    valid_bpt = corpus.bytes_per_token("valid", cfg.eval_tokens) if metric == "bpc" else 1.0
+    to_metric = (lambda nats, bpt: bpc(nats, bpt)) if metric == "bpc" else (lambda nats, bpt: ppl(nats))
     batcher = StreamBatcher(
         corpus.split("train"), cfg.batch_size // dist.world_size, cfg.unroll_size, rank=dist.rank,
         world_size=dist.world_size,
     )  # fmt: skip
     valid_tokens = corpus.split("valid")
-    vocab = {"kind": corpus.vocab.kind, "words": list(corpus.vocab.words)}
+    vocab = corpus.vocab.to_dict()
 
     # Model, optimizer, mixed precision.
     torch.manual_seed(cfg.seed)
@@ -252,7 +255,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, device: torch.device, r
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            record = {"step": step, "loss": loss_value, f"train_{metric}": to_metric(loss_value), "lr": lr}
+            record = {"step": step, "loss": loss_value, f"train_{metric}": to_metric(loss_value, train_bpt), "lr": lr}
             log.write({**record, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
 
         # Evaluate, keep the best checkpoint, write the last one.
@@ -273,12 +276,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, device: torch.device, r
             valid_loss = distributed.broadcast_float(valid_loss, dist)
             improved = valid_loss < best
             best = min(best, valid_loss)
-            record = {"step": step, "valid_loss": valid_loss, f"valid_{metric}": to_metric(valid_loss)}
+            record = {"step": step, "valid_loss": valid_loss, f"valid_{metric}": to_metric(valid_loss, valid_bpt)}
             result.valid.append(record)
             if dist.is_main:
                 log.write(record)
-                bar.write(f"step {step:>6}  train {metric} {to_metric(loss_value):.3f}  valid {metric} "
-                          f"{to_metric(valid_loss):.3f}  ({tokens_per_s:,.0f} tok/s)")  # fmt: skip
+                bar.write(f"step {step:>6}  train {metric} {to_metric(loss_value, train_bpt):.3f}  valid {metric} "
+                          f"{to_metric(valid_loss, valid_bpt):.3f}  ({tokens_per_s:,.0f} tok/s)")  # fmt: skip
                 plot_curve(log.records, run_dir / "learning_curve.png", metric=metric)
             if improved:
                 checkpoint(best_path, valid_loss)
