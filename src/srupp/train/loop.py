@@ -26,6 +26,7 @@ from srupp.models import SRUppLM
 from srupp.nn import SRUppState
 from srupp.train import distributed
 from srupp.train.checkpoint import (
+    Checkpoint,
     build_model,
     carry_from_tensors,
     carry_to_tensors,
@@ -167,6 +168,10 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
         torch.set_num_threads(cfg.num_threads)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"`batch_size` ({cfg.batch_size}) must be divisible by the world size ({dist.world_size})")
+    saved = None
+    if resume:  # checked before anything is prepared or written
+        saved = load_checkpoint(Path(cfg.out_dir) / "checkpoints" / "last.safetensors")
+        check_resume(cfg, saved.config, saved.path)
     corpus = resolve_corpus(cfg.data, cfg.out_dir, dist.is_main)
     if corpus.vocab.size != cfg.model.vocab_size:
         raise ConfigError(
@@ -190,7 +195,7 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
         vocab={"kind": corpus.vocab.kind, "words": list(corpus.vocab.words)},
         metric="bpc" if corpus.vocab.kind == "byte" else "ppl", log=None, bar=None, start=0.0,
     )  # fmt: skip
-    state = restore(run) if resume else RunState()
+    state = restore(run, saved) if saved is not None else RunState()
     if dist.is_main:
         write_text_atomic(run.run_dir / "config.json", cfg.to_json())
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
@@ -202,12 +207,10 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
     return run, state
 
 
-def restore(run: Run) -> RunState:
-    """The state saved in ``checkpoints/last.safetensors`` and this rank's file beside it; loads the model,
-    optimizer, loss scale, data position and RNG into ``run``."""
-    path, dist = run.last_path, run.dist
-    ckpt = load_checkpoint(path)
-    check_resume(run.cfg, ckpt.config, path)
+def restore(run: Run, ckpt: Checkpoint) -> RunState:
+    """The state saved in ``ckpt`` (``checkpoints/last.safetensors``) and this rank's file beside it; loads
+    the model, optimizer, loss scale, data position and RNG into ``run``."""
+    path, dist = ckpt.path, run.dist
     load_weights(run.model, ckpt.prefixed("model/"), path)
     trainer = ckpt.trainer
     if trainer.get("world_size") != dist.world_size:
