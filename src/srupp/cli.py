@@ -169,7 +169,7 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         f"standard library's source, for {cfg.time_limit_s or float('inf'):.0f}s (at most {cfg.max_steps} steps)"
     )
     start = time.perf_counter()
-    result = train(cfg, overwrite=args.overwrite)
+    result = train(cfg, overwrite=True)  # an earlier demo's files are moved into <out>/replaced/, not lost
     minutes = (time.perf_counter() - start) / 60
     best = min(r["valid_bpc"] for r in result.valid)
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; valid bpc {result.valid[-1]['valid_bpc']:.3f} "
@@ -243,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=EPILOG_OVERRIDES)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--overwrite", action="store_true", help="move the files of an earlier demo in --out aside")
     p.add_argument("--time-limit", type=positive, help="stop training after this many seconds")
     p.add_argument("--sample-bytes", type=_number(int, 0), default=400)
     p.set_defaults(func=_cmd_demo)
