@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from srupp.errors import DivergenceError, SRUppError
+from srupp.errors import ConfigError, DivergenceError, SRUppError
 
 EPILOG_OVERRIDES = (
     "Any config field can be overridden with --KEY VALUE: training fields (--lr 1e-3, --max_steps 500) and "
@@ -41,13 +41,13 @@ def _overrides(extra: list[str]) -> dict[str, str]:
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--") or len(item) == 2:
-            raise argparse.ArgumentTypeError(f"expected --KEY VALUE overrides, got {item!r}")
+            raise ConfigError(f"expected --KEY VALUE overrides, got {item!r}")
         if "=" in item:
             key, value = item[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(extra):
-                raise argparse.ArgumentTypeError(f"override {item} needs a value")
+                raise ConfigError(f"override {item} needs a value")
             key, value = item[2:], extra[i + 1]
             i += 2
         out[key] = value
@@ -129,7 +129,7 @@ def _cmd_data_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> in
     source, out, overwrite = args.source, args.out, args.overwrite
     if args.download:
         if args.corpus not in data.URLS and not args.url:
-            raise argparse.ArgumentTypeError(f"--download needs --url for corpus {args.corpus!r}")
+            raise ConfigError(f"--download needs --url for corpus {args.corpus!r}")
         url = args.url or data.URLS[args.corpus]
         archive = Path(out) / "download" / Path(url).name
         print(f"downloading {url} -> {archive}")
@@ -137,7 +137,7 @@ def _cmd_data_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> in
         print(f"sha256 {data.sha256_file(archive)}")
         source = archive
     if source is None and args.corpus != "stdlib":
-        raise argparse.ArgumentTypeError(f"`--source` (a file or folder) or --download is needed for {args.corpus!r}")
+        raise ConfigError(f"`--source` (a file or folder) or --download is needed for corpus {args.corpus!r}")
     if args.corpus in ("enwik8", "text8"):
         prepare = data.prepare_enwik8 if args.corpus == "enwik8" else data.prepare_text8
         corpus = prepare(source, out, check_size=not args.no_size_check, overwrite=overwrite)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"srupp {args.command}: {err}", file=sys.stderr)
         return 3
-    except (SRUppError, OSError, argparse.ArgumentTypeError) as err:
+    except (SRUppError, OSError) as err:
         print(f"srupp {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

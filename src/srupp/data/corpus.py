@@ -108,7 +108,7 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
 
 def _write_file(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a new file at ``path`` and fsync it."""
-    with open(path, "xb") as f:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -391,7 +391,7 @@ def resolve_corpus(data: str, out_dir: str | Path, is_main: bool = True) -> Corp
         return open_corpus(data)
     target = Path(out_dir) / "data"
     if is_main and not (target / "meta.json").is_file():
-        prepare_stdlib(target)
+        prepare_stdlib(target, overwrite=True)  # no meta.json: no complete corpus there to keep
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return open_corpus(target)
