@@ -45,14 +45,13 @@ def test_eval_writes_nowhere_the_checkpoint_names(tmp_path, capsys):
 
 
 def test_a_checkpoint_trained_with_triton_evaluates_on_cpu(corpus, tmp_path, capsys):
-    cfg = TrainConfig(model=LMConfig(hidden_size=16, proj_size=4, num_layers=2, backend="triton"), backend="triton",
-                      data=str(corpus))  # fmt: skip
     model = SRUppLM(LMConfig(hidden_size=16, proj_size=4, num_layers=2))
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    path = save_checkpoint(tmp_path / "t.safetensors", tensors, config=cfg.to_dict(),
-                           vocab={"kind": "byte", "words": []}, trainer={})  # fmt: skip
-    assert main(["eval", "--checkpoint", str(path), "--device", "cpu", "--backend", "naive", "--max-tokens", "64",
-                 "--context", "16"]) == 0  # fmt: skip
+    config = TrainConfig(model=model.config, backend="triton", data=str(corpus)).to_dict()
+    config["model"]["backend"] = "triton"  # what older checkpoints saved inside the architecture
+    path = save_checkpoint(tmp_path / "t.safetensors", tensors, config=config, vocab={"kind": "byte", "words": []},
+                           trainer={})  # fmt: skip
+    assert main(["eval", "--checkpoint", str(path), "--device", "cpu", "--max-tokens", "64", "--context", "16"]) == 0
     assert "bpc" in capsys.readouterr().out
     assert load_checkpoint(path).config["backend"] == "triton"
 
