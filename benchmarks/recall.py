@@ -18,12 +18,13 @@ test sequences, per pair count, is reported.
 
 Budget. ``--budget-s`` is the wall-clock of the whole script. It is divided over the runs still to do
 (models x learning rates, the middle learning rate of every model first), each run training by the clock
-with a warmup + cosine schedule over its own share; when too little is left, the remaining runs are skipped
-and the results written. The JSON is rewritten after every run.
+with a warmup + cosine schedule over its own share; when what is left cannot give every remaining run 5 s,
+the earlier runs get it and the rest are skipped, and the results are written all the same. The JSON is
+rewritten after every run.
 
-    PYTHONPATH=src python -m benchmarks.recall --quick --out-dir /tmp/recall        # seconds (the smoke test)
-    PYTHONPATH=src python -m benchmarks.recall --budget-s 600 --seq-len 128 --pairs 4 8 16 32
-    PYTHONPATH=src python -m benchmarks.recall --device cuda --budget-s 220 --batch 256
+    PYTHONPATH=src python -m benchmarks.recall --quick --out-dir /tmp/recall       # seconds (the smoke test)
+    PYTHONPATH=src python -m benchmarks.recall --budget-s 600 --seq-len 64 --pairs 4 8 16 --batch 32
+    PYTHONPATH=src python -m benchmarks.recall --device cuda --budget-s 230 --batch 512   # ~4 min on an H200
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def autocast_for(args):
 
 
 def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: dict, bar: tqdm) -> dict:
-    """Train ``model`` for ``seconds`` of wall-clock (after one untimed warmup step), then measure accuracy."""
+    """Train ``model`` for ``seconds`` of wall-clock (at least one step, after an untimed warmup step), then
+    measure its validation accuracy."""
     device, autocast = args.device, autocast_for(args)
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -174,9 +176,9 @@ def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: 
     elapsed, steps, last_tick = 0.0, 0, start
     losses = torch.zeros((), device=device)
     history = []
-    while elapsed < seconds:
+    while steps == 0 or elapsed < seconds:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, elapsed / seconds, args.warmup)
+            group["lr"] = learning_rate(lr, elapsed / seconds if seconds > 0 else 0.5, args.warmup)
         pairs = args.pairs[steps % len(args.pairs)]
         inputs, targets = make_batch(generator, args.batch, args.seq_len, pairs, args.vocab)
         with autocast():
@@ -199,6 +201,10 @@ def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: 
             losses.zero_()
             history.append({"step": steps, "seconds": round(elapsed, 3), "query_loss": mean})
             bar.set_postfix_str(f"{kind} lr={lr:g} step {steps} loss {mean:.3f}")
+    if steps % args.log_every:
+        history.append(
+            {"step": steps, "seconds": round(elapsed, 3), "query_loss": losses.item() / (steps % args.log_every)}
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - start
@@ -318,7 +324,7 @@ def plot(report: dict, path: Path) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--quick", action="store_true", help="tiny task, models and budget: seconds on CPU (the smoke test)")
+    add("--quick", action="store_true", help="tiny task, models and budget: 5 s on CPU (the smoke test), 30 s on CUDA")
     add("--budget-s", type=float, default=600.0, help="wall-clock of the whole script, divided over its runs")
     add("--seq-len", type=int, default=256, help="tokens per sequence (>= 4 x the largest pair count)")
     add("--pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="key-value pair counts")
@@ -355,6 +361,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("`--device` cuda asked for, but torch sees no CUDA device")
+    if args.quick and args.device == "cuda":
+        # The first runs compile the Triton kernels (seconds), which 5 s would not cover.
+        args.budget_s = max(args.budget_s, 30.0)
     return args
 
 
@@ -407,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, tuple[dict, dict]] = {}
     # Time still owed after the runs: a test pass per model (about its validation pass) and the outputs.
     owed_eval = {kind: None for kind in args.models}
-    minimum_run = 0.2 if args.quick else 5.0
+    # A run shorter than this means nothing; when the time left cannot give every remaining run that much,
+    # the earlier runs in the order get it and the later ones are skipped. --quick never skips (a smoke test
+    # must see every model, however busy the machine).
+    minimum_run = 5.0
     interrupted = False
     with tqdm(total=round(args.budget_s), desc="recall", unit="s", file=sys.stderr, mininterval=1.0) as bar:
         bar.update(time.perf_counter() - began)
@@ -417,15 +429,16 @@ def main(argv: list[str] | None = None) -> int:
             owed = min(2.0, 0.05 * args.budget_s) + sum(
                 unmeasured if seconds is None else seconds for seconds in owed_eval.values()
             )
-            share = (args.budget_s - now - owed) / (len(order) - index)
-            if interrupted or share < minimum_run:
+            left, runs_left = args.budget_s - now - owed, len(order) - index
+            fit = runs_left if args.quick else min(runs_left, math.floor(max(0.0, left) / minimum_run))
+            if interrupted or fit < 1:
                 report["runs"].append({"model": kind, "lr": lr, "status": "interrupted" if interrupted else "skipped"})
                 continue
             started = time.perf_counter()
             model = fresh_model(kind, sizes[kind][0], args)
             try:
                 # Most of the share trains; the rest pays for building, warming up and the validation pass.
-                run = train_run(kind, model, lr, 0.85 * share, args, valid, bar)
+                run = train_run(kind, model, lr, max(0.0, 0.85 * left / fit), args, valid, bar)
             except KeyboardInterrupt:
                 interrupted = True
                 report["runs"].append({"model": kind, "lr": lr, "status": "interrupted"})
