@@ -10,6 +10,8 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
+from srupp.data import Vocab  # noqa: E402
+from srupp.data.tokenizer import train_bpe  # noqa: E402
 from srupp.hf import SRUppForCausalLM, export_checkpoint, export_model  # noqa: E402
 from srupp.models import LMConfig  # noqa: E402
 from srupp.train.checkpoint import save_checkpoint  # noqa: E402
@@ -34,11 +36,12 @@ torch.save(results, sys.argv[2])
 """
 
 
-def write_checkpoint(path: Path, name: str) -> torch.nn.Module:
-    lm = make_lm(seed=5, **LM_CONFIGS[name])
-    cfg = TrainConfig(model=LMConfig(**LM_CONFIGS[name]))
+def write_checkpoint(path: Path, name: str, vocab: Vocab) -> torch.nn.Module:
+    config = {**LM_CONFIGS[name], "vocab_size": vocab.size}
+    lm = make_lm(seed=5, **config)
     tensors = {f"model/{key}": value for key, value in lm.state_dict().items()}
-    save_checkpoint(path, tensors, config=cfg.to_dict(), vocab={"kind": "byte"}, trainer={"step": 0})
+    save_checkpoint(path, tensors, config=TrainConfig(model=LMConfig(**config)).to_dict(), vocab=vocab.to_dict(),
+                    trainer={"step": 0})  # fmt: skip
     return lm
 
 
@@ -56,17 +59,20 @@ def in_process_logits(lm, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_export_round_trip_in_a_fresh_process(assert_close, tmp_path):
-    # A training checkpoint (byte vocabulary, so with its tokenizer) and an adaptive-softmax model.
-    run = tmp_path / "run"
-    lm = write_checkpoint(run / "checkpoints" / "best.safetensors", "every-second-layer-two-heads-layer-norm")
-    from_checkpoint = export_checkpoint(run, tmp_path / "from-checkpoint")
+    # Training checkpoints of a byte and a BPE vocabulary (each with its tokenizer), and an adaptive-softmax model.
+    lm = write_checkpoint(tmp_path / "run/checkpoints/best.safetensors", "every-second-layer-two-heads-layer-norm",
+                          Vocab("byte"))  # fmt: skip
+    from_checkpoint = export_checkpoint(tmp_path / "run", tmp_path / "from-checkpoint")
     names = {p.name for p in from_checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    bpe_vocab = Vocab("bpe", tokenizer=train_bpe("héllo wörld, hello world. " * 30, 280))
+    bpe_lm = write_checkpoint(tmp_path / "bpe.safetensors", "bytes", bpe_vocab)
+    from_bpe = export_checkpoint(tmp_path / "bpe.safetensors", tmp_path / "from-bpe")
     adaptive = make_lm(seed=6, **LM_CONFIGS["adaptive"])
     from_model = export_model(adaptive, tmp_path / "from-model")
-    ids, adaptive_ids = torch.randint(0, 256, (2, 9)), torch.randint(0, 300, (2, 7))
+    ids, bpe_ids, adaptive_ids = (torch.randint(0, n, (2, 7)) for n in (256, bpe_vocab.size, 300))
 
-    results = run_fresh({from_checkpoint: ids, from_model: adaptive_ids}, tmp_path)
+    results = run_fresh({from_checkpoint: ids, from_bpe: bpe_ids, from_model: adaptive_ids}, tmp_path)
 
     result = results[from_checkpoint]
     assert result["type"] == "SRUppForCausalLM"
@@ -75,6 +81,8 @@ def test_export_round_trip_in_a_fresh_process(assert_close, tmp_path):
     with torch.no_grad():
         expected, _ = lm(ids.t())
     assert_close(result["logits"].log_softmax(-1), expected.transpose(0, 1))
+    assert results[from_bpe]["ids"] == bpe_vocab.encode("héllo")
+    assert torch.equal(results[from_bpe]["logits"], in_process_logits(bpe_lm, bpe_ids))
     assert torch.equal(results[from_model]["logits"], in_process_logits(adaptive, adaptive_ids))
 
 

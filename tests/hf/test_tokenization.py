@@ -3,10 +3,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 
 from srupp.data import Vocab  # noqa: E402
+from srupp.data.tokenizer import train_bpe  # noqa: E402
 from srupp.hf import byte_tokenizer, tokenizer_for_vocab, word_tokenizer  # noqa: E402
 
 TEXTS = ["hello, world", "  leading spaces\tand tabs\n\nnewlines", "naïve café – 東京 🚀", "\x00\x01\x7f control", ""]
@@ -41,17 +41,15 @@ def test_word_tokenizer_matches_the_word_vocab():
         word_tokenizer(["a", "a"])
 
 
-def test_tokenizer_json_of_the_vocab_wins(tmp_path):
-    inner = tokenizers.Tokenizer(tokenizers.models.WordLevel({"x": 0, "y": 1, "[UNK]": 2}, unk_token="[UNK]"))
-    inner.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-
-    class WithTokenizer:
-        kind = "bpe"
-        tokenizer_json = inner.to_str()
-
-    tokenizer = tokenizer_for_vocab(WithTokenizer())
-    assert tokenizer("y x z").input_ids == [1, 0, 2]
-    with pytest.raises(ValueError, match="kind 'byte' or 'word'"):
+def test_bpe_vocab_gives_its_own_tokenizer():
+    text = "def main():\n    return 'héllo'  # café\n" * 20
+    vocab = Vocab("bpe", tokenizer=train_bpe(text, 300))
+    tokenizer = tokenizer_for_vocab(vocab)
+    sample = "def café():\n    return 'main'\n"
+    ids = tokenizer(sample).input_ids
+    assert ids == vocab.encode(sample) and len(ids) < len(sample.encode())
+    assert tokenizer.decode(ids) == sample == vocab.decode(ids)
+    with pytest.raises(ValueError, match="kind 'byte', 'word' or 'bpe'"):
         tokenizer_for_vocab(object())
 
 

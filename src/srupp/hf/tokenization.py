@@ -1,5 +1,5 @@
-"""Tokenizers that ``AutoTokenizer`` loads for srupp's vocabularies: bytes (id = byte value), words, or any
-``tokenizers`` JSON, all as ``PreTrainedTokenizerFast``."""
+"""Tokenizers that ``AutoTokenizer`` loads for srupp's vocabularies: bytes (id = byte value), words, or a BPE
+corpus's ``tokenizer.json``, all as ``PreTrainedTokenizerFast``."""
 
 from __future__ import annotations
 
@@ -54,14 +54,20 @@ def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 
 
 def tokenizer_for_vocab(vocab: object) -> PreTrainedTokenizerFast:
-    """The tokenizer of an srupp ``Vocab`` (as saved in checkpoints): its ``tokenizer_json`` when it carries one
-    (a ``tokenizers`` JSON string), else the byte or word tokenizer of its ``kind``."""
-    tokenizer_json = getattr(vocab, "tokenizer_json", None)
-    if tokenizer_json:
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), padding_side="left")
+    """The tokenizer of an srupp ``Vocab`` (as saved in checkpoints): a BPE vocabulary's own ``tokenizer.json``
+    (``vocab.tokenizer``; it has no padding token unless it defines one), else the byte or word tokenizer.
+
+    Example:
+        >>> model, cfg, vocab, _ = srupp.train.load_model("runs/bpe/checkpoints/best.safetensors")
+        >>> tokenizer_for_vocab(vocab)("def main").input_ids == vocab.encode("def main")
+        True
+    """
     kind = getattr(vocab, "kind", None)
+    tokenizer_json = getattr(vocab, "tokenizer", None)
+    if isinstance(tokenizer_json, str) and tokenizer_json:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), padding_side="left")
     if kind == "byte":
         return byte_tokenizer()
     if kind == "word":
         return word_tokenizer(vocab.words)
-    raise ValueError(f"`vocab` must be an srupp Vocab of kind 'byte' or 'word' or carry a tokenizer, got {vocab!r}")
+    raise ValueError(f"`vocab` must be an srupp Vocab (kind 'byte', 'word' or 'bpe'), got {vocab!r}")
