@@ -191,6 +191,30 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from srupp.errors import UnavailableError
+    from srupp.train import load_model, resolve_checkpoint
+
+    checkpoint, out = resolve_checkpoint(args.run), Path(args.out)
+    extra = "hf" if args.format == "hf" else "onnx"
+    try:
+        if args.format == "hf":
+            from srupp.hf import export_checkpoint
+        else:
+            from srupp.onnx import export_onnx
+    except ImportError as err:
+        raise UnavailableError(f"`srupp export {args.format}` needs `pip install 'srupp[{extra}]'` ({err})") from err
+    if args.format == "hf":
+        export_checkpoint(checkpoint, out, overwrite=args.overwrite)
+    else:
+        if out.exists() and not args.overwrite:
+            raise ConfigError(f"`out` {out} already exists; pass --overwrite to replace it")
+        model, _, _, _ = load_model(checkpoint, "cpu", backend=args.backend)
+        export_onnx(model, out, with_state=args.with_state)
+    print(f"exported {checkpoint} -> {out}")
+    return 0
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by srupp train")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -248,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text only: bytes (default), a byte-level BPE of VOCAB ids trained on the training split, "
                    "or a byte-level tokenizer.json")  # fmt: skip
     p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("export", help="convert a training checkpoint for Hugging Face or ONNX Runtime")
+    p.add_argument("format", choices=("hf", "onnx"))
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder (its best, else last checkpoint) or a checkpoint file")
+    p.add_argument("out", metavar="OUT", help="hf: the folder to create; onnx: the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--with-state", action="store_true", help="onnx: recurrent state as an input and an output")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="onnx: recurrence backend to trace")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=EPILOG_OVERRIDES)
     p.add_argument("--out", default="runs/demo")

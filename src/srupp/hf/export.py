@@ -15,18 +15,6 @@ from srupp.hf.tokenization import tokenizer_for_vocab
 from srupp.models import SRUppLM
 
 
-def _checkpoint_file(path: Path) -> Path:
-    """A checkpoint file, or the best (else last) checkpoint of a run folder."""
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        raise FileNotFoundError(
-            f"run folder {path} has no checkpoints/best.safetensors or checkpoints/last.safetensors"
-        )
-    return path
-
-
 def export_model(
     model: SRUppLM,
     out_dir: str | os.PathLike,
@@ -107,8 +95,8 @@ def export_checkpoint(
         >>> export_checkpoint("runs/demo", "demo-hf")
         >>> AutoModelForCausalLM.from_pretrained("demo-hf")
     """
-    from srupp.train.checkpoint import load_model
+    from srupp.train.checkpoint import load_model, resolve_checkpoint
 
-    model, _, vocab, _ = load_model(_checkpoint_file(Path(checkpoint)))
+    model, _, vocab, _ = load_model(resolve_checkpoint(checkpoint))
     tokenizer = tokenizer_for_vocab(vocab) if tokenizer is None else tokenizer
     return export_model(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)

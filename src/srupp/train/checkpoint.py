@@ -247,6 +247,17 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file, else the run folder's ``checkpoints/best.safetensors`` (else ``last``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("best.safetensors", "last.safetensors"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    raise CheckpointError(f"run folder {path} has no checkpoints/best.safetensors or checkpoints/last.safetensors")
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", *, backend: str = "auto"):
     """Rebuild the model a checkpoint was trained as, from the checkpoint's own config.
 
