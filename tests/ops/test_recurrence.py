@@ -261,7 +261,7 @@ def test_bad_input_is_named(case):
 
 
 def test_missing_cpu_kernel_raises_with_instructions(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_LIB", None)
+    monkeypatch.setattr(cpu_backend, "_KERNEL", None)
     monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
     u, x, v, b, c0 = make_inputs(3, 1, 4)
     with pytest.raises(RuntimeError, match=r"'cpu' backend is unavailable.*pip install -e \."):

@@ -1,4 +1,5 @@
-/* One precision of the fused SRU recurrence; included once per `real` type by sru_cpu.c.
+/* One precision of the fused SRU recurrence; included once per `real` type and instruction set by
+ * sru_cpu_isa.h.
  *
  * Work is split into items of (batch row, chunk of CHUNK features); each item runs the whole
  * time loop with its state in a local array, so items are independent and the inner loop over
@@ -39,12 +40,12 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
         for (int64_t s = 0; s < T; ++s) {
             const int64_t t = reverse ? T - 1 - s : s;
             const int64_t at = (t * B + row) * D + d0;
-            const real *uc = u + (t * B + row) * 3 * D + d0;
-            const real *uf = uc + D;
-            const real *ur = uc + 2 * D;
-            const real *xt = x + at;
-            real *ht = h + at;
-            real *ct = c_all ? c_all + at : 0;
+            const real *restrict uc = u + (t * B + row) * 3 * D + d0;
+            const real *restrict uf = uc + D;
+            const real *restrict ur = uc + 2 * D;
+            const real *restrict xt = x + at;
+            real *restrict ht = h + at;
+            real *restrict ct = c_all ? c_all + at : 0;
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) ht[j] = 0;
                 if (ct)
@@ -108,21 +109,21 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
             const int first = s == T - 1;
             const int64_t at = (t * B + row) * D + d0;
             const int64_t uat = (t * B + row) * 3 * D + d0;
-            real *guc = gu + uat;
-            real *guf = guc + D;
-            real *gur = guc + 2 * D;
-            real *gxt = gx + at;
+            real *restrict guc = gu + uat;
+            real *restrict guf = guc + D;
+            real *restrict gur = guc + 2 * D;
+            real *restrict gxt = gx + at;
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) guc[j] = guf[j] = gur[j] = gxt[j] = 0;
                 continue;
             }
-            const real *uc = u + uat;
-            const real *uf = uc + D;
-            const real *ur = uc + 2 * D;
-            const real *xt = x + at;
-            const real *ct = c_all + at;
-            const real *ghtt = gh + at;
-            const real *cprev = first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
+            const real *restrict uc = u + uat;
+            const real *restrict uf = uc + D;
+            const real *restrict ur = uc + 2 * D;
+            const real *restrict xt = x + at;
+            const real *restrict ct = c_all + at;
+            const real *restrict ghtt = gh + at;
+            const real *restrict cprev = first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) {
                 const real cp = cprev[j];
