@@ -41,6 +41,11 @@ _KERNEL: _Kernel | None = None
 _LOAD_ERROR: str | None = None
 
 
+def _supported_mask(lib: ctypes.CDLL) -> int:
+    """Bit mask of the variants this CPU can run (cpuid, asked in C; tests replace this)."""
+    return lib.srupp_isa_supported()
+
+
 def _load() -> _Kernel:
     """Load the library and bind the variant to use; raises OSError (missing or broken library) or
     ValueError (a bad SRUPP_CPU_ISA)."""
@@ -57,7 +62,7 @@ def _load() -> _Kernel:
         raise OSError(f"the compiled kernel {found[0]} failed to load: {err}") from None
     if abi != _ABI_VERSION:
         raise OSError(f"the compiled kernel {found[0]} is stale (ABI {abi}, expected {_ABI_VERSION}); rebuild it")
-    usable = lib.srupp_isa_compiled() & lib.srupp_isa_supported()
+    usable = lib.srupp_isa_compiled() & _supported_mask(lib)
     available = tuple(isa for isa in ISAS if usable & _ISA_BITS[isa])
     forced = os.environ.get("SRUPP_CPU_ISA", "").strip().lower()
     if forced and forced not in ISAS:

@@ -38,6 +38,19 @@ static void hint_huge_pages(void *start, int64_t bytes) {
 #endif
 }
 
+/* An item's successive time steps lie B*D elements apart, each on another page, where the hardware
+ * prefetchers do not follow; so each step asks for the rows it will need PREFETCH_STEPS ahead. */
+#ifndef PREFETCH_STEPS
+#define PREFETCH_STEPS 4
+#endif
+static inline void srupp_prefetch(const void *start, int64_t bytes, int write) {
+    const char *p = start;
+    if (write)
+        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 1);
+    else
+        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0);
+}
+
 typedef void (*srupp_work_fn)(const void *args, int64_t begin, int64_t end);
 
 struct srupp_job {

@@ -46,6 +46,17 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
             const real *restrict xt = x + at;
             real *restrict ht = h + at;
             real *restrict ct = c_all ? c_all + at : 0;
+            if (s + PREFETCH_STEPS < T) {
+                const int64_t ta = reverse ? t - PREFETCH_STEPS : t + PREFETCH_STEPS;
+                const int64_t bytes = n * (int64_t)sizeof(real);
+                const real *ua = u + (ta * B + row) * 3 * D + d0;
+                srupp_prefetch(ua, bytes, 0);
+                srupp_prefetch(ua + D, bytes, 0);
+                srupp_prefetch(ua + 2 * D, bytes, 0);
+                srupp_prefetch(x + (ta * B + row) * D + d0, bytes, 0);
+                srupp_prefetch(h + (ta * B + row) * D + d0, bytes, 1);
+                if (c_all) srupp_prefetch(c_all + (ta * B + row) * D + d0, bytes, 1);
+            }
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) ht[j] = 0;
                 if (ct)
@@ -57,7 +68,8 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 const real cp = c[j];
                 const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
                 const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
-                const real cn = uc[j] + f * (cp - uc[j]);
+                /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
+                const real cn = f * cp + ((real)1 - f) * uc[j];
                 const real xv = xt[j];
                 ht[j] = xv + m[j] * r * (cn - xv);
                 c[j] = cn;
@@ -113,6 +125,17 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
             real *restrict guf = guc + D;
             real *restrict gur = guc + 2 * D;
             real *restrict gxt = gx + at;
+            if (s + PREFETCH_STEPS < T) {
+                const int64_t ta = reverse ? t + PREFETCH_STEPS : t - PREFETCH_STEPS;
+                const int64_t bytes = n * (int64_t)sizeof(real);
+                const int64_t a = (ta * B + row) * D + d0, ua = (ta * B + row) * 3 * D + d0;
+                for (int k = 0; k < 3; ++k) srupp_prefetch(u + ua + k * D, bytes, 0);
+                srupp_prefetch(x + a, bytes, 0);
+                srupp_prefetch(c_all + a, bytes, 0);
+                srupp_prefetch(gh + a, bytes, 0);
+                for (int k = 0; k < 3; ++k) srupp_prefetch(gu + ua + k * D, bytes, 1);
+                srupp_prefetch(gx + a, bytes, 1);
+            }
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) guc[j] = guf[j] = gur[j] = gxt[j] = 0;
                 continue;
