@@ -33,7 +33,8 @@ def hot_loop_counts(library: str) -> dict[str, collections.Counter]:
     for line in text.splitlines():
         header = re.match(r"^[0-9a-f]+ <(\w+)>:$", line)
         if header:
-            current = counts.setdefault(header.group(1), collections.Counter()) if "_items_" in header.group(1) else None
+            name = header.group(1)
+            current = counts.setdefault(name, collections.Counter()) if "_items_" in name else None
             continue
         fields = line.split("\t")
         if current is None or len(fields) < 2 or not fields[1].split():

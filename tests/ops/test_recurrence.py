@@ -418,7 +418,11 @@ def noncontiguous(tensor):
 
 
 RAW_BAD = {
-    "u_short": (dict(u=torch.zeros(T, B, 3 * D - 1)), ValueError, r"`u` must have shape \[4, 2, 18\], got \[4, 2, 17\]"),
+    "u_short": (
+        dict(u=torch.zeros(T, B, 3 * D - 1)),
+        ValueError,
+        r"`u` must have shape \[4, 2, 18\], got \[4, 2, 17\]",
+    ),
     "x_rank": (dict(x=torch.zeros(T * B * D)), ValueError, r"`x` must have shape \[T, B, D\] \(3 dims\), got \[48\]"),
     "v_short": (dict(v=torch.zeros(2, D - 1)), ValueError, r"`v` must have shape \[2, 6\], got \[2, 5\]"),
     "b_long": (dict(b=torch.zeros(2, D + 1)), ValueError, r"`b` must have shape \[2, 6\], got \[2, 7\]"),
