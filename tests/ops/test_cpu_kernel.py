@@ -10,6 +10,7 @@ import collections
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,26 @@ def test_library_is_built_for_any_cpu(counts):
         if current and not current.endswith(("_avx2", "_avx512")) and re.search(r"\b[yz]mm\d", line):
             offenders.add(current)
     assert not offenders, f"AVX code outside the AVX variants: {sorted(offenders)}"
+
+
+CHECK = Path(__file__).resolve().parent / "csrc" / "kernel_check.c"
+TOOLCHAINS = {
+    "native": ("cc", []),
+    # aarch64 (NEON is its baseline), cross-compiled and run under qemu-user where both are installed
+    # (Debian: gcc-aarch64-linux-gnu qemu-user).
+    "aarch64": ("aarch64-linux-gnu-gcc", ["qemu-aarch64"]),
+}
+
+
+@pytest.mark.parametrize("target", list(TOOLCHAINS))
+def test_c_kernel_matches_a_scalar_loop(target, tmp_path):
+    compiler, runner = TOOLCHAINS[target]
+    missing = [tool for tool in [compiler, *runner] if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed")
+    binary = tmp_path / "kernel_check"
+    static = ["-static"] if runner else []
+    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c99", "-pthread", *static]
+    subprocess.run([compiler, *flags, str(CHECK), "-o", str(binary), "-lm"], check=True, timeout=120)
+    result = subprocess.run([*runner, str(binary)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
