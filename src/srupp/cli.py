@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from srupp import __version__
+
 EPILOG_OVERRIDES = (
     "Any config field can be overridden with --KEY VALUE: training fields (--lr 1e-3, --max_steps 500) and "
     "model fields (--hidden_size 256 or --model.hidden_size 256). Unknown keys are an error."
@@ -181,6 +183,7 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srupp", description="Train, evaluate and sample SRU++ language models.")
+    parser.add_argument("--version", action="version", version=f"srupp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a language model (DDP under torchrun)", epilog=EPILOG_OVERRIDES)
