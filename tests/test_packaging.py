@@ -26,9 +26,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def build_wheel(tmp: Path, **env: str) -> Path:
-    """Copy the source tree (no build leftovers) and build a wheel from it with this interpreter's
-    setuptools (no download of build requirements)."""
+def build_wheel(tmp: Path, from_sdist: bool = False, **env: str) -> Path:
+    """Copy the source tree (no build leftovers) and build a wheel from it, or from an sdist built
+    from it, with this interpreter's setuptools (no download of build requirements)."""
     tree = tmp / "tree"
     for name in SOURCE_FILES:
         source = ROOT / name
@@ -38,8 +38,13 @@ def build_wheel(tmp: Path, **env: str) -> Path:
             tree.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, tree / name)
     dist = tmp / "dist"
+    source = tree
+    if from_sdist:
+        subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), str(tree)],
+                       check=True, env=clean_env(**env), timeout=300, capture_output=True)  # fmt: skip
+        (source,) = dist.glob("srupp-*.tar.gz")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(tree)], check=True, env=clean_env(**env), timeout=300)  # fmt: skip
+                    str(source)], check=True, env=clean_env(**env), timeout=300)  # fmt: skip
     (wheel,) = dist.glob("srupp-*.whl")
     return wheel
 
@@ -70,7 +75,7 @@ def run(venv: Path, args: list[str], cwd: Path, timeout: float = 240) -> subproc
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    wheel = build_wheel(tmp)
+    wheel = build_wheel(tmp, from_sdist=True)
     return wheel, install(tmp, wheel), tmp
 
 
