@@ -1,8 +1,10 @@
 """Layer speed on CPU: train step (forward + backward) and inference tokens/s.
 
-Compares our SRUpp, the authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and a causal
-``nn.TransformerEncoder``, the last two sized to about our parameter count. Prints a table and the
-ratios the issue asks for, and writes JSON.
+Compares our SRUpp with its GEMM floor (the same matrix products alone, see ``GemmFloor``), the
+authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and a causal ``nn.TransformerEncoder``, the last two
+sized to about our parameter count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s
+over each other model's), and writes JSON with the CPU kernel's instruction-set path
+(``SRUPP_CPU_ISA=avx2`` forces one).
 
     python benchmarks/layers.py            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
     python benchmarks/layers.py --quick    # tiny shapes, seconds (a smoke run)
@@ -21,6 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_it, write_json  # noqa: E402
 from srupp.nn import SRUpp  # noqa: E402
+from srupp.ops import cpu_kernel_info  # noqa: E402
 
 FULL = [
     {"d": 512, "proj": 128, "layers": 2, "steps": 256, "batch": 16},
@@ -77,6 +80,33 @@ class Transformer(nn.Module):
         return self.model(self.proj(x), mask=self.mask, is_causal=True)
 
 
+class GemmFloor(nn.Module):
+    """The matrix products of our SRUpp layers alone, same shapes, nothing else: per layer
+    Q = x W^q [d -> d'], (K, V) = Q W^kv [d' -> 2d'], scores = Q K^T and A = scores V per sequence
+    (causal attention over T keys), U = (Q + A) W^o [d' -> 3d]. No layer norm, softmax, mask or
+    recurrence; its forward + backward time is the floor the layer's time is compared with. Every layer
+    reads the input (the dependency between layers does not change the matmuls' cost)."""
+
+    def __init__(self, d, proj, layers):
+        super().__init__()
+        self.weights = nn.ParameterList()
+        for _ in range(layers):
+            for shape in ((d, proj), (proj, 2 * proj), (proj, 3 * d)):
+                self.weights.append(nn.Parameter(torch.randn(shape) / shape[0] ** 0.5))
+        self.layers = layers
+
+    def forward(self, x):
+        out = 0
+        for layer in range(self.layers):
+            w_q, w_kv, w_o = self.weights[3 * layer : 3 * layer + 3]
+            q = x @ w_q  # [T, B, d']
+            k, v = (q @ w_kv).chunk(2, dim=-1)
+            q_b, k_b, v_b = (t.transpose(0, 1) for t in (q, k, v))  # [B, T, d']
+            a = (q_b @ k_b.transpose(1, 2)) @ v_b
+            out = out + (q + a.transpose(0, 1)) @ w_o
+        return out
+
+
 def closest(build, target: int, candidates) -> nn.Module:
     """The model whose parameter count is nearest ``target``; sizes are tried on the meta device (free)."""
     with torch.device("meta"):
@@ -109,7 +139,7 @@ def measure(model: nn.Module, x: torch.Tensor, repeats: int) -> dict:
 def run_size(size: dict, repeats: int, sru) -> dict:
     d, proj, layers, steps, batch = size["d"], size["proj"], size["layers"], size["steps"], size["batch"]
     torch.manual_seed(0)
-    models = {"srupp": Ours(d, proj, layers)}
+    models = {"srupp": Ours(d, proj, layers), "gemm_floor": GemmFloor(d, proj, layers)}
     target = count(models["srupp"])
     if sru is not None:
         models["sru_authors"] = Authors(sru, d, proj, layers, steps)
@@ -124,8 +154,11 @@ def run_size(size: dict, repeats: int, sru) -> dict:
               f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
     ratios = {}
     ours = results["srupp"]
+    for mode in ("train", "inference"):
+        key = f"{mode}_tokens_per_s"
+        ratios[f"{mode}_time_srupp_over_gemm_floor"] = results["gemm_floor"][key] / ours[key]
     for other in results:
-        if other != "srupp":
+        if other not in ("srupp", "gemm_floor"):
             for mode in ("train", "inference"):
                 key = f"{mode}_tokens_per_s"
                 ratios[f"{mode}_srupp_over_{other}"] = ours[key] / results[other][key]
@@ -155,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("the authors' package `sru` is not installed; skipping it", file=sys.stderr)
     warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
-    print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
-    payload: dict = {"repeats": repeats, "sizes": []}
+    kernel = cpu_kernel_info()
+    print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
+          f"CPU kernel {kernel['isa']} (of {kernel['available']})")  # fmt: skip
+    payload: dict = {"repeats": repeats, "cpu_kernel": kernel, "sizes": []}
     for size in QUICK if args.quick else FULL:
         print(f"d={size['d']} d'={size['proj']} layers={size['layers']} T={size['steps']} B={size['batch']}")
         payload["sizes"].append(run_size(size, repeats, sru))
