@@ -13,7 +13,9 @@ over each other model's), and writes JSON with the CPU kernel's instruction-set 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_it, write_json  # noqa: E402
+from common import write_json  # noqa: E402
 from srupp.nn import SRUpp  # noqa: E402
 from srupp.ops import cpu_kernel_info  # noqa: E402
 
@@ -114,25 +116,36 @@ def closest(build, target: int, candidates) -> nn.Module:
     return build(best)
 
 
-def measure(model: nn.Module, x: torch.Tensor, repeats: int) -> dict:
+def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, dict]:
+    """Train-step and inference tokens/s of every model, timed round-robin (each repeat times every model
+    once) and taking each one's fastest run: on a shared machine, load that comes and goes then hits all
+    models alike instead of whichever ran during it."""
     tokens = x.shape[0] * x.shape[1]
 
-    def train_step():
+    def train_step(model):
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
 
-    def inference():
+    def inference(model):
         with torch.no_grad():
             model(x)
 
-    model.train()
-    train = time_it(train_step, repeats=repeats)
-    model.eval()
-    infer = time_it(inference, repeats=repeats)
+    best = {name: {"train": math.inf, "inference": math.inf} for name in models}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, model in models.items():
+            for mode, fn in (("train", train_step), ("inference", inference)):
+                model.train(mode == "train")
+                start = time.perf_counter()
+                fn(model)
+                if repeat:
+                    best[name][mode] = min(best[name][mode], time.perf_counter() - start)
     return {
-        "params": count(model),
-        "train_tokens_per_s": tokens / train,
-        "inference_tokens_per_s": tokens / infer,
+        name: {
+            "params": count(models[name]),
+            "train_tokens_per_s": tokens / best[name]["train"],
+            "inference_tokens_per_s": tokens / best[name]["inference"],
+        }
+        for name in models
     }
 
 
@@ -146,10 +159,8 @@ def run_size(size: dict, repeats: int, sru) -> dict:
     models["lstm"] = closest(lambda h: LSTM(d, h, layers), target, range(4, 4 * d, 4))
     models["transformer"] = closest(lambda w: Transformer(d, w, layers, steps), target, range(8, 2 * d, 8))
     x = torch.randn(steps, batch, d)
-    results = {}
-    for name, model in models.items():
-        results[name] = measure(model, x, repeats)
-        r = results[name]
+    results = measure_all(models, x, repeats)
+    for name, r in results.items():
         print(f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
               f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
     ratios = {}
@@ -170,7 +181,7 @@ def run_size(size: dict, repeats: int, sru) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (each model's fastest is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers.json, "
