@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
                              if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
             naive_fwd = f"{row['naive_forward_s'] * 1e3:8.1f}m" if "naive_forward_s" in row else f"{'-':>9}"
+            fwd_x = f"{row['forward_speedup']:6.1f}" if "forward_speedup" in row else f"{'-':>6}"
+            train_x = f"{row['train_speedup']:6.1f}" if "train_speedup" in row else f"{'-':>6}"
             naive_train = f"{row['naive_train_s'] * 1e3:8.1f}m" if "naive_train_s" in row else f"{'-':>9}"
             print(f"{isa:>8} {steps:5d} {batch:4d} {hidden:5d} | {row['copy_GBps']:5.1f} | "
-                  f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {row.get('forward_speedup', float('nan')):6.1f} | "
-                  f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {row.get('train_speedup', float('nan')):6.1f} | "
+                  f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {fwd_x} | "
+                  f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {train_x} | "
                   f"{row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
                   f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
                   f" | {official_cols}", flush=True)  # fmt: skip
