@@ -12,6 +12,18 @@ from srupp.models.config import LMConfig
 from srupp.nn import SRUpp, SRUppState
 
 
+def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str = "auto", device=None, dtype=None):
+    """The ``SRUpp`` stack an ``LMConfig`` describes (width ``hidden_size`` in and out), for the LM and its
+    Hugging Face encoder."""
+    d = config.hidden_size
+    return SRUpp(
+        d, d, config.proj_size, num_layers=config.num_layers, num_heads=config.num_heads, dropout=config.dropout,
+        attn_dropout=config.attn_dropout, bidirectional=bidirectional, layer_norm=config.layer_norm,
+        highway_bias=config.highway_bias, attention_every_n_layers=config.attention_every_n_layers,
+        attention_layers=config.attention_layers, backend=backend, device=device, dtype=dtype,
+    )  # fmt: skip
+
+
 class SRUppLM(nn.Module):
     """A causal SRU++ language model (Lei 2021): byte-level with a plain embedding and output layer, or
     word-level with a tied adaptive input and ``nn.AdaptiveLogSoftmaxWithLoss`` when ``config.cutoffs`` is set.
@@ -57,21 +69,7 @@ class SRUppLM(nn.Module):
             self.embedding = nn.Embedding(config.vocab_size, d, **factory)
             self.output = nn.Linear(d, config.vocab_size, **factory)
         self.dropout = nn.Dropout(config.dropout)
-        self.rnn = SRUpp(
-            d,
-            d,
-            config.proj_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            dropout=config.dropout,
-            attn_dropout=config.attn_dropout,
-            layer_norm=config.layer_norm,
-            highway_bias=config.highway_bias,
-            attention_every_n_layers=config.attention_every_n_layers,
-            attention_layers=config.attention_layers,
-            backend=backend,
-            **factory,
-        )
+        self.rnn = srupp_stack(config, backend=backend, **factory)
         self.reset_parameters()
 
     def set_backend(self, name: str) -> None:
