@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -392,3 +394,138 @@ def test_set_backend_reaches_every_layer(assert_close):
         assert_close(model(x, causal=True)[0], expected)
     with pytest.raises(TypeError, match="backend name"):
         model.set_backend(None)
+
+
+@pytest.fixture
+def token_path_calls(monkeypatch):
+    """Counts the one-token steps that took ``SRUpp._step_token`` (the fast path)."""
+    calls = []
+    original = SRUpp._step_token
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(SRUpp, "_step_token", counting)
+    return calls
+
+
+TOKEN_PATH_CONFIGS = {
+    "two-layers": dict(num_layers=2),
+    "every-second-layer-two-heads": dict(num_layers=3, attention_every_n_layers=2, num_heads=2),
+    "layer-norm-projected-skip-odd": dict(num_layers=2, layer_norm=True, hidden_size=9),
+    "batch-first": dict(num_layers=2, batch_first=True),
+}
+
+
+@pytest.mark.parametrize("max_context", [None, 0, 3], ids=["all", "window-0", "window-3"])
+@pytest.mark.parametrize("config", TOKEN_PATH_CONFIGS.values(), ids=TOKEN_PATH_CONFIGS.keys())
+def test_one_token_path_after_prefill_equals_causal_forward(assert_close, token_path_calls, config, max_context):
+    # 40 tokens after a prefill of 4: the buffers (16 positions at first) fill and move several times.
+    model = make(**config)
+    steps, batch = 44, 3
+    x = torch.randn(steps, batch, 6)
+
+    def layout(tensor):  # time-major <-> the model's layout
+        return tensor.transpose(0, 1) if model.batch_first else tensor
+
+    with torch.no_grad():
+        expected, _ = model(layout(x), causal=True, attn_window=max_context)
+        expected_state = model.step(layout(x[:4]), model.init_decode_state(batch, max_context))[1]
+        for t in range(4, steps):  # the general path: replace() drops the buffers, so no step appends in place
+            expected_state = model.step(layout(x[t : t + 1]), replace(expected_state))[1]
+        outputs, state = [], model.init_decode_state(batch, max_context)
+        for start, size in [(0, 4)] + [(t, 1) for t in range(4, steps)]:
+            out, state = model.step(layout(x[start : start + size]), state)
+            outputs.append(layout(out))
+    assert len(token_path_calls) == steps - 4
+    assert_close(torch.cat(outputs), layout(expected), name="output")
+    assert_close(state.c, expected_state.c, name="c")
+    for name in ("keys", "values"):
+        for i, (actual, reference) in enumerate(zip(getattr(state, name), getattr(expected_state, name), strict=True)):
+            assert (actual is None) == (reference is None)
+            if actual is not None:
+                assert actual.shape[2] == (steps if max_context is None else max_context)
+                assert_close(actual, reference, name=f"{name}[{i}]")
+
+
+def test_one_token_path_keeps_older_states_and_branches(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x, a, b = torch.randn(5, 2, 6), torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    with torch.no_grad():
+        _, state = model.step(x, model.init_decode_state(2))
+        keys_before = [k.clone() for k in state.keys]
+        out_a, after_a = model.step(a, state)  # appends in place
+        out_b, after_b = model.step(b, state)  # state is no longer the newest: the general path, which copies
+        for before, now in zip(keys_before, state.keys, strict=True):
+            assert_close(now, before, name="older state's keys")
+        out_a2, _ = model.step(x[:1], after_a)  # the first branch still appends in place
+        out_b2, _ = model.step(x[:1], after_b)
+    assert len(token_path_calls) == 3
+    for prefix, outs in ((a, (out_a, out_a2)), (b, (out_b, out_b2))):
+        expected, _ = model(torch.cat([x, prefix, x[:1]]), causal=True)
+        assert_close(torch.cat(outs), expected[5:], name="branch")
+
+
+def test_one_token_path_falls_back_whenever_the_run_changes(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        with pytest.raises(ValueError, match=r"\[T, B, input_size\]"):
+            model.step(torch.randn(1, 2, 5), state)  # a bad input is still checked
+        with pytest.raises(ValueError, match="state.c"):
+            model.step(torch.randn(1, 3, 6), state)
+        state_c = SRUppState(state.c.clone(), keys=list(state.keys), values=list(state.values))
+        out3, _ = model.step(x[3:4], state_c)  # a state built by the user: checked, general path
+        model.train()  # dropout could be on: the general path
+        out3_train, _ = model.step(x[3:4], state)
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.step(x[3:4], state)
+        out3_fast, state = model.step(x[3:4], state)
+    assert token_path_calls == [1]
+    for out in (out3, out3_train, out3_fast):
+        assert_close(out, expected[3:4])
+
+
+def test_one_token_step_with_gradients_is_correct(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6, requires_grad=True)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+    outputs = [model(x[:3], causal=True)[0]]
+    for t in range(3, 6):  # with grad enabled a step takes the general path, whose cache is out of place
+        out, state = model.step(x[t : t + 1], state)
+        outputs.append(out)
+    assert not token_path_calls
+    output = torch.cat(outputs)
+    assert_close(output, expected)
+    # The prefill ran without gradients; the stepped tokens' inputs get theirs through the steps.
+    (grad,) = torch.autograd.grad(output[3:].square().sum(), x)
+    (grad_expected,) = torch.autograd.grad(expected[3:].square().sum(), x)
+    assert_close(grad[3:], grad_expected[3:], name="grad of the stepped inputs")
+
+
+def test_inference_mode_run_continues_outside_it(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.inference_mode():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        out3, state = model.step(x[3:4], state)
+    with torch.no_grad():  # inference tensors cannot be written outside inference mode: the general path copies
+        out4, state = model.step(x[4:5], state)
+        out5, state = model.step(x[5:6], state)
+    assert len(token_path_calls) == 2
+    assert_close(torch.cat([out3, out4, out5]), expected[3:])
+
+
+def test_bidirectional_decoding_is_refused_clearly():
+    model = SRUpp(8, 4, 4, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.init_decode_state(1)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))

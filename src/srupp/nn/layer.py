@@ -4,8 +4,10 @@ both build on, and the checks and rules they share."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from srupp.nn.attention import SRUppAttention
@@ -98,6 +100,26 @@ def reset_linear_transform(transform: nn.Module) -> None:
     for module in transform.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
+
+
+class TokenWeights(NamedTuple):
+    """The parameters of one layer that ``SRULayer.step_token`` reads, gathered once per decoding run (a module
+    attribute lookup costs about half a microsecond, and a one-token step would make a dozen per layer).
+    Layer norms are ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without
+    attention."""
+
+    input_norm: tuple | None
+    in_proj: Tensor
+    kv_proj: Tensor | None
+    alpha: Tensor | None
+    norm: tuple
+    out_proj: Tensor
+    gate_weight: Tensor
+    gate_bias: Tensor
+
+
+def layer_norm_arguments(norm: nn.LayerNorm) -> tuple:
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 class RecurrentGates(nn.Module):
@@ -227,6 +249,41 @@ class SRULayer(nn.Module):
             u = self.transform(normed)
         h, c = self._recur(input, u, c0, None)
         return h, c, cache
+
+    def token_weights(self) -> TokenWeights:
+        """The parameters ``step_token`` reads, gathered once per decoding run."""
+        transform = self.transform
+        return TokenWeights(
+            None if self.input_norm is None else layer_norm_arguments(self.input_norm),
+            transform.in_proj.weight,
+            transform.kv_proj.weight if self.has_attention else None,
+            transform.alpha if self.has_attention else None,
+            layer_norm_arguments(transform.norm),
+            transform.out_proj.weight,
+            self.gates.weight,
+            self.gates.bias,
+        )
+
+    def step_token(
+        self, input: Tensor, c0: Tensor, c_out: Tensor, weights: TokenWeights, window: tuple[Tensor, ...] | None
+    ) -> Tensor:
+        """One causal step of one token, unchecked (``SRUpp.step`` checked the run once; eval, no grad,
+        unidirectional): input ``[B, input_size]``, c0 ``[B, hidden_size]``, ``weights`` from ``token_weights``;
+        writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
+        and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
+        of it."""
+        normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
+        if window is not None:
+            u = self.transform.step_token(normed, weights, *window)
+        else:
+            u = F.linear(torch.layer_norm(F.linear(normed, weights.in_proj), *weights.norm), weights.out_proj)
+        batch, hidden = input.shape[0], self.hidden_size
+        # The op's equations for one step (srupp.ops.naive), with lerp(a, b, w) = a + w * (b - a).
+        # (narrow, not u[:, a:b]: Python indexing costs several microseconds a call.)
+        gates = torch.addcmul(weights.gate_bias, weights.gate_weight, c0.view(batch, 1, hidden))
+        forget, reset = gates.add_(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden)).sigmoid_().unbind(1)
+        torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
+        return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 from functools import partial
 
 import torch
@@ -19,9 +20,12 @@ from srupp.nn.layer import (
     check_state,
     check_tensor,
 )
-from srupp.nn.state import SRUppState
+from srupp.nn.state import DecodeBuffers, SRUppState
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
+# State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
+_TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "_buffers"}
+_OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
 
 
 class SRUpp(SRUStack):
@@ -251,6 +255,9 @@ class SRUpp(SRUStack):
             >>> out, state = model.step(torch.randn(3, 2, 16), state)
             >>> out, state = model.step(torch.randn(1, 2, 16), state)
         """
+        buffers = state._buffers if isinstance(state, SRUppState) else None
+        if buffers is not None and self._token_path_applies(input, state, buffers):
+            return self._step_token(input, state, buffers)
         if self.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
         if not isinstance(state, SRUppState):
@@ -268,7 +275,62 @@ class SRUpp(SRUStack):
             keys.append(None if cache is None else cache[0])
             values.append(None if cache is None else cache[1])
         output = x.transpose(0, 1) if self.batch_first else x
-        return output, SRUppState(torch.cat(states), keys=keys, values=values, max_context=state.max_context)
+        new_state = SRUppState(torch.cat(states), keys=keys, values=values, max_context=state.max_context)
+        if not torch.is_grad_enabled():
+            self._attach_buffers(new_state, batch)
+        return output, new_state
+
+    def _attach_buffers(self, state: SRUppState, batch: int) -> None:
+        """Move the caches of a checked ``state`` into preallocated buffers, so that the next one-token steps
+        append in place (``_step_token``)."""
+        lengths = {keys.shape[2] for keys in state.keys if keys is not None}
+        dtype = self.layers[0].gates.weight.dtype
+        if (
+            len(lengths) > 1
+            or state.c.dtype != dtype
+            or any(item.dtype != dtype for item in state.keys + state.values if item is not None)
+        ):
+            return
+        shape = (batch, 1) if self.batch_first else (1, batch)
+        buffers = DecodeBuffers(
+            self, [layer.token_weights() for layer in self.layers], state.keys, state.values,
+            lengths.pop() if lengths else 0, state.max_context, (*shape, self.input_size), (*shape, self.hidden_size),
+            dtype, state.c.device,
+        )  # fmt: skip
+        state.keys, state.values = buffers.views()
+        buffers.adopt(state)
+
+    def _token_path_applies(self, input: object, state: SRUppState, buffers: DecodeBuffers) -> bool:
+        """Whether ``step`` may take the one-token path: ``state`` is, unchanged, the newest state of a run
+        whose shapes ``step`` checked on its first call, ``input`` is one token of the same shape, dtype and
+        device, and nothing needs the general path (gradients, dropout, autocast, other state fields)."""
+        return (
+            buffers.model is self
+            and not self.training
+            and not torch.is_grad_enabled()
+            and (not buffers.inference or torch.is_inference_mode_enabled())
+            and isinstance(input, Tensor)
+            and input.shape == buffers.input_shape
+            and input.dtype == buffers.dtype
+            and input.device == buffers.device
+            and not torch.is_autocast_enabled(buffers.device.type)
+            and buffers.is_newest(state)
+            and all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS)
+        )
+
+    def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:
+        """``step`` for one token on a trusted state: each layer appends its key and value in place and runs
+        the recurrence as a few elementwise ops on ``[B, hidden_size]``."""
+        batch = buffers.input_shape[0] * buffers.input_shape[1]
+        x = input.reshape(batch, self.input_size)
+        c = state.c
+        c_next = torch.empty_like(c)
+        windows = buffers.open_position()
+        for layer, c_in, c_out, weights, window in zip(
+            self.layers, c.unbind(0), c_next.unbind(0), buffers.weights, windows, strict=True
+        ):
+            x = layer.step_token(x, c_in, c_out, weights, window)
+        return x.view(buffers.output_shape), buffers.commit(c_next, windows)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +41,8 @@ class SRUppState:
     keys: list[Tensor | None] | None = None
     values: list[Tensor | None] | None = None
     max_context: int | None = None
+    # Set by ``SRUpp.step`` on the states it returns; not copied by ``dataclasses.replace``, ``detach`` or ``to``.
+    _buffers: DecodeBuffers | None = field(default=None, init=False, repr=False, compare=False)
 
     def layer_context(self, index: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
         """Layer ``index``'s ``(memory, (keys, values))``, each None when absent."""
@@ -114,4 +116,117 @@ class SRUppState:
             lists["keys"],
             lists["values"],
             None if max_context is None else int(max_context.reshape(-1)[0]),
+        )
+
+
+class DecodeBuffers:
+    """Preallocated key/value storage behind the caches of the successive states of one ``SRUpp.step`` run
+    (internal).
+
+    Each attention layer keeps its keys and values in one ``[B, 2, heads, capacity, head_size]`` buffer, and a
+    state's ``keys[i]``/``values[i]`` are views of positions ``start..end-1`` of it. Only the newest state of a run
+    (the one whose ``c``, ``keys`` and ``values`` objects are recorded here) may append, in place at ``end``: no
+    state sees a position at or past its own end, so every view stays as it was, and stepping again from an
+    older state takes the general path, which copies. When ``end`` reaches the capacity the live positions move
+    to fresh buffers of twice their count, so appending costs amortised O(1) and never touches older views.
+    """
+
+    __slots__ = ("model", "weights", "buffers", "capacity", "start", "end", "max_context", "inference",
+                 "input_shape", "output_shape", "dtype", "device", "c", "key_views", "value_views")  # fmt: skip
+
+    def __init__(
+        self, model: object, weights: list, keys: list[Tensor | None], values: list[Tensor | None], length: int,
+        max_context: int | None, input_shape: tuple[int, ...], output_shape: tuple[int, ...], dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.model = model
+        # Per layer the parameters the one-token path reads (the Parameter objects: in-place updates show).
+        self.weights = weights
+        self.max_context = max_context
+        self.inference = torch.is_inference_mode_enabled()
+        self.input_shape, self.output_shape = input_shape, output_shape
+        self.dtype, self.device = dtype, device
+        self._allocate(keys, values, length)
+
+    def _allocate(self, keys: list[Tensor | None], values: list[Tensor | None], length: int) -> None:
+        """Fresh buffers of twice ``length + 1`` positions (at least 16) holding the ``length`` given ones."""
+        capacity = max(16, 2 * (length + 1))
+        self.buffers: list[Tensor | None] = []
+        for layer_keys, layer_values in zip(keys, values, strict=True):
+            if layer_keys is None:
+                self.buffers.append(None)
+                continue
+            batch, heads, _, head_size = layer_keys.shape
+            buffer = layer_keys.new_empty(batch, 2, heads, capacity, head_size)
+            buffer[:, 0, :, :length] = layer_keys
+            buffer[:, 1, :, :length] = layer_values
+            self.buffers.append(buffer)
+        self.capacity = capacity if any(buffer is not None for buffer in self.buffers) else 1 << 62
+        self.start, self.end = 0, length
+
+    def open_position(self) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+        """Per layer None (no attention) or ``(window [B, 2, heads, L, head_size], keys, values)``: views of
+        positions ``start..end``, the last not written yet (moving the live positions first when full)."""
+        if self.end == self.capacity:
+            length = self.end - self.start
+            live = [None if b is None else b.narrow(3, self.start, length).unbind(1) for b in self.buffers]
+            self._allocate([None if i is None else i[0] for i in live], [None if i is None else i[1] for i in live],
+                           length)  # fmt: skip
+        start, length = self.start, self.end + 1 - self.start
+        windows: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        for buffer in self.buffers:
+            if buffer is None:
+                windows.append(None)
+            else:
+                window = buffer.narrow(3, start, length)
+                windows.append((window, *window.unbind(1)))
+        return windows
+
+    def commit(self, c: Tensor, windows: list[tuple[Tensor, Tensor, Tensor] | None]) -> SRUppState:
+        """The state after the position opened by ``open_position`` was written, recorded as the newest."""
+        self.end += 1
+        drop = 0
+        if self.max_context is not None and self.end - self.start > self.max_context:
+            drop = self.end - self.start - self.max_context
+            self.start += drop
+        keys: list[Tensor | None] = []
+        values: list[Tensor | None] = []
+        for window in windows:
+            if window is None:
+                keys.append(None)
+                values.append(None)
+            elif drop:
+                keys.append(window[1].narrow(2, drop, window[1].shape[2] - drop))
+                values.append(window[2].narrow(2, drop, window[2].shape[2] - drop))
+            else:
+                keys.append(window[1])
+                values.append(window[2])
+        return self.adopt(SRUppState(c, keys=keys, values=values, max_context=self.max_context))
+
+    def views(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Per layer the live keys and values ``[B, heads, end - start, head_size]`` (None without attention)."""
+        length = self.end - self.start
+        keys: list[Tensor | None] = []
+        values: list[Tensor | None] = []
+        for buffer in self.buffers:
+            pair = (None, None) if buffer is None else buffer.narrow(3, self.start, length).unbind(1)
+            keys.append(pair[0])
+            values.append(pair[1])
+        return keys, values
+
+    def adopt(self, state: SRUppState) -> SRUppState:
+        """Record ``state`` (whose ``keys``/``values`` are this run's views) as the newest state of the run."""
+        self.c, self.key_views, self.value_views = state.c, tuple(state.keys), tuple(state.values)
+        state._buffers = self
+        return state
+
+    def is_newest(self, state: SRUppState) -> bool:
+        """Whether ``state`` is, unchanged, the newest state of the run (so it may append in place)."""
+        if state.c is not self.c or state.memory is not None or state.max_context != self.max_context:
+            return False
+        keys, values = state.keys, state.values
+        if keys is None or values is None or len(keys) != len(self.key_views) or len(values) != len(self.value_views):
+            return False
+        return all(a is b for a, b in zip(keys, self.key_views, strict=True)) and all(
+            a is b for a, b in zip(values, self.value_views, strict=True)
         )
