@@ -242,9 +242,17 @@ class SRUpp(SRUStack):
         so far, i.e. the full causal forward when the total length is at most ``max_context + 1``. A state
         from ``forward`` continues too: its memory becomes the cache.
 
+        Fast path: without gradients (``torch.no_grad``/``inference_mode``) a step checks its inputs and
+        moves the caches into preallocated buffers; the next one-token steps from the state it returned (in
+        eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
+        run the recurrence as plain elementwise ops. The parameters are read once per run (in-place updates
+        show; parameters replaced by new objects take effect from the next chunk). Stepping again from an older
+        state, or with gradients, takes the general path, which copies the cache; the results are the same.
+
         Args:
             input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), T >= 1.
-            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified.
+            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified (its views of the
+                cache keep their values).
 
         Returns:
             ``(output [T, B, hidden_size], next state)``; the state holds c and each attention layer's cache.
