@@ -529,3 +529,35 @@ def test_bidirectional_decoding_is_refused_clearly():
         model.init_decode_state(1)
     with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
         model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))
+
+
+@pytest.mark.parametrize("update", ["out_proj", "gate-bias", "kv_proj"])
+def test_one_token_path_sees_parameters_updated_in_place(assert_close, token_path_calls, update):
+    model = make(num_layers=2)
+    x = torch.randn(5, 2, 6)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        _, state = model.step(x[3:4], state)
+        layer = model.layers[1]
+        {"out_proj": layer.transform.out_proj.weight, "gate-bias": layer.gates.bias,
+         "kv_proj": layer.transform.kv_proj.weight}[update].mul_(-1.5)  # fmt: skip
+        expected, _ = model.step(x[4:5], replace(state))  # the general path reads the parameters afresh
+        out, _ = model.step(x[4:5], state)
+    assert len(token_path_calls) == 1
+    assert_close(out, expected)
+
+
+def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, token_path_calls):
+    model = make(num_layers=3, attention_every_n_layers=2)
+    x = torch.randn(4, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        state = model.init_decode_state(2)
+        assert [None if k is None else k.shape[2] for k in state.keys] == [None, 0, None]
+        outputs = []
+        for t in range(4):
+            out, state = model.step(x[t : t + 1], state)
+            outputs.append(out)
+    assert len(token_path_calls) == 4
+    assert_close(torch.cat(outputs), expected)
+    assert model.init_decode_state(2, dtype=torch.float64).keys is None  # not the parameters' dtype: no buffers

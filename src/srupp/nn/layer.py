@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from srupp.nn.attention import SRUppAttention
@@ -103,19 +102,22 @@ def reset_linear_transform(transform: nn.Module) -> None:
 
 
 class TokenWeights(NamedTuple):
-    """The parameters of one layer that ``SRULayer.step_token`` reads, gathered once per decoding run (a module
-    attribute lookup costs about half a microsecond, and a one-token step would make a dozen per layer).
-    Layer norms are ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without
-    attention."""
+    """What ``SRULayer.step_token`` reads, gathered once per decoding run: a module attribute lookup costs about
+    half a microsecond and a one-token step would make a dozen per layer, and a matrix-vector product is up to
+    a third faster on a weight stored ``[in, out]``. Layer norms are ``(normalized_shape, weight, bias, eps)``;
+    ``kv_proj`` and ``alpha`` are None without attention; ``u_bias`` puts the gate biases b_f, b_r in U's
+    layout. ``derived`` pairs each parameter that was copied here with its version counter at the time, so that
+    an in-place update (an optimizer step, ``load_state_dict``) is noticed."""
 
     input_norm: tuple | None
-    in_proj: Tensor
-    kv_proj: Tensor | None
+    in_proj_t: Tensor
+    kv_proj_t: Tensor | None
     alpha: Tensor | None
     norm: tuple
-    out_proj: Tensor
+    out_proj_t: Tensor
+    u_bias: Tensor
     gate_weight: Tensor
-    gate_bias: Tensor
+    derived: tuple[tuple[Tensor, int], ...]
 
 
 def layer_norm_arguments(norm: nn.LayerNorm) -> tuple:
@@ -251,18 +253,27 @@ class SRULayer(nn.Module):
         return h, c, cache
 
     def token_weights(self) -> TokenWeights:
-        """The parameters ``step_token`` reads, gathered once per decoding run."""
-        transform = self.transform
-        return TokenWeights(
-            None if self.input_norm is None else layer_norm_arguments(self.input_norm),
-            transform.in_proj.weight,
-            transform.kv_proj.weight if self.has_attention else None,
-            transform.alpha if self.has_attention else None,
-            layer_norm_arguments(transform.norm),
-            transform.out_proj.weight,
-            self.gates.weight,
-            self.gates.bias,
-        )
+        """The parameters ``step_token`` reads, gathered once per decoding run (see ``TokenWeights``)."""
+        transform, hidden = self.transform, self.hidden_size
+        with torch.no_grad():
+            copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
+            kv_proj_t = None
+            if self.has_attention:
+                copied.append(transform.kv_proj.weight)
+                kv_proj_t = transform.kv_proj.weight.t().contiguous()
+            u_bias = self.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
+            u_bias[hidden : 3 * hidden] = self.gates.bias.reshape(-1)
+            return TokenWeights(
+                None if self.input_norm is None else layer_norm_arguments(self.input_norm),
+                transform.in_proj.weight.t().contiguous(),
+                kv_proj_t,
+                transform.alpha if self.has_attention else None,
+                layer_norm_arguments(transform.norm),
+                transform.out_proj.weight.t().contiguous(),
+                u_bias,
+                self.gates.weight,
+                tuple((param, param._version) for param in copied),
+            )
 
     def step_token(
         self, input: Tensor, c0: Tensor, c_out: Tensor, weights: TokenWeights, window: tuple[Tensor, ...] | None
@@ -274,14 +285,16 @@ class SRULayer(nn.Module):
         of it."""
         normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
         if window is not None:
-            u = self.transform.step_token(normed, weights, *window)
+            u = self.transform.step_token(normed, weights, *window)  # U + b_f, b_r in place
         else:
-            u = F.linear(torch.layer_norm(F.linear(normed, weights.in_proj), *weights.norm), weights.out_proj)
+            projected = torch.layer_norm(torch.mm(normed, weights.in_proj_t), *weights.norm)
+            u = torch.addmm(weights.u_bias, projected, weights.out_proj_t)
         batch, hidden = input.shape[0], self.hidden_size
-        # The op's equations for one step (srupp.ops.naive), with lerp(a, b, w) = a + w * (b - a).
-        # (narrow, not u[:, a:b]: Python indexing costs several microseconds a call.)
-        gates = torch.addcmul(weights.gate_bias, weights.gate_weight, c0.view(batch, 1, hidden))
-        forget, reset = gates.add_(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden)).sigmoid_().unbind(1)
+        # The op's equations for one step (srupp.ops.naive) with the biases already in u, and
+        # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python indexing costs microseconds a call.)
+        gates = torch.addcmul(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight,
+                              c0.view(batch, 1, hidden))  # fmt: skip
+        forget, reset = gates.sigmoid_().unbind(1)
         torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
         return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
 

@@ -217,7 +217,7 @@ class SRUpp(SRUStack):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> SRUppState:
-        """An empty state for ``step`` (or ``forward``): zero c and no earlier positions.
+        """An empty state for ``step`` (or ``forward``): zero c and empty key/value caches (no earlier positions).
 
         Args:
             batch_size: B.
@@ -233,7 +233,14 @@ class SRUpp(SRUStack):
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
         c = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
-        return SRUppState(c, max_context=max_context)
+        # Empty caches in preallocated buffers: the first token can take the one-token path of ``step``.
+        head_size = self.proj_size // self.num_heads
+        empty = [c.new_empty(batch_size, self.num_heads, 0, head_size) if layer.has_attention else None
+                 for layer in self.layers]  # fmt: skip
+        state = SRUppState(c, keys=empty, values=list(empty), max_context=max_context)
+        if not self._attach_buffers(state, batch_size):
+            state.keys = state.values = None
+        return state
 
     def step(self, input: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
@@ -288,17 +295,20 @@ class SRUpp(SRUStack):
             self._attach_buffers(new_state, batch)
         return output, new_state
 
-    def _attach_buffers(self, state: SRUppState, batch: int) -> None:
+    def _attach_buffers(self, state: SRUppState, batch: int) -> bool:
         """Move the caches of a checked ``state`` into preallocated buffers, so that the next one-token steps
-        append in place (``_step_token``)."""
+        append in place (``_step_token``); False (and ``state`` unchanged) where the one-token path cannot take
+        it: caches of unequal lengths, or a dtype or device other than the parameters'."""
         lengths = {keys.shape[2] for keys in state.keys if keys is not None}
-        dtype = self.layers[0].gates.weight.dtype
+        reference = self.layers[0].gates.weight
+        dtype = reference.dtype
         if (
             len(lengths) > 1
             or state.c.dtype != dtype
+            or state.c.device != reference.device
             or any(item.dtype != dtype for item in state.keys + state.values if item is not None)
         ):
-            return
+            return False
         shape = (batch, 1) if self.batch_first else (1, batch)
         buffers = DecodeBuffers(
             self, [layer.token_weights() for layer in self.layers], state.keys, state.values,
@@ -307,11 +317,13 @@ class SRUpp(SRUStack):
         )  # fmt: skip
         state.keys, state.values = buffers.views()
         buffers.adopt(state)
+        return True
 
     def _token_path_applies(self, input: object, state: SRUppState, buffers: DecodeBuffers) -> bool:
         """Whether ``step`` may take the one-token path: ``state`` is, unchanged, the newest state of a run
         whose shapes ``step`` checked on its first call, ``input`` is one token of the same shape, dtype and
-        device, and nothing needs the general path (gradients, dropout, autocast, other state fields)."""
+        device, and nothing needs the general path (gradients, dropout, autocast, other state fields, parameters
+        updated in place since the run's weights were gathered)."""
         return (
             buffers.model is self
             and not self.training
@@ -324,6 +336,7 @@ class SRUpp(SRUStack):
             and not torch.is_autocast_enabled(buffers.device.type)
             and buffers.is_newest(state)
             and all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS)
+            and all(param._version == version for weights in buffers.weights for param, version in weights.derived)
         )
 
     def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:
