@@ -8,7 +8,8 @@ printed as a ratio to a baseline measured in the same run.
 1. train (forward + cross-entropy + backward) and inference (forward) tokens/s at each size;
    ratios: srupp over each other model.
 2. decoding tokens/s and ms/token, one token per step with the cache (SRUpp.step; Transformer key/value
-   cache; LSTM carrying its state), batch 1 and 8; ratios: srupp over each other model. Also the cost of
+   cache; LSTM carrying its state), batch 1 and 8, best of the repeats with the models taking turns;
+   ratios: srupp over each other model. Also the cost of
    one SRUpp.step call through one layer (T=1, B=1) at the decoding width and at width 8, where the
    matmuls are negligible and what remains is per-call overhead.
 3. forward (inference) cost per token as T grows at a fixed number of tokens per batch, SRUpp (plain
@@ -151,28 +152,38 @@ def bench_sizes(plan: dict, repeats: int, sru) -> list[dict]:
 
 
 def bench_decoding(plan: dict, repeats: int) -> list[dict]:
+    """Per model the best of ``repeats`` decodes of ``decode_tokens`` tokens, the models taking turns within
+    each repeat so that a burst of load on a shared machine hits them alike."""
     width, layers, count = plan["decode_width"], plan["layers"], plan["decode_tokens"]
     models = equal_models(width, layers, None)
     out = []
     for batch in plan["decode_batches"]:
         print(f"decoding: d={width} layers={layers} batch={batch}, {count} tokens one at a time from an empty cache")
         tokens = torch.randint(0, 256, (count, batch))
+
+        def decode(model: ByteLM, batch: int = batch, tokens: torch.Tensor = tokens) -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                cache = model.init_decode(batch)
+                for t in range(count):
+                    _, cache = model.step(tokens[t : t + 1], cache)
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for model in models.values():
+            decode(model.eval())  # warm-up
+        for _ in range(max(repeats, 3)):
+            for name, model in models.items():
+                times[name].append(decode(model))
         results = {}
         for name, model in models.items():
-            model.eval()
-
-            def decode(model=model, batch=batch, tokens=tokens):
-                with torch.no_grad():
-                    cache = model.init_decode(batch)
-                    for t in range(count):
-                        _, cache = model.step(tokens[t : t + 1], cache)
-
-            seconds = time_it(decode, repeats=repeats)
+            seconds = min(times[name])
             results[name] = {"params": count_parameters(model), "decode_tokens_per_s": count * batch / seconds,
-                             "decode_ms_per_token": 1e3 * seconds / count}  # fmt: skip
+                             "decode_ms_per_token": 1e3 * seconds / count,
+                             "decode_ms_per_token_median": 1e3 * statistics.median(times[name]) / count}  # fmt: skip
             r = results[name]
             print(f"  {name:12s} {r['decode_tokens_per_s']:>10,.0f} tok/s  {r['decode_ms_per_token']:7.3f} ms/token "
-                  "(per step of the batch)", flush=True)  # fmt: skip
+                  f"(median {r['decode_ms_per_token_median']:.3f}; per step of the batch)", flush=True)  # fmt: skip
         ratios = ratios_to(results, "srupp", ("decode_tokens_per_s",))
         for key, value in ratios.items():
             print(f"  {key:55s} {value:6.2f}x")
