@@ -1,7 +1,10 @@
+import copy
+import pickle
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from srupp.nn import SRUpp, SRUppState
 from srupp.ops.naive import sru_recurrence_naive
@@ -308,7 +311,7 @@ def test_forward_and_step_continue_each_other(assert_close, order):
     assert_close(state.c, full_state.c, name="c")
 
 
-def test_state_round_trips_through_tensors(assert_close):
+def test_state_round_trips_through_tensors(assert_close, tmp_path):
     model = make(num_layers=3, attention_every_n_layers=2)
     x = torch.randn(6, 2, 6)
     with torch.no_grad():
@@ -317,6 +320,10 @@ def test_state_round_trips_through_tensors(assert_close):
         for state in (forward_state, step_state):
             tensors = state.to_tensors("carry/")
             assert all(key.startswith("carry/") and value.is_contiguous() for key, value in tensors.items())
+            # A decoding state's keys and values are views of one shared buffer; what to_tensors gives is not.
+            save_file(tensors, str(tmp_path / "state.safetensors"))
+            assert len({value.untyped_storage().data_ptr() for value in tensors.values()}) == len(tensors)
+            assert all(value.untyped_storage().nbytes() == value.nbytes for value in tensors.values())
             restored = SRUppState.from_tensors({**tensors, "model/other": torch.zeros(1)}, prefix="carry/")
             assert restored.max_context == state.max_context
             for name in ("memory", "keys", "values"):
@@ -327,6 +334,9 @@ def test_state_round_trips_through_tensors(assert_close):
             expected, _ = model(x[3:], state, causal=True)
             actual, _ = model(x[3:], restored, causal=True)
             assert_close(actual, expected, atol=0, rtol=0)
+    with torch.no_grad():  # batch 1, one head: the cache views are contiguous but live in a larger buffer
+        _, single = model.step(x[:3, :1], model.init_decode_state(1))
+    assert all(value.untyped_storage().nbytes() == value.nbytes for value in single.to_tensors().values())
     assert forward_state.to_tensors().keys() == {"c", "num_layers", "memory/1"}
     assert step_state.to_tensors().keys() == {"c", "num_layers", "max_context", "keys/1", "values/1"}
 
@@ -521,6 +531,30 @@ def test_inference_mode_run_continues_outside_it(assert_close, token_path_calls)
         out5, state = model.step(x[5:6], state)
     assert len(token_path_calls) == 2
     assert_close(torch.cat([out3, out4, out5]), expected[3:])
+    with torch.no_grad():
+        state = model.init_decode_state(2)
+    with torch.inference_mode():  # and buffers made outside it are written inside it
+        outputs = []
+        for t in range(6):
+            out, state = model.step(x[t : t + 1], state)
+            outputs.append(out)
+    assert len(token_path_calls) == 8
+    assert_close(torch.cat(outputs), expected)
+
+
+def test_copies_of_a_state_leave_the_buffers_behind(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(5, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        for copied in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+            assert copied._buffers is None
+            out, after = model.step(x[3:4], copied)
+            assert_close(out, expected[3:4])
+            out, _ = model.step(x[4:5], after)  # the general path gave the copy buffers of its own
+            assert_close(out, expected[4:5])
+    assert len(token_path_calls) == 3
 
 
 def test_bidirectional_decoding_is_refused_clearly():

@@ -44,6 +44,11 @@ class SRUppState:
     # Set by ``SRUpp.step`` on the states it returns; not copied by ``dataclasses.replace``, ``detach`` or ``to``.
     _buffers: DecodeBuffers | None = field(default=None, init=False, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave the decoding buffers behind (they hold the model): the copy steps on the
+        # general path, which gives it buffers of its own.
+        return {**self.__dict__, "_buffers": None}
+
     def layer_context(self, index: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
         """Layer ``index``'s ``(memory, (keys, values))``, each None when absent."""
         memory = None if self.memory is None else self.memory[index]
@@ -68,16 +73,17 @@ class SRUppState:
         """A flat ``{name: tensor}`` form for checkpoints (e.g. safetensors): ``{prefix}c``,
         ``{prefix}memory/{i}``, ``{prefix}keys/{i}``, ``{prefix}values/{i}`` for the layers that have them,
         ``{prefix}num_layers`` and, when set, ``{prefix}max_context`` (int64, shape [1]). Tensors are
-        detached and contiguous; ``from_tensors`` inverts it."""
+        detached, contiguous copies (a decoding state's caches are views of larger buffers, which ``torch.save``
+        would write whole and which the run keeps writing past their end); ``from_tensors`` inverts it."""
         lists = {"memory": self.memory, "keys": self.keys, "values": self.values}
         num_layers = max((len(items) for items in lists.values() if items is not None), default=0)
-        tensors = {f"{prefix}c": self.c.detach().contiguous(), f"{prefix}num_layers": torch.tensor([num_layers])}
+        tensors = {f"{prefix}c": self.c.detach().clone(), f"{prefix}num_layers": torch.tensor([num_layers])}
         if self.max_context is not None:
             tensors[f"{prefix}max_context"] = torch.tensor([self.max_context])
         for name, items in lists.items():
             for i, item in enumerate(items or []):
                 if item is not None:
-                    tensors[f"{prefix}{name}/{i}"] = item.detach().contiguous()
+                    tensors[f"{prefix}{name}/{i}"] = item.detach().clone(memory_format=torch.contiguous_format)
         return tensors
 
     @classmethod
