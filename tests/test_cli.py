@@ -50,3 +50,59 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "srupp", "--help"], capture_output=True, text=True, check=True)
     for command in ("train", "eval", "generate", "data", "demo"):
         assert command in out.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    argv = ["train", "--config", "tiny", "--data", str(corpus), "--out_dir", str(run), "--progress", "false"]
+    assert main([*argv, "--max_steps", "2", "--eval_every", "2"]) == 0
+    return run
+
+
+def _reference_log_probs(run, ids):
+    import torch
+
+    from srupp.train import load_model, resolve_checkpoint
+
+    model, _, _, _ = load_model(resolve_checkpoint(run))
+    with torch.no_grad():
+        log_probs, _ = model(torch.as_tensor(ids).t())  # time-major [T, B]
+    return log_probs
+
+
+def test_export_hf_loads_with_auto_classes(trained_run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import srupp.hf  # noqa: F401  (registers the Auto classes)
+
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(trained_run), str(out)]) == 0
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(["print(3 * 3)"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    expected = _reference_log_probs(trained_run, ids).transpose(0, 1)
+    torch.testing.assert_close(torch.log_softmax(logits, -1), expected, rtol=1e-5, atol=1e-5)
+    assert main(["export", "hf", str(trained_run), str(out)]) == 2  # an existing folder is never replaced unasked
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_export_onnx_runs_in_onnxruntime(trained_run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import numpy as np
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the user's file")
+    assert main(["export", "onnx", str(trained_run), str(out)]) == 2
+    assert out.read_bytes() == b"the user's file" and "--overwrite" in capsys.readouterr().err
+    assert main(["export", "onnx", str(trained_run), str(out), "--overwrite"]) == 0
+    session = ort.InferenceSession(str(out))
+    for steps, batch in ((9, 2), (4, 3)):
+        ids = np.random.default_rng(steps).integers(0, 256, size=(batch, steps))
+        (got,) = session.run(None, {session.get_inputs()[0].name: ids.T.astype(np.int64)})
+        expected = _reference_log_probs(trained_run, ids).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

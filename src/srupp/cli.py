@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 import time
 from pathlib import Path
+
+from srupp.errors import ConfigError, DivergenceError, SRUppError
 
 EPILOG_OVERRIDES = (
     "Any config field can be overridden with --KEY VALUE: training fields (--lr 1e-3, --max_steps 500) and "
     "model fields (--hidden_size 256 or --model.hidden_size 256). Unknown keys are an error."
 )
+BACKENDS = ("auto", "naive", "cpu", "triton")
+
+
+def _number(kind: type, low: float, *, strict: bool = False, high: float | None = None):
+    """An argparse ``type`` accepting finite ``kind`` values >= ``low`` (> with ``strict``) and <= ``high``."""
+    bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {bound}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _overrides(extra: list[str]) -> dict[str, str]:
@@ -20,30 +41,31 @@ def _overrides(extra: list[str]) -> dict[str, str]:
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--") or len(item) == 2:
-            raise ValueError(f"expected --KEY VALUE overrides, got {item!r}")
+            raise ConfigError(f"expected --KEY VALUE overrides, got {item!r}")
         if "=" in item:
             key, value = item[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(extra):
-                raise ValueError(f"override {item} needs a value")
+                raise ConfigError(f"override {item} needs a value")
             key, value = item[2:], extra[i + 1]
             i += 2
         out[key] = value
     return out
 
 
-def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train import TrainConfig, apply_overrides, load_checkpoint, load_preset, train
 
-    overrides = _overrides(extra)
+    if args.backend:
+        overrides["backend"] = args.backend
     if args.resume:
         ckpt = load_checkpoint(Path(args.resume) / "checkpoints" / "last.safetensors")
         cfg = apply_overrides(TrainConfig.from_dict(ckpt.config), {**overrides, "out_dir": args.resume})
     else:
         cfg = apply_overrides(load_preset(args.config), overrides)
-    result = train(cfg, resume=bool(args.resume))
-    if result.valid and os.environ.get("RANK", "0") == "0":
+    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    if result.valid and result.is_main:
         last = result.valid[-1]
         metric = "valid_bpc" if "valid_bpc" in last else "valid_ppl"
         print(f"done: step {result.step}, {metric.replace('_', ' ')} {last[metric]:.4f}, run in {cfg.out_dir}")
@@ -55,18 +77,16 @@ def _load(args: argparse.Namespace):
     from srupp.train.distributed import resolve_device
 
     device = resolve_device(args.device)
-    model, cfg, vocab, _ = load_model(args.checkpoint, device)
+    model, cfg, vocab, _ = load_model(args.checkpoint, device, backend=args.backend)
     return model, cfg, vocab, device
 
 
-def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+def _cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train import bpc, evaluate, ppl
-    from srupp.train.loop import resolve_corpus
+    from srupp.train.evaluate import evaluation_corpus
 
     model, cfg, vocab, device = _load(args)
-    corpus = resolve_corpus(args.data or cfg.data, cfg.out_dir)
-    if corpus.vocab != vocab:
-        raise ValueError(f"corpus {corpus.path} has a different vocabulary from checkpoint {args.checkpoint}")
+    corpus = evaluation_corpus(args.checkpoint, cfg.data, vocab, args.data)
     context = args.context or cfg.resolved_eval_unroll
     tokens = corpus.split(args.split)
     start = time.perf_counter()
@@ -75,78 +95,76 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     )
     seconds = time.perf_counter() - start
     count = min(len(tokens) - 1, args.max_tokens or len(tokens))
-    value = f"bpc {bpc(nats):.4f}" if vocab.kind == "byte" else f"ppl {ppl(nats):.3f}"
+    if vocab.kind == "word":
+        value = f"ppl {ppl(nats):.3f}"
+    else:  # bits per byte of the scored text, for byte and BPE corpora alike
+        value = f"bpc {bpc(nats, corpus.bytes_per_token(args.split, count)):.4f}"
     print(f"{args.split}: {value} (loss {nats:.4f} nats, context {context}, ~{count:,} tokens, {seconds:.1f}s)")
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+def _cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import torch
 
-    from srupp.data.corpus import EOS
-    from srupp.models import generate
+    from srupp.train.sample import sample_text
 
     torch.set_num_threads(args.threads)
     model, cfg, vocab, device = _load(args)
-    # An empty prompt starts at a line break; word vocabularies spell it <eos> (encode drops newlines).
-    prompt = vocab.encode(args.prompt) or vocab.encode("\n" if vocab.kind == "byte" else EOS)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = generate(
-        model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_context=args.context, generator=generator,
+    pieces = sample_text(
+        model, vocab, args.prompt, args.max_new_tokens, generator=generator, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, max_context=args.context,
     )  # fmt: skip
     print(args.prompt, end="", flush=True)
-    start, count, pending = time.perf_counter(), 0, []
-    for token in stream:
-        count += 1
-        pending.append(token)
-        text = vocab.decode(pending)
-        if vocab.kind == "word" or "\ufffd" not in text or len(pending) > 4:
-            sys.stdout.write(text if vocab.kind == "byte" else " " + text)
-            sys.stdout.flush()
-            pending = []
+    start = time.perf_counter()
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     seconds = time.perf_counter() - start
+    count = args.max_new_tokens
     print(f"\n[{count} tokens in {seconds:.2f}s: {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
-def _cmd_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+def _cmd_data_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp import data
 
-    source = args.source
+    source, out, overwrite = args.source, args.out, args.overwrite
+    if args.tokenizer != "bytes" and args.corpus != "text":
+        raise ConfigError(f"--tokenizer applies to corpus 'text' only, got corpus {args.corpus!r}")
     if args.download:
         if args.corpus not in data.URLS and not args.url:
-            raise ValueError(f"--download needs --url for corpus {args.corpus!r}")
+            raise ConfigError(f"--download needs --url for corpus {args.corpus!r}")
         url = args.url or data.URLS[args.corpus]
-        archive = Path(args.out) / "download" / Path(url).name
+        archive = Path(out) / "download" / Path(url).name
         print(f"downloading {url} -> {archive}")
         data.download(url, archive, sha256=args.sha256)
         print(f"sha256 {data.sha256_file(archive)}")
         source = archive
     if source is None and args.corpus != "stdlib":
-        raise ValueError(f"`--source` (a file or folder) or --download is needed for corpus {args.corpus!r}")
-    if args.corpus == "enwik8":
-        corpus = data.prepare_enwik8(source, args.out, check_size=not args.no_size_check)
-    elif args.corpus == "text8":
-        corpus = data.prepare_text8(source, args.out, check_size=not args.no_size_check)
+        raise ConfigError(f"`--source` (a file or folder) or --download is needed for corpus {args.corpus!r}")
+    if args.corpus in ("enwik8", "text8"):
+        prepare = data.prepare_enwik8 if args.corpus == "enwik8" else data.prepare_text8
+        corpus = prepare(source, out, check_size=not args.no_size_check, overwrite=overwrite)
     elif args.corpus == "wt103":
-        corpus = data.prepare_wikitext103(source, args.out)
+        corpus = data.prepare_wikitext103(source, out, overwrite=overwrite)
     elif args.corpus == "stdlib":
-        corpus = data.prepare_stdlib(args.out)
+        corpus = data.prepare_stdlib(out, overwrite=overwrite)
     else:
-        corpus = data.prepare_text(source, args.out, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio)
+        ratios = {"valid_ratio": args.valid_ratio, "test_ratio": args.test_ratio}
+        corpus = data.prepare_text(source, out, **ratios, tokenizer=args.tokenizer, overwrite=overwrite)
     sizes = ", ".join(f"{k} {v:,}" for k, v in corpus.lengths.items())
     print(f"prepared {args.corpus} in {corpus.path}: {corpus.vocab.kind}-level, vocab {corpus.vocab.size:,}; {sizes}")
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import torch
 
-    from srupp.models import generate
     from srupp.train import apply_overrides, load_preset, train
+    from srupp.train.sample import sample_text
 
-    overrides = {"out_dir": args.out, **_overrides(extra)}
+    overrides = {"out_dir": args.out, **overrides}
     if args.time_limit is not None:
         overrides["time_limit_s"] = str(args.time_limit)
     cfg = apply_overrides(load_preset("demo"), overrides)
@@ -156,96 +174,137 @@ def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         f"standard library's source, for {cfg.time_limit_s or float('inf'):.0f}s (at most {cfg.max_steps} steps)"
     )
     start = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # an earlier demo's files are moved into <out>/replaced/, not lost
     minutes = (time.perf_counter() - start) / 60
     best = min(r["valid_bpc"] for r in result.valid)
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; valid bpc {result.valid[-1]['valid_bpc']:.3f} "
           f"(best {best:.3f}); learning curve: {Path(cfg.out_dir) / 'learning_curve.png'}")  # fmt: skip
     print("sample (temperature 0.8, top-p 0.95):\n")
-    prompt = "def "
-    print(prompt, end="", flush=True)
-    generator = torch.Generator().manual_seed(0)
     torch.set_num_threads(1)  # sampling is latency-bound: see the --threads default of `srupp generate`
-    model = result.model.eval()
-    pending: list[int] = []
-    for token in generate(model, list(prompt.encode()), args.sample_bytes, temperature=0.8, top_p=0.95,
-                          generator=generator):  # fmt: skip
-        pending.append(token)
-        text = bytes(pending).decode("utf-8", errors="replace")
-        if "\ufffd" not in text or len(pending) > 4:
-            print(text, end="", flush=True)
-            pending = []
+    from srupp.data import Vocab
+
+    print("def ", end="", flush=True)
+    for piece in sample_text(result.model.eval(), Vocab("byte"), "def ", args.sample_bytes, temperature=0.8,
+                             top_p=0.95, generator=torch.Generator().manual_seed(0)):  # fmt: skip
+        print(piece, end="", flush=True)
     print()
     return 0
+
+
+def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from srupp.errors import UnavailableError
+    from srupp.train import load_model, resolve_checkpoint
+
+    checkpoint, out = resolve_checkpoint(args.run), Path(args.out)
+    extra = "hf" if args.format == "hf" else "onnx"
+    try:
+        if args.format == "hf":
+            from srupp.hf import export_checkpoint
+        else:
+            from srupp.onnx import export_onnx
+    except ImportError as err:
+        raise UnavailableError(f"`srupp export {args.format}` needs `pip install 'srupp[{extra}]'` ({err})") from err
+    if args.format == "hf":
+        export_checkpoint(checkpoint, out, overwrite=args.overwrite)
+    else:
+        if out.exists() and not args.overwrite:
+            raise ConfigError(f"`out` {out} already exists; pass --overwrite to replace it")
+        model, _, _, _ = load_model(checkpoint, "cpu", backend=args.backend)
+        export_onnx(model, out, with_state=args.with_state)
+    print(f"exported {checkpoint} -> {out}")
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by srupp train")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="recurrence backend (a runtime choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srupp", description="Train, evaluate and sample SRU++ language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    count, positive = _number(int, 1), _number(float, 0.0, strict=True)
 
     p = sub.add_parser("train", help="train a language model (DDP under torchrun)", epilog=EPILOG_OVERRIDES)
     p.add_argument("--config", default="demo", help="a preset in configs/ (enwik8-base, ...) or a JSON file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="move the files of a run already in --out_dir aside")
+    p.add_argument("--backend", choices=BACKENDS, help="recurrence backend (default: the config's, auto)")
     p.set_defaults(func=_cmd_train)
 
-    for name, helptext in (("eval", "bits per character or perplexity"), ("generate", "sample text")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by srupp train")
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        if name == "eval":
-            p.add_argument("--data", help="prepared corpus directory (default: the one the model was trained on)")
-            p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-            p.add_argument("--context", type=int, help="segment length and attention window (paper: 3072 enwik8)")
-            p.add_argument("--batch-size", type=int, default=1)
-            p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
-            p.set_defaults(func=_cmd_eval)
-        else:
-            p.add_argument("--prompt", default="")
-            p.add_argument("--max-new-tokens", type=int, default=300)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-k", type=int)
-            p.add_argument("--top-p", type=float, default=0.95)
-            p.add_argument("--context", type=int, help="attention cache length (default: unlimited)")
-            p.add_argument("--seed", type=int, default=0)
-            # One token at a time is a chain of tiny ops: extra CPU threads only add synchronisation
-            # (demo model, 2 cores, 1000 tokens: 318 tokens/s with 2 threads, 353 with 1).
-            p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for sampling)")
-            p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("eval", help="bits per character or perplexity")
+    _add_model_options(p)
+    p.add_argument("--data", help="prepared corpus directory (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--context", type=count, help="segment length and attention window (paper: 3072 enwik8)")
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--max-tokens", type=count, help="score only the first N tokens")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text")
+    _add_model_options(p)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=_number(int, 0), default=300)
+    p.add_argument("--temperature", type=positive, default=0.8)
+    p.add_argument("--top-k", type=count)
+    p.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
+    p.add_argument("--context", type=count, help="attention cache length (default: unlimited)")
+    p.add_argument("--seed", type=int, default=0)
+    # One token at a time is a chain of tiny ops: extra CPU threads only add synchronisation
+    # (demo model, 2 cores, 1000 tokens: 318 tokens/s with 2 threads, 353 with 1).
+    p.add_argument("--threads", type=count, default=1, help="torch CPU threads (default 1: fastest for sampling)")
+    p.set_defaults(func=_cmd_generate)
 
     data = sub.add_parser("data", help="corpus preparation").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="write memory-mapped token files for a corpus")
     p.add_argument("corpus", choices=("enwik8", "text8", "wt103", "text", "stdlib"))
     p.add_argument("--source", help="the archive, file or folder to read")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus already prepared in --out")
     p.add_argument("--download", action="store_true", help="fetch the corpus from its public address first")
     p.add_argument("--url", help="download from this address instead")
     p.add_argument("--sha256", help="expected sha256 of the downloaded archive")
-    p.add_argument("--valid-ratio", type=float, default=0.05)
-    p.add_argument("--test-ratio", type=float, default=0.05)
+    p.add_argument("--valid-ratio", type=_number(float, 0.0, high=0.5), default=0.05)
+    p.add_argument("--test-ratio", type=_number(float, 0.0, high=0.5), default=0.05)
     p.add_argument("--no-size-check", action="store_true", help="accept enwik8/text8 files of any size")
+    p.add_argument("--tokenizer", default="bytes", metavar="bytes|bpe:VOCAB|PATH",
+                   help="text only: bytes (default), a byte-level BPE of VOCAB ids trained on the training split, "
+                   "or a byte-level tokenizer.json")  # fmt: skip
     p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("export", help="convert a training checkpoint for Hugging Face or ONNX Runtime")
+    p.add_argument("format", choices=("hf", "onnx"))
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder (its best, else last checkpoint) or a checkpoint file")
+    p.add_argument("out", metavar="OUT", help="hf: the folder to create; onnx: the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--with-state", action="store_true", help="onnx: recurrent state as an input and an output")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="onnx: recurrence backend to trace")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=EPILOG_OVERRIDES)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
-    p.add_argument("--sample-bytes", type=int, default=400)
+    p.add_argument("--time-limit", type=positive, help="stop training after this many seconds")
+    p.add_argument("--sample-bytes", type=_number(int, 0), default=400)
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``srupp`` command line. Errors in the input (options, configs, files) and ``OSError`` print
+    one line and return 2 (3 for a diverged run, 130 for Ctrl-C); anything else is a bug and raises."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args, extra)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, NotImplementedError) as err:
-        print(f"srupp {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
+        return args.func(args, _overrides(extra))
+    except DivergenceError as err:
         print(f"srupp {args.command}: {err}", file=sys.stderr)
         return 3
+    except (SRUppError, OSError) as err:
+        print(f"srupp {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"srupp {args.command}: interrupted", file=sys.stderr)
         return 130

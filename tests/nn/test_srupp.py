@@ -219,6 +219,7 @@ def test_torch_compile_equals_eager(assert_close):
     assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4, name="grad")
 
 
+MEMORY = [torch.zeros(3, 2, 6), torch.zeros(3, 2, 8)]
 BAD_CALLS = {
     "input-size": (lambda m: m(torch.randn(4, 2, 5)), ValueError, r"\[T, B, input_size\] = \[T, B, 6\]"),
     "input-dims": (lambda m: m(torch.randn(4, 6)), ValueError, "input"),
@@ -243,6 +244,14 @@ BAD_CALLS = {
     "memory-and-cache": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
                          memory=[torch.zeros(3, 2, 6), None], keys=[torch.zeros(2, 1, 3, 4), None],
                          values=[torch.zeros(2, 1, 3, 4), None])), ValueError, "keep one"),
+    "key-pad-length": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
+                       key_pad=torch.zeros(2, 4, dtype=torch.bool))), ValueError, r"\[B, S\] = \[2, \[3\]\]"),
+    "key-pad-dtype": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
+                      key_pad=torch.zeros(2, 3))), TypeError, "bool"),
+    "key-pad-alone": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
+                      key_pad=torch.zeros(2, 3, dtype=torch.bool))), ValueError, "no memory or cache"),
+    "decode-mask-shape": (lambda m: m.step(torch.randn(3, 2, 6), m.init_decode_state(2),
+                          mask_pad=torch.zeros(2, 3, dtype=torch.bool)), ValueError, r"\[T, B\] = \[3, 2\]"),
 }  # fmt: skip
 
 
@@ -595,3 +604,61 @@ def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, 
     assert len(token_path_calls) == 4
     assert_close(torch.cat(outputs), expected)
     assert model.init_decode_state(2, dtype=torch.float64).keys is None  # not the parameters' dtype: no buffers
+
+
+LEFT_PADDED = {"step-chunks": "step", "forward-then-step": "forward"}
+
+
+@pytest.mark.parametrize("prefill", LEFT_PADDED.values(), ids=LEFT_PADDED.keys())
+def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
+    # Batched prompts padded on the left, then decoding: padding must neither move c nor be attended to later.
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    lengths, steps = [5, 2, 4], 5
+    mask_pad = torch.arange(steps).unsqueeze(1) < steps - torch.tensor(lengths)
+    prompt = torch.randn(steps, 3, 6).masked_fill(mask_pad.unsqueeze(-1), float("nan"))
+    more = torch.randn(3, 3, 6)
+    with torch.no_grad():
+        if prefill == "step":
+            first, state = model.step(prompt[:2], model.init_decode_state(3), mask_pad=mask_pad[:2])
+            second, state = model.step(prompt[2:], state, mask_pad=mask_pad[2:])
+            prompt_out = torch.cat([first, second])
+        else:
+            prompt_out, state = model(prompt, mask_pad=mask_pad, causal=True)
+        assert state.key_pad.tolist() == mask_pad.t().tolist()
+        continued, _ = model(more, state, causal=True)  # forward continues the padded state the same way
+        outputs = [prompt_out]
+        for t in range(3):
+            out, state = model.step(more[t : t + 1], state)
+            outputs.append(out)
+    padded = torch.cat(outputs)
+    for b, length in enumerate(lengths):
+        alone, _ = model(torch.cat([prompt[steps - length :, b : b + 1], more[:, b : b + 1]]), causal=True)
+        assert_close(padded[steps - length :, b : b + 1], alone, name=f"sequence {b}")
+        assert_close(continued[:, b : b + 1], alone[length:], name=f"forward after the cache, sequence {b}")
+    assert padded[: steps - 2, 1].abs().max() == 0
+    assert torch.isfinite(padded).all()
+
+
+def test_forward_hides_padded_memory_from_the_next_segment(assert_close):
+    model = make(num_layers=2)
+    x, nxt = torch.randn(4, 2, 6), torch.randn(3, 2, 6)
+    mask_pad = torch.tensor([[True, False], [True, False], [False, False], [False, False]])
+    with torch.no_grad():
+        _, state = model(x, mask_pad=mask_pad, causal=True)
+        out, _ = model(nxt, state, causal=True)
+        alone, _ = model(torch.cat([x[2:, :1], nxt[:, :1]]), causal=True)
+        unmasked, _ = model(nxt, SRUppState(state.c, state.memory), causal=True)
+    assert_close(out[:, :1], alone[2:])
+    assert not torch.allclose(unmasked[:, :1], alone[2:], atol=1e-4)  # without key_pad the padding leaks
+
+
+def test_state_keeps_key_pad_through_tensors_and_to():
+    model = make(num_layers=2)
+    mask_pad = torch.tensor([[True, False], [False, False], [False, False]])
+    _, state = model.step(torch.randn(3, 2, 6), model.init_decode_state(2, max_context=2), mask_pad=mask_pad)
+    assert state.key_pad.tolist() == [[False, False], [False, False]]  # trimmed to max_context with the cache
+    _, state = model(torch.randn(3, 2, 6), mask_pad=mask_pad, causal=True)
+    restored = SRUppState.from_tensors(state.to_tensors("carry/"), prefix="carry/")
+    assert torch.equal(restored.key_pad, mask_pad.t())
+    moved = state.to("cpu", torch.float64)
+    assert moved.key_pad.dtype == torch.bool and moved.c.dtype == torch.float64

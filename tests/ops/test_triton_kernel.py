@@ -221,41 +221,83 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         sru_recurrence(case["u"], case["x"], case["v"], case["b"], backend="triton")
 
 
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
-def test_kernels_compile_for_a_gpu_target(dtype):
-    """Lower both kernels to a cubin for sm_90 without a GPU: catches what the interpreter lets through."""
-    import triton
+STAGE_CASES = [
+    pytest.param(
+        stages, dtype, shape, options, id=f"stages{stages}-{str(dtype)[6:]}-T{shape[0]}-B{shape[1]}-D{shape[2]}-{name}"
+    )
+    for stages in (1, 4, 8)
+    for dtype in (torch.float32, torch.bfloat16)
+    for shape in ((1, 3, 5), (7, 3, 33))
+    for name, options in OPTIONS.items()
+]
 
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as err:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget: {err}")
-    compute = "fp64" if dtype == "fp64" else "fp32"
-    flags = {"HAS_MASK_PAD": True, "HAS_MASK_C": True, "REVERSE": True}
-    pointers = {
-        "u": dtype, "x": dtype, "v": compute, "b": compute, "c0": compute, "mask_pad": "u8", "mask_c": compute,
-        "h": dtype, "c_all": compute, "c_last": compute, "grad_h": dtype, "grad_c_last": compute,
-        "grad_u": dtype, "grad_x": dtype, "grad_vb": compute, "grad_c0": compute,
-    }  # fmt: skip
-    for kernel, constexprs in (
-        (triton_kernel._sru_forward_kernel, {**flags, "SAVE_C": True, "BLOCK_D": 128}),
-        (triton_kernel._sru_backward_kernel, {**flags, "BLOCK_D": 128}),
-    ):
-        function = triton.JITFunction(kernel)
-        signature = {}
-        for name in function.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + pointers[name.removesuffix("_ptr")]
-            else:
-                signature[name] = "i32"
-        compiled = triton.compile(
-            ASTSource(function, signature, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
-        )
-        assert compiled.asm["cubin"]
+
+@pytest.mark.parametrize("stages, dtype, shape, options", STAGE_CASES)
+def test_pipeline_depths_match_naive(device, stages, dtype, shape, options):
+    """Every STAGES value computes the same thing (on a GPU the loads run STAGES - 1 steps ahead)."""
+    case = make_case(*shape, device=device, dtype=dtype, **options)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    with triton_kernel.launch_overrides(stages=stages):
+        check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_padded_steps_ignore_what_they_hold(device, poison, dtype, reverse):
+    """NaN or inf in a padded step's u or x reaches no output and no gradient: the result equals the naive
+    spec's on the same inputs with zeros there (padding selects, it does not multiply)."""
+    case = make_case(7, 3, 33, device=device, dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True,
+                     reverse=reverse)  # fmt: skip
+    pad = case["mask_pad"].unsqueeze(-1)
+    clean = {**case, "u": case["u"].masked_fill(pad, 0.0), "x": case["x"].masked_fill(pad, 0.0)}
+    poisoned = {**case, "u": case["u"].masked_fill(pad, poison), "x": case["x"].masked_fill(pad, poison)}
+    result = run(poisoned, backend="triton")
+    assert all(torch.isfinite(tensor).all() for tensor in result), "a padded value leaked"
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert_all_close(NAMES, result, run(clean, backend="naive", dtype=torch.float32), atol=tolerance, rtol=tolerance)
+    # The forward values of the spec itself are select-based too.
+    expected = run(poisoned, backend="naive", dtype=torch.float32)
+    assert_all_close(NAMES[:2], result[:2], expected[:2], atol=tolerance, rtol=tolerance)
+    assert not result[2].masked_select(pad).any() and not result[3].masked_select(pad).any()
+
+
+def test_launch_overrides_names_unknown_parameters():
+    with pytest.raises(ValueError, match="block_size"), triton_kernel.launch_overrides(block_size=64):
+        pass
+
+
+def test_auto_falls_back_once_when_triton_cannot_compile(monkeypatch):
+    """A compile failure (an exception from triton) makes "auto" warn once and run the spec from then on;
+    any other error is raised."""
+    case = make_case(4, 2, 5, device=torch.device("cpu"), dtype=torch.bfloat16, with_c0=True, with_pad=True)
+    args = (case["u"], case["x"], case["v"], case["b"], case["c0"], case["mask_pad"], None, False)
+    failing = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise failing("ptxas: unsupported gpu architecture")
+
+    monkeypatch.setattr(triton_kernel, "_compile_failure", None)
+    monkeypatch.setattr(triton_kernel, "sru_recurrence_triton", broken)
+    with pytest.warns(RuntimeWarning, match="failed to compile.*unsupported gpu"):
+        h, c_last = triton_kernel.sru_recurrence_triton_or_naive(*args)
+    again = triton_kernel.sru_recurrence_triton_or_naive(*args)
+    assert len(calls) == 1
+    expected = sru_recurrence_naive(*(t.float() for t in args[:5]), case["mask_pad"])
+    assert torch.equal(h, expected[0]) and torch.equal(c_last, expected[1])
+    assert torch.equal(again[0], h)
+
+    def bug(*args):
+        raise IndexError("an internal bug")
+
+    monkeypatch.setattr(triton_kernel, "_compile_failure", None)
+    monkeypatch.setattr(triton_kernel, "sru_recurrence_triton", bug)
+    with pytest.raises(IndexError, match="internal bug"):
+        triton_kernel.sru_recurrence_triton_or_naive(*args)
 
 
 @pytest.mark.gpu

@@ -80,3 +80,22 @@ def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.trainer["step"] in (1, 2)
     assert ckpt.tensors["model/w"].numel() == 4_000_000
+
+
+def test_carried_state_round_trips_through_tensors():
+    from srupp.train.checkpoint import carry_from_tensors, carry_to_tensors
+    from tests.models.test_lm import with_attention  # alpha != 0, so the carried memory matters
+
+    model = with_attention(SRUppLM(LMConfig(hidden_size=16, proj_size=4, num_layers=3, attention_every_n_layers=2,
+                                            dropout=0.0))).eval()  # fmt: skip
+    tokens = torch.randint(0, 256, (12, 2))
+    _, state = model(tokens[:6])
+    tensors = carry_to_tensors(state)
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    restored = carry_from_tensors({k: v.clone() for k, v in tensors.items()}, torch.device("cpu"))
+    expected, _ = model(tokens[6:], state)
+    actual, _ = model(tokens[6:], restored)
+    assert torch.equal(actual, expected)
+    without_memory, _ = model(tokens[6:], carry_from_tensors({"c": tensors["c"]}, torch.device("cpu")))
+    assert not torch.allclose(without_memory, expected)  # the test would notice a lost memory
+    assert carry_to_tensors(None) == {} and carry_from_tensors({}, torch.device("cpu")) is None

@@ -102,7 +102,8 @@ def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):
         text = "".join(f" the cat {'sat' if i % 3 else 'ran'} on mat {i % 7} \n" for i in range(lines))
         (tmp_path / "wt" / f"wiki.{split}.tokens").write_text(text)
     corpus = prepare_wikitext103(tmp_path / "wt", tmp_path / "wt-data")
-    cfg = tiny_cfg(data=corpus.path, max_steps=3, eval_every=3, cutoffs="[4, 8]", embed_size=16, div_value=2.0)
+    cfg = tiny_cfg(data=corpus.path, max_steps=3, eval_every=3, cutoffs="[4, 8]", embed_size=16, div_value=2.0,
+                   vocab_size=corpus.vocab.size)  # fmt: skip
     result = train(cfg)
     assert "valid_ppl" in result.valid[-1] and result.model.config.vocab_size == corpus.vocab.size
     model, _, vocab, _ = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")

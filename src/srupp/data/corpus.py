@@ -1,8 +1,9 @@
 """Corpora prepared into memory-mapped token files: ``{train,valid,test}.bin`` plus ``meta.json``.
 
-A prepared directory holds one flat token file per split (``uint8`` for bytes, ``int32`` for words)
-and a ``meta.json`` naming the tokenizer, vocabulary size, dtype and split lengths. Opening a split
-is an ``np.memmap``: a 100 MB corpus opens instantly and is read lazily by the batcher.
+A prepared directory holds one flat token file per split (``uint8`` for bytes, ``int32`` for words and BPE
+ids) and a ``meta.json`` naming the tokenizer, vocabulary size, dtype and split lengths (a BPE corpus also
+holds its ``tokenizer.json``). Opening a split is an ``np.memmap``: a 100 MB corpus opens instantly and is
+read lazily by the batcher.
 """
 
 from __future__ import annotations
@@ -13,33 +14,68 @@ import json
 import os
 import sysconfig
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from srupp.data import tokenizer as bpe
+from srupp.errors import CorpusError, name_path
 
 SPLITS = ("train", "valid", "test")
 META = "meta.json"
 EOS = "<eos>"
 UNK = "<unk>"
 _ENWIK8_BYTES = 100_000_000
+# A zip member of unknown expected size is read whole into memory: refuse one larger than this (the largest
+# standard corpus file, WikiText-103's training split, is 0.54 GB).
+MAX_MEMBER_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
 class Vocab:
     """Maps tokens to ids and back: ``kind="byte"`` is the identity over 256 byte values, ``kind="word"`` a
-    frequency-sorted word list (most frequent first, as adaptive softmax cutoffs assume)."""
+    frequency-sorted word list (most frequent first, as adaptive softmax cutoffs assume), ``kind="bpe"`` a
+    byte-level BPE given by its ``tokenizer.json`` text (``tokenizer``)."""
 
     kind: str
     words: tuple[str, ...] = ()
+    tokenizer: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("byte", "word", "bpe"):
+            raise ValueError(f"`kind` must be 'byte', 'word' or 'bpe', got {self.kind!r}")
+        if (self.kind == "bpe") != bool(self.tokenizer):
+            raise ValueError(f"`tokenizer` (tokenizer.json text) is given for kind 'bpe' only, got kind {self.kind!r}")
 
     @property
     def size(self) -> int:
+        if self.kind == "bpe":
+            return len(bpe.token_bytes(self.tokenizer))
         return 256 if self.kind == "byte" else len(self.words)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (checkpoint metadata); ``Vocab.from_dict`` reads it back."""
+        out: dict[str, object] = {"kind": self.kind, "words": list(self.words)}
+        if self.tokenizer:
+            out["tokenizer"] = self.tokenizer
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocab:
+        return cls(data["kind"], tuple(data.get("words", ())), data.get("tokenizer", ""))
+
+    def token_bytes(self) -> np.ndarray:
+        """``[V]`` int64: the UTF-8 bytes of text each id stands for (bytes and BPE; words have no fixed count)."""
+        if self.kind == "word":
+            raise NotImplementedError("word vocabularies have no fixed number of bytes per token")
+        return np.ones(256, dtype=np.int64) if self.kind == "byte" else bpe.token_bytes(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "byte":
             return list(text.encode("utf-8"))
+        if self.kind == "bpe":
+            return bpe.encode(text, self.tokenizer).tolist()
         index = {w: i for i, w in enumerate(self.words)}
         unk = index.get(UNK)
         ids = []
@@ -53,6 +89,8 @@ class Vocab:
     def decode(self, ids: list[int]) -> str:
         if self.kind == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
+        if self.kind == "bpe":
+            return bpe.decode(ids, self.tokenizer)
         lines, line = [], []
         for i in ids:
             if self.words[i] == EOS:
@@ -75,10 +113,23 @@ class Corpus:
     def split(self, name: str) -> np.ndarray:
         """The token ids of split ``name`` as a read-only ``np.memmap`` of shape ``[N]``."""
         if name not in self.lengths:
-            raise ValueError(f"`split` must be one of {sorted(self.lengths)}, got {name!r}")
+            raise CorpusError(f"`split` must be one of {sorted(self.lengths)}, got {name!r}")
         if self.lengths[name] == 0:
-            raise ValueError(f"split {name!r} of corpus {self.path} is empty")
+            raise CorpusError(f"split {name!r} of corpus {self.path} is empty")
         return np.memmap(self.path / f"{name}.bin", dtype=self.dtype, mode="r", shape=(self.lengths[name],))
+
+    def bytes_per_token(self, name: str, num_tokens: int | None = None) -> float:
+        """Mean UTF-8 bytes per scored token of split ``name``: the targets ``tokens[1 : num_tokens + 1]`` (all
+        when None), as evaluation scores them. Bits per byte = nats per token / (ln 2 * this); 1 for bytes."""
+        if self.vocab.kind == "byte":
+            return 1.0
+        lengths, tokens = self.vocab.token_bytes(), self.split(name)
+        end = len(tokens) if num_tokens is None else min(len(tokens), num_tokens + 1)
+        if end < 2:
+            raise ValueError(f"split {name!r} of corpus {self.path} has no token to score")
+        step = 1 << 24
+        total = sum(int(lengths[tokens[i : min(i + step, end)]].sum()) for i in range(1, end, step))
+        return total / (end - 1)
 
 
 def open_corpus(path: str | os.PathLike) -> Corpus:
@@ -87,56 +138,122 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
     if not (path / META).is_file():
         hint = "run `srupp data prepare ...` first" if not path.exists() else f"it has no {META}"
         raise FileNotFoundError(f"no prepared corpus at {path}: {hint}")
-    meta = json.loads((path / META).read_text())
-    for name, length in meta["lengths"].items():
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        lengths, dtype = {str(k): int(v) for k, v in meta["lengths"].items()}, np.dtype(meta["dtype"])
+        kind, words = meta["kind"], tuple(meta.get("words", ()))
+        if kind == "bpe":
+            try:
+                tokenizer = (path / bpe.TOKENIZER_FILE).read_text(encoding="utf-8")
+            except OSError as err:
+                raise name_path(err, path / bpe.TOKENIZER_FILE) from err
+            vocab = Vocab(kind, words, tokenizer)
+        else:
+            vocab = Vocab(kind, words)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CorpusError(f"corpus {path} has an invalid {META} ({err!r})") from err
+    for name, length in lengths.items():
         file = path / f"{name}.bin"
-        expected = length * np.dtype(meta["dtype"]).itemsize
+        expected = length * dtype.itemsize
         if not file.is_file() or file.stat().st_size != expected:
-            raise ValueError(f"corpus file {file} is missing or has the wrong size (expected {expected} bytes)")
-    return Corpus(path, Vocab(meta["kind"], tuple(meta.get("words", ()))), meta["lengths"], meta["dtype"])
+            raise CorpusError(f"corpus file {file} is missing or has the wrong size (expected {expected} bytes)")
+    return Corpus(path, vocab, lengths, dtype.name)
 
 
-def write_corpus(out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: Vocab, source: str) -> Corpus:
-    """Write token arrays as ``<split>.bin`` files and ``meta.json`` (last, so a half-written dir never opens)."""
+def _write_file(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a new file at ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_corpus(
+    out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: Vocab, source: str, *, overwrite: bool = False
+) -> Corpus:
+    """Write token arrays as ``<split>.bin`` files and ``meta.json`` into ``out``, atomically per file.
+
+    Every file is first written in full to a temporary name of this process, then renamed into place (the
+    ``.bin`` files, then ``meta.json``): a trainer reading the old corpus keeps its files, and any failure
+    while writing (a full disk) leaves the old corpus whole and removes the temporary files.
+
+    Raises:
+        CorpusError: ``out`` already holds a corpus and ``overwrite`` is False, or the training split is empty.
+        OSError: the folder cannot be written (naming the file).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = "uint8" if vocab.kind == "byte" else "int32"
+    names = [META, *(f"{name}.bin" for name in splits)]
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        raise CorpusError(f"{out} already holds a corpus ({', '.join(existing)}); pass --overwrite to replace it")
     if "train" not in splits or len(splits["train"]) == 0:
-        raise ValueError(f"the training split of {source} is empty")
-    for name, tokens in splits.items():
-        np.asarray(tokens, dtype=dtype).tofile(out / f"{name}.bin")
+        raise CorpusError(f"the training split of {source} is empty")
+    dtype = "uint8" if vocab.kind == "byte" else "int32"
     meta = {"kind": vocab.kind, "vocab_size": vocab.size, "dtype": dtype, "source": source}
     meta["lengths"] = {name: int(len(tokens)) for name, tokens in splits.items()}
     if vocab.kind == "word":
         meta["words"] = list(vocab.words)
-    tmp = out / f"{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / META)
+    contents = {f"{name}.bin": np.ascontiguousarray(tokens, dtype=dtype).data for name, tokens in splits.items()}
+    if vocab.kind == "bpe":
+        contents[bpe.TOKENIZER_FILE] = vocab.tokenizer.encode("utf-8")
+    contents[META] = json.dumps(meta, indent=1).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    staged = {name: out / f".{name}.{os.getpid()}.tmp" for name in contents}
+    try:
+        for name, data in contents.items():
+            try:
+                _write_file(staged[name], data)
+            except OSError as err:
+                raise name_path(err, out / name) from err
+        for name in sorted(contents, key=lambda name: name == META):  # meta.json last: never new meta, old data
+            os.replace(staged[name], out / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return open_corpus(out)
 
 
-def _read_zip_member(archive: Path, name: str) -> bytes:
+def _read_zip_member(archive: Path, name: str, expected_size: int | None) -> bytes:
+    """Read member ``name`` after checking its size from the zip's directory, before decompressing it."""
     with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.namelist() if Path(m).name == name]
+        members = [m for m in zf.infolist() if Path(m.filename).name == name]
         if not members:
-            raise ValueError(f"{archive} has no member named {name!r} (members: {zf.namelist()[:5]})")
+            raise CorpusError(f"{archive} has no member named {name!r} (members: {zf.namelist()[:5]})")
+        size = members[0].file_size
+        if expected_size is not None and size != expected_size:
+            raise CorpusError(f"member {name} of {archive} must have {expected_size:,} bytes, got {size:,}")
+        if size > MAX_MEMBER_BYTES:
+            raise CorpusError(
+                f"member {name} of {archive} has {size:,} bytes, more than the {MAX_MEMBER_BYTES:,} read into memory"
+            )
         return zf.read(members[0])
 
 
-def _read_bytes(source: Path, name: str) -> bytes:
+def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raise CorpusError if ``out`` holds a prepared corpus and ``overwrite`` is False (checked before the
+    slow reading, and again by :func:`write_corpus`)."""
+    if not overwrite and (Path(out) / META).exists():
+        raise CorpusError(f"{out} already holds a corpus ({META}); pass --overwrite to replace it")
+
+
+def _read_bytes(source: Path, name: str, expected_size: int | None = None) -> bytes:
     if not source.exists():
         raise FileNotFoundError(f"corpus source {source} does not exist")
     if source.is_dir():
         source = source / name
-    data = _read_zip_member(source, name) if zipfile.is_zipfile(source) else source.read_bytes()
+    if zipfile.is_zipfile(source):
+        data = _read_zip_member(source, name, expected_size)
+    else:
+        size = source.stat().st_size
+        if expected_size is not None and size != expected_size:
+            raise CorpusError(f"{source} must have {expected_size:,} bytes, got {size:,}")
+        data = source.read_bytes()
     if not data:
-        raise ValueError(f"corpus source {source} is empty")
+        raise CorpusError(f"corpus source {source} is empty")
     return data
 
 
-def _split_90_5_5(data: bytes, source: str, full_size: int | None) -> dict[str, np.ndarray]:
-    if full_size is not None and len(data) != full_size:
-        raise ValueError(f"{source} must have {full_size:,} bytes, got {len(data):,}")
+def _split_90_5_5(data: bytes) -> dict[str, np.ndarray]:
     tokens = np.frombuffer(data, dtype=np.uint8)
     n_eval = len(tokens) // 20
     n_train = len(tokens) - 2 * n_eval
@@ -147,20 +264,22 @@ def _split_90_5_5(data: bytes, source: str, full_size: int | None) -> dict[str, 
     }
 
 
-def prepare_enwik8(source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True) -> Corpus:
+def prepare_enwik8(
+    source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True, overwrite: bool = False
+) -> Corpus:
     """enwik8 (``enwik8.zip`` or the unzipped file): bytes, first 90M train / next 5M valid / last 5M test."""
-    data = _read_bytes(Path(source), "enwik8")
-    return write_corpus(
-        out, _split_90_5_5(data, str(source), _ENWIK8_BYTES if check_size else None), Vocab("byte"), "enwik8"
-    )
+    refuse_existing(out, overwrite)
+    data = _read_bytes(Path(source), "enwik8", _ENWIK8_BYTES if check_size else None)
+    return write_corpus(out, _split_90_5_5(data), Vocab("byte"), "enwik8", overwrite=overwrite)
 
 
-def prepare_text8(source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True) -> Corpus:
+def prepare_text8(
+    source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True, overwrite: bool = False
+) -> Corpus:
     """text8 (``text8.zip`` or the file): 100M lowercase characters split 90M / 5M / 5M like enwik8."""
-    data = _read_bytes(Path(source), "text8")
-    return write_corpus(
-        out, _split_90_5_5(data, str(source), _ENWIK8_BYTES if check_size else None), Vocab("byte"), "text8"
-    )
+    refuse_existing(out, overwrite)
+    data = _read_bytes(Path(source), "text8", _ENWIK8_BYTES if check_size else None)
+    return write_corpus(out, _split_90_5_5(data), Vocab("byte"), "text8", overwrite=overwrite)
 
 
 def _wt103_lines(source: Path, split: str) -> list[str]:
@@ -176,16 +295,17 @@ def _wt103_lines(source: Path, split: str) -> list[str]:
     return text.splitlines()
 
 
-def prepare_wikitext103(source: str | os.PathLike, out: str | os.PathLike) -> Corpus:
+def prepare_wikitext103(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Corpus:
     """WikiText-103 (the ``wikitext-103-v1.zip`` or its folder): words split on spaces, ``<eos>`` ending
     every non-empty line, vocabulary from the training split sorted by frequency (Transformer-XL style)."""
     source = Path(source)
+    refuse_existing(out, overwrite)
     if not source.exists():
         raise FileNotFoundError(f"corpus source {source} does not exist")
     lines = {split: [ln.split() + [EOS] for ln in _wt103_lines(source, split) if ln.strip()] for split in SPLITS}
     counts = collections.Counter(w for line in lines["train"] for w in line)
     if not counts:
-        raise ValueError(f"the training split of {source} is empty")
+        raise CorpusError(f"the training split of {source} is empty")
     words = tuple(w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     vocab = Vocab("word", words)
     index = {w: i for i, w in enumerate(words)}
@@ -194,9 +314,9 @@ def prepare_wikitext103(source: str | os.PathLike, out: str | os.PathLike) -> Co
     for split, split_lines in lines.items():
         ids = [index.get(w, unk) for line in split_lines for w in line]
         if any(i is None for i in ids):
-            raise ValueError(f"split {split!r} of {source} has words missing from the training vocabulary")
+            raise CorpusError(f"split {split!r} of {source} has words missing from the training vocabulary")
         splits[split] = np.asarray(ids, dtype=np.int32)
-    return write_corpus(out, splits, vocab, "wikitext-103")
+    return write_corpus(out, splits, vocab, "wikitext-103", overwrite=overwrite)
 
 
 def _ratio_split(chunks: list[tuple[str, bytes]], valid_ratio: float, test_ratio: float) -> dict[str, np.ndarray]:
@@ -204,7 +324,7 @@ def _ratio_split(chunks: list[tuple[str, bytes]], valid_ratio: float, test_ratio
     file, split its bytes: the last ``valid_ratio + test_ratio`` fraction becomes valid then test."""
     for name, value in (("valid_ratio", valid_ratio), ("test_ratio", test_ratio)):
         if not 0.0 <= value < 0.5:
-            raise ValueError(f"`{name}` must be in [0, 0.5), got {value}")
+            raise CorpusError(f"`{name}` must be in [0, 0.5), got {value}")
     if len(chunks) == 1:
         tokens = np.frombuffer(chunks[0][1], dtype=np.uint8)
         n_valid, n_test = int(len(tokens) * valid_ratio), int(len(tokens) * test_ratio)
@@ -235,8 +355,15 @@ def prepare_text(
     valid_ratio: float = 0.05,
     test_ratio: float = 0.05,
     suffixes: tuple[str, ...] = (".txt", ".md", ".py", ".rst"),
+    tokenizer: str = "bytes",
+    overwrite: bool = False,
 ) -> Corpus:
-    """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), as bytes with a ratio split."""
+    """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), with a ratio split.
+
+    ``tokenizer`` is ``"bytes"`` (uint8 bytes), ``"bpe:VOCAB"`` (a byte-level BPE of at most VOCAB ids trained
+    on the training split only) or the path of a byte-level ``tokenizer.json`` to use as is.
+    """
+    kind, arg = bpe.parse_spec(tokenizer)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"corpus source {source} does not exist")
@@ -244,11 +371,16 @@ def prepare_text(
     chunks = [(str(f.relative_to(source) if source.is_dir() else f.name), f.read_bytes()) for f in files]
     chunks = [(name, data.rstrip(b"\n") + b"\n\n") for name, data in chunks if data.strip()]
     if not chunks:
-        raise ValueError(f"no non-empty text with suffixes {suffixes} found at {source}")
+        raise CorpusError(f"no non-empty text with suffixes {suffixes} found at {source}")
     splits = _ratio_split(chunks, valid_ratio, test_ratio)
     if len(splits["train"]) == 0:
-        raise ValueError(f"the training split of {source} is empty")
-    return write_corpus(out, splits, Vocab("byte"), str(source))
+        raise CorpusError(f"the training split of {source} is empty")
+    if kind == "bytes":
+        return write_corpus(out, splits, Vocab("byte"), str(source), overwrite=overwrite)
+    texts = bpe.split_texts(splits)
+    vocab = Vocab("bpe", tokenizer=bpe.train_bpe(texts["train"], arg) if kind == "bpe" else bpe.read_tokenizer(arg))
+    ids = {name: bpe.encode(text, vocab.tokenizer) for name, text in texts.items()}
+    return write_corpus(out, ids, vocab, str(source), overwrite=overwrite)
 
 
 def stdlib_source() -> Path:
@@ -256,6 +388,10 @@ def stdlib_source() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def prepare_stdlib(out: str | os.PathLike, *, valid_ratio: float = 0.02, test_ratio: float = 0.02) -> Corpus:
+def prepare_stdlib(
+    out: str | os.PathLike, *, valid_ratio: float = 0.02, test_ratio: float = 0.02, overwrite: bool = False
+) -> Corpus:
     """The standard library's ``.py`` files, sorted, split per file by a hash of the relative path."""
-    return prepare_text(stdlib_source(), out, valid_ratio=valid_ratio, test_ratio=test_ratio, suffixes=(".py",))
+    return prepare_text(
+        stdlib_source(), out, valid_ratio=valid_ratio, test_ratio=test_ratio, suffixes=(".py",), overwrite=overwrite
+    )

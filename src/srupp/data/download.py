@@ -6,8 +6,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+from srupp.errors import ConfigError, CorpusError, DownloadError, name_path
 
 # Public addresses of the standard corpora. Known sizes are checked after extraction by the prepare
 # functions; pass ``sha256`` to pin an archive's digest (the digest of every download is printed).
@@ -26,6 +29,15 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) addresses only (urllib's default also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise DownloadError(f"{req.full_url} redirected to {newurl!r}; only http:// and https:// are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``dest`` unless a file with the right digest is already there.
 
@@ -39,21 +51,31 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, ti
         ``dest`` as a Path.
 
     Raises:
-        ValueError: the downloaded file's digest differs from ``sha256``.
+        ConfigError (a ValueError): ``url`` is not http(s).
+        CorpusError (a ValueError): the downloaded file's digest differs from ``sha256``.
+        DownloadError (an OSError): no connection, an HTTP error, or a redirect to another scheme.
     """
     dest = Path(dest)
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"`url` must start with http:// or https://, got {url!r}")
+        raise ConfigError(f"`url` must start with http:// or https://, got {url!r}")
     if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256.lower()):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    opener = urllib.request.build_opener(_HTTPOnlyRedirects)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, length=1 << 20)
+        try:
+            with os.fdopen(fd, "wb") as out, opener.open(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except urllib.error.URLError as err:  # HTTPError included; its reason names the status
+            raise DownloadError(f"cannot download {url}: {err.reason}") from err
+        except (TimeoutError, ConnectionError) as err:
+            raise DownloadError(f"cannot download {url}: {err}") from err
+        except OSError as err:
+            raise name_path(err, dest) from err
         actual = sha256_file(tmp)
         if sha256 is not None and actual != sha256.lower():
-            raise ValueError(f"sha256 of {url} must be {sha256.lower()}, got {actual}; the download was discarded")
+            raise CorpusError(f"sha256 of {url} must be {sha256.lower()}, got {actual}; the download was discarded")
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     finally:

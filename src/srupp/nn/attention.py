@@ -181,6 +181,7 @@ class SRUppAttention(nn.Module):
         memory: Tensor | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
         attn_window: int | None = None,
+        memory_pad: Tensor | None = None,
     ) -> Tensor:
         """Args:
             input: ``[T, B, input_size]``.
@@ -190,6 +191,7 @@ class SRUppAttention(nn.Module):
             memory: ``[M, B, input_size]`` earlier positions to attend to.
             cache: instead of ``memory``, its keys and values ``[B, heads, M, head_size]`` (see ``step``).
             attn_window: each query sees at most this many earlier positions.
+            memory_pad: ``[B, M]`` bool, True marks memory (or cache) positions that were padding: hidden as keys.
 
         Returns: ``U [T, B, output_size]``.
         """
@@ -207,10 +209,13 @@ class SRUppAttention(nn.Module):
             keys = torch.cat([cache[0].to(keys.dtype), keys], dim=2)
             values = torch.cat([cache[1].to(values.dtype), values], dim=2)
         key_pad = None
-        if mask_pad is not None:
-            key_pad = mask_pad.t()
+        if mask_pad is not None or memory_pad is not None:
+            key_pad = (
+                torch.zeros(batch, steps, dtype=torch.bool, device=input.device) if mask_pad is None else mask_pad.t()
+            )
             if memory_len:
-                key_pad = torch.cat([key_pad.new_zeros(batch, memory_len), key_pad], dim=1)
+                earlier = key_pad.new_zeros(batch, memory_len) if memory_pad is None else memory_pad
+                key_pad = torch.cat([earlier, key_pad], dim=1)
         # Plain causal attention takes SDPA's own causal path (flash kernels on GPU).
         if causal and memory_len == 0 and key_pad is None and attn_window is None:
             return self.attend(query, keys, values, None, is_causal=True)
@@ -220,11 +225,16 @@ class SRUppAttention(nn.Module):
         return self.attend(query, keys, values, mask)
 
     def step(
-        self, input: Tensor, cache: tuple[Tensor, Tensor] | None, max_context: int | None
+        self,
+        input: Tensor,
+        cache: tuple[Tensor, Tensor] | None,
+        max_context: int | None,
+        key_pad: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Causal attention of a chunk ``[T, B, input_size]`` over the cached keys and values
         ``[B, heads, S, head_size]`` (None: no earlier positions); returns ``U`` and the cache extended by the
-        chunk, keeping its last ``max_context`` positions (all when None)."""
+        chunk, keeping its last ``max_context`` positions (all when None). ``key_pad`` ``[B, S + T]`` bool hides
+        padded keys (cache, then chunk)."""
         steps = input.shape[0]
         query = self.in_proj(input)
         keys, values = self.keys_values(query)
@@ -232,7 +242,7 @@ class SRUppAttention(nn.Module):
             keys = torch.cat([cache[0].to(keys.dtype), keys], dim=2)
             values = torch.cat([cache[1].to(values.dtype), values], dim=2)
         key_len = keys.shape[2]
-        mask = attention_mask(steps, key_len, causal=True, window=max_context, key_pad=None, device=input.device)
+        mask = attention_mask(steps, key_len, causal=True, window=max_context, key_pad=key_pad, device=input.device)
         u = self.attend(query, keys, values, mask)
         if max_context is not None:
             keep = min(max_context, key_len)

@@ -213,10 +213,12 @@ class SRULayer(nn.Module):
         memory: Tensor | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
         attn_window: int | None = None,
+        memory_pad: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Args: input ``[T, B, input_size]``; c0 ``[dirs, B, hidden_size]``; mask_pad ``[T, B]`` bool (True =
         padding); for an attention transform, ``memory`` ``[M, B, input_size]`` or its ``cache`` of keys and
-        values, ``causal`` and ``attn_window`` (see ``SRUppAttention``). Shapes are checked by the stacks.
+        values, ``causal``, ``attn_window`` and ``memory_pad`` (see ``SRUppAttention``). Shapes are checked by the
+        stacks.
 
         Returns: ``(h [T, B, dirs*hidden_size], c [dirs, B, hidden_size])``."""
         if mask_pad is not None:
@@ -226,8 +228,9 @@ class SRULayer(nn.Module):
         if self.has_attention:
             memory = None if memory is None else self._norm(memory)
             u = self.transform(
-                normed, mask_pad=mask_pad, causal=causal, memory=memory, cache=cache, attn_window=attn_window
-            )
+                normed, mask_pad=mask_pad, causal=causal, memory=memory, cache=cache, attn_window=attn_window,
+                memory_pad=memory_pad,
+            )  # fmt: skip
         else:
             u = self.transform(normed)
         return self._recur(input, u, c0, mask_pad)
@@ -239,17 +242,22 @@ class SRULayer(nn.Module):
         memory: Tensor | None,
         cache: tuple[Tensor, Tensor] | None,
         max_context: int | None,
+        mask_pad: Tensor | None = None,
+        key_pad: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """Causal step over a chunk ``[T, B, input_size]``, attending to the ``memory`` (layer inputs) or the
-        ``cache`` of keys and values; returns ``(h, c [1, B, hidden_size], extended cache or None)``."""
+        ``cache`` of keys and values; ``mask_pad`` ``[T, B]`` marks padding in the chunk and ``key_pad``
+        ``[B, S + T]`` the padded keys. Returns ``(h, c [1, B, hidden_size], extended cache or None)``."""
+        if mask_pad is not None:
+            input = input.masked_fill(mask_pad.unsqueeze(-1), 0.0)
         normed = self._norm(input)
         if self.has_attention:
             if memory is not None:
                 cache = self.transform.keys_values(self.transform.in_proj(self._norm(memory)))
-            u, cache = self.transform.step(normed, cache, max_context)
+            u, cache = self.transform.step(normed, cache, max_context, key_pad)
         else:
             u = self.transform(normed)
-        h, c = self._recur(input, u, c0, None)
+        h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
 
     def token_weights(self) -> TokenWeights:

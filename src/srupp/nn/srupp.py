@@ -15,6 +15,7 @@ from srupp.nn.layer import (
     SRULayer,
     SRUStack,
     attention_layer_indices,
+    check_mask_pad,
     check_probability,
     check_sequence,
     check_state,
@@ -157,6 +158,24 @@ class SRUpp(SRUStack):
                 raise ValueError(f"layer {i} has both a memory and a key/value cache in its state; keep one")
         return list(zip(memory, caches, strict=True))
 
+    def _key_pad(self, state: SRUppState | None, context: list[Context], batch: int) -> tuple[Tensor | None, int]:
+        """``state.key_pad`` checked against the earlier positions of ``context``, and their number S."""
+        present = [(item, cache) for item, cache in context if item is not None or cache is not None]
+        lengths = {item.shape[0] if item is not None else cache[0].shape[2] for item, cache in present}
+        length = max(lengths, default=0)
+        key_pad = None if state is None else state.key_pad
+        if key_pad is None:
+            return None, length
+        check_tensor("state.key_pad", key_pad)
+        if key_pad.dtype != torch.bool:
+            raise TypeError(f"`state.key_pad` must be a bool tensor (True = padding), got dtype {key_pad.dtype}")
+        if len(lengths) != 1 or list(key_pad.shape) != [batch, length]:
+            raise ValueError(
+                f"`state.key_pad` must have shape [B, S] = [{batch}, {sorted(lengths) or 'no memory or cache'}] "
+                f"(S: earlier positions in the memory or cache), got {list(key_pad.shape)}"
+            )
+        return key_pad, length
+
     def forward(
         self,
         input: Tensor,
@@ -180,13 +199,13 @@ class SRUpp(SRUStack):
             causal: each position attends only to itself, earlier positions and the memory.
             memory: per layer None or ``[M, B, d_layer_in]`` (time-major): the same as ``state.memory``, for
                 a state given as a tensor or without memory (an error when ``state.memory`` is set too).
-                Every memory position is attended to.
+                Every memory position is attended to, but those ``state.key_pad`` marks as padding.
             attn_window: each query sees at most this many earlier positions (memory included) and,
                 without ``causal``, as many later ones: the paper's fixed-length evaluation context.
 
         Returns:
             ``(output [T, B, dirs*hidden_size], SRUppState)``; its ``memory`` holds each attention layer's
-            input of this segment, for the next call.
+            input of this segment, for the next call, and its ``key_pad`` the transposed ``mask_pad``.
         """
         if state is not None and not isinstance(state, (SRUppState, Tensor)):
             raise TypeError(f"`state` must be an SRUppState, a tensor or None, got {type(state).__name__}")
@@ -198,17 +217,19 @@ class SRUpp(SRUStack):
             raise TypeError(f"`attn_window` must be an int or None, got {type(attn_window).__name__}")
         if attn_window is not None and attn_window < 0:
             raise ValueError(f"`attn_window` must be >= 0, got {attn_window}")
+        key_pad, _ = self._key_pad(full_state, context, x.shape[1])
         output, c, inputs = self._run(
             x,
             c0,
-            lambda i: {"memory": context[i][0], "cache": context[i][1]},
+            lambda i: {"memory": context[i][0], "cache": context[i][1], "memory_pad": key_pad},
             mask_pad=mask_pad,
             causal=causal,
             attn_window=attn_window,
         )
         memory = [x if layer.has_attention else None for x, layer in zip(inputs, self.layers, strict=True)]
         max_context = None if full_state is None else full_state.max_context
-        return output, SRUppState(c, memory, max_context=max_context)
+        key_pad = mask_pad.t() if mask_pad is not None and self.attention_layers else None
+        return output, SRUppState(c, memory, max_context=max_context, key_pad=key_pad)
 
     def init_decode_state(
         self,
@@ -242,7 +263,7 @@ class SRUpp(SRUStack):
             state.keys = state.values = None
         return state
 
-    def step(self, input: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
+    def step(self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None) -> tuple[Tensor, SRUppState]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
 
         The result equals ``forward(..., causal=True, attn_window=max_context)`` over everything fed
@@ -260,6 +281,9 @@ class SRUpp(SRUStack):
             input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), T >= 1.
             state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified (its views of the
                 cache keep their values).
+            mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding (e.g. the left padding
+                of batched prompts): as in ``forward`` it carries c unchanged and outputs 0, and the state's
+                ``key_pad`` keeps it hidden from every later token.
 
         Returns:
             ``(output [T, B, hidden_size], next state)``; the state holds c and each attention layer's cache.
@@ -271,7 +295,7 @@ class SRUpp(SRUStack):
             >>> out, state = model.step(torch.randn(1, 2, 16), state)
         """
         buffers = state._buffers if isinstance(state, SRUppState) else None
-        if buffers is not None and self._token_path_applies(input, state, buffers):
+        if buffers is not None and mask_pad is None and self._token_path_applies(input, state, buffers):
             return self._step_token(input, state, buffers)
         if self.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
@@ -280,18 +304,29 @@ class SRUpp(SRUStack):
         check_tensor("input", input)
         x = input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input
         x = check_sequence("input", x, self.input_size)
-        batch = x.shape[1]
+        steps, batch = x.shape[:2]
         check_state("state.c", state.c, [self.num_layers, batch, self.hidden_size], "[num_layers, B, hidden_size]")
         context = self._context(state, None, batch)
+        key_pad, earlier = self._key_pad(state, context, batch)
+        if mask_pad is not None:
+            mask_pad = check_mask_pad(mask_pad, steps, batch, self.batch_first)
+            x = x.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+        if (mask_pad is not None or key_pad is not None) and self.attention_layers:
+            chunk = x.new_zeros(batch, steps, dtype=torch.bool) if mask_pad is None else mask_pad.t()
+            key_pad = torch.cat([chunk.new_zeros(batch, earlier) if key_pad is None else key_pad, chunk], dim=1)
         states, keys, values = [], [], []
         for i, layer in enumerate(self.layers):
-            x, c, cache = layer.step(x, state.c[i : i + 1], *context[i], state.max_context)
+            x, c, cache = layer.step(x, state.c[i : i + 1], *context[i], state.max_context, mask_pad, key_pad)
             states.append(c)
             keys.append(None if cache is None else cache[0])
             values.append(None if cache is None else cache[1])
+        if key_pad is not None and state.max_context is not None:
+            key_pad = key_pad[:, key_pad.shape[1] - min(state.max_context, key_pad.shape[1]) :]
         output = x.transpose(0, 1) if self.batch_first else x
-        new_state = SRUppState(torch.cat(states), keys=keys, values=values, max_context=state.max_context)
-        if not torch.is_grad_enabled():
+        new_state = SRUppState(
+            torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
+        )
+        if not torch.is_grad_enabled() and key_pad is None:
             self._attach_buffers(new_state, batch)
         return output, new_state
 

@@ -29,6 +29,8 @@ class SRUppState:
             attention).
         keys, values: None, or per layer None or ``[B, num_heads, S, proj_size/num_heads]``.
         max_context: how many earlier positions ``step`` lets each new token attend to (None: all).
+        key_pad: None, or ``[B, S]`` bool marking (True) which earlier positions were padding, S the length of
+            the memory or cache: they stay hidden from every later token (left-padded batched decoding).
 
     Example:
         >>> out, state = model(x1, causal=True)
@@ -41,6 +43,7 @@ class SRUppState:
     keys: list[Tensor | None] | None = None
     values: list[Tensor | None] | None = None
     max_context: int | None = None
+    key_pad: Tensor | None = None
     # Set by ``SRUpp.step`` on the states it returns; not copied by ``dataclasses.replace``, ``detach`` or ``to``.
     _buffers: DecodeBuffers | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -62,24 +65,28 @@ class SRUppState:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SRUppState:
         """The same state on ``device`` and/or with floating-point ``dtype``."""
-        return self._apply(lambda tensor: tensor.to(device=device, dtype=dtype))
+        return self._apply(lambda tensor: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
 
     def _apply(self, fn) -> SRUppState:
+        key_pad = None if self.key_pad is None else fn(self.key_pad)
         return SRUppState(
-            fn(self.c), _map(self.memory, fn), _map(self.keys, fn), _map(self.values, fn), self.max_context
+            fn(self.c), _map(self.memory, fn), _map(self.keys, fn), _map(self.values, fn), self.max_context, key_pad
         )
 
     def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
         """A flat ``{name: tensor}`` form for checkpoints (e.g. safetensors): ``{prefix}c``,
         ``{prefix}memory/{i}``, ``{prefix}keys/{i}``, ``{prefix}values/{i}`` for the layers that have them,
-        ``{prefix}num_layers`` and, when set, ``{prefix}max_context`` (int64, shape [1]). Tensors are
-        detached, contiguous copies (a decoding state's caches are views of larger buffers, which ``torch.save``
-        would write whole and which the run keeps writing past their end); ``from_tensors`` inverts it."""
+        ``{prefix}num_layers``, and when set ``{prefix}max_context`` (int64, shape [1]) and ``{prefix}key_pad``.
+        Tensors are detached, contiguous copies (a decoding state's caches are views of larger buffers, which
+        ``torch.save`` would write whole and which the run keeps writing past their end); ``from_tensors``
+        inverts it."""
         lists = {"memory": self.memory, "keys": self.keys, "values": self.values}
         num_layers = max((len(items) for items in lists.values() if items is not None), default=0)
         tensors = {f"{prefix}c": self.c.detach().clone(), f"{prefix}num_layers": torch.tensor([num_layers])}
         if self.max_context is not None:
             tensors[f"{prefix}max_context"] = torch.tensor([self.max_context])
+        if self.key_pad is not None:
+            tensors[f"{prefix}key_pad"] = self.key_pad.clone(memory_format=torch.contiguous_format)
         for name, items in lists.items():
             for i, item in enumerate(items or []):
                 if item is not None:
@@ -122,6 +129,7 @@ class SRUppState:
             lists["keys"],
             lists["values"],
             None if max_context is None else int(max_context.reshape(-1)[0]),
+            tensors.get(f"{prefix}key_pad"),
         )
 
 

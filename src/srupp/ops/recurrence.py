@@ -37,7 +37,11 @@ def _resolve_backend(backend: str, device: torch.device) -> Callable[..., tuple[
     elif backend == "triton" or device.type == "cuda":
         from srupp.ops import triton_kernel  # imports without triton; is_available() says whether it runs
 
-        available, run = triton_kernel.is_available(device), triton_kernel.sru_recurrence_triton
+        available = triton_kernel.is_available(device)
+        # "auto" survives a GPU that Triton cannot compile for: it warns once and runs the naive spec.
+        run = (
+            triton_kernel.sru_recurrence_triton if backend == "triton" else triton_kernel.sru_recurrence_triton_or_naive
+        )
         reason = lambda: triton_kernel.unavailable_reason(device)  # noqa: E731
     else:
         return _fallback(f"no fused backend for {device.type} tensors")

@@ -1,15 +1,20 @@
 """The Triton backend: forward and backward kernels fused over the sequence, registered with torch.library.
 
 Each program owns one batch row and a block of features and runs the whole time loop with its state in
-registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. Activations (u, x, h) are read and written in their
-own dtype; state and sums are float32 (float64 for float64 input). CPU tensors run through Triton's
+registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. The time loop is a ``tl.range`` with ``num_stages``:
+on sm_80+ every step's loads are issued ``STAGES - 1`` steps ahead as asynchronous copies into shared
+memory, so one step does not wait a DRAM round trip for the next (tests/ops/test_triton_sm90.py checks the
+compiled code). Activations (u, x, h) are read and written in their own dtype, at least 4 bytes per thread
+per load; state and sums are float32 (float64 for float64 input). CPU tensors run through Triton's
 interpreter when ``TRITON_INTERPRET=1`` (how the tests check these kernels without a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -30,7 +35,7 @@ def _sru_forward_kernel(
     u_ptr, x_ptr, v_ptr, b_ptr, c0_ptr, mask_pad_ptr, mask_c_ptr, h_ptr, c_all_ptr, c_last_ptr,
     T, B, D,
     HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, SAVE_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -42,44 +47,33 @@ def _sru_forward_kernel(
     c = tl.load(c0_ptr + row * D + cols, mask=keep, other=0)
     if HAS_MASK_C:
         m = tl.load(mask_c_ptr + row * D + cols, mask=keep, other=0)
+    # The padding flag is loaded as a vector (every lane reads the same int32) so that the pipeliner can
+    # issue it asynchronously with the other loads; a scalar load cannot be.
+    same = cols * 0
 
-    # Step s's inputs are loaded during step s-1 so that their latency overlaps the arithmetic.
-    t0 = T - 1 if REVERSE else 0
-    u_c_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + cols, mask=keep, other=0)
-    u_f_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + D + cols, mask=keep, other=0)
-    u_r_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + 2 * D + cols, mask=keep, other=0)
-    x_in = tl.load(x_ptr + (t0 * B + row) * D + cols, mask=keep, other=0)
-    if HAS_MASK_PAD:
-        pad = tl.load(mask_pad_ptr + t0 * B + row) != 0
-    for s in range(T):
+    # Every step's loads depend only on the loop counter, so with num_stages > 1 the compiler issues them
+    # STAGES - 1 steps ahead as asynchronous copies into shared memory, hiding DRAM latency.
+    for s in tl.range(0, T, num_stages=STAGES):
         t = T - 1 - s if REVERSE else s
-        s_next = tl.minimum(s + 1, T - 1)
-        t_next = T - 1 - s_next if REVERSE else s_next
-        u_c_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + cols, mask=keep, other=0)
-        u_f_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + D + cols, mask=keep, other=0)
-        u_r_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + 2 * D + cols, mask=keep, other=0)
-        x_next = tl.load(x_ptr + (t_next * B + row) * D + cols, mask=keep, other=0)
-        if HAS_MASK_PAD:
-            pad_next = tl.load(mask_pad_ptr + t_next * B + row) != 0
-
-        u_c = u_c_in.to(c.dtype)
-        x = x_in.to(c.dtype)
-        f = 1.0 / (1.0 + tl.exp(-(u_f_in.to(c.dtype) + v_f * c + b_f)))
-        r = 1.0 / (1.0 + tl.exp(-(u_r_in.to(c.dtype) + v_r * c + b_r)))
+        at = t * B + row
+        u_c = tl.load(u_ptr + at * 3 * D + cols, mask=keep, other=0).to(c.dtype)
+        u_f = tl.load(u_ptr + at * 3 * D + D + cols, mask=keep, other=0).to(c.dtype)
+        u_r = tl.load(u_ptr + at * 3 * D + 2 * D + cols, mask=keep, other=0).to(c.dtype)
+        x = tl.load(x_ptr + at * D + cols, mask=keep, other=0).to(c.dtype)
+        f = 1.0 / (1.0 + tl.exp(-(u_f + v_f * c + b_f)))
+        r = 1.0 / (1.0 + tl.exp(-(u_r + v_r * c + b_r)))
         c_new = u_c + f * (c - u_c)
         gate = r * m if HAS_MASK_C else r
         h = x + gate * (c_new - x)
         if HAS_MASK_PAD:
+            # Selects, not products: whatever sits in a padded step's u or x (even NaN) cannot leak.
+            pad = tl.load(mask_pad_ptr + at + same) != 0
             c_new = tl.where(pad, c, c_new)
             h = tl.where(pad, 0.0, h)
         c = c_new
-        tl.store(h_ptr + (t * B + row) * D + cols, h.to(h_ptr.dtype.element_ty), mask=keep)
+        tl.store(h_ptr + at * D + cols, h.to(h_ptr.dtype.element_ty), mask=keep)
         if SAVE_C:
-            tl.store(c_all_ptr + (t * B + row) * D + cols, c, mask=keep)
-
-        u_c_in, u_f_in, u_r_in, x_in = u_c_next, u_f_next, u_r_next, x_next
-        if HAS_MASK_PAD:
-            pad = pad_next
+            tl.store(c_all_ptr + at * D + cols, c, mask=keep)
     tl.store(c_last_ptr + row * D + cols, c, mask=keep)
 
 
@@ -88,6 +82,7 @@ def _sru_backward_kernel(
     grad_u_ptr, grad_x_ptr, grad_vb_ptr, grad_c0_ptr,
     T, B, D,
     HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -106,73 +101,55 @@ def _sru_backward_kernel(
     grad_v_r = tl.full([BLOCK_D], 0, c0.dtype)
     grad_b_f = tl.full([BLOCK_D], 0, c0.dtype)
     grad_b_r = tl.full([BLOCK_D], 0, c0.dtype)
+    same = cols * 0
 
     # The derivatives are those of csrc/sru_cpu_impl.h. Walk the forward order backwards: the state after
-    # step t is carried from the previous iteration; the state before it is c_all at the step the forward
-    # ran just before t, or c0 at the forward's first step. Step s's inputs are prefetched during step s-1.
-    t0 = 0 if REVERSE else T - 1
-    c = tl.load(c_all_ptr + (t0 * B + row) * D + cols, mask=keep, other=0)
-    u_c_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + cols, mask=keep, other=0)
-    u_f_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + D + cols, mask=keep, other=0)
-    u_r_in = tl.load(u_ptr + (t0 * B + row) * 3 * D + 2 * D + cols, mask=keep, other=0)
-    x_in = tl.load(x_ptr + (t0 * B + row) * D + cols, mask=keep, other=0)
-    grad_h_in = tl.load(grad_h_ptr + (t0 * B + row) * D + cols, mask=keep, other=0)
-    t0_prev = tl.minimum(t0 + 1, T - 1) if REVERSE else tl.maximum(t0 - 1, 0)
-    c_prev = tl.load(c_all_ptr + (t0_prev * B + row) * D + cols, mask=keep, other=0)
-    if HAS_MASK_PAD:
-        pad = tl.load(mask_pad_ptr + t0 * B + row) != 0
-    for s in range(T):
+    # step t is carried from the previous iteration (it was that iteration's c_prev); the state before it
+    # is c_all at the step the forward ran just before t, or c0 at the forward's first step. As in the
+    # forward, every load depends only on the loop counter, so they are pipelined STAGES deep.
+    t_last = 0 if REVERSE else T - 1
+    c = tl.load(c_all_ptr + (t_last * B + row) * D + cols, mask=keep, other=0)
+    for s in tl.range(0, T, num_stages=STAGES):
         t = s if REVERSE else T - 1 - s
-        if s == T - 1:
-            c_prev = c0
-        s_next = tl.minimum(s + 1, T - 1)
-        t_next = s_next if REVERSE else T - 1 - s_next
-        t_next_prev = tl.minimum(t_next + 1, T - 1) if REVERSE else tl.maximum(t_next - 1, 0)
-        u_c_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + cols, mask=keep, other=0)
-        u_f_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + D + cols, mask=keep, other=0)
-        u_r_next = tl.load(u_ptr + (t_next * B + row) * 3 * D + 2 * D + cols, mask=keep, other=0)
-        x_next = tl.load(x_ptr + (t_next * B + row) * D + cols, mask=keep, other=0)
-        grad_h_next = tl.load(grad_h_ptr + (t_next * B + row) * D + cols, mask=keep, other=0)
-        c_prev_next = tl.load(c_all_ptr + (t_next_prev * B + row) * D + cols, mask=keep, other=0)
-        if HAS_MASK_PAD:
-            pad_next = tl.load(mask_pad_ptr + t_next * B + row) != 0
-
-        u_c = u_c_in.to(c0.dtype)
-        x = x_in.to(c0.dtype)
-        grad_h = grad_h_in.to(c0.dtype)
-        if HAS_MASK_PAD:
-            grad_h = tl.where(pad, 0.0, grad_h)
-        f = 1.0 / (1.0 + tl.exp(-(u_f_in.to(c0.dtype) + v_f * c_prev + b_f)))
-        r = 1.0 / (1.0 + tl.exp(-(u_r_in.to(c0.dtype) + v_r * c_prev + b_r)))
+        not_first = same + s < T - 1  # a vector: the interpreter wants tensor masks
+        t_prev = tl.minimum(t + 1, T - 1) if REVERSE else tl.maximum(t - 1, 0)
+        at = t * B + row
+        u_c = tl.load(u_ptr + at * 3 * D + cols, mask=keep, other=0).to(c0.dtype)
+        u_f = tl.load(u_ptr + at * 3 * D + D + cols, mask=keep, other=0).to(c0.dtype)
+        u_r = tl.load(u_ptr + at * 3 * D + 2 * D + cols, mask=keep, other=0).to(c0.dtype)
+        x = tl.load(x_ptr + at * D + cols, mask=keep, other=0).to(c0.dtype)
+        grad_h = tl.load(grad_h_ptr + at * D + cols, mask=keep, other=0).to(c0.dtype)
+        c_prev = tl.load(c_all_ptr + (t_prev * B + row) * D + cols, mask=keep & not_first, other=0)
+        c_prev = tl.where(not_first, c_prev, c0)
+        f = 1.0 / (1.0 + tl.exp(-(u_f + v_f * c_prev + b_f)))
+        r = 1.0 / (1.0 + tl.exp(-(u_r + v_r * c_prev + b_r)))
         gate = r * m if HAS_MASK_C else r
         grad_c_t = grad_c + grad_h * gate
         grad_ur = grad_h * (gate * (1.0 - r)) * (c - x)
         grad_uf = grad_c_t * (c_prev - u_c) * f * (1.0 - f)
         grad_uc = grad_c_t * (1.0 - f)
+        grad_x = grad_h - grad_h * gate
         grad_c_new = grad_c_t * f + grad_uf * v_f + grad_ur * v_r
         if HAS_MASK_PAD:
+            # A padded step passed c through and wrote h = 0: its inputs get zero gradient whatever they
+            # hold (selects, so a NaN there cannot leak), and the state's gradient passes through unchanged.
+            pad = tl.load(mask_pad_ptr + at + same) != 0
             grad_uf = tl.where(pad, 0.0, grad_uf)
             grad_uc = tl.where(pad, 0.0, grad_uc)
+            grad_ur = tl.where(pad, 0.0, grad_ur)
+            grad_x = tl.where(pad, 0.0, grad_x)
             grad_c_new = tl.where(pad, grad_c, grad_c_new)
         grad_c = grad_c_new
         grad_v_f += grad_uf * c_prev
         grad_v_r += grad_ur * c_prev
         grad_b_f += grad_uf
         grad_b_r += grad_ur
-        at = (t * B + row) * 3 * D + cols
         grad_u_dtype = grad_u_ptr.dtype.element_ty
-        tl.store(grad_u_ptr + at, grad_uc.to(grad_u_dtype), mask=keep)
-        tl.store(grad_u_ptr + at + D, grad_uf.to(grad_u_dtype), mask=keep)
-        tl.store(grad_u_ptr + at + 2 * D, grad_ur.to(grad_u_dtype), mask=keep)
-        tl.store(
-            grad_x_ptr + (t * B + row) * D + cols, (grad_h - grad_h * gate).to(grad_x_ptr.dtype.element_ty), mask=keep
-        )
-
+        tl.store(grad_u_ptr + at * 3 * D + cols, grad_uc.to(grad_u_dtype), mask=keep)
+        tl.store(grad_u_ptr + at * 3 * D + D + cols, grad_uf.to(grad_u_dtype), mask=keep)
+        tl.store(grad_u_ptr + at * 3 * D + 2 * D + cols, grad_ur.to(grad_u_dtype), mask=keep)
+        tl.store(grad_x_ptr + at * D + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=keep)
         c = c_prev
-        u_c_in, u_f_in, u_r_in, x_in, grad_h_in = u_c_next, u_f_next, u_r_next, x_next, grad_h_next
-        c_prev = c_prev_next
-        if HAS_MASK_PAD:
-            pad = pad_next
 
     tl.store(grad_c0_ptr + row * D + cols, grad_c, mask=keep)
     out = grad_vb_ptr + row * 4 * D + cols
@@ -186,13 +163,21 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton's own minimum for NVIDIA GPUs; the asynchronous copies the kernels are written for need sm_80.
+_MIN_CAPABILITY = (7, 5)
+
+
 def is_available(device: torch.device) -> bool:
     """Whether Triton is installed and can run on ``device`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
     if triton is None:
         return False
     if device.type == "cuda":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and _capability(device) >= _MIN_CAPABILITY
     return _interpreting(device)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def unavailable_reason(device: torch.device) -> str:
@@ -203,7 +188,13 @@ def unavailable_reason(device: torch.device) -> str:
             "install it with `pip install triton` (PyTorch's CUDA wheels bring it), or pass backend='naive'"
         )
     if device.type == "cuda":
-        return "srupp's 'triton' backend needs a working CUDA GPU, and torch.cuda.is_available() is False"
+        if not torch.cuda.is_available():
+            return "srupp's 'triton' backend needs a working CUDA GPU, and torch.cuda.is_available() is False"
+        major, minor = _capability(device)
+        return (
+            f"srupp's 'triton' backend needs a GPU of compute capability >= "
+            f"{_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}, got {major}.{minor} on {device}"
+        )
     return (
         f"srupp's 'triton' backend runs on CUDA tensors, got {device.type} tensors; on CPU it runs only in "
         "Triton's interpreter (set TRITON_INTERPRET=1, slow, for testing); use backend='cpu' or 'naive'"
@@ -229,29 +220,61 @@ def _kernel(fn, device: torch.device):
 
 
 @functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(
-        torch.cuda.current_device() if index is None else index
-    ).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_config(batch: int, hidden: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_D, num_warps): the largest block that still gives every SM a few programs."""
+# Pipeline depth: how many steps ahead the loads are issued. Benchmarks may override any launch parameter
+# for a while with `launch_overrides`.
+STAGES = 8
+_OVERRIDES: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def launch_overrides(**values: int):
+    """Temporarily fix launch parameters (``stages``, ``block_d``, ``num_warps``) for tuning benchmarks."""
+    unknown = set(values) - {"stages", "block_d", "num_warps"}
+    if unknown:
+        raise ValueError(f"`launch_overrides` takes stages, block_d, num_warps; got {sorted(unknown)}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def _launch_config(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_D, num_warps, STAGES) for activations of ``element_size`` bytes."""
     if device.type == "cpu":
         # The interpreter runs programs one after another, so fewer and wider programs are faster.
-        return min(triton.next_power_of_2(hidden), 1024), 1
-    programs_wanted = 4 * _sm_count(device.index)
-    block = 32
-    for candidate in (256, 128, 64):
-        if batch * triton.cdiv(hidden, candidate) >= programs_wanted:
-            block = candidate
-            break
-    block = min(block, max(32, triton.next_power_of_2(hidden)))
-    return block, max(1, min(4, block // 32))
+        block, warps = min(triton.next_power_of_2(hidden), 1024), 1
+    else:
+        # Each thread loads at least 4 bytes per row (the smallest asynchronous copy), and the block is the
+        # largest that still gives every SM two programs: B * D is all the parallelism there is.
+        per_thread = max(1, 4 // element_size)
+        smallest = 32 * per_thread
+        programs_wanted = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        block = smallest
+        for candidate in (4 * smallest, 2 * smallest):
+            if batch * triton.cdiv(hidden, candidate) >= programs_wanted:
+                block = candidate
+                break
+        warps = block // smallest
+    block = _OVERRIDES.get("block_d", block)
+    warps = _OVERRIDES.get("num_warps", warps)
+    return block, warps, _OVERRIDES.get("stages", STAGES)
 
 
 def _flag_pointer(mask_pad: Tensor | None, fallback: Tensor) -> Tensor:
-    return fallback if mask_pad is None else mask_pad.view(torch.uint8)
+    # int32 so that each lane's copy of a step's flag is 4 bytes, the smallest asynchronous copy.
+    return fallback if mask_pad is None else mask_pad.to(torch.int32)
+
+
+def _on_device(tensor: Tensor):
+    # Launches go to the current device; tensors on another GPU would be read at illegal addresses.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("srupp::sru_triton_forward", mutates_args=())
@@ -273,13 +296,14 @@ def sru_triton_forward(
     if h.numel() == 0:
         c_last.copy_(c0)
         return h, c_last, c_all
-    block, warps = _launch_config(batch, hidden, u.device)
-    _kernel(_sru_forward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
-        u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, h, c_all if save_c else h,
-        c_last, steps, batch, hidden,
-        HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse, SAVE_C=save_c,
-        BLOCK_D=block, num_warps=warps,
-    )  # fmt: skip
+    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+    with _on_device(u):
+        _kernel(_sru_forward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
+            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, h,
+            c_all if save_c else h, c_last, steps, batch, hidden,
+            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse, SAVE_C=save_c,
+            BLOCK_D=block, STAGES=stages, num_warps=warps,
+        )  # fmt: skip
     return h, c_last, c_all
 
 
@@ -315,13 +339,14 @@ def sru_triton_backward(
         grad_x.zero_()
         grad_c0.copy_(grad_c_last)
     else:
-        block, warps = _launch_config(batch, hidden, u.device)
-        _kernel(_sru_backward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
-            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, c_all, grad_h,
-            grad_c_last, grad_u, grad_x, grad_vb, grad_c0, steps, batch, hidden,
-            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse,
-            BLOCK_D=block, num_warps=warps,
-        )  # fmt: skip
+        block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+        with _on_device(u):
+            _kernel(_sru_backward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
+                u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, c_all, grad_h,
+                grad_c_last, grad_u, grad_x, grad_vb, grad_c0, steps, batch, hidden,
+                HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse,
+                BLOCK_D=block, STAGES=stages, num_warps=warps,
+            )  # fmt: skip
     return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
 
 
@@ -346,3 +371,42 @@ def sru_recurrence_triton(
 
 
 sru_recurrence_triton.native_half = True
+
+
+_compile_failure: str | None = None
+
+
+def sru_recurrence_triton_or_naive(
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None = None,
+    mask_c: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """What ``backend="auto"`` runs on a GPU: the Triton kernels, or the naive spec (with one warning) from
+    the first time Triton fails to compile them for this GPU. Errors raised while running stay errors."""
+    global _compile_failure
+    if _compile_failure is None:
+        try:
+            return sru_recurrence_triton(u, x, v, b, c0, mask_pad, mask_c, reverse)
+        except Exception as err:
+            if not type(err).__module__.startswith("triton"):
+                raise
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _compile_failure = f"{type(err).__name__}: {first_line}"
+            warnings.warn(
+                f"srupp's Triton kernels failed to compile for {u.device} ({_compile_failure}); "
+                "falling back to the slow 'naive' backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    from srupp.ops.naive import sru_recurrence_naive
+
+    compute = c0.dtype  # half activations are computed in float32, as the other backends do
+    return sru_recurrence_naive(u.to(compute), x.to(compute), v, b, c0, mask_pad, mask_c, reverse)
+
+
+sru_recurrence_triton_or_naive.native_half = True

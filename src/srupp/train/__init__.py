@@ -1,6 +1,6 @@
 """Training: the config, the loop, schedules, checkpoints, evaluation and distributed setup."""
 
-from srupp.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from srupp.train.checkpoint import load_checkpoint, load_model, resolve_checkpoint, save_checkpoint
 from srupp.train.config import TrainConfig, apply_overrides, load_preset
 from srupp.train.evaluate import bpc, evaluate, ppl
 from srupp.train.loop import TrainResult, learning_rate, train
@@ -14,6 +14,7 @@ __all__ = [
     "learning_rate",
     "load_checkpoint",
     "load_model",
+    "resolve_checkpoint",
     "load_preset",
     "ppl",
     "save_checkpoint",

@@ -1,10 +1,14 @@
 """Checkpoints: one safetensors file per checkpoint, written atomically, never unpickled.
 
-Tensors (weights under ``model/``, optimizer state under ``optim/``, each rank's RNG and carried recurrent
-state under ``rank<r>/``) live in the safetensors body; the resolved config, vocabulary and trainer state are
-JSON strings in its metadata, with a sha256 of the tensor bytes that loading checks. The file is written to a
-temporary name beside the target, fsynced, and renamed over it, so a crash mid-write leaves the previous
-checkpoint whole.
+Tensors (weights under ``model/``, optimizer state under ``optim/``) live in the safetensors body; the
+resolved config, vocabulary and trainer state are JSON strings in its metadata. A sha256 over every tensor
+(name, dtype, shape, bytes) and every metadata string is stored beside them and checked on loading, so a
+flipped bit anywhere is a clear error. Each DDP rank's RNG and carried recurrent state go to a small file of
+its own (see :func:`carry_to_tensors`), so the shared file does not grow with the number of ranks.
+
+Files are written to a temporary name of this process beside the target, fsynced and renamed over it: a
+crash mid-write leaves the previous checkpoint whole. This module is also the one place that builds a model
+for ``train/`` (:func:`build_model`), so the runtime backend choice lives here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-FORMAT = "srupp-checkpoint/1"
+from srupp.errors import CheckpointError, UnavailableError, name_path
+from srupp.models import LMConfig, SRUppLM
+from srupp.nn import SRUppState
+
+FORMAT = "srupp-checkpoint/2"
+_METADATA_KEYS = ("format", "config", "vocab", "trainer")
+# safetensors headers list names, dtypes, shapes and offsets: a few KB for any real model.
+_MAX_HEADER_BYTES = 16 << 20
 
 
 @dataclass
@@ -39,11 +50,17 @@ class Checkpoint:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
+def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        tensor = tensors[name]
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        # Length-prefixed fields, so no two different files hash the same byte stream.
+        for part in (json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode(), data):
+            digest.update(len(part).to_bytes(8, "little") + part)
+    for key in _METADATA_KEYS:
+        part = f"{key}={metadata.get(key, '')}".encode()
+        digest.update(len(part).to_bytes(8, "little") + part)
     return digest.hexdigest()
 
 
@@ -72,26 +89,31 @@ def save_checkpoint(
     vocab: dict[str, Any],
     trainer: dict[str, Any],
 ) -> Path:
-    """Write a checkpoint atomically (temporary file + fsync + ``os.replace``)."""
+    """Write a checkpoint atomically (a temporary file of this process + fsync + ``os.replace``).
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (naming the file); the previous file at
+            ``path`` is untouched and the temporary file removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    metadata = {
-        "format": FORMAT,
-        "config": json.dumps(config),
-        "vocab": json.dumps(vocab),
-        "trainer": json.dumps(trainer),
-        "sha256": _digest(tensors),
-    }
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in (("config", config), ("vocab", vocab),
+                                                                  ("trainer", trainer))}}  # fmt: skip
+    metadata["sha256"] = _digest(tensors, metadata)
+    # The pid in the name: another process's temporary files are never this one's to remove.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
+            raise OSError(f"cannot write checkpoint {path}: {err}") from err
+        except OSError as err:
+            raise name_path(err, path) from err
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,35 +122,83 @@ def save_checkpoint(
     return path
 
 
+def _check_header(path: Path) -> None:
+    """Refuse a file whose safetensors header claims more than the file (or a sane header) holds."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {size} bytes")
+    length = int.from_bytes(head, "little")
+    if length > min(size - 8, _MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted: its header claims {length:,} bytes of a {size:,}-byte file"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint`.
 
+    Memory use is bounded by the file's size; nothing is unpickled.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an srupp checkpoint, or is truncated or corrupted.
+        CheckpointError (a ValueError): the file is not an srupp checkpoint, or is truncated or corrupted.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_header(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
+    except (SafetensorError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an srupp checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
-    if _digest(tensors) != metadata.get("sha256"):
-        raise ValueError(f"checkpoint {path} is corrupted: its tensors do not match the stored sha256")
+        raise CheckpointError(
+            f"{path} is not an srupp checkpoint of this version (format {metadata.get('format')!r}, expected "
+            f"{FORMAT!r})"
+        )
+    if _digest(tensors, metadata) != metadata.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored sha256")
     try:
         config, vocab, trainer = (json.loads(metadata[k]) for k in ("config", "vocab", "trainer"))
     except (KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {path} has corrupted metadata ({err})") from err
+        raise CheckpointError(f"checkpoint {path} has corrupted metadata ({err})") from err
+    if not all(isinstance(part, dict) for part in (config, vocab, trainer)):
+        raise CheckpointError(f"checkpoint {path} has corrupted metadata (config, vocab and trainer must be objects)")
     return Checkpoint(path, tensors, config, vocab, trainer)
 
 
-def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.PathLike) -> None:
-    """``model.load_state_dict(weights)`` with an error that names the architecture mismatch."""
+def build_model(config: LMConfig, *, backend: str = "auto", device: torch.device | str | None = None) -> SRUppLM:
+    """The one place ``train/`` builds a model: ``backend`` is a runtime choice, never read from a file.
+
+    Raises:
+        UnavailableError: ``backend`` names a recurrence backend this machine cannot run.
+    """
+    from srupp.ops.recurrence import _resolve_backend
+
+    try:
+        _resolve_backend(backend, torch.device(device or "cpu"))  # fail before training, not at the first step
+    except RuntimeError as err:
+        raise UnavailableError(f"`backend` {backend!r} is not available: {err}") from err
+    return SRUppLM(config, backend=backend, device=device)
+
+
+def carry_to_tensors(carry: SRUppState | None) -> dict[str, Tensor]:
+    """The recurrent state carried between training segments as named tensors (empty for None)."""
+    return {} if carry is None else carry.to_tensors()
+
+
+def carry_from_tensors(tensors: dict[str, Tensor], device: torch.device) -> SRUppState | None:
+    """Inverse of :func:`carry_to_tensors`, on ``device``."""
+    return SRUppState.from_tensors(tensors).to(device) if "c" in tensors else None
+
+
+def check_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """Raise CheckpointError unless ``weights`` has exactly ``model``'s names and shapes (``model`` may be
+    on the meta device, so a file that claims a huge architecture is refused before anything is allocated)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -147,7 +217,12 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.
             )
             if part
         )
-        raise ValueError(f"checkpoint {source} was saved for a different architecture: {details}")
+        raise CheckpointError(f"checkpoint {source} was saved for a different architecture: {details}")
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)`` with an error that names the architecture mismatch."""
+    check_weights(model, weights, source)
     model.load_state_dict(weights)
 
 
@@ -172,19 +247,46 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file, else the run folder's ``checkpoints/best.safetensors`` (else ``last``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("best.safetensors", "last.safetensors"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    raise CheckpointError(f"run folder {path} has no checkpoints/best.safetensors or checkpoints/last.safetensors")
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", *, backend: str = "auto"):
     """Rebuild the model a checkpoint was trained as, from the checkpoint's own config.
+
+    The architecture is checked against the file's tensor shapes on the meta device first, so a damaged or
+    hostile file cannot make this allocate more than the file holds. ``backend`` is this run's choice: a
+    model trained with ``"triton"`` evaluates on a CPU-only machine.
 
     Returns:
         ``(model, TrainConfig, Vocab, Checkpoint)`` with the model in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: the file is damaged or its config, vocabulary and tensors disagree.
     """
     from srupp.data import Vocab
-    from srupp.models import SRUppLM
     from srupp.train.config import TrainConfig
 
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt.config)
-    model = SRUppLM(cfg.model)
-    load_weights(model, ckpt.prefixed("model/"), path)
-    vocab = Vocab(ckpt.vocab["kind"], tuple(ckpt.vocab.get("words", ())))
-    return model.to(device).eval(), cfg, vocab, ckpt
+    try:
+        cfg = TrainConfig.from_dict(ckpt.config)
+        vocab = Vocab.from_dict(ckpt.vocab)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid config or vocabulary: {err}") from err
+    if vocab.size != cfg.model.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {path} is inconsistent: a {vocab.kind!r} vocabulary of {vocab.size} tokens for a model "
+            f"with `vocab_size` {cfg.model.vocab_size}"
+        )
+    weights = ckpt.prefixed("model/")
+    check_weights(SRUppLM(cfg.model, device="meta"), weights, path)
+    model = build_model(cfg.model, backend=backend, device=device)
+    model.load_state_dict(weights)
+    return model.eval(), cfg, vocab, ckpt

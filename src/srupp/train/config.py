@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -11,11 +12,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srupp.errors import ConfigError
 from srupp.models import LMConfig
 
 OPTIMIZERS = ("radam", "adamw")
 PRECISIONS = ("fp32", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "naive", "cpu", "triton")
+CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS}
+# A resume continues the same stream of data and the same model: these cannot change on the way.
+FIXED_ON_RESUME = ("data", "batch_size", "unroll_size", "grad_accum", "seed")
+
+
+def _check_number(
+    name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
+    strict: bool = False, optional: bool = False,
+) -> None:  # fmt: skip
+    """Raise ConfigError unless ``value`` is a finite number (an int if ``integer``) in the given range:
+    ``[low, high)``, or ``(low, high)`` with ``strict``."""
+    if value is None and optional:
+        return
+    kinds = int if integer else (int, float)
+    kind = "an integer" if integer else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be {kind}, got {value!r}")
+    if low is not None and (value < low or (strict and value == low)):
+        raise ConfigError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value!r}")
+    if high is not None and value >= high:
+        raise ConfigError(f"`{name}` must be < {high}, got {value!r}")
 
 
 def presets_dir() -> Path:
@@ -31,6 +55,7 @@ class TrainConfig:
         model: the architecture.
         data: a directory written by ``srupp data prepare``, or ``"stdlib"`` for the embedded demo corpus
             (prepared into ``<out_dir>/data``).
+            The vocabulary size of ``model`` must equal the corpus's.
         out_dir: run directory (config, metrics, learning curve, checkpoints).
         batch_size: streams B per update over all ranks; ``unroll_size``: segment length M.
         grad_accum: consecutive segments per update (tokens per update = batch_size * unroll_size * grad_accum).
@@ -47,6 +72,8 @@ class TrainConfig:
         checkpoint_every: also write the last checkpoint every N updates (None = only at evaluations).
         log_every: train-loss records in ``metrics.jsonl``; ``progress``: show a tqdm bar.
         num_threads: torch CPU threads (None leaves torch's default).
+        backend: the recurrence backend (``"auto"``, ``"naive"``, ``"cpu"``, ``"triton"``), a runtime choice of
+            this run: checkpoints do not carry it into evaluation.
         description, paper: documentation only (a preset's purpose and the paper's reported numbers).
     """
 
@@ -77,37 +104,40 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     num_threads: int | None = None
+    backend: str = "auto"
     description: str = ""
     paper: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = LMConfig.from_dict(self.model)
+            try:
+                self.model = LMConfig.from_dict(self.model)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"`model`: {err}") from err
         if not isinstance(self.model, LMConfig):
-            raise TypeError(f"`model` must be an LMConfig or a dict, got {type(self.model).__name__}")
-        positive = ["batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"]
-        positive += ["schedule_steps", "eval_unroll_size", "eval_tokens", "checkpoint_every", "num_threads"]
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}")
-        for name in ("max_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.clip_grad <= 0:
-            raise ValueError(
-                f"`lr` and `clip_grad` must be > 0 and `weight_decay` >= 0, "
-                f"got lr={self.lr}, clip_grad={self.clip_grad}, weight_decay={self.weight_decay}"
-            )
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("device", DEVICES)):
+            raise ConfigError(f"`model` must be an LMConfig or a dict, got {type(self.model).__name__}")
+        for name in ("batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
+            _check_number(name, getattr(self, name), integer=True, low=1)
+        for name in ("schedule_steps", "eval_unroll_size", "eval_tokens", "checkpoint_every", "num_threads"):
+            _check_number(name, getattr(self, name), integer=True, low=1, optional=True)
+        for name in ("max_steps", "warmup_steps", "seed"):
+            _check_number(name, getattr(self, name), integer=True, low=0)
+        _check_number("lr", self.lr, low=0.0, strict=True)
+        _check_number("clip_grad", self.clip_grad, low=0.0, strict=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("time_limit_s", self.time_limit_s, low=0.0, strict=True, optional=True)
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
+            raise ConfigError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
+        for value in self.betas:
+            _check_number("betas", value, low=0.0, high=1.0)
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"`time_limit_s` must be > 0, got {self.time_limit_s}")
+                raise ConfigError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("anneal_by_time", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
         if self.anneal_by_time and self.time_limit_s is None:
-            raise ValueError("`anneal_by_time` needs `time_limit_s`")
+            raise ConfigError("`anneal_by_time` needs `time_limit_s`")
 
     @property
     def total_schedule_steps(self) -> int:
@@ -129,7 +159,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
     def to_json(self) -> str:
@@ -137,7 +167,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"invalid JSON ({err})") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
 
 
 def load_preset(name_or_path: str) -> TrainConfig:
@@ -149,9 +185,9 @@ def load_preset(name_or_path: str) -> TrainConfig:
         available = sorted(p.stem for p in presets_dir().glob("*.json"))
         raise FileNotFoundError(f"no config file or preset named {name_or_path!r}; presets: {available}")
     try:
-        return TrainConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{path}: {err}") from err
+        return TrainConfig.from_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ConfigError) as err:
+        raise ConfigError(f"config file {path}: {err}") from err
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -184,7 +220,7 @@ def _coerce(key: str, text: str, kind: Any) -> Any:
                 raise ValueError(text)
             return value
     except ValueError as err:
-        raise ValueError(f"`--{key}` must be a {getattr(kind, '__name__', kind)}, got {text!r}") from err
+        raise ConfigError(f"`--{key}` must be a {getattr(kind, '__name__', kind)}, got {text!r}") from err
     raise NotImplementedError(f"`--{key}`: overriding fields of type {kind} is not supported")
 
 
@@ -201,7 +237,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
         if key.startswith("model."):
             key = key[len("model.") :]
             if key not in model_types:
-                raise ValueError(f"unknown config key {raw_key!r}; model keys: {sorted(model_types)}")
+                raise ConfigError(f"unknown config key {raw_key!r}; model keys: {sorted(model_types)}")
             model_values[key] = _coerce(raw_key, text, model_types[key])
         elif key in train_types and key != "model":
             train_values[key] = _coerce(raw_key, text, train_types[key])
@@ -209,6 +245,16 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
             model_values[key] = _coerce(raw_key, text, model_types[key])
         else:
             known = sorted(set(train_types) - {"model"} | set(model_types))
-            raise ValueError(f"unknown config key {raw_key!r}; known keys: {known}")
+            raise ConfigError(f"unknown config key {raw_key!r}; known keys: {known}")
     train_values["model"] = model_values
     return TrainConfig.from_dict(train_values)
+
+
+def check_resume(cfg: TrainConfig, saved: dict[str, Any], source: str | os.PathLike) -> None:
+    """Raise ConfigError if ``cfg`` changes a setting that a resume of the run saved as ``saved`` must keep."""
+    for name in FIXED_ON_RESUME:
+        if saved.get(name) != getattr(cfg, name):
+            raise ConfigError(
+                f"`{name}` cannot change when resuming {source}: the run used {saved.get(name)!r}, got "
+                f"{getattr(cfg, name)!r}; start a new run (another --out_dir) to change it"
+            )

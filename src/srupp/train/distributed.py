@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from srupp.errors import UnavailableError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,7 +30,7 @@ class DistInfo:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU raises RuntimeError."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("`device` 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise UnavailableError("`device` 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
@@ -68,11 +70,6 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     return float(tensor.item())
 
 
-def gather_tensor(tensor: Tensor, info: DistInfo) -> list[Tensor]:
-    """Every rank's copy of a same-shaped tensor, on CPU, in rank order (all ranks must call this)."""
-    if not info.enabled:
-        return [tensor.cpu()]
-    local = tensor.to(info.device)
-    parts = [torch.empty_like(local) for _ in range(info.world_size)]
-    dist.all_gather(parts, local)
-    return [p.cpu() for p in parts]
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

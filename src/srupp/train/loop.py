@@ -1,31 +1,45 @@
-"""The training loop: one function, read top to bottom."""
+"""The training loop: :func:`train` reads top to bottom as named steps over one explicit state object.
+
+``setup`` builds what stays fixed for the run (:class:`Run`: data, model, optimizer, outputs) and the state
+that changes every update (:class:`RunState`: step, best loss, carried recurrent state), restored from the
+last checkpoint on resume. Each step below takes both and says what it changes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from srupp.data import Corpus, StreamBatcher, open_corpus, prepare_stdlib
-from srupp.models import SRUppLM
+from srupp.data import Corpus, Segment, StreamBatcher, open_corpus, prepare_stdlib
+from srupp.errors import CheckpointError, ConfigError, CorpusError, DivergenceError, RunDirError
+from srupp.models import LMConfig, SRUppLM
 from srupp.nn import SRUppState
 from srupp.train import distributed
 from srupp.train.checkpoint import (
+    Checkpoint,
+    build_model,
+    carry_from_tensors,
+    carry_to_tensors,
     load_checkpoint,
     load_weights,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_checkpoint,
 )
-from srupp.train.config import TrainConfig
+from srupp.train.config import TrainConfig, check_resume
 from srupp.train.evaluate import bpc, evaluate, ppl
 from srupp.train.metrics import MetricsLog, plot_curve
+from srupp.train.rundir import RunFolder, write_text_atomic
 
 
 @dataclass
@@ -38,6 +52,338 @@ class TrainResult:
     best_valid_loss: float = math.inf
     model: SRUppLM | None = None
     run_dir: Path | None = None
+    is_main: bool = True
+
+
+@dataclass
+class Run:
+    """What ``setup`` builds once for a run; the steps read it and never rebind its fields."""
+
+    cfg: TrainConfig
+    dist: distributed.DistInfo
+    model: SRUppLM
+    net: torch.nn.Module  # the model, wrapped in DistributedDataParallel under DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batcher: StreamBatcher
+    data: Iterator[Segment]
+    valid_tokens: np.ndarray
+    vocab: dict
+    metric: str  # "bpc" (bits per byte) for byte and BPE corpora, "ppl" for word corpora
+    train_bytes_per_token: float  # 1 for bytes; BPE losses per token become bits per byte through these
+    valid_bytes_per_token: float
+    log: MetricsLog | None  # rank 0 only
+    bar: tqdm
+    start: float
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.safetensors"
+
+    def to_metric(self, nats: float, bytes_per_token: float = 1.0) -> float:
+        return bpc(nats, bytes_per_token) if self.metric == "bpc" else ppl(nats)
+
+
+@dataclass
+class RunState:
+    """Everything that changes from one update to the next."""
+
+    step: int = 0
+    best: float = math.inf
+    carry: SRUppState | None = None
+    saved_step: int | None = None  # the step of checkpoints/last.safetensors, once it is this run's
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    lr: float = 0.0
+    tokens_per_s: float = 0.0
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+    valid: list[dict] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``, writing ``config.json``, ``metrics.jsonl``, ``learning_curve.png``
+    and ``checkpoints/{last,best}.safetensors`` under ``cfg.out_dir``.
+
+    Run under ``torchrun --nproc_per_node=N`` for DDP: each rank reads its own contiguous shard of the global
+    ``batch_size`` streams. With ``resume`` the run continues exactly from ``checkpoints/last.safetensors``
+    (weights, optimizer, RNG, data position, carried state and memory). A folder holding another run is
+    refused unless ``overwrite``, which moves its files into ``replaced/``; a folder in use by another
+    trainer is refused.
+
+    Raises:
+        RunDirError: the folder holds another run, is locked, or has nothing to resume.
+        ConfigError: the config does not fit the corpus, or a resume changes a fixed setting.
+        DivergenceError: the loss, valid loss, gradient or parameters became NaN or infinite (the message
+            names the last good checkpoint, which is kept).
+    """
+    dist = distributed.setup(cfg.device)
+    try:
+        with claim_run_dir(cfg.out_dir, dist, resume=resume, overwrite=overwrite):
+            run, state = setup(cfg, dist, resume)
+            with run.bar:
+                while state.step < cfg.max_steps and not state.stopped:
+                    one_update(run, state)
+                    log_update(run, state)
+                    state.stopped = out_of_time(run)
+                    if evaluation_due(run, state):
+                        evaluate_and_checkpoint(run, state)
+                    elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                        save(run, state, run.last_path, valid_loss=None)
+                if state.step > 0 and state.saved_step != state.step:
+                    save(run, state, run.last_path, valid_loss=None)
+        return TrainResult(state.step, state.losses, state.valid, state.best, run.model, run.run_dir, dist.is_main)
+    finally:
+        distributed.teardown(dist)
+
+
+@contextlib.contextmanager
+def claim_run_dir(out_dir: str, dist: distributed.DistInfo, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 holds the run folder (lock, no silent replacement) for the whole run; the other ranks learn
+    whether it succeeded, so a refusal stops every rank instead of leaving them waiting."""
+    folder = RunFolder(out_dir, resume=resume, overwrite=overwrite)
+    with contextlib.ExitStack() as stack:
+        refused: RunDirError | None = None
+        if dist.is_main:
+            try:
+                stack.enter_context(folder)
+            except RunDirError as err:
+                refused = err
+        if distributed.broadcast_float(0.0 if refused else 1.0, dist) == 0.0:
+            raise refused or RunDirError(f"rank 0 could not claim the run folder {out_dir}")
+        if folder.moved_to is not None:
+            print(f"srupp train: moved the previous run's files in {out_dir} to {folder.moved_to}", file=sys.stderr)
+        yield
+
+
+def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[Run, RunState]:
+    """Data, model, optimizer and outputs for ``cfg``; the state restored from the last checkpoint on resume."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"`batch_size` ({cfg.batch_size}) must be divisible by the world size ({dist.world_size})")
+    saved = None
+    if resume:  # checked before anything is prepared or written
+        saved = load_checkpoint(Path(cfg.out_dir) / "checkpoints" / "last.safetensors")
+        check_resume(cfg, saved.config, saved.path)
+    corpus = resolve_corpus(cfg.data, cfg.out_dir, dist.is_main)
+    byte_default = cfg.model.vocab_size == LMConfig.vocab_size and corpus.vocab.kind != "byte" and not resume
+    if corpus.vocab.size != cfg.model.vocab_size and byte_default:
+        # The presets are byte-level; on a BPE or word corpus they take that corpus's vocabulary.
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab.size))
+    elif corpus.vocab.size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"`vocab_size` must equal the vocabulary size of corpus {corpus.path} ({corpus.vocab.size:,} "
+            f"{corpus.vocab.kind} tokens), got {cfg.model.vocab_size}; pass --vocab_size {corpus.vocab.size}"
+        )
+    try:
+        batcher = StreamBatcher(corpus.split("train"), cfg.batch_size // dist.world_size, cfg.unroll_size,
+                                rank=dist.rank, world_size=dist.world_size)  # fmt: skip
+    except ValueError as err:  # the corpus is too small for the batch: a problem of this input, said plainly
+        raise CorpusError(f"{err} (corpus {corpus.path})") from err
+    torch.manual_seed(cfg.seed)  # the same model init on every rank
+    model = build_model(cfg.model, backend=cfg.backend, device=dist.device)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "mixed" and dist.device.type == "cuda")
+    torch.manual_seed(cfg.seed + 1 + dist.rank)  # different dropout masks per rank
+    # Adaptive-softmax clusters that no target hits in a batch get no gradient.
+    net = DistributedDataParallel(model, find_unused_parameters=cfg.model.adaptive) if dist.enabled else model
+    metric = "ppl" if corpus.vocab.kind == "word" else "bpc"
+    train_bpt = corpus.bytes_per_token("train") if metric == "bpc" else 1.0
+    valid_bpt = corpus.bytes_per_token("valid", cfg.eval_tokens) if metric == "bpc" else 1.0
+    run = Run(
+        cfg, dist, model, net, optimizer, scaler, batcher, iter(batcher), corpus.split("valid"),
+        vocab=corpus.vocab.to_dict(), metric=metric, train_bytes_per_token=train_bpt, valid_bytes_per_token=valid_bpt,
+        log=None, bar=None, start=0.0,
+    )  # fmt: skip
+    state = restore(run, saved) if saved is not None else RunState()
+    if dist.is_main:
+        write_text_atomic(run.run_dir / "config.json", cfg.to_json())
+        run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+    # A time-limited schedule has no meaningful step total: the bar then counts steps without an ETA.
+    run.bar = tqdm(total=None if cfg.anneal_by_time else cfg.max_steps, initial=state.step, unit="step",
+                   disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)  # fmt: skip
+    run.model.train()
+    run.start = time.perf_counter()
+    return run, state
+
+
+def restore(run: Run, ckpt: Checkpoint) -> RunState:
+    """The state saved in ``ckpt`` (``checkpoints/last.safetensors``) and this rank's file beside it; loads
+    the model, optimizer, loss scale, data position and RNG into ``run``."""
+    path, dist = ckpt.path, run.dist
+    load_weights(run.model, ckpt.prefixed("model/"), path)
+    trainer = ckpt.trainer
+    if trainer.get("world_size") != dist.world_size:
+        raise ConfigError(
+            f"{path} was written by {trainer.get('world_size')} ranks; resume with the same number (got "
+            f"{dist.world_size}) so every rank finds its data position and carried state"
+        )
+    try:
+        optimizer_from_tensors(run.optimizer, ckpt.prefixed("optim/"), trainer["optimizer"])
+        if run.scaler.is_enabled():
+            run.scaler.load_state_dict(trainer["scaler"])
+        run.batcher.load_state_dict(trainer["data"])
+        step, best, rank_file = int(trainer["step"]), float(trainer["best_valid_loss"]), trainer["rank_file"]
+        mine = load_checkpoint(path.parent / rank_file.format(rank=dist.rank))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} has incomplete trainer state ({err!r})") from err
+    if mine.trainer.get("step") != step:
+        raise CheckpointError(f"{mine.path} is from step {mine.trainer.get('step')}, but {path} from step {step}")
+    torch.set_rng_state(mine.tensors["rng/cpu"])
+    if dist.device.type == "cuda" and "rng/cuda" in mine.tensors:
+        torch.cuda.set_rng_state(mine.tensors["rng/cuda"], dist.device)
+    return RunState(step=step, best=best, carry=carry_from_tensors(mine.prefixed("carry/"), dist.device),
+                    saved_step=step)  # fmt: skip
+
+
+def one_update(run: Run, state: RunState) -> None:
+    """Forward/backward over ``grad_accum`` consecutive segments (carrying state and memory), clip, step.
+
+    Sets ``state.lr``, ``loss``, ``grad_norm``, ``carry``, ``tokens_per_s``; advances ``state.step``.
+    """
+    cfg, dist, device = run.cfg, run.dist, run.dist.device
+    tick = time.perf_counter()
+    elapsed = tick - run.start
+    if cfg.anneal_by_time:
+        elapsed = distributed.broadcast_float(elapsed, dist)
+    state.lr = learning_rate(state.step, cfg, elapsed)
+    for group in run.optimizer.param_groups:
+        group["lr"] = state.lr
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        segment = next(run.data)
+        if segment.first:
+            state.carry = None
+        sync = micro == cfg.grad_accum - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else run.net.no_sync(), autocast(cfg, device):
+            nll, state.carry = run.net(segment.input.to(device), state.carry, targets=segment.target.to(device))
+            loss = nll.mean()
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    state.loss = float(distributed.mean_over_ranks(loss_sum / cfg.grad_accum, dist))
+    require_finite(run, state, "loss", state.loss, state.step + 1)
+    # Clip the global gradient norm (unscaled first under fp16), step, update the loss scale.
+    run.scaler.unscale_(run.optimizer)
+    state.grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad))
+    if not run.scaler.is_enabled():  # under fp16 an infinite norm only makes the scaler skip this step
+        require_finite(run, state, "gradient norm", state.grad_norm, state.step + 1)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    state.step += 1
+    state.losses.append(state.loss)
+    rate = cfg.tokens_per_step / (time.perf_counter() - tick)
+    state.tokens_per_s = rate if state.tokens_per_s == 0 else 0.9 * state.tokens_per_s + 0.1 * rate
+
+
+def log_update(run: Run, state: RunState) -> None:
+    """The progress bar, and a ``metrics.jsonl`` record every ``log_every`` steps (rank 0)."""
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{state.loss:.3f}", tok_s=f"{state.tokens_per_s:,.0f}", lr=f"{state.lr:.2e}",
+                        refresh=False)  # fmt: skip
+    if run.log is not None and (state.step % run.cfg.log_every == 0 or state.step == run.cfg.max_steps):
+        train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
+        run.log.write({"step": state.step, "loss": state.loss, f"train_{run.metric}": train_metric,
+                       "lr": state.lr, "grad_norm": state.grad_norm, "tokens_per_s": state.tokens_per_s})  # fmt: skip
+
+
+def out_of_time(run: Run) -> bool:
+    """Whether ``time_limit_s`` has passed; rank 0's clock decides, so every rank stops at the same step."""
+    if run.cfg.time_limit_s is None:
+        return False
+    return distributed.broadcast_float(float(time.perf_counter() - run.start > run.cfg.time_limit_s), run.dist) > 0
+
+
+def evaluation_due(run: Run, state: RunState) -> bool:
+    return state.step % run.cfg.eval_every == 0 or state.step == run.cfg.max_steps or state.stopped
+
+
+def evaluate_and_checkpoint(run: Run, state: RunState) -> None:
+    """Score the valid split (rank 0), log it, write ``best`` when it improved and ``last`` always."""
+    cfg = run.cfg
+    valid_loss = math.nan
+    if run.dist.is_main:
+        valid_loss = evaluate(run.model, run.valid_tokens, batch_size=cfg.eval_batch_size,
+                              unroll=cfg.resolved_eval_unroll, max_tokens=cfg.eval_tokens, device=run.dist.device,
+                              autocast=autocast(cfg, run.dist.device))  # fmt: skip
+    valid_loss = distributed.broadcast_float(valid_loss, run.dist)
+    train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
+    valid_metric = run.to_metric(valid_loss, run.valid_bytes_per_token)
+    record = {"step": state.step, "valid_loss": valid_loss, f"valid_{run.metric}": valid_metric}
+    state.valid.append(record)
+    if run.log is not None:
+        run.log.write(record)
+        run.bar.write(f"step {state.step:>6}  train {run.metric} {train_metric:.3f}  valid {run.metric} "
+                      f"{valid_metric:.3f}  ({state.tokens_per_s:,.0f} tok/s)")  # fmt: skip
+        plot_curve(run.log.records, run.run_dir / "learning_curve.png", metric=run.metric)
+    require_finite(run, state, "valid loss", valid_loss, state.step)
+    if valid_loss < state.best:
+        state.best = valid_loss
+        save(run, state, run.best_path, valid_loss)
+    save(run, state, run.last_path, valid_loss)
+
+
+def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> None:
+    """Write a checkpoint of the current state to ``path`` if every parameter is finite.
+
+    For ``last``, every rank first writes its RNG and carried state to ``last.step<N>.rank<r>.safetensors``;
+    rank 0 then writes the shared file naming them, and each rank removes its own older file. A crash at
+    any point leaves a ``last`` whose rank files exist.
+    """
+    dist = run.dist
+    bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        require_finite(run, state, f"parameter {bad[0]}", math.nan, state.step)
+    rank_file = None
+    if path == run.last_path:
+        rank_file = f"last.step{state.step}.rank{{rank}}.safetensors"
+        mine = {"rng/cpu": torch.get_rng_state()}
+        if dist.device.type == "cuda":
+            mine["rng/cuda"] = torch.cuda.get_rng_state(dist.device)
+        mine.update({f"carry/{k}": v for k, v in carry_to_tensors(state.carry).items()})
+        trainer = {"step": state.step, "rank": dist.rank}
+        save_checkpoint(path.parent / rank_file.format(rank=dist.rank), mine, config={}, vocab={}, trainer=trainer)
+        distributed.barrier(dist)
+    if dist.is_main:
+        tensors = {f"model/{k}": v for k, v in run.model.state_dict().items()}
+        optim_tensors, optim_json = optimizer_to_tensors(run.optimizer)
+        tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
+        trainer = {
+            "step": state.step, "best_valid_loss": state.best, "valid_loss": valid_loss,
+            "data": run.batcher.state_dict(), "world_size": dist.world_size, "optimizer": optim_json,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "rank_file": rank_file,
+        }  # fmt: skip
+        save_checkpoint(path, tensors, config=run.cfg.to_dict(), vocab=run.vocab, trainer=trainer)
+    if rank_file is not None:
+        distributed.barrier(dist)
+        current = rank_file.format(rank=dist.rank)
+        for old in path.parent.glob(f"last.step*.rank{dist.rank}.safetensors"):
+            if old.name != current:
+                old.unlink(missing_ok=True)
+        state.saved_step = state.step
+
+
+def require_finite(run: Run, state: RunState, what: str, value: float, step: int) -> None:
+    """Raise DivergenceError naming the last good checkpoint unless ``value`` is finite."""
+    if math.isfinite(value):
+        return
+    if state.saved_step is not None:
+        kept = f"The last good checkpoint is {run.last_path} (step {state.saved_step}); "
+    else:
+        kept = "No checkpoint was written yet; "
+    raise DivergenceError(
+        f"training stopped at step {step}: the {what} is {value}. {kept}"
+        "lower --lr or raise --warmup_steps, then resume or restart."
+    )
 
 
 def learning_rate(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
@@ -57,7 +403,7 @@ def resolve_corpus(data: str, out_dir: str | Path, is_main: bool = True) -> Corp
         return open_corpus(data)
     target = Path(out_dir) / "data"
     if is_main and not (target / "meta.json").is_file():
-        prepare_stdlib(target)
+        prepare_stdlib(target, overwrite=True)  # no meta.json: no complete corpus there to keep
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return open_corpus(target)
@@ -71,224 +417,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if cfg.precision != "mixed":
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _carry_tensors(state, prefix: str) -> dict[str, torch.Tensor]:
-    return {} if state is None else state.to_tensors(prefix)
-
-
-def _restore_carry(model: SRUppLM, tensors: dict[str, torch.Tensor], device: torch.device):
-    return SRUppState.from_tensors(tensors).to(device) if "c" in tensors else None
-
-
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data``, writing ``config.json``, ``metrics.jsonl``, ``learning_curve.png``
-    and ``checkpoints/{last,best}.safetensors`` under ``cfg.out_dir``.
-
-    Run under ``torchrun --nproc_per_node=N`` for DDP: each rank reads its own contiguous shard of the global
-    ``batch_size`` streams. With ``resume`` the run continues exactly from ``checkpoints/last.safetensors``
-    (weights, optimizer, RNG, data position, carried state and memory).
-
-    Raises:
-        FloatingPointError: the loss became NaN or infinite (the last good checkpoint is kept).
-    """
-    dist = distributed.setup(cfg.device)
-    device = dist.device
-    try:
-        return _train(cfg, dist, device, resume)
-    finally:
-        distributed.teardown(dist)
-
-
-def _train(cfg: TrainConfig, dist: distributed.DistInfo, device: torch.device, resume: bool) -> TrainResult:
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"`batch_size` ({cfg.batch_size}) must be divisible by the world size ({dist.world_size})")
-    run_dir = Path(cfg.out_dir)
-    last_path, best_path = run_dir / "checkpoints" / "last.safetensors", run_dir / "checkpoints" / "best.safetensors"
-
-    # Data: this rank's contiguous shard of the training streams, and the valid split.
-    corpus = resolve_corpus(cfg.data, run_dir, dist.is_main)
-    if corpus.vocab.size != cfg.model.vocab_size:
-        cfg = replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab.size))
-    metric = "bpc" if corpus.vocab.kind == "byte" else "ppl"
-    to_metric = bpc if metric == "bpc" else ppl
-    batcher = StreamBatcher(
-        corpus.split("train"), cfg.batch_size // dist.world_size, cfg.unroll_size, rank=dist.rank,
-        world_size=dist.world_size,
-    )  # fmt: skip
-    valid_tokens = corpus.split("valid")
-    vocab = {"kind": corpus.vocab.kind, "words": list(corpus.vocab.words)}
-
-    # Model, optimizer, mixed precision.
-    torch.manual_seed(cfg.seed)
-    model = SRUppLM(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "mixed" and device.type == "cuda")
-    autocast = _autocast(cfg, device)
-    # Different dropout masks per rank; the same model init everywhere (seeded above).
-    torch.manual_seed(cfg.seed + 1 + dist.rank)
-
-    step, best, carry = 0, math.inf, None
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        load_weights(model, ckpt.prefixed("model/"), last_path)
-        optimizer_from_tensors(optimizer, ckpt.prefixed("optim/"), ckpt.trainer["optimizer"])
-        if scaler.is_enabled():
-            scaler.load_state_dict(ckpt.trainer["scaler"])
-        step, best = ckpt.trainer["step"], ckpt.trainer["best_valid_loss"]
-        batcher.load_state_dict(ckpt.trainer["data"])
-        if ckpt.trainer["world_size"] != dist.world_size:
-            raise ValueError(
-                f"{last_path} was written by {ckpt.trainer['world_size']} ranks; resume with the same number "
-                f"(got {dist.world_size}) so every rank finds its data position and carried state"
-            )
-        mine = ckpt.prefixed(f"rank{dist.rank}/")
-        torch.set_rng_state(mine["rng/cpu"])
-        if device.type == "cuda" and "rng/cuda" in mine:
-            torch.cuda.set_rng_state(mine["rng/cuda"], device)
-        carry = _restore_carry(
-            model, {k[len("carry/") :]: v for k, v in mine.items() if k.startswith("carry/")}, device
-        )
-    result = TrainResult(step=step, best_valid_loss=best, run_dir=run_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume else None)
-    net = model
-    if dist.enabled:
-        # Adaptive-softmax clusters that no target hits in a batch get no gradient.
-        net = DistributedDataParallel(model, find_unused_parameters=cfg.model.adaptive)
-
-    def checkpoint(path: Path, valid_loss: float | None) -> None:
-        # Every rank contributes its RNG and carried state; rank 0 writes the one file.
-        rank_tensors = {"rng/cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rank_tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
-        rank_tensors.update(_carry_tensors(carry, "carry/"))
-        tensors = {}
-        for name in sorted(rank_tensors):
-            for rank, value in enumerate(distributed.gather_tensor(rank_tensors[name], dist)):
-                tensors[f"rank{rank}/{name}"] = value
-        if not dist.is_main:
-            return
-        tensors.update({f"model/{k}": v for k, v in model.state_dict().items()})
-        optim_tensors, optim_json = optimizer_to_tensors(optimizer)
-        tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
-        trainer = {
-            "step": step,
-            "best_valid_loss": best,
-            "valid_loss": valid_loss,
-            "data": batcher.state_dict(),
-            "world_size": dist.world_size,
-            "optimizer": optim_json,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        }
-        save_checkpoint(path, tensors, config=cfg.to_dict(), vocab=vocab, trainer=trainer)
-
-    data = iter(batcher)
-    model.train()
-    # A time-limited schedule has no meaningful step total: the bar then counts steps without an ETA.
-    total = None if cfg.anneal_by_time else cfg.max_steps
-    bar = tqdm(total=total, initial=step, disable=not (cfg.progress and dist.is_main), unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    tokens_per_s = 0.0
-
-    def out_of_time() -> bool:
-        # Rank 0's clock decides, so every rank stops (and checkpoints) at the same step.
-        if cfg.time_limit_s is None:
-            return False
-        return distributed.broadcast_float(float(time.perf_counter() - start > cfg.time_limit_s), dist) > 0
-
-    stopped, saved_step = False, step if resume else None
-    while step < cfg.max_steps and not stopped:
-        tick = time.perf_counter()
-        elapsed = time.perf_counter() - start
-        if cfg.anneal_by_time:
-            elapsed = distributed.broadcast_float(elapsed, dist)
-        lr = learning_rate(step, cfg, elapsed)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # Forward/backward over grad_accum consecutive segments, carrying state and memory (detached).
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            segment = next(data)
-            if segment.first:
-                carry = None
-            sync = micro == cfg.grad_accum - 1 or not dist.enabled
-            with contextlib.nullcontext() if sync else net.no_sync(), autocast:
-                nll, carry = net(segment.input.to(device), carry, targets=segment.target.to(device))
-                loss = nll.mean()
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_value = float(distributed.mean_over_ranks(loss_sum / cfg.grad_accum, dist))
-        if not math.isfinite(loss_value):
-            bar.close()
-            kept = f"The last good checkpoint is {last_path} (step {saved_step}); " if saved_step is not None else ""
-            raise FloatingPointError(
-                f"training stopped at step {step + 1}: the loss is {loss_value}. "
-                + (kept or "No checkpoint was written yet; ")
-                + "lower --lr or raise --warmup_steps, then resume or restart."
-            )
-
-        # Clip the global gradient norm (unscaled first under fp16), step, update the loss scale.
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        result.losses.append(loss_value)
-
-        step_rate = cfg.tokens_per_step / (time.perf_counter() - tick)
-        tokens_per_s = step_rate if tokens_per_s == 0 else 0.9 * tokens_per_s + 0.1 * step_rate
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
-        if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            record = {"step": step, "loss": loss_value, f"train_{metric}": to_metric(loss_value), "lr": lr}
-            log.write({**record, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
-
-        # Evaluate, keep the best checkpoint, write the last one.
-        stopped = out_of_time()
-        finished = step == cfg.max_steps or stopped
-        if step % cfg.eval_every == 0 or finished:
-            valid_loss = math.nan
-            if dist.is_main:
-                valid_loss = evaluate(
-                    model,
-                    valid_tokens,
-                    batch_size=cfg.eval_batch_size,
-                    unroll=cfg.resolved_eval_unroll,
-                    max_tokens=cfg.eval_tokens,
-                    device=device,
-                    autocast=_autocast(cfg, device),
-                )
-            valid_loss = distributed.broadcast_float(valid_loss, dist)
-            improved = valid_loss < best
-            best = min(best, valid_loss)
-            record = {"step": step, "valid_loss": valid_loss, f"valid_{metric}": to_metric(valid_loss)}
-            result.valid.append(record)
-            if dist.is_main:
-                log.write(record)
-                bar.write(f"step {step:>6}  train {metric} {to_metric(loss_value):.3f}  valid {metric} "
-                          f"{to_metric(valid_loss):.3f}  ({tokens_per_s:,.0f} tok/s)")  # fmt: skip
-                plot_curve(log.records, run_dir / "learning_curve.png", metric=metric)
-            if improved:
-                checkpoint(best_path, valid_loss)
-            checkpoint(last_path, valid_loss)
-            saved_step = step
-        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint(last_path, None)
-            saved_step = step
-    if step > 0 and (not result.valid or result.valid[-1]["step"] != step):
-        checkpoint(last_path, None)
-    bar.close()
-    result.step, result.best_valid_loss, result.model = step, best, model
-    return result

@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from srupp.train.rundir import write_text_atomic
+
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped (the kept
+    ones are rewritten atomically)."""
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
         self.path = Path(path)
@@ -23,7 +26,7 @@ class MetricsLog:
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -54,7 +57,7 @@ def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric
     ax.set_title("SRU++ learning curve")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)

@@ -1,0 +1,145 @@
+"""Byte-level BPE tokenizers (the ``tokenizers`` package) for subword corpora.
+
+A tokenizer travels as its ``tokenizer.json`` text: in the corpus folder, in ``Vocab.tokenizer`` and so in every
+checkpoint. Byte-level BPE maps any UTF-8 text to ids and back exactly, and each id stands for a fixed run of
+bytes, so a model's loss can be reported per byte and compared with a byte-level model's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+TOKENIZER_FILE = "tokenizer.json"
+_CHUNK_CHARS = 1 << 20
+_EXTRA = "pip install 'srupp[hf]'"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise RuntimeError(f"BPE corpora need the package `tokenizers`: {_EXTRA}") from error
+    return tokenizers
+
+
+def parse_spec(spec: str) -> tuple[str, int | Path | None]:
+    """Read a ``--tokenizer`` value: ``"bytes"``, ``"bpe:VOCAB"`` (train one of VOCAB ids) or a path to a
+    ``tokenizer.json``. Returns ``("bytes", None)``, ``("bpe", VOCAB)`` or ``("file", Path)``."""
+    if not isinstance(spec, str):
+        raise TypeError(f"`tokenizer` must be a str, got {type(spec).__name__}")
+    if spec == "bytes":
+        return "bytes", None
+    if spec.startswith("bpe:"):
+        size = spec[4:]
+        if not size.isdigit() or not 257 <= int(size) <= 1 << 24:
+            raise ValueError(f"`tokenizer` bpe:VOCAB needs an integer VOCAB in [257, 16777216], got {spec!r}")
+        return "bpe", int(size)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if path.suffix != ".json" or not path.is_file():
+        raise ValueError(f"`tokenizer` must be 'bytes', 'bpe:VOCAB' or an existing tokenizer.json file, got {spec!r}")
+    return "file", path
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """About 1M characters at a time, cut after a line break (encoding per chunk keeps memory bounded)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + _CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def train_bpe(text: str, vocab_size: int) -> str:
+    """Train a byte-level BPE with at most ``vocab_size`` ids (256 bytes plus merges) on ``text``.
+
+    Returns:
+        The tokenizer as ``tokenizer.json`` text.
+    """
+    tk = _tokenizers()
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    # No prefix space and no normalizer: decode(encode(text)) is text, byte for byte.
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_chunks(text), trainer)
+    return tokenizer.to_str()
+
+
+def read_tokenizer(path: str | os.PathLike) -> str:
+    """The text of a ``tokenizer.json``, checked to be a byte-level tokenizer that ``tokenizers`` loads."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        decoder = (json.loads(text).get("decoder") or {}).get("type")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a tokenizer.json file: {error}") from None
+    if decoder != "ByteLevel":
+        raise ValueError(
+            f"tokenizer {path} must be byte-level (decoder 'ByteLevel', as GPT-2 style BPEs), got decoder {decoder!r}: "
+            "only byte-level tokenizers decode exactly and give bits per byte"
+        )
+    load(text)
+    return text
+
+
+@functools.lru_cache(maxsize=8)
+def load(text: str):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` text (cached: vocabularies are compared and reused)."""
+    return _tokenizers().Tokenizer.from_str(text)
+
+
+def encode(text: str, tokenizer_json: str) -> np.ndarray:
+    """Token ids ``[N]`` int32 of ``text``."""
+    tokenizer = load(tokenizer_json)
+    parts = [np.asarray(e.ids, dtype=np.int32) for e in tokenizer.encode_batch(list(_chunks(text)))]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+def decode(ids: list[int], tokenizer_json: str) -> str:
+    """Text of ``ids``; an id range that ends inside a UTF-8 character decodes that character as U+FFFD."""
+    return load(tokenizer_json).decode(list(ids), skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=8)
+def token_bytes(tokenizer_json: str) -> np.ndarray:
+    """``[V]`` int64: how many bytes of text each id stands for.
+
+    Byte-level vocabularies spell every byte as one character of a 256-character alphabet, so a token's length
+    is its byte count; added tokens (e.g. ``<|endoftext|>``) are their UTF-8 text.
+    """
+    tokenizer = load(tokenizer_json)
+    lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, index in tokenizer.get_vocab(with_added_tokens=False).items():
+        lengths[index] = len(token)
+    for index, added in tokenizer.get_added_tokens_decoder().items():
+        lengths[index] = len(added.content.encode("utf-8"))
+    return lengths
+
+
+def split_texts(splits: dict[str, np.ndarray]) -> dict[str, str]:
+    """Decode consecutive byte splits as UTF-8, first moving a character cut by a split boundary (a single file
+    split by byte ratio) wholly into the earlier split."""
+    names = list(splits)
+    data = {name: bytes(np.asarray(splits[name], dtype=np.uint8)) for name in names}
+    for before, after in zip(names, names[1:], strict=False):
+        cut = 0
+        while cut < min(3, len(data[after])) and 0x80 <= data[after][cut] < 0xC0:
+            cut += 1
+        data[before], data[after] = data[before] + data[after][:cut], data[after][cut:]
+    texts = {}
+    for name in names:
+        try:
+            texts[name] = data[name].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"split {name!r} is not valid UTF-8 text ({error}); BPE corpora need UTF-8") from None
+    return texts

@@ -1,0 +1,413 @@
+"""SRU++ as Hugging Face ``transformers`` models: a causal LM with cached generation, and a sequence classifier.
+
+Both keep srupp's own modules and parameter names (under ``model.``), so an ``SRUppLM`` state_dict loads as is.
+Inputs are batch-first ``[B, T]``; ``attention_mask`` (1 = token, 0 = padding) hides padded positions from the
+recurrence and, as keys, from attention, so a left-padded batch gives each row what it gives alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Cache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
+
+from srupp.hf.configuration import SRUppConfig
+from srupp.models import SRUppLM
+from srupp.nn import SRUpp, SRUppState
+from srupp.nn.layer import SRULayer
+
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""What this ``transformers`` calls the cache in outputs and ``generate``: ``cache`` (5.x) or ``past_key_values``."""
+
+
+class SRUppCache(Cache):
+    """The decoding state of an SRU++ model for ``generate``: one :class:`SRUppState` (each layer's c, attention
+    keys and values, and which earlier positions were padding) and the number of positions fed so far.
+
+    ``forward`` updates it in place and returns it. It cannot be cropped: a recurrent state does not roll back.
+
+    Args:
+        state: the state to continue from (None: nothing fed yet).
+        seen: positions already fed (padding included).
+    """
+
+    def __init__(self, state: SRUppState | None = None, seen: int = 0) -> None:
+        super().__init__(layers=[])
+        self.state = state
+        self.seen = seen
+
+    def __repr__(self) -> str:
+        return f"SRUppCache(seen={self.seen}, batch_size={self.batch_size})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.c.shape[1]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # Not purely linear: it also grows attention keys, so generate slices prompts by `get_seq_length`.
+        return [False]
+
+    def _select(self, fn) -> None:
+        if self.state is None:
+            return
+        state = self.state
+
+        def pick(items):
+            return None if items is None else [None if item is None else fn(item, 0) for item in items]
+
+        memory = None if state.memory is None else [None if m is None else fn(m, 1) for m in state.memory]
+        key_pad = None if state.key_pad is None else fn(state.key_pad, 0)
+        self.state = SRUppState(
+            fn(state.c, 1), memory, pick(state.keys), pick(state.values), state.max_context, key_pad
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda tensor, dim: tensor.index_select(dim, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda tensor, dim: tensor.index_select(dim, indices.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda tensor, dim: tensor.repeat_interleave(repeats, dim=dim))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("an SRUppCache cannot be cropped: the recurrent state does not roll back")
+
+    def activate_past_recording(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.state, self.seen = None, 0
+
+
+class SRUppPreTrainedModel(PreTrainedModel):
+    """Loading, saving and initialisation shared by the SRU++ models."""
+
+    config_class = SRUppConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["SRULayer"]
+    # A recurrent state cannot be rewound: transformers then refuses assisted (speculative) decoding.
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # srupp's modules initialise themselves; this re-runs that for modules that from_pretrained left unloaded.
+        # transformers guards the nn.init functions against loaded parameters, not the in-place tensor ops of a
+        # layer's reset, so a layer with any loaded parameter is left alone.
+        if isinstance(module, (SRUppLM, SRUppEncoder)):
+            module.reset_parameters()
+        elif isinstance(module, SRULayer):
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.reset_parameters()
+        elif module is getattr(self, "score", None):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate must not create a DynamicCache: forward creates its SRUppCache.
+        return False
+
+
+def _check_ids(input_ids: object, inputs_embeds: object) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of `input_ids` [B, T] and `inputs_embeds` [B, T, hidden_size]")
+    if input_ids is not None and (not isinstance(input_ids, Tensor) or input_ids.dim() != 2):
+        shape = list(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"`input_ids` must have shape [B, T], got {shape}")
+
+
+def _padding(attention_mask: Tensor | None, batch: int, steps: int) -> Tensor | None:
+    """``[B, T]`` bool, True at padding, from an ``attention_mask`` ``[B, L >= T]`` whose last T columns are the
+    new positions; None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        shape = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"`attention_mask` must have shape [B, L] (L >= T = {steps}), got {shape}")
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < steps:
+        raise ValueError(
+            f"`attention_mask` must have shape [B, L] with B = {batch} and L >= T = {steps}, "
+            f"got {list(attention_mask.shape)}"
+        )
+    pad = attention_mask[:, attention_mask.shape[1] - steps :] == 0
+    return pad if bool(pad.any()) else None
+
+
+class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
+    """An :class:`srupp.models.SRUppLM` as a ``transformers`` causal LM: ``generate``, ``Trainer``,
+    ``save_pretrained``/``from_pretrained`` (safetensors) and the Auto classes after ``import srupp.hf``.
+
+    The wrapped ``SRUppLM`` is ``self.model``; its state_dict names appear under ``model.``. With adaptive
+    embeddings (``cutoffs``) the logits are the adaptive softmax's log-probabilities.
+
+    Example:
+        >>> import srupp.hf
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> model = AutoModelForCausalLM.from_pretrained("exported/")
+        >>> tokenizer = AutoTokenizer.from_pretrained("exported/")
+        >>> ids = tokenizer("def main", return_tensors="pt").input_ids
+        >>> tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0])
+    """
+
+    def __init__(self, config: SRUppConfig) -> None:
+        super().__init__(config)
+        self.model = SRUppLM(config.to_lm_config())
+        self.post_init()
+
+    @classmethod
+    def from_lm(cls, lm: SRUppLM, **config_kwargs) -> SRUppForCausalLM:
+        """The Hugging Face model holding a copy of ``lm``'s weights (``config_kwargs`` go to ``SRUppConfig``)."""
+        if not isinstance(lm, SRUppLM):
+            raise TypeError(f"`lm` must be an SRUppLM, got {type(lm).__name__}")
+        parameter = next(lm.parameters())
+        model = cls(SRUppConfig.from_lm_config(lm.config, **config_kwargs)).to(parameter.device, parameter.dtype)
+        model.model.load_state_dict(lm.state_dict())
+        model.model.set_backend(lm.rnn.backend)
+        return model.train(lm.training)
+
+    def get_input_embeddings(self) -> nn.Module:
+        if self.config.cutoffs is not None:
+            raise NotImplementedError("the adaptive input shares the adaptive softmax's weights: no separate embedding")
+        return self.model.embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if self.config.cutoffs is not None:
+            raise NotImplementedError("the adaptive input shares the adaptive softmax's weights: no separate embedding")
+        self.model.embedding = value
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = inputs.get(CACHE_NAME)
+        if isinstance(cache, SRUppCache) and cache.seen > 0:
+            # Generated tokens are never padding and the state already knows the prompt's padding.
+            inputs["attention_mask"] = None
+        return inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: SRUppCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        past_key_values: SRUppCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Run the model over new positions.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or ``inputs_embeds`` ``[B, T, hidden_size]``).
+            attention_mask: ``[B, L]`` with 1 at tokens and 0 at padding (left padding for batched prompts); L is
+                T, or the cache's length plus T (as ``generate`` passes it).
+            cache: an :class:`SRUppCache` to continue (``past_key_values`` is the same, its older name). Fed any
+                number of new positions, it continues exactly where it stopped.
+            labels: ``[B, T]`` ids; the loss is the mean cross-entropy of position t predicting ``labels[:, t+1]``,
+                ignoring ``-100``.
+            use_cache: return the cache (default: ``config.use_cache`` outside training, and always when a cache
+                is given).
+            logits_to_keep: compute the logits of only the last k positions (0: all; ignored with ``labels``).
+
+        Returns:
+            ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, T, V]`` and the cache.
+        """
+        _check_ids(input_ids, inputs_embeds)
+        if cache is None:
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, SRUppCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                cache = None  # an empty generic cache: ours takes its place
+            else:
+                raise TypeError(f"`cache` must be an SRUppCache or None, got {type(cache).__name__}")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
+
+        lm = self.model
+        embedded = lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, steps = embedded.shape[:2]
+        pad = _padding(attention_mask, batch, steps)
+        x = lm.dropout(embedded).transpose(0, 1)
+        if use_cache or cache is not None:
+            cache = SRUppCache() if cache is None else cache
+            state = lm.rnn.init_decode_state(batch) if cache.state is None else cache.state
+            hidden, state = lm.rnn.step(x, state, mask_pad=None if pad is None else pad.t())
+            cache.state, cache.seen = state, cache.seen + steps
+        else:
+            hidden, _ = lm.rnn(x, mask_pad=None if pad is None else pad.t(), causal=True)
+        hidden = lm.dropout(hidden).transpose(0, 1)
+
+        loss = None
+        if labels is None and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = lm.log_probs(hidden) if lm.config.adaptive else lm.output(hidden).float()
+        if labels is not None:
+            loss = _shifted_cross_entropy(logits, labels, kwargs.get("num_items_in_batch"))
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache if use_cache else None})
+        return output if return_dict else output.to_tuple()
+
+
+def _shifted_cross_entropy(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
+    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` ignoring -100 (summed and divided by
+    ``num_items_in_batch`` when ``Trainer`` gives it, for gradient accumulation)."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"`labels` must have shape [B, T] = {list(logits.shape[:2])}, got {list(labels.shape)}")
+    flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+class SRUppEncoder(nn.Module):
+    """Token embedding and an SRU++ stack (bidirectional with non-causal attention, or causal): the body of
+    :class:`SRUppForSequenceClassification`, with ``SRUppLM``'s parameter names (``embedding``, ``rnn``), so the
+    weights of a plain (non-adaptive) causal LM load into a causal encoder."""
+
+    def __init__(self, config: SRUppConfig) -> None:
+        super().__init__()
+        lm_config = config.to_lm_config()
+        self.bidirectional = config.bidirectional
+        d = lm_config.hidden_size
+        self.embedding = nn.Embedding(lm_config.vocab_size, d)
+        self.dropout = nn.Dropout(lm_config.dropout)
+        self.rnn = SRUpp(
+            d,
+            d,
+            lm_config.proj_size,
+            num_layers=lm_config.num_layers,
+            num_heads=lm_config.num_heads,
+            dropout=lm_config.dropout,
+            attn_dropout=lm_config.attn_dropout,
+            bidirectional=config.bidirectional,
+            layer_norm=lm_config.layer_norm,
+            highway_bias=lm_config.highway_bias,
+            attention_every_n_layers=lm_config.attention_every_n_layers,
+            attention_layers=lm_config.attention_layers,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # U(+-sqrt(3/d)) as SRUppLM's embedding.
+        bound = math.sqrt(3.0 / self.embedding.embedding_dim)
+        nn.init.uniform_(self.embedding.weight, -bound, bound)
+
+    def forward(self, input_ids: Tensor, pad: Tensor | None) -> Tensor:
+        """``[B, T]`` ids and ``[B, T]`` padding -> ``[B, T, dirs*d]`` (0 at padding)."""
+        x = self.dropout(self.embedding(input_ids)).transpose(0, 1)
+        hidden, _ = self.rnn(x, mask_pad=None if pad is None else pad.t(), causal=not self.bidirectional)
+        return self.dropout(hidden).transpose(0, 1)
+
+
+class SRUppForSequenceClassification(SRUppPreTrainedModel):
+    """An SRU++ encoder with a linear head on a pooled representation: ``config.bidirectional`` selects the
+    bidirectional encoder (the paper's layer as a drop-in for a Transformer encoder), ``config.pooling`` the
+    last non-padding position or the mean over non-padding positions.
+
+    ``labels`` follow ``transformers``: regression for ``num_labels == 1``, else single-label (int labels) or
+    multi-label (float labels) classification, or as ``config.problem_type`` says.
+
+    Example:
+        >>> config = SRUppConfig(hidden_size=64, proj_size=16, num_layers=2, bidirectional=True, num_labels=3)
+        >>> model = SRUppForSequenceClassification(config)
+        >>> model(input_ids, attention_mask=mask, labels=labels).loss.backward()
+    """
+
+    def __init__(self, config: SRUppConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SRUppEncoder(config)
+        self.score = nn.Linear(self.model.rnn.output_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        """Args:
+            input_ids: ``[B, T]`` token ids; attention_mask: ``[B, T]`` (0 at padding, either side).
+            labels: ``[B]`` class ids, ``[B]`` or ``[B, 1]`` targets (regression) or ``[B, num_labels]`` (multi-label).
+
+        Returns: ``SequenceClassifierOutput`` with ``logits`` ``[B, num_labels]`` and ``loss``."""
+        _check_ids(input_ids, None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        batch, steps = input_ids.shape
+        pad = _padding(attention_mask, batch, steps)
+        if attention_mask is not None and attention_mask.shape[1] != steps:
+            raise ValueError(
+                f"`attention_mask` must have shape [B, T] = {[batch, steps]}, got {list(attention_mask.shape)}"
+            )
+        hidden = self.model(input_ids, pad)
+        real = torch.ones(batch, steps, dtype=torch.bool, device=hidden.device) if pad is None else ~pad
+        if self.config.pooling == "mean":
+            weights = real.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        else:
+            # The last real position of each row, whichever side the padding is on.
+            last = (real.long() * torch.arange(1, steps + 1, device=hidden.device)).argmax(dim=1)
+            pooled = hidden[torch.arange(batch, device=hidden.device), last]
+        logits = self.score(pooled)
+        loss = None if labels is None else self._loss(logits, labels)
+        output = SequenceClassifierOutput(loss=loss, logits=logits)
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        labels = labels.to(logits.device)
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float().reshape(logits.shape[0]))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.reshape(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -1,0 +1,73 @@
+"""Tokenizers that ``AutoTokenizer`` loads for srupp's vocabularies: bytes (id = byte value), words, or a BPE
+corpus's ``tokenizer.json``, all as ``PreTrainedTokenizerFast``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+UNK = "<unk>"
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte 0..255 used by the ``ByteLevel`` pre-tokenizer (GPT-2's scheme):
+    printable Latin-1 bytes stand for themselves, the others take code points 256, 257, ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    symbols, extra = [], 256
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(extra))
+            extra += 1
+    return symbols
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """srupp's byte vocabulary: a text's ids are its UTF-8 bytes, and decoding turns ids back into those bytes
+    (invalid UTF-8 becomes U+FFFD). Byte 0 (NUL) doubles as the padding token; padding goes on the left, as
+    batched generation needs.
+
+    Example:
+        >>> byte_tokenizer()("hé").input_ids
+        [104, 195, 169]
+    """
+    symbols = _byte_symbols()
+    tokenizer = Tokenizer(models.BPE(vocab={symbol: byte for byte, symbol in enumerate(symbols)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=symbols[0], padding_side="left")
+
+
+def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """srupp's word vocabulary: whitespace-separated words, id = index in ``words`` (unknown words map to
+    ``<unk>`` when the vocabulary has it); decoding joins words with spaces."""
+    vocab = {word: index for index, word in enumerate(words)}
+    if len(vocab) != len(words):
+        raise ValueError("`words` must not repeat a word")
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = {"unk_token": UNK} if UNK in vocab else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **special)
+
+
+def tokenizer_for_vocab(vocab: object) -> PreTrainedTokenizerFast:
+    """The tokenizer of an srupp ``Vocab`` (as saved in checkpoints): a BPE vocabulary's own ``tokenizer.json``
+    (``vocab.tokenizer``; it has no padding token unless it defines one), else the byte or word tokenizer.
+
+    Example:
+        >>> model, cfg, vocab, _ = srupp.train.load_model("runs/bpe/checkpoints/best.safetensors")
+        >>> tokenizer_for_vocab(vocab)("def main").input_ids == vocab.encode("def main")
+        True
+    """
+    kind = getattr(vocab, "kind", None)
+    tokenizer_json = getattr(vocab, "tokenizer", None)
+    if isinstance(tokenizer_json, str) and tokenizer_json:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), padding_side="left")
+    if kind == "byte":
+        return byte_tokenizer()
+    if kind == "word":
+        return word_tokenizer(vocab.words)
+    raise ValueError(f"`vocab` must be an srupp Vocab (kind 'byte', 'word' or 'bpe'), got {vocab!r}")

@@ -1,0 +1,141 @@
+"""ONNX export of SRU++ layers and language models (``pip install 'srupp[onnx]'``).
+
+``export_onnx`` runs ``torch.onnx.export(..., dynamo=True)`` with the recurrence op translated into an ONNX ``Scan``
+over time (``srupp.ops.onnx_translation``), so one exported file accepts any sequence length and batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from srupp.models import SRUppLM
+from srupp.nn import SRUpp
+from srupp.ops.onnx_translation import translation_table
+
+
+class _LayerGraph(nn.Module):
+    def __init__(self, module: SRUpp, causal: bool, with_state: bool) -> None:
+        super().__init__()
+        self.module, self.causal, self.with_state = module, causal, with_state
+
+    def forward(self, input: Tensor, state: Tensor | None = None):
+        output, new_state = self.module(input, state, causal=self.causal)
+        return (output, new_state.c) if self.with_state else output
+
+
+class _LMGraph(nn.Module):
+    def __init__(self, model: SRUppLM, with_state: bool) -> None:
+        super().__init__()
+        self.model, self.with_state = model, with_state
+
+    def forward(self, input_ids: Tensor, state: Tensor | None = None):
+        # Each exported call is one segment: the recurrent state may be carried, the attention memory is not.
+        hidden, new_state = self.model.rnn(self.model.embed(input_ids), state, causal=True)
+        log_probs = self.model.log_probs(hidden)
+        return (log_probs, new_state.c) if self.with_state else log_probs
+
+
+def export_onnx(
+    model: SRUpp | SRUppLM,
+    path: str | os.PathLike,
+    *,
+    causal: bool = False,
+    with_state: bool = False,
+    example_length: int = 7,
+    example_batch: int = 3,
+    opset_version: int | None = None,
+) -> Path:
+    """Export an ``SRUpp`` module or an ``SRUppLM`` to an ONNX file with dynamic time and batch axes.
+
+    Graph inputs and outputs (``T`` and ``B`` dynamic):
+
+    - ``SRUpp``: ``input [T, B, input_size]`` (``[B, T, ...]`` with ``batch_first``) -> ``output [T, B,
+      dirs*hidden_size]``; ``causal`` as in ``SRUpp.forward`` (bidirectional modules need ``causal=False``).
+    - ``SRUppLM``: ``input_ids [T, B]`` int64 -> ``log_probs [T, B, vocab_size]`` (causal).
+    - ``with_state``: an extra input ``state [num_layers*dirs, B, hidden_size]`` (the initial c; zeros for a fresh
+      stream) and output ``state_out`` (the final c), to stream a long sequence segment by segment. Only c is
+      carried: a segment's attention sees that segment, not the previous one.
+
+    The model is exported in eval mode (no dropout); padding masks, attention memory and ``attn_window`` are not
+    graph inputs. The file is written next to ``path`` and renamed into place.
+
+    Args:
+        model: the module to export (float32 weights on the CPU, tested; a fused recurrence backend: the
+            "naive" backend is a Python loop over time, which fixes T in the traced graph).
+        path: the ``.onnx`` file to write (replaced if it exists).
+        causal: for an ``SRUpp`` module, attend only to earlier positions.
+        with_state: expose the recurrent state as an input and an output.
+        example_length, example_batch: the sizes of the example traced (any others run).
+        opset_version: ONNX opset (default: the exporter's).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> layer = SRUpp(32, 32, proj_size=8, num_layers=2, bidirectional=True)
+        >>> export_onnx(layer, "srupp.onnx")  # doctest: +SKIP
+        >>> import onnxruntime  # doctest: +SKIP
+        >>> session = onnxruntime.InferenceSession("srupp.onnx")  # doctest: +SKIP
+        >>> (output,) = session.run(None, {"input": x.numpy()})  # x [T, B, 32], doctest: +SKIP
+    """
+    if isinstance(model, SRUppLM):
+        if model.config.adaptive:
+            raise NotImplementedError(
+                "export_onnx supports language models with a plain embedding and softmax; the adaptive input "
+                f"(cutoffs={model.config.cutoffs}) selects rows by token value: export `model.rnn` instead"
+            )
+        rnn = model.rnn
+        graph: nn.Module = _LMGraph(model, with_state)
+        device = next(model.parameters()).device
+        example = torch.randint(0, model.config.vocab_size, (example_length, example_batch), device=device)
+        names, axes = ["input_ids"], {0: "T", 1: "B"}
+        outputs = ["log_probs"]
+    elif isinstance(model, SRUpp):
+        if causal and model.bidirectional:
+            raise NotImplementedError("a bidirectional SRUpp cannot be causal: export it with causal=False")
+        rnn = model
+        graph = _LayerGraph(model, causal, with_state)
+        reference = next(model.parameters())
+        shape = (example_batch, example_length) if model.batch_first else (example_length, example_batch)
+        example = torch.randn(*shape, model.input_size, dtype=reference.dtype, device=reference.device)
+        names, axes = ["input"], {1: "T", 0: "B"} if model.batch_first else {0: "T", 1: "B"}
+        outputs = ["output"]
+    else:
+        raise TypeError(f"`model` must be an SRUpp or an SRUppLM, got {type(model).__name__}")
+    if example_length < 2 or example_batch < 2 or example_length == example_batch:
+        # torch.export specialises sizes 0 and 1, and equal example sizes can be taken for one dimension.
+        raise ValueError(
+            f"`example_length` and `example_batch` must be >= 2 and differ, got {example_length} and {example_batch}"
+        )
+    time, batch = torch.export.Dim("T"), torch.export.Dim("B")
+    dims = {index: time if name == "T" else batch for index, name in axes.items()}
+    args: tuple[Tensor, ...] = (example,)
+    dynamic: tuple[dict, ...] = (dims,)
+    if with_state:
+        reference = next(rnn.parameters())
+        state = reference.new_zeros(rnn.num_layers * rnn.num_directions, example_batch, rnn.hidden_size)
+        args, dynamic = (*args, state), (*dynamic, {1: batch})
+        names, outputs = [*names, "state"], [*outputs, "state_out"]
+
+    path = Path(path)
+    was_training = model.training
+    graph.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                graph, args, dynamo=True, custom_translation_table=translation_table(), dynamic_shapes=dynamic,
+                input_names=names, output_names=outputs, opset_version=opset_version, verbose=False,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+    # Written in a fresh folder beside the target (with any external-data file), then renamed into place.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        program.save(Path(tmp) / path.name)
+        for item in Path(tmp).iterdir():
+            os.replace(item, path.parent / item.name)
+    return path

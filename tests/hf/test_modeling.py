@@ -1,0 +1,240 @@
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import srupp.hf  # noqa: E402
+from srupp.hf import SRUppCache, SRUppConfig, SRUppForCausalLM, SRUppForSequenceClassification  # noqa: E402
+from srupp.hf.modeling import CACHE_NAME  # noqa: E402
+from srupp.models import generate  # noqa: E402
+from tests.hf.conftest import LM_CONFIGS, TINY, make_lm  # noqa: E402
+
+
+def make(name="bytes", seed=0):
+    lm = make_lm(seed, **LM_CONFIGS[name])
+    return lm, SRUppForCausalLM.from_lm(lm).eval()
+
+
+@pytest.mark.parametrize("name", LM_CONFIGS.keys())
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached-path", "forward-path"])
+def test_logits_equal_srupplm(assert_close, name, use_cache):
+    lm, model = make(name)
+    ids = torch.randint(0, lm.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        expected, _ = lm(ids.t())
+        logits = model(ids, use_cache=use_cache).logits
+    assert logits.shape == (3, 11, lm.config.vocab_size)
+    assert_close(logits.log_softmax(-1), expected.transpose(0, 1), name="log-probs")
+    if lm.config.adaptive:
+        assert_close(logits, expected.transpose(0, 1), name="adaptive logits are the log-probs")
+
+
+def test_state_dict_is_srupplm_under_a_prefix():
+    lm, model = make()
+    assert model.state_dict().keys() == {f"model.{key}" for key in lm.state_dict()}
+
+
+@pytest.mark.parametrize("name", ["bytes", "adaptive"])
+def test_greedy_generate_equals_srupp_generate(name):
+    lm, model = make(name, seed=1)
+    prompt = torch.randint(0, lm.config.vocab_size, (6,))
+    expected = list(generate(lm, prompt, 12, temperature=0))
+    out = model.generate(prompt[None], max_new_tokens=12, do_sample=False)
+    assert out[0, :6].tolist() == prompt.tolist()
+    assert out[0, 6:].tolist() == expected
+
+
+def test_generate_with_and_without_the_cache_agree():
+    _, model = make(seed=4)
+    prompts = torch.randint(0, 256, (2, 5))
+    greedy = model.generate(prompts, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompts, max_new_tokens=8, do_sample=False, use_cache=False), greedy)
+    # Beam search reorders the cache's batch every step.
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(prompts, **beams), model.generate(prompts, **beams, use_cache=False))
+    # A returned cache continues generation: the prompt's state is not fed again nor dropped.
+    first = model.generate(prompts, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    continued = model.generate(first.sequences, max_new_tokens=4, do_sample=False, **{CACHE_NAME: first[CACHE_NAME]})
+    assert torch.equal(continued, greedy[:, :13])
+
+
+def test_batched_left_padded_generation_equals_each_prompt_alone(assert_close):
+    lm, model = make("every-second-layer-two-heads-layer-norm", seed=2)
+    prompts = [torch.randint(1, 256, (n,)) for n in (5, 2, 7)]
+    width = max(len(p) for p in prompts)
+    # Padding id 0 is an ordinary token of the model: only the attention mask can keep it out.
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :], mask[b, width - len(p) :] = p, 1
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)
+        assert batched.sequences[b, width:].tolist() == alone.sequences[0, len(p) :].tolist(), f"prompt {b}"
+        for t, (step_batched, step_alone) in enumerate(zip(batched.logits, alone.logits, strict=True)):
+            assert_close(step_batched[b], step_alone[0], name=f"prompt {b}, step {t}")
+    unmasked = model.generate(ids, **{**kwargs, "pad_token_id": None})
+    differs = any(
+        not torch.allclose(a[1], b[1], atol=1e-4) for a, b in zip(unmasked.logits, batched.logits, strict=True)
+    )
+    assert differs, "the padding should matter without the attention mask"
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_prefill_then_steps_equals_full_forward(assert_close, k):
+    _, model = make("every-second-layer-two-heads-layer-norm", seed=3)
+    ids = torch.randint(0, 256, (2, 14))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        out = model(ids[:, :k], use_cache=True)
+        cache, pieces = out[CACHE_NAME], [out.logits]
+        assert isinstance(cache, SRUppCache) and cache.get_seq_length() == k
+        # Single steps, then a chunk of three fed at once into the running cache, then steps again.
+        t = k
+        for size in [1, 1, 3, 1]:
+            mask = torch.ones(2, t + size, dtype=torch.long)  # as generate passes it: the whole length
+            out = model(ids[:, t : t + size], attention_mask=mask, **{CACHE_NAME: cache})
+            assert out[CACHE_NAME] is cache and cache.get_seq_length() == t + size
+            pieces.append(out.logits)
+            t += size
+    assert_close(torch.cat(pieces, dim=1), expected[:, :t])
+
+
+def test_past_key_values_is_the_cache_too(assert_close):
+    _, model = make()
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        expected = model(ids).logits[:, 4:]
+        cache = model(ids[:, :4])[CACHE_NAME]
+        actual = model(ids[:, 4:], past_key_values=cache).logits
+    assert_close(actual, expected)
+
+
+def test_cache_reorders_and_repeats_its_batch(assert_close):
+    _, model = make()
+    ids = torch.randint(0, 256, (3, 6))
+    order = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        expected = model(ids[order]).logits[:, 4:]
+        cache = model(ids[:, :4])[CACHE_NAME]
+        cache.reorder_cache(order)
+        assert_close(model(ids[order, 4:], **{CACHE_NAME: cache}).logits, expected, name="reordered")
+        cache = model(ids[:, :4])[CACHE_NAME]
+        cache.batch_repeat_interleave(2)
+        repeated = model(ids[:, 4:].repeat_interleave(2, dim=0), **{CACHE_NAME: cache}).logits
+    assert_close(repeated, model(ids).logits[:, 4:].repeat_interleave(2, dim=0), name="repeated")
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_labels_give_the_shifted_cross_entropy(assert_close):
+    lm, model = make()
+    ids = torch.randint(0, 256, (2, 9))
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    with torch.no_grad():
+        loss = model(ids, labels=labels).loss
+        nll, _ = lm(ids[:, :-1].t(), targets=ids[:, 1:].t())
+    keep = labels[:, 1:].t() != -100
+    assert_close(loss, nll[keep].mean(), name="loss")
+
+
+def test_trainer_lowers_the_loss(tmp_path):
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = SRUppForCausalLM(SRUppConfig(**TINY))
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 12))
+    rows = [{"input_ids": row, "labels": row} for row in (text[i : i + 32] for i in range(0, 320, 10))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=4, use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8])
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+def test_auto_classes_build_the_srupp_models():
+    config = transformers.AutoConfig.for_model("srupp", **TINY)
+    assert isinstance(config, SRUppConfig)
+    assert isinstance(transformers.AutoModelForCausalLM.from_config(config), SRUppForCausalLM)
+    assert isinstance(
+        transformers.AutoModelForSequenceClassification.from_config(config), SRUppForSequenceClassification
+    )
+    assert srupp.hf.SRUppConfig is SRUppConfig
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    _, model = make("adaptive")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+POOLINGS = {"bidirectional-mean": dict(bidirectional=True), "causal-last": dict(bidirectional=False),
+            "causal-mean": dict(classifier_pooling="mean")}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", POOLINGS.values(), ids=POOLINGS.keys())
+def test_sequence_classification_pads_and_trains(assert_close, options):
+    torch.manual_seed(0)
+    model = SRUppForSequenceClassification(SRUppConfig(**TINY, num_labels=3, **options)).eval()
+    with torch.no_grad():
+        for layer in model.model.rnn.layers:
+            layer.transform.alpha.fill_(0.8)
+    lengths = [6, 3, 5, 2]
+    ids = torch.randint(1, 256, (4, 6))
+    mask = (torch.arange(6) < torch.tensor(lengths)[:, None]).long()  # right padding
+    labels = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for b, length in enumerate(lengths):
+            assert_close(logits[b], model(ids[b : b + 1, :length]).logits[0], name=f"sequence {b}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    losses = []
+    for _ in range(2):
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+
+
+def test_sequence_classifier_loads_the_causal_lm_weights(assert_close, tmp_path):
+    lm, model = make()
+    model.save_pretrained(tmp_path)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2).eval()
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(classifier.model.embedding.weight, lm.embedding.weight)
+        hidden, _ = lm.rnn(lm.embed(ids.t()), causal=True)
+        assert_close(classifier.model(ids, None), hidden.transpose(0, 1))
+    assert torch.isfinite(classifier.score.weight).all() and classifier.score.weight.abs().sum() > 0
+
+
+BAD_CALLS = {
+    "ids-and-embeds": (lambda m: m(torch.zeros(1, 2, dtype=torch.long), inputs_embeds=torch.zeros(1, 2, 32)),
+                       ValueError, "exactly one"),
+    "ids-shape": (lambda m: m(torch.zeros(3, dtype=torch.long)), ValueError, r"\[B, T\]"),
+    "mask-shape": (lambda m: m(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 2)), ValueError,
+                   "L >= T = 3"),
+    "cache-type": (lambda m: m(torch.zeros(1, 2, dtype=torch.long), cache=(1, 2)), TypeError, "SRUppCache"),
+    "labels-shape": (lambda m: m(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 2, dtype=torch.long)),
+                     ValueError, r"\[B, T\] = \[1, 3\]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call(make()[1])

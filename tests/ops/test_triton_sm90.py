@@ -1,0 +1,147 @@
+"""The Triton kernels compiled offline for an H100/H200 (sm_90), no GPU needed: Triton ships its own ptxas.
+
+The interpreter checks what the kernels compute; this checks how they compile: every step's loads become
+asynchronous copies issued ahead (cp.async in the PTX, LDGSTS in the SASS) when STAGES > 1, and nothing
+spills to local memory. STAGES = 1 is the control: the same kernels with plain loads.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from srupp.ops import triton_kernel  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+
+# Loads per time step: u_c, u_f, u_r, x and the padding flag; the backward adds grad_h and c_{t-1}.
+LOADS_PER_STEP = {"forward": 5, "backward": 7}
+# (activation dtype, BLOCK_D, num_warps) as the launcher picks them on an H200 for B*D in the thousands:
+# one 4-byte element per thread for fp32, two 2-byte elements for bf16.
+CONFIGS = {"fp32": ("fp32", 128, 4), "bf16": ("bf16", 256, 4)}
+ALL_CONFIGS = {**CONFIGS, "fp64": ("fp64", 128, 4)}
+
+
+def _nvidia_tool(name: str) -> Path | None:
+    """The tool Triton itself uses (for ptxas, the one that compiles sm_90), else the one it ships."""
+    try:
+        from triton import knobs
+        from triton.backends.nvidia import compiler
+
+        tool = compiler.get_ptxas(90) if name == "ptxas" else getattr(knobs.nvidia, name)
+        path = Path(tool.path)
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
+def compile_sm90(kind: str, dtype: str, stages: int, reverse: bool = False):
+    """triton.compile of one kernel for sm_90 with every option on (padding, mask_c, saved states)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton cannot compile offline (no ASTSource/GPUTarget): {err}")
+    activation, block, warps = ALL_CONFIGS[dtype]
+    compute = "fp64" if dtype == "fp64" else "fp32"
+    pointers = {
+        "u": activation, "x": activation, "h": activation, "grad_h": activation, "grad_u": activation,
+        "grad_x": activation, "mask_pad": "i32",
+    }  # fmt: skip
+    kernel = triton_kernel._sru_forward_kernel if kind == "forward" else triton_kernel._sru_backward_kernel
+    constexprs = {"HAS_MASK_PAD": True, "HAS_MASK_C": True, "REVERSE": reverse, "BLOCK_D": block, "STAGES": stages}
+    if kind == "forward":
+        constexprs["SAVE_C"] = True
+    function = triton.JITFunction(kernel)
+    signature = {}
+    for name in function.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointers.get(name.removesuffix("_ptr"), compute)
+        else:
+            signature[name] = "i32"
+    # What the launcher tells the compiler for 16-byte aligned tensors and D a multiple of 16.
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, n in enumerate(function.arg_names) if n.endswith("_ptr") or n == "D"
+    }
+    try:
+        source = ASTSource(function, signature, constexprs, aligned)
+    except TypeError:
+        source = ASTSource(function, signature, constexprs)
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    except Exception as err:
+        # Only a missing toolchain is a reason to skip; a kernel that does not compile is a failure.
+        if "ptxas" in str(err) and _nvidia_tool("ptxas") is None:
+            pytest.skip(f"triton cannot compile offline here: {err}")
+        raise
+
+
+def ptxas_report(ptx: str, tmp_path: Path) -> str:
+    ptxas = _nvidia_tool("ptxas")
+    if ptxas is None:
+        pytest.skip("triton ships no ptxas here")
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
+    result = subprocess.run(
+        [str(ptxas), "-v", f"--gpu-name={arch}", str(source), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def sass(cubin: bytes, tmp_path: Path) -> str | None:
+    cuobjdump = _nvidia_tool("cuobjdump") or (shutil.which("cuobjdump") and Path(shutil.which("cuobjdump")))
+    if cuobjdump is None:
+        return None
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    result = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, timeout=120)
+    return result.stdout if result.returncode == 0 else None
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+@pytest.mark.parametrize("dtype", CONFIGS)
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_loads_are_asynchronous_and_nothing_spills(kind, dtype, stages, tmp_path):
+    compiled = compile_sm90(kind, dtype, stages)
+    ptx = compiled.asm["ptx"]
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx)
+    # Each step's loads are issued in the loop and again in the prologue that fills the pipeline.
+    assert len(copies) >= 2 * LOADS_PER_STEP[kind], f"{len(copies)} cp.async in the PTX"
+    assert all(int(size, 0) >= 4 for size in copies), f"copy sizes {sorted(set(copies))}"
+    assert "cp.async.wait_group" in ptx
+    assert ".local" not in ptx, "the PTX uses local memory"
+    report = ptxas_report(ptx, tmp_path)
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    assert "bytes stack frame" not in report or re.search(r"\b0 bytes stack frame", report), report
+    assert registers <= 128, report
+    code = sass(compiled.asm["cubin"], tmp_path)
+    if code is not None:
+        assert code.count("LDGSTS") >= LOADS_PER_STEP[kind], "no LDGSTS in the SASS"
+        assert not re.search(r"\b(LDL|STL)\b", code), "local-memory loads or stores in the SASS"
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_one_stage_is_not_pipelined(kind):
+    """The control: without num_stages > 1 the same kernels load synchronously, so the test above can fail."""
+    ptx = compile_sm90(kind, "fp32", 1).asm["ptx"]
+    assert "cp.async" not in ptx
+    assert len(re.findall(r"ld\.global", ptx)) >= LOADS_PER_STEP[kind]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward-order", "reverse"])
+@pytest.mark.parametrize("dtype", ALL_CONFIGS)
+def test_every_dtype_compiles_with_the_default_stages(dtype, reverse):
+    for kind in ("forward", "backward"):
+        assert compile_sm90(kind, dtype, triton_kernel.STAGES, reverse).asm["cubin"]

@@ -1,0 +1,106 @@
+"""ONNX export of whole models: onnxruntime against PyTorch, two (T, B) shapes from one file."""
+
+import pytest
+import torch
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from srupp.models import LMConfig, SRUppLM  # noqa: E402
+from srupp.nn import SRUpp  # noqa: E402
+from srupp.onnx import export_onnx  # noqa: E402
+
+pytestmark = pytest.mark.slow  # each export takes a few seconds
+TOL = 1e-4
+SHAPES = [(9, 2), (4, 5), (1, 1)]  # (T, B), none of them the traced example (7, 3)
+
+
+def with_attention(layers) -> None:
+    """alpha starts at 0, where attention has no effect on the output: move it so attention is exported too."""
+    with torch.no_grad():
+        for layer in layers:
+            if layer.has_attention:
+                layer.transform.alpha.fill_(0.7)
+
+
+def run(session, **inputs):
+    return [torch.from_numpy(out) for out in session.run(None, {k: v.numpy() for k, v in inputs.items()})]
+
+
+def max_err(got, ref):
+    return float((got - ref).abs().max())
+
+
+@pytest.fixture(scope="module")
+def lm_file(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=50, hidden_size=24, proj_size=8, num_layers=3, num_heads=2, dropout=0.1)
+    model = SRUppLM(cfg)
+    with_attention(model.rnn.layers)
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "lm.onnx", with_state=True)
+    return model, ort.InferenceSession(str(path))
+
+
+@pytest.mark.parametrize("steps, batch", SHAPES, ids=[f"T{t}-B{b}" for t, b in SHAPES])
+def test_causal_lm_matches_pytorch(lm_file, steps, batch):
+    model, session = lm_file
+    assert model.training  # export leaves the model's mode alone
+    model.eval()
+    ids = torch.randint(0, 50, (steps, batch))
+    zero = torch.zeros(3, batch, 24)
+    with torch.no_grad():
+        log_probs, state = model(ids)
+    got_log_probs, got_state = run(session, input_ids=ids, state=zero)
+    assert got_log_probs.shape == (steps, batch, 50) and got_state.shape == (3, batch, 24)
+    assert max_err(got_log_probs, log_probs) < TOL and max_err(got_state, state.c) < TOL
+    # A carried state (streaming): the second segment starts from the first one's c.
+    c0 = torch.randn(3, batch, 24)
+    with torch.no_grad():
+        hidden, state = model.rnn(model.embed(ids), c0, causal=True)
+        log_probs = model.log_probs(hidden)
+    got_log_probs, got_state = run(session, input_ids=ids, state=c0)
+    assert max_err(got_log_probs, log_probs) < TOL and max_err(got_state, state.c) < TOL
+    model.train()
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+def test_bidirectional_srupp_matches_pytorch(tmp_path, batch_first):
+    torch.manual_seed(1)
+    layer = SRUpp(10, 12, proj_size=6, num_layers=2, bidirectional=True, batch_first=batch_first).eval()
+    with_attention(layer.layers)
+    session = ort.InferenceSession(str(export_onnx(layer, tmp_path / "bi.onnx", with_state=True)))
+    for steps, batch in SHAPES:
+        x = torch.randn(batch, steps, 10) if batch_first else torch.randn(steps, batch, 10)
+        c0 = torch.randn(4, batch, 12)
+        with torch.no_grad():
+            out, state = layer(x, c0)
+        got_out, got_state = run(session, input=x, state=c0)
+        assert got_out.shape == out.shape == ((batch, steps, 24) if batch_first else (steps, batch, 24))
+        assert max_err(got_out, out) < TOL and max_err(got_state, state.c) < TOL
+
+
+def test_causal_srupp_without_state_input(tmp_path):
+    torch.manual_seed(2)
+    layer = SRUpp(8, 8, proj_size=4, num_layers=2).eval()
+    with_attention(layer.layers)
+    session = ort.InferenceSession(str(export_onnx(layer, tmp_path / "causal.onnx", causal=True)))
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    for steps, batch in SHAPES[:2]:
+        x = torch.randn(steps, batch, 8)
+        with torch.no_grad():
+            out, _ = layer(x, causal=True)
+        (got,) = run(session, input=x)
+        assert max_err(got, out) < TOL
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="`model` must be an SRUpp or an SRUppLM, got Linear"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+    with pytest.raises(NotImplementedError, match="causal=False"):
+        export_onnx(SRUpp(4, 4, 2, bidirectional=True), tmp_path / "x.onnx", causal=True)
+    adaptive = SRUppLM(LMConfig(vocab_size=120, hidden_size=16, proj_size=4, num_layers=1, cutoffs=[20, 60]))
+    with pytest.raises(NotImplementedError, match="adaptive input"):
+        export_onnx(adaptive, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="must be >= 2 and differ"):
+        export_onnx(SRUpp(4, 4, 2), tmp_path / "x.onnx", example_length=3, example_batch=3)
+    assert not (tmp_path / "x.onnx").exists()
