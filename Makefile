@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.srupp-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench wheel clean
 
 setup: $(STAMP)
 
@@ -31,5 +31,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ops.py
 
+# A wheel for any x86-64 (or aarch64) Linux: the kernel picks its instruction set at run time.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/srupp/ops/_sru_cpu*.so
+	rm -rf $(VENV) build dist src/*.egg-info src/srupp/ops/_sru_cpu*.so

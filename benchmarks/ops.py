@@ -7,7 +7,9 @@ Bandwidth model (float32, per element of [T, B, D]):
   forward, training:            the same + writes c for backward (1)         = 6 values = 24 bytes
   backward:                     reads u (3) + x (1) + c (1) + grad_h (1),
                                 writes grad_u (3) + grad_x (1)               = 10 values = 40 bytes
-Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB buffer.
+Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB buffer, measured again
+before each row (the machine may be shared). Every time is the shortest of its runs. ``--isa all`` times
+every kernel variant this CPU can run (the naive and authors' columns only for the first).
 
     python benchmarks/ops.py            # T=512 B=16 D=512 and two more shapes
     python benchmarks/ops.py --quick    # tiny shapes, for the smoke test
@@ -16,13 +18,15 @@ Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_it, write_json  # noqa: E402
+from common import write_json  # noqa: E402
 from srupp.ops import cpu as cpu_backend  # noqa: E402
 from srupp.ops import sru_recurrence  # noqa: E402
 
@@ -31,10 +35,23 @@ QUICK_SHAPES = [(16, 2, 32)]
 FORWARD_INFER_BYTES, FORWARD_TRAIN_BYTES, BACKWARD_BYTES = 20, 24, 40
 
 
+def fastest(fn, *, repeats: int, min_seconds: float = 0.0) -> float:
+    """The shortest of the timed runs: on a shared machine the other runs measure the neighbours. Every
+    timing in this script (copy included) is taken the same way, so the ratios stay fair."""
+    fn()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def copy_bandwidth(megabytes: int) -> float:
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    seconds = time_it(lambda: dst.copy_(src), repeats=5)
+    seconds = fastest(lambda: dst.copy_(src), repeats=7)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -50,7 +67,7 @@ def load_official():
 def time_kernels(u, x, v, b, c0, grad_h, repeats):
     """The C kernels alone on buffers allocated once: what the op costs without torch's dispatch and
     without first-touching fresh output memory (which the public path pays on every call)."""
-    lib, threads = cpu_backend._library(), torch.get_num_threads()
+    kernel, threads = cpu_backend._kernel(), torch.get_num_threads()
     steps, batch, hidden = x.shape
     h, c_all, c_last, grad_u, grad_x = (torch.empty_like(t) for t in (x, x, c0, u, x))
     grad_vb, grad_c0 = x.new_empty(batch, 4, hidden), torch.empty_like(c0)
@@ -58,17 +75,17 @@ def time_kernels(u, x, v, b, c0, grad_h, repeats):
     shape = (steps, batch, hidden, 0, threads)
 
     def forward():
-        lib.srupp_sru_forward_f32(*p, None, None, h.data_ptr(), c_all.data_ptr(), c_last.data_ptr(), *shape)
+        kernel.forward[torch.float32](*p, None, None, h.data_ptr(), c_all.data_ptr(), c_last.data_ptr(), *shape)
 
     def backward():
-        lib.srupp_sru_backward_f32(*p, None, None, c_all.data_ptr(), grad_h.data_ptr(), c_last.data_ptr(),
+        kernel.backward[torch.float32](*p, None, None, c_all.data_ptr(), grad_h.data_ptr(), c_last.data_ptr(),
                                    grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
                                    *shape)  # fmt: skip
 
-    return time_it(forward, repeats=repeats, min_seconds=0.3), time_it(backward, repeats=repeats, min_seconds=0.3)
+    return fastest(forward, repeats=repeats, min_seconds=0.3), fastest(backward, repeats=repeats, min_seconds=0.3)
 
 
-def bench_shape(steps, batch, hidden, repeats, official):
+def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_megabytes=256):
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(steps, batch, 3 * hidden, generator=gen)
     x = torch.randn(steps, batch, hidden, generator=gen)
@@ -91,23 +108,26 @@ def bench_shape(steps, batch, hidden, repeats, official):
     def train_forward(backend):
         return sru_recurrence(*leaves, c0, backend=backend)
 
-    row = {"T": steps, "B": batch, "D": hidden}
+    row = {"T": steps, "B": batch, "D": hidden, "isa": cpu_backend.cpu_kernel_info()["isa"]}
     naive_repeats = max(2, repeats // 2)
-    row["naive_forward_s"] = time_it(lambda: forward("naive"), repeats=naive_repeats)
-    row["naive_train_s"] = time_it(lambda: train_step("naive"), repeats=naive_repeats)
-    row["cpu_forward_s"] = time_it(lambda: forward("cpu"), repeats=repeats, min_seconds=0.3)
-    row["cpu_train_forward_s"] = time_it(lambda: train_forward("cpu"), repeats=repeats, min_seconds=0.3)
-    row["cpu_train_s"] = time_it(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
+    if with_naive:
+        row["naive_forward_s"] = fastest(lambda: forward("naive"), repeats=naive_repeats)
+        row["naive_train_s"] = fastest(lambda: train_step("naive"), repeats=naive_repeats)
+    row["copy_GBps"] = copy_bandwidth(copy_megabytes) / 1e9  # measured beside each row: the machine may be shared
+    row["cpu_forward_s"] = fastest(lambda: forward("cpu"), repeats=repeats, min_seconds=0.3)
+    row["cpu_train_forward_s"] = fastest(lambda: train_forward("cpu"), repeats=repeats, min_seconds=0.3)
+    row["cpu_train_s"] = fastest(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
     row["cpu_backward_s"] = max(row["cpu_train_s"] - row["cpu_train_forward_s"], 1e-9)
-    row["forward_speedup"] = row["naive_forward_s"] / row["cpu_forward_s"]
-    row["train_speedup"] = row["naive_train_s"] / row["cpu_train_s"]
+    if with_naive:
+        row["forward_speedup"] = row["naive_forward_s"] / row["cpu_forward_s"]
+        row["train_speedup"] = row["naive_train_s"] / row["cpu_train_s"]
     elements = steps * batch * hidden
     row["cpu_forward_GBps"] = elements * FORWARD_INFER_BYTES / row["cpu_forward_s"] / 1e9
     row["cpu_train_GBps"] = elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES) / row["cpu_train_s"] / 1e9
     kernel_forward_s, kernel_backward_s = time_kernels(u, x, v, b, c0, grad_h, repeats)
     row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / kernel_forward_s / 1e9
     row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / kernel_backward_s / 1e9
-    if official is not None:
+    if official is not None and with_naive:
         u_official = u.view(steps, batch, 3, hidden).transpose(2, 3).contiguous()  # their [.., D, 3] interleave
         weight_c, bias = v.reshape(-1).contiguous(), b.reshape(-1).contiguous()
 
@@ -120,7 +140,7 @@ def bench_shape(steps, batch, hidden, repeats, official):
         h_official, _ = official_forward()
         h_ours, _ = forward("cpu")
         row["official_max_abs_diff"] = (h_official - h_ours).abs().max().item()
-        row["official_forward_s"] = time_it(official_forward, repeats=repeats, min_seconds=0.3)
+        row["official_forward_s"] = fastest(official_forward, repeats=repeats, min_seconds=0.3)
         row["forward_vs_official"] = row["official_forward_s"] / row["cpu_forward_s"]
     return row
 
@@ -130,37 +150,55 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (smoke test)")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ops.json)")
+    parser.add_argument("--isa", default=None, help="CPU kernel variant to time: baseline, avx2, avx512 or 'all' "
+                        "(default: the one this CPU picks)")  # fmt: skip
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else 7
     official = None if args.no_official else load_official()
-    copy = copy_bandwidth(16 if args.quick else 256)
-    print(f"threads={torch.get_num_threads()}  copy bandwidth {copy / 1e9:.1f} GB/s (read+write)")
-    header = (f"{'T':>5} {'B':>4} {'D':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | {'naive f+b':>9} "
-              f"{'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} | {'kernel fwd':>6} {'bwd BW':>6} "
-              f"| {'sru fwd':>8} {'ours x':>6}")  # fmt: skip
+    info = cpu_backend.cpu_kernel_info()
+    isas = info["available"][::-1] if args.isa == "all" else [args.isa or info["isa"]]
+    print(f"threads={torch.get_num_threads()}  CPU kernel variants {info['available']}, timing {isas}")
+    print("bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
+          "backward 40 (reads u 3, x 1, c 1, grad_h 1; writes grad_u 3, grad_x 1): f+b 64")  # fmt: skip
+    header = (f"{'isa':>8} {'T':>5} {'B':>4} {'D':>5} | {'copy':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | "
+              f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} | {'kernel fwd':>6} "
+              f"{'bwd BW':>6} | {'sru fwd':>8} {'ours x':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     rows = []
-    for steps, batch, hidden in shapes:
-        row = bench_shape(steps, batch, hidden, repeats, official)
-        row["cpu_forward_bw_fraction"] = row["cpu_forward_GBps"] * 1e9 / copy
-        row["cpu_train_bw_fraction"] = row["cpu_train_GBps"] * 1e9 / copy
-        row["kernel_train_forward_bw_fraction"] = row["kernel_train_forward_GBps"] * 1e9 / copy
-        row["kernel_backward_bw_fraction"] = row["kernel_backward_GBps"] * 1e9 / copy
-        rows.append(row)
-        official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
-                         if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
-        print(f"{steps:5d} {batch:4d} {hidden:5d} | "
-              f"{row['naive_forward_s'] * 1e3:8.1f}m {row['cpu_forward_s'] * 1e3:7.2f}m "
-              f"{row['forward_speedup']:6.1f} | {row['naive_train_s'] * 1e3:8.1f}m {row['cpu_train_s'] * 1e3:7.2f}m "
-              f"{row['train_speedup']:6.1f} | {row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
-              f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
-              f" | {official_cols}")  # fmt: skip
-    print("times in ms; x = speed-up over naive; BW = achieved bandwidth / copy bandwidth (through the public op);")
-    print("kernel BW = the C kernels alone on reused buffers; 'ours x' = authors' CPU forward time / ours")
+    for index, isa in enumerate(isas):
+        os.environ["SRUPP_CPU_ISA"] = isa
+        cpu_backend._reset()
+        for steps, batch, hidden in shapes:
+            row = bench_shape(steps, batch, hidden, repeats, official, with_naive=index == 0,
+                              copy_megabytes=16 if args.quick else 256)  # fmt: skip
+            copy = row["copy_GBps"] * 1e9
+            row["cpu_forward_bw_fraction"] = row["cpu_forward_GBps"] * 1e9 / copy
+            row["cpu_train_bw_fraction"] = row["cpu_train_GBps"] * 1e9 / copy
+            row["kernel_train_forward_bw_fraction"] = row["kernel_train_forward_GBps"] * 1e9 / copy
+            row["kernel_backward_bw_fraction"] = row["kernel_backward_GBps"] * 1e9 / copy
+            rows.append(row)
+            official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
+                             if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
+            naive_fwd = f"{row['naive_forward_s'] * 1e3:8.1f}m" if "naive_forward_s" in row else f"{'-':>9}"
+            fwd_x = f"{row['forward_speedup']:6.1f}" if "forward_speedup" in row else f"{'-':>6}"
+            train_x = f"{row['train_speedup']:6.1f}" if "train_speedup" in row else f"{'-':>6}"
+            naive_train = f"{row['naive_train_s'] * 1e3:8.1f}m" if "naive_train_s" in row else f"{'-':>9}"
+            print(f"{isa:>8} {steps:5d} {batch:4d} {hidden:5d} | {row['copy_GBps']:5.1f} | "
+                  f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {fwd_x} | "
+                  f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {train_x} | "
+                  f"{row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
+                  f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
+                  f" | {official_cols}", flush=True)  # fmt: skip
+    os.environ.pop("SRUPP_CPU_ISA", None)
+    cpu_backend._reset()
+    print("times in ms; copy in GB/s (read+write, measured before each row); x = speed-up over naive;")
+    print("BW = achieved bandwidth / copy bandwidth through the public op (allocation and first touch of the")
+    print("outputs included); kernel BW = the C kernels alone on reused buffers;")
+    print("'ours x' = the authors' CPU forward time / ours")
     payload = {
-        "copy_bandwidth_GBps": copy / 1e9,
+        "cpu_kernel": info,
         "bytes_per_element": {
             "forward_inference": FORWARD_INFER_BYTES,
             "forward_train": FORWARD_TRAIN_BYTES,

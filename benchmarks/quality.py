@@ -3,8 +3,10 @@
 SRU++ (attention in every layer), SRU++ with attention in its last layer only (the paper's minimal
 attention, ``attention_every_n_layers = num_layers``), SRU, nn.LSTM and a GPT-style Transformer
 (benchmarks/baselines.py), sized to about the parameter count of SRU++ at ``--width``/``--layers``,
-each trained for the same wall-clock budget with the same tokens per step on
-``../shared/corpora/pydocs-rst.txt.gz`` (bytes; first 90% train, next 5% valid, last 5% test).
+each trained for the same wall-clock budget with the same tokens per step on ``--corpus``: by default
+the Python standard library's ``.py`` files as ``srupp data prepare stdlib`` splits them (present
+wherever Python is), or any gzip or plain text file given by path (bytes; first 90% train, next 5%
+valid, last 5% test). The JSON records the corpus's path and the sha256 of the bytes used.
 
 Protocol:
 - Training data are B contiguous streams cut into segments of ``--context`` bytes, in the same order
@@ -31,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,19 +50,29 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import LABELS, MODELS, ByteLM, build, count_parameters, size_to_match  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
+from srupp.data import prepare_stdlib, stdlib_source  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpora" / "pydocs-rst.txt.gz"
 SRU_FAMILY = ("srupp", "srupp_one_attn", "sru")
 EVAL_STREAMS = 16
 
 
-def load_splits(path: Path) -> dict[str, np.ndarray]:
-    """enwik8-style split of raw bytes: first 90% train, next 5% valid, last 5% test (uint8)."""
-    with gzip.open(path, "rb") as handle:
-        data = np.frombuffer(handle.read(), dtype=np.uint8).copy()
-    train_end, valid_end = int(0.9 * len(data)), int(0.95 * len(data))
-    return {"train": data[:train_end], "valid": data[train_end:valid_end], "test": data[valid_end:]}
+def load_splits(corpus: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The train/valid/test bytes (uint8) of ``corpus``, and where they came from (path and sha256)."""
+    if corpus == "stdlib":
+        with tempfile.TemporaryDirectory() as folder:
+            prepared = prepare_stdlib(folder)
+            splits = {name: np.array(prepared.split(name)) for name in ("train", "valid", "test")}
+        path = f"stdlib: {stdlib_source()}"
+    else:
+        raw = Path(corpus).read_bytes()
+        data = np.frombuffer(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw, dtype=np.uint8).copy()
+        train_end, valid_end = int(0.9 * len(data)), int(0.95 * len(data))  # enwik8-style split
+        splits = {"train": data[:train_end], "valid": data[train_end:valid_end], "test": data[valid_end:]}
+        path = str(Path(corpus).resolve())
+    digest = hashlib.sha256()
+    for name in ("train", "valid", "test"):
+        digest.update(splits[name].tobytes())
+    return splits, {"path": path, "sha256": digest.hexdigest()}
 
 
 def as_streams(data: np.ndarray, streams: int) -> torch.Tensor:
@@ -281,7 +295,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     add("--device", default="cpu")
-    add("--corpus", default=str(CORPUS))
+    add("--corpus", default="stdlib", help="'stdlib' (the default) or a gzip or text file of bytes")
     add("--out-dir", default=str(RESULTS), help="where quality.json / .png / .md go")
     args = parser.parse_args(argv)
     if args.quick:
@@ -303,7 +317,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    splits = load_splits(Path(args.corpus))
+    splits, source = load_splits(args.corpus)
     if args.test_bytes:
         splits["test"] = splits["test"][: args.test_bytes]
     out_dir = Path(args.out_dir)
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "config": config,
-        "corpus": {"path": "../shared/corpora/pydocs-rst.txt.gz", **{f"{k}_bytes": len(v) for k, v in splits.items()}},
+        "corpus": {**source, **{f"{k}_bytes": len(v) for k, v in splits.items()}},
         "sweep": sweep,
         "runs": runs,
     }

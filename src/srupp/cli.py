@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from srupp import __version__
 from srupp.errors import ConfigError, DivergenceError, SRUppError
 
 EPILOG_OVERRIDES = (
@@ -223,6 +224,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srupp", description="Train, evaluate and sample SRU++ language models.")
+    parser.add_argument("--version", action="version", version=f"srupp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     count, positive = _number(int, 1), _number(float, 0.0, strict=True)
 

@@ -24,5 +24,7 @@ def test_quality_benchmark_quick_run_writes_json_plot_and_table(tmp_path):
         assert run["steps"] > 0 and run["history"]
         assert 0 < run["best_valid_bpc"] < 10 and 0 < run["test_bpc"] < 10
     assert report["sweep"].keys() == {"transformer", "srupp"}
+    # the default corpus exists wherever Python does, and the report says exactly what was read
+    assert report["corpus"]["path"].startswith("stdlib: ") and len(report["corpus"]["sha256"]) == 64
     assert (tmp_path / "quality.png").stat().st_size > 0
     assert "| LSTM |" in (tmp_path / "quality.md").read_text()

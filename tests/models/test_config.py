@@ -47,7 +47,7 @@ def test_num_parameters_matches_the_model(extra):
 
 
 def test_paper_model_sizes():
-    # PAPER.md 1.4: enwik8 107.6M with the corpus's 205 byte values (srupp keeps all 256); WT103 147.7M with
+    # The authors' README: enwik8 107.6M with the corpus's 205 byte values (srupp keeps all 256); WT103 147.7M with
     # per-cluster projections from d, where srupp's adaptive softmax projects d -> 1024 once (146.7M).
     assert abs(LMConfig(vocab_size=205).num_parameters / 1e6 - 107.6) < 0.1
     wt103 = LMConfig(vocab_size=267735, cutoffs=[19997, 39997, 199997], embed_size=1024, dropout=0.15)

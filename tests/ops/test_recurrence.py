@@ -261,10 +261,10 @@ def test_bad_input_is_named(case):
 
 
 def test_missing_cpu_kernel_raises_with_instructions(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_LIB", None)
+    monkeypatch.setattr(cpu_backend, "_KERNEL", None)
     monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
     u, x, v, b, c0 = make_inputs(3, 1, 4)
-    with pytest.raises(RuntimeError, match=r"'cpu' backend is unavailable.*pip install -e \."):
+    with pytest.raises(RuntimeError, match=r"'cpu' backend is unavailable.*pip install"):
         sru_recurrence(u, x, v, b, backend="cpu")
     monkeypatch.setattr(recurrence, "_warned_fallback", False)
     with warnings.catch_warnings(record=True) as caught:
@@ -273,3 +273,201 @@ def test_missing_cpu_kernel_raises_with_instructions(monkeypatch):
         sru_recurrence(u, x, v, b, backend="auto")
     assert [str(w.message).count("falling back") for w in caught] == [1], "auto must warn exactly once"
     torch.testing.assert_close(h, sru_recurrence(u, x, v, b, backend="naive")[0])
+
+
+# ---- instruction-set variants of the CPU kernel -------------------------------------------------------------
+
+
+@pytest.fixture
+def force_isa(monkeypatch):
+    """Switch the CPU kernel to one variant for a test, and back to the default after it."""
+
+    def force(isa):
+        if isa not in cpu_backend.cpu_kernel_info()["available"]:
+            pytest.skip(f"this CPU cannot run the {isa} variant")
+        monkeypatch.setenv("SRUPP_CPU_ISA", isa)
+        cpu_backend._reset()
+        assert cpu_backend.cpu_kernel_info()["isa"] == isa
+
+    yield force
+    monkeypatch.delenv("SRUPP_CPU_ISA", raising=False)
+    cpu_backend._reset()
+
+
+# The full grid above runs on the variant this CPU picks by default (the widest); every variant it can
+# run gets this representative subset, in both precisions, plus pre-activations far into the saturated
+# range of the sigmoids (the vectorised exp clamps its input there).
+ISA_CASES = {
+    "all_T7_D130": dict(steps=7, batch=3, hidden=130, option="all"),
+    "plain_T1_D5": dict(steps=1, batch=2, hidden=5, option="plain"),
+    "mask_c_T256_D64": dict(steps=256, batch=1, hidden=64, option="mask_c"),
+    "reverse_T9_D300": dict(steps=9, batch=2, hidden=300, option="reverse"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(ISA_CASES), ids=list(ISA_CASES))
+@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+def test_every_isa_variant_matches_naive(isa, case, dtype, force_isa):
+    force_isa(isa)
+    c = ISA_CASES[case]
+    fast, spec = compare_backends(c["steps"], c["batch"], c["hidden"], dtype=dtype, **OPTIONS[c["option"]])
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    assert_all_close(NAMES, fast, spec, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+def test_every_isa_variant_saturates_like_naive(isa, dtype, force_isa):
+    force_isa(isa)
+    u, x, v, b, c0 = make_inputs(5, 3, 37, dtype=dtype)
+    u = u * 300  # pre-activations up to about +-1000: exp over- and underflows in both precisions
+    u[0, 0, 37 : 37 + 3] = torch.tensor([float("inf"), float("-inf"), 1e30], dtype=dtype)  # forget gate
+    u[1, 0, 74 : 74 + 3] = torch.tensor([float("inf"), float("-inf"), -1e30], dtype=dtype)  # reset gate
+    h, c_last = sru_recurrence(u, x, v, b, c0, backend="cpu")
+    h_ref, c_ref = sru_recurrence(u, x, v, b, c0, backend="naive")
+    finite = torch.isfinite(h_ref)
+    assert torch.equal(torch.isfinite(h), finite)
+    # values reach ~300 here, so the float32 tolerances are relative to that scale
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(h[finite], h_ref[finite], **tol)
+    torch.testing.assert_close(c_last, c_ref, equal_nan=True, **tol)
+
+
+def test_nan_in_real_input_propagates(force_isa):
+    u, x, v, b, c0 = make_inputs(4, 2, 19)
+    u[1, 0, 19 + 3] = float("nan")  # a forget-gate pre-activation of a real step
+    h, c_last = sru_recurrence(u, x, v, b, c0, backend="cpu")
+    assert torch.isnan(h[1:, 0, 3]).all() and torch.isnan(c_last[0, 3])
+    assert torch.isfinite(h[:, 1]).all() and torch.isfinite(c_last[1]).all()
+
+
+def test_forced_isa_is_checked(monkeypatch, force_isa):
+    monkeypatch.setenv("SRUPP_CPU_ISA", "sse9")
+    cpu_backend._reset()
+    with pytest.raises(ValueError, match=r"`SRUPP_CPU_ISA` must be one of \('baseline', 'avx2', 'avx512'\).*'sse9'"):
+        cpu_backend.cpu_kernel_info()
+    # a CPU that can only run the baseline: asking for AVX-512 fails in one line, and by default it
+    # gets the baseline
+    monkeypatch.setattr(cpu_backend, "_supported_mask", lambda lib: 1)
+    monkeypatch.setenv("SRUPP_CPU_ISA", "avx512")
+    cpu_backend._reset()
+    u, x, v, b, _ = make_inputs(3, 1, 4)
+    with pytest.raises(ValueError, match=r"asks for 'avx512', which this CPU cannot run; it can run \('baseline',\)"):
+        sru_recurrence(u, x, v, b, backend="cpu")
+    monkeypatch.delenv("SRUPP_CPU_ISA")
+    cpu_backend._reset()
+    info = cpu_backend.cpu_kernel_info()
+    assert info["isa"] == "baseline" and info["available"] == ["baseline"] and info["loaded"]
+    assert info["threads"] == torch.get_num_threads() and info["reason"] is None
+
+
+def test_kernel_info_when_missing(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_KERNEL", None)
+    monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
+    info = cpu_backend.cpu_kernel_info()
+    assert info == {"loaded": False, "isa": None, "available": [], "threads": torch.get_num_threads(),
+                    "reason": "the compiled kernel is missing"}  # fmt: skip
+
+
+# ---- padding holds garbage --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("backend", ["cpu", "naive"])
+def test_nan_in_padding_reaches_nothing(backend, reverse):
+    """NaN and inf in padded entries of u, x and of the upstream gradient of h leave every output and
+    gradient equal to the spec's on clean (zero) padding."""
+    steps, batch, hidden = 9, 4, 13
+    u, x, v, b, c0 = make_inputs(steps, batch, hidden)
+    mask_pad = make_mask_pad(steps, batch)
+    gen = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(steps, batch, hidden, generator=gen), torch.randn(batch, hidden, generator=gen)]
+    dirty_u, dirty_x, dirty_up = u.clone(), x.clone(), [upstream[0].clone(), upstream[1]]
+    dirty_u[mask_pad] = float("nan")
+    dirty_u[mask_pad.nonzero()[0].tolist()][:hidden] = float("inf")
+    dirty_x[mask_pad] = float("-inf")
+    dirty_up[0][mask_pad] = float("nan")
+    clean_u, clean_x, clean_up = u.clone(), x.clone(), [upstream[0].clone(), upstream[1]]
+    clean_u[mask_pad], clean_x[mask_pad], clean_up[0][mask_pad] = 0.0, 0.0, 0.0
+
+    def run(backend):
+        def fn(u, x, v, b, c0):
+            return sru_recurrence(u, x, v, b, c0, mask_pad=mask_pad, reverse=reverse, backend=backend)
+
+        return fn
+
+    dirty = outputs_and_grads(run(backend), [dirty_u, dirty_x, v, b, c0], dirty_up)
+    spec = outputs_and_grads(run("naive"), [clean_u, clean_x, v, b, c0], clean_up)
+    for name, tensor in zip(NAMES, dirty, strict=True):
+        assert torch.isfinite(tensor).all(), f"{name} holds NaN or inf"
+    assert_all_close(NAMES, dirty, spec, atol=2e-5, rtol=1e-4)
+    assert torch.all(dirty[2][mask_pad] == 0) and torch.all(dirty[3][mask_pad] == 0)
+
+
+# ---- the registered ops called directly ------------------------------------------------------------------
+
+
+def raw_args():
+    u, x, v, b, c0 = make_inputs(T, B, D)
+    return dict(u=u, x=x, v=v, b=b, c0=c0, mask_pad=torch.zeros(T, B, dtype=torch.bool), mask_c=torch.ones(B, D))
+
+
+def noncontiguous(tensor):
+    return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+RAW_BAD = {
+    "u_short": (
+        dict(u=torch.zeros(T, B, 3 * D - 1)),
+        ValueError,
+        r"`u` must have shape \[4, 2, 18\], got \[4, 2, 17\]",
+    ),
+    "x_rank": (dict(x=torch.zeros(T * B * D)), ValueError, r"`x` must have shape \[T, B, D\] \(3 dims\), got \[48\]"),
+    "v_short": (dict(v=torch.zeros(2, D - 1)), ValueError, r"`v` must have shape \[2, 6\], got \[2, 5\]"),
+    "b_long": (dict(b=torch.zeros(2, D + 1)), ValueError, r"`b` must have shape \[2, 6\], got \[2, 7\]"),
+    "c0_batch": (dict(c0=torch.zeros(B - 1, D)), ValueError, r"`c0` must have shape \[2, 6\], got \[1, 6\]"),
+    "mask_pad_short": (
+        dict(mask_pad=torch.zeros(T - 1, B, dtype=torch.bool)),
+        ValueError,
+        r"`mask_pad` must have shape \[4, 2\], got \[3, 2\]",
+    ),
+    "mask_pad_uint8": (
+        dict(mask_pad=torch.zeros(T, B, dtype=torch.uint8)),
+        TypeError,
+        r"`mask_pad` must have dtype torch.bool, got torch.uint8",
+    ),
+    "mask_c_short": (dict(mask_c=torch.ones(B, D - 1)), ValueError, r"`mask_c` must have shape \[2, 6\], got \[2, 5\]"),
+    "c0_float64": (dict(c0=torch.zeros(B, D, dtype=torch.float64)), TypeError, r"`c0` must have dtype torch.float32"),
+    "x_int": (dict(x=torch.zeros(T, B, D, dtype=torch.int32)), TypeError, r"`x` must have dtype float32 or float64"),
+    "x_noncontiguous": (dict(x=noncontiguous(torch.zeros(T, B, D))), ValueError, r"`x` must be contiguous"),
+    "u_noncontiguous": (dict(u=noncontiguous(torch.zeros(T, B, 3 * D))), ValueError, r"`u` must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD), ids=list(RAW_BAD))
+def test_raw_ops_check_inputs(case):
+    override, error, message = RAW_BAD[case]
+    args = raw_args() | override
+    order = [args[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
+    with pytest.raises(error, match=message):
+        torch.ops.srupp.sru_cpu_forward(*order, False, True)
+    good_args = raw_args()
+    _, _, c_all = torch.ops.srupp.sru_cpu_forward(*(good_args[n] for n in ("u", "x", "v", "b", "c0")), None, None,
+                                                  False, True)  # fmt: skip
+    grads = [torch.ones(T, B, D), torch.ones(B, D)]
+    with pytest.raises(error, match=message):
+        torch.ops.srupp.sru_cpu_backward(*order, c_all, *grads, False)
+
+
+@pytest.mark.parametrize("name", ["c_all", "grad_h", "grad_c_last"])
+def test_raw_backward_checks_its_own_inputs(name):
+    args = raw_args()
+    order = [args[n] for n in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
+    given = {"c_all": torch.zeros(T, B, D), "grad_h": torch.zeros(T, B, D), "grad_c_last": torch.zeros(B, D)}
+    given[name] = given[name][:-1]
+    with pytest.raises(ValueError, match=rf"`{name}` must have shape"):
+        torch.ops.srupp.sru_cpu_backward(*order, given["c_all"], given["grad_h"], given["grad_c_last"], False)
+    given[name] = noncontiguous(torch.zeros(T, B, D)) if name != "grad_c_last" else torch.zeros(D, B).t()
+    with pytest.raises(ValueError, match=rf"`{name}` must be contiguous"):
+        torch.ops.srupp.sru_cpu_backward(*order, given["c_all"], given["grad_h"], given["grad_c_last"], False)

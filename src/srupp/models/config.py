@@ -99,7 +99,7 @@ class LMConfig:
 
     @property
     def num_parameters(self) -> int:
-        """Parameter count from the paper's formula (PAPER.md 1.4): per layer d*d' + 3d*d' + 2d' + 4d, plus
+        """Parameter count from the paper's formula (as the authors' README): per layer d*d' + 3d*d' + 2d' + 4d, plus
         2d'^2 + 1 per attention layer, plus the embedding and output layers."""
         d, p = self.hidden_size, self.proj_size
         layers = self.num_layers * (4 * d * p + 2 * p + 4 * d) + len(self.attention_layer_indices) * (2 * p * p + 1)

@@ -47,7 +47,7 @@ class SRUppLM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         d = config.hidden_size
         if config.adaptive:
-            # Transformer-XL style (PAPER.md 2.3): d -> embed_size, then a head and clusters of shrinking width.
+            # Transformer-XL style (authors' WT103): d -> embed_size, then a head and clusters of shrinking width.
             self.projection = nn.Linear(d, config.embed_size, bias=False, **factory) if config.embed_size else None
             self.softmax = nn.AdaptiveLogSoftmaxWithLoss(
                 config.adaptive_size, config.vocab_size, config.cutoffs, div_value=config.div_value, **factory
@@ -79,7 +79,7 @@ class SRUppLM(nn.Module):
         self.rnn.set_backend(name)
 
     def reset_parameters(self) -> None:
-        # Embedding and softmax init U(+-sqrt(3/d)), projections xavier: the authors' LM scripts (PAPER.md 2.3).
+        # Embedding and softmax init U(+-sqrt(3/d)), projections xavier: the authors' LM scripts.
         bound = math.sqrt(3.0 / self.config.hidden_size)
         with torch.no_grad():
             if self.config.adaptive:

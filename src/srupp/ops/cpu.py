@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,62 +15,170 @@ from torch import Tensor
 from srupp.ops.fused import fake_backward, register_autograd, run_forward
 
 _HERE = Path(__file__).resolve().parent
-_LIB: ctypes.CDLL | None = None
-_LOAD_ERROR: str | None = None
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 10 + [_I64, _I64, _I64, _INT, _INT]
 _BACKWARD_ARGS = [_P] * 14 + [_I64, _I64, _I64, _INT, _INT]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_ABI_VERSION = 2
+# Instruction-set variants compiled into the library, best last; the bit each has in its masks.
+ISAS = ("baseline", "avx2", "avx512")
+_ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4}
 
 
-def _library() -> ctypes.CDLL | None:
-    global _LIB, _LOAD_ERROR
-    if _LIB is not None or _LOAD_ERROR is not None:
-        return _LIB
+@dataclass
+class _Kernel:
+    lib: ctypes.CDLL
+    isa: str
+    available: tuple[str, ...]
+    chunk: int
+    forward: dict[torch.dtype, Callable[..., None]]
+    backward: dict[torch.dtype, Callable[..., None]]
+
+
+_KERNEL: _Kernel | None = None
+_LOAD_ERROR: str | None = None
+
+
+def _supported_mask(lib: ctypes.CDLL) -> int:
+    """Bit mask of the variants this CPU can run (cpuid, asked in C; tests replace this)."""
+    return lib.srupp_isa_supported()
+
+
+def _load() -> _Kernel:
+    """Load the library and bind the variant to use; raises OSError (missing or broken library) or
+    ValueError (a bad SRUPP_CPU_ISA)."""
     candidates = [
         _HERE / f"_sru_cpu{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES if suffix.endswith(".so")
     ]
     found = [path for path in candidates if path.exists()]
     if not found:
-        _LOAD_ERROR = f"the compiled kernel is missing (looked for {candidates[0].name} in {_HERE})"
-        return None
+        raise OSError(f"the compiled kernel is missing (looked for {candidates[0].name} in {_HERE})")
     try:
         lib = ctypes.CDLL(str(found[0]))
-    except OSError as err:
-        _LOAD_ERROR = f"the compiled kernel {found[0]} failed to load: {err}"
-        return None
-    for dtype_suffix in _SUFFIX.values():
-        getattr(lib, f"srupp_sru_forward_{dtype_suffix}").argtypes = _FORWARD_ARGS
-        getattr(lib, f"srupp_sru_backward_{dtype_suffix}").argtypes = _BACKWARD_ARGS
-    lib.srupp_chunk.restype = _INT
-    _LIB = lib
-    return _LIB
+        abi = lib.srupp_abi_version()
+    except (OSError, AttributeError) as err:
+        raise OSError(f"the compiled kernel {found[0]} failed to load: {err}") from None
+    if abi != _ABI_VERSION:
+        raise OSError(f"the compiled kernel {found[0]} is stale (ABI {abi}, expected {_ABI_VERSION}); rebuild it")
+    usable = lib.srupp_isa_compiled() & _supported_mask(lib)
+    available = tuple(isa for isa in ISAS if usable & _ISA_BITS[isa])
+    forced = os.environ.get("SRUPP_CPU_ISA", "").strip().lower()
+    if forced and forced not in ISAS:
+        raise ValueError(f"`SRUPP_CPU_ISA` must be one of {ISAS} (or unset), got {forced!r}")
+    if forced and forced not in available:
+        raise ValueError(f"`SRUPP_CPU_ISA` asks for {forced!r}, which this CPU cannot run; it can run {available}")
+    isa = forced or available[-1]
+    forward, backward = {}, {}
+    for dtype, name in _SUFFIX.items():
+        forward[dtype] = getattr(lib, f"srupp_sru_forward_{name}_{isa}")
+        forward[dtype].argtypes, forward[dtype].restype = _FORWARD_ARGS, None
+        backward[dtype] = getattr(lib, f"srupp_sru_backward_{name}_{isa}")
+        backward[dtype].argtypes, backward[dtype].restype = _BACKWARD_ARGS, None
+    return _Kernel(lib, isa, available, lib.srupp_chunk(), forward, backward)
+
+
+def _kernel() -> _Kernel | None:
+    global _KERNEL, _LOAD_ERROR
+    if _KERNEL is None and _LOAD_ERROR is None:
+        try:
+            _KERNEL = _load()
+        except OSError as err:
+            _LOAD_ERROR = str(err)
+    return _KERNEL
+
+
+def _reset() -> None:
+    """Forget the loaded kernel, so the next call reads SRUPP_CPU_ISA again (for tests and benchmarks)."""
+    global _KERNEL, _LOAD_ERROR
+    _KERNEL, _LOAD_ERROR = None, None
 
 
 def is_available() -> bool:
     """Whether the compiled CPU kernel is present and loads."""
-    return _library() is not None
+    return _kernel() is not None
 
 
 def unavailable_reason() -> str:
     """Why the CPU backend cannot be used, with how to get it."""
-    _library()
+    _kernel()
     return (
-        f"srupp's 'cpu' backend is unavailable: {_LOAD_ERROR}. Reinstall the package from source with a C compiler "
-        "present (`pip install -e .` in the srupp checkout, or `make test`), or pass backend='naive'."
+        f"srupp's 'cpu' backend is unavailable: {_LOAD_ERROR}. Install srupp from source with a C compiler "
+        "present (e.g. `apt install gcc`, then `pip install --force-reinstall --no-binary srupp srupp` or "
+        "`pip install .` in a checkout), or pass backend='naive'."
     )
+
+
+def cpu_kernel_info() -> dict[str, object]:
+    """What the fused CPU kernel runs with.
+
+    Returns:
+        ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "reason": str | None}``:
+        the instruction-set variant in use (``SRUPP_CPU_ISA=baseline|avx2|avx512`` forces one), the
+        variants this CPU can run, the thread count the kernel uses (``torch.get_num_threads()``), and
+        why the kernel did not load, if it did not.
+
+    Example:
+        >>> cpu_kernel_info()["isa"]  # doctest: +SKIP
+        'avx512'
+    """
+    kernel = _kernel()
+    return {
+        "loaded": kernel is not None,
+        "isa": None if kernel is None else kernel.isa,
+        "available": [] if kernel is None else list(kernel.available),
+        "threads": torch.get_num_threads(),
+        "reason": None if kernel is not None else _LOAD_ERROR,
+    }
 
 
 def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _threads(lib: ctypes.CDLL, batch: int, hidden: int) -> int:
+def _threads(kernel: _Kernel, batch: int, hidden: int) -> int:
     """The kernel splits work into (batch row, feature chunk) items; more threads than items would idle."""
-    chunk = lib.srupp_chunk()
-    return max(1, min(torch.get_num_threads(), batch * ((hidden + chunk - 1) // chunk)))
+    return max(1, min(torch.get_num_threads(), batch * ((hidden + kernel.chunk - 1) // kernel.chunk)))
+
+
+def _check(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tensor.shape != shape:
+        raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(tensor.shape)}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"`{name}` must have dtype {dtype}, got {tensor.dtype}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"`{name}` must be on the CPU, got {tensor.device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"`{name}` must be contiguous, got strides {list(tensor.stride())}")
+
+
+def _check_inputs(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int, int, int]:
+    """The raw ops hand data pointers to C, which trusts every size: check them all first (about a
+    microsecond per tensor; the public function has already checked, so this only catches direct calls)."""
+    if x.dim() != 3:
+        raise ValueError(f"`x` must have shape [T, B, D] (3 dims), got {list(x.shape)}")
+    steps, batch, hidden = x.shape
+    dtype = x.dtype
+    if dtype not in _SUFFIX:
+        raise TypeError(f"`x` must have dtype float32 or float64, got {dtype}")
+    _check("x", x, (steps, batch, hidden), dtype)
+    _check("u", u, (steps, batch, 3 * hidden), dtype)
+    _check("v", v, (2, hidden), dtype)
+    _check("b", b, (2, hidden), dtype)
+    _check("c0", c0, (batch, hidden), dtype)
+    if mask_pad is not None:
+        _check("mask_pad", mask_pad, (steps, batch), torch.bool)
+    if mask_c is not None:
+        _check("mask_c", mask_c, (batch, hidden), dtype)
+    return steps, batch, hidden
+
+
+def _require_kernel() -> _Kernel:
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError(unavailable_reason())
+    return kernel
 
 
 @torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu")
@@ -82,17 +193,15 @@ def sru_cpu_forward(
     reverse: bool,
     save_c: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(unavailable_reason())
-    steps, batch, hidden = x.shape
+    kernel = _require_kernel()
+    steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
     h = torch.empty_like(x)
     c_last = torch.empty_like(c0)
     c_all = torch.empty_like(x) if save_c else x.new_empty(0)
-    getattr(lib, f"srupp_sru_forward_{_SUFFIX[x.dtype]}")(
+    kernel.forward[x.dtype](
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(lib, batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(kernel, batch, hidden),
     )  # fmt: skip
     return h, c_last, c_all
 
@@ -116,19 +225,20 @@ def sru_cpu_backward(
     grad_c_last: Tensor,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(unavailable_reason())
-    steps, batch, hidden = x.shape
+    kernel = _require_kernel()
+    steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
+    _check("c_all", c_all, x.shape, x.dtype)
+    _check("grad_h", grad_h, x.shape, x.dtype)
+    _check("grad_c_last", grad_c_last, c0.shape, x.dtype)
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
     grad_vb = x.new_empty(batch, 4, hidden)
     grad_c0 = torch.empty_like(c0)
-    getattr(lib, f"srupp_sru_backward_{_SUFFIX[x.dtype]}")(
+    kernel.backward[x.dtype](
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
         grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(lib, batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(kernel, batch, hidden),
     )  # fmt: skip
     return grad_u, grad_x, grad_vb[:, :2].sum(0), grad_vb[:, 2:].sum(0), grad_c0
 

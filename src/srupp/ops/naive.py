@@ -26,7 +26,9 @@ def sru_recurrence_naive(
         c_t = f_t * c_{t-1} + (1 - f_t) * u_c[t]
         h_t = x[t] + m * r_t * (c_t - x[t])
 
-    At a step where ``mask_pad[t, b]`` is True, ``c`` is carried unchanged and ``h`` is 0.
+    At a step where ``mask_pad[t, b]`` is True, ``c`` is carried unchanged and ``h`` is 0, selected
+    rather than blended: the padded entries of ``u`` and ``x`` are never read, so whatever they hold
+    (NaN included) reaches no output and no gradient but their own (zero).
 
     Args:
         u: ``[T, B, 3*D]``.  x: ``[T, B, D]``.  v, b: ``[2, D]``.  c0: ``[B, D]``.
@@ -48,16 +50,22 @@ def sru_recurrence_naive(
     hs: list[Tensor] = [u.new_zeros(())] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        u_c, u_f, u_r = u_steps[t].unbind(1)
+        u_t, x_t = u_steps[t], x_steps[t]
+        if mask_pad is not None:
+            # Padded entries are replaced before any arithmetic reads them: a NaN or inf there would
+            # otherwise reach real outputs through the gradient (0 * NaN is NaN).
+            pad = mask_pad[t].unsqueeze(-1)
+            u_t = torch.where(pad.unsqueeze(-1), 0.0, u_t)
+            x_t = torch.where(pad, 0.0, x_t)
+        u_c, u_f, u_r = u_t.unbind(1)
         f = torch.sigmoid(u_f + v_f * c + b_f)
         r = torch.sigmoid(u_r + v_r * c + b_r)
         c_new = f * c + (1 - f) * u_c
         gate = r if mask_c is None else mask_c * r
-        h = x_steps[t] + gate * (c_new - x_steps[t])
+        h = x_t + gate * (c_new - x_t)
         if mask_pad is not None:
-            pad = mask_pad[t].unsqueeze(-1)
             c_new = torch.where(pad, c, c_new)
-            h = torch.where(pad, torch.zeros_like(h), h)
+            h = torch.where(pad, 0.0, h)
         c = c_new
         hs[t] = h
     return torch.stack(hs), c

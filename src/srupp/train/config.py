@@ -43,8 +43,8 @@ def _check_number(
 
 
 def presets_dir() -> Path:
-    """The repository's ``configs/`` folder (``SRUPP_CONFIGS`` overrides it)."""
-    return Path(os.environ.get("SRUPP_CONFIGS", Path(__file__).resolve().parents[3] / "configs"))
+    """The presets shipped in the package, ``srupp/configs/`` (``SRUPP_CONFIGS`` overrides it)."""
+    return Path(os.environ.get("SRUPP_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TrainConfig:
         time_limit_s: also stop (saving a checkpoint) after this many seconds of training.
         anneal_by_time: the cosine follows ``max(step / schedule, elapsed / time_limit_s)`` so a time-limited run
             (the demo) ends its schedule on any machine; such a run is not exactly resumable.
-        lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (PAPER.md 2.1).
+        lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (the authors' LM scripts).
         precision: ``"fp32"`` or ``"mixed"`` (fp16 + GradScaler on CUDA, bf16 autocast on CPU).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         eval_every: evaluate on the valid split every N updates (and at the end), writing checkpoints.

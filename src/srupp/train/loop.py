@@ -388,7 +388,7 @@ def require_finite(run: Run, state: RunState, what: str, value: float, step: int
 
 def learning_rate(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     """Linear warmup ``lr * (step + 1) / warmup`` overriding a cosine decay counted from step 0 to
-    ``total_schedule_steps`` (PAPER.md 2.1); with ``anneal_by_time`` the cosine also follows elapsed time."""
+    ``total_schedule_steps`` (the authors' LM scripts); with ``anneal_by_time`` the cosine also follows elapsed time."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(step, cfg.total_schedule_steps) / cfg.total_schedule_steps
@@ -410,7 +410,7 @@ def resolve_corpus(data: str, out_dir: str | Path, is_main: bool = True) -> Corp
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on all parameters, decoupled, as the authors' RAdam runs do (PAPER.md 2.1).
+    # Weight decay on all parameters, decoupled, as the authors' RAdam runs do.
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "radam":
         return torch.optim.RAdam(model.parameters(), decoupled_weight_decay=True, **kwargs)

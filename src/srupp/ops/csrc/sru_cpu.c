@@ -9,6 +9,7 @@
  */
 #define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
+#include <string.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -35,6 +36,19 @@ static void hint_huge_pages(void *start, int64_t bytes) {
     (void)start;
     (void)bytes;
 #endif
+}
+
+/* An item's successive time steps lie B*D elements apart, each on another page, where the hardware
+ * prefetchers do not follow; so each step asks for the rows it will need PREFETCH_STEPS ahead. */
+#ifndef PREFETCH_STEPS
+#define PREFETCH_STEPS 4
+#endif
+static inline void srupp_prefetch(const void *start, int64_t bytes, int write) {
+    const char *p = start;
+    if (write)
+        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 1);
+    else
+        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0);
 }
 
 typedef void (*srupp_work_fn)(const void *args, int64_t begin, int64_t end);
@@ -81,50 +95,78 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
     }
 }
 
-/* exp for float32 that the compiler can vectorise (libm's expf is a scalar call): Cody-Waite range
- * reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' coefficients), then 2^n built in
- * the exponent bits. Within 2 ulp of expf on [-87, 88]; inputs are clamped to that range, which only
- * moves sigmoid by less than 1e-38. NaN fails both comparisons and so propagates. */
-static inline float srupp_expf(float x) {
-    x = x > 88.0f ? 88.0f : x;
-    x = x < -87.0f ? -87.0f : x;
-    /* n = nearest integer to x/ln2: adding then subtracting 1.5 * 2^23 rounds in the FPU; floorf
-     * would block vectorisation unless -fno-trapping-math. */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union {
-        int32_t i;
-        float f;
-    } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
+/* The kernels proper, compiled once per instruction set: baseline (SSE2 on x86-64, NEON on aarch64),
+ * AVX2+FMA and AVX-512, each under its own symbol suffix. The build flags stay at the baseline, so the
+ * library runs on any CPU of its architecture; Python picks the best variant the CPU has at load time
+ * (srupp_isa_supported) or the one SRUPP_CPU_ISA names. */
 #define SRUPP_CAT(a, b) a##b
 #define SRUPP_CAT2(a, b) SRUPP_CAT(a, b)
 
-#define real float
-#define EXP srupp_expf
-#define SRUPP_FN(name) SRUPP_CAT2(srupp_sru_##name, _f32)
-#include "sru_cpu_impl.h"
-#undef real
-#undef EXP
-#undef SRUPP_FN
+#define SRUPP_ISA baseline
+#include "sru_cpu_isa.h"
+#undef SRUPP_ISA
 
-#define real double
-#define EXP exp
-#define SRUPP_FN(name) SRUPP_CAT2(srupp_sru_##name, _f64)
-#include "sru_cpu_impl.h"
-#undef real
-#undef EXP
-#undef SRUPP_FN
+#define SRUPP_ISA_BASELINE 1
+#define SRUPP_ISA_AVX2 2
+#define SRUPP_ISA_AVX512 4
 
-int srupp_abi_version(void) { return 1; }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SRUPP_X86_VARIANTS 1
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#define SRUPP_ISA avx2
+#include "sru_cpu_isa.h"
+#undef SRUPP_ISA
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+/* 512-bit vectors: the loops are long and branch-free, so the wider registers pay off. */
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#endif
+#define SRUPP_ISA avx512
+#include "sru_cpu_isa.h"
+#undef SRUPP_ISA
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+/* Bit mask of the variants compiled into this library. */
+int srupp_isa_compiled(void) {
+#ifdef SRUPP_X86_VARIANTS
+    return SRUPP_ISA_BASELINE | SRUPP_ISA_AVX2 | SRUPP_ISA_AVX512;
+#else
+    return SRUPP_ISA_BASELINE;
+#endif
+}
+
+/* Bit mask of the compiled variants this CPU (and its operating system) can run. */
+int srupp_isa_supported(void) {
+    int isa = SRUPP_ISA_BASELINE;
+#ifdef SRUPP_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa |= SRUPP_ISA_AVX2;
+    if ((isa & SRUPP_ISA_AVX2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        isa |= SRUPP_ISA_AVX512;
+#endif
+    return isa;
+}
+
+int srupp_abi_version(void) { return 2; }
 int srupp_chunk(void) { return CHUNK; }

@@ -1,4 +1,5 @@
-/* One precision of the fused SRU recurrence; included once per `real` type by sru_cpu.c.
+/* One precision of the fused SRU recurrence; included once per `real` type and instruction set by
+ * sru_cpu_isa.h.
  *
  * Work is split into items of (batch row, chunk of CHUNK features); each item runs the whole
  * time loop with its state in a local array, so items are independent and the inner loop over
@@ -39,12 +40,23 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
         for (int64_t s = 0; s < T; ++s) {
             const int64_t t = reverse ? T - 1 - s : s;
             const int64_t at = (t * B + row) * D + d0;
-            const real *uc = u + (t * B + row) * 3 * D + d0;
-            const real *uf = uc + D;
-            const real *ur = uc + 2 * D;
-            const real *xt = x + at;
-            real *ht = h + at;
-            real *ct = c_all ? c_all + at : 0;
+            const real *restrict uc = u + (t * B + row) * 3 * D + d0;
+            const real *restrict uf = uc + D;
+            const real *restrict ur = uc + 2 * D;
+            const real *restrict xt = x + at;
+            real *restrict ht = h + at;
+            real *restrict ct = c_all ? c_all + at : 0;
+            if (s + PREFETCH_STEPS < T) {
+                const int64_t ta = reverse ? t - PREFETCH_STEPS : t + PREFETCH_STEPS;
+                const int64_t bytes = n * (int64_t)sizeof(real);
+                const real *ua = u + (ta * B + row) * 3 * D + d0;
+                srupp_prefetch(ua, bytes, 0);
+                srupp_prefetch(ua + D, bytes, 0);
+                srupp_prefetch(ua + 2 * D, bytes, 0);
+                srupp_prefetch(x + (ta * B + row) * D + d0, bytes, 0);
+                srupp_prefetch(h + (ta * B + row) * D + d0, bytes, 1);
+                if (c_all) srupp_prefetch(c_all + (ta * B + row) * D + d0, bytes, 1);
+            }
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) ht[j] = 0;
                 if (ct)
@@ -56,7 +68,8 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 const real cp = c[j];
                 const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
                 const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
-                const real cn = uc[j] + f * (cp - uc[j]);
+                /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
+                const real cn = f * cp + ((real)1 - f) * uc[j];
                 const real xv = xt[j];
                 ht[j] = xv + m[j] * r * (cn - xv);
                 c[j] = cn;
@@ -108,21 +121,32 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
             const int first = s == T - 1;
             const int64_t at = (t * B + row) * D + d0;
             const int64_t uat = (t * B + row) * 3 * D + d0;
-            real *guc = gu + uat;
-            real *guf = guc + D;
-            real *gur = guc + 2 * D;
-            real *gxt = gx + at;
+            real *restrict guc = gu + uat;
+            real *restrict guf = guc + D;
+            real *restrict gur = guc + 2 * D;
+            real *restrict gxt = gx + at;
+            if (s + PREFETCH_STEPS < T) {
+                const int64_t ta = reverse ? t + PREFETCH_STEPS : t - PREFETCH_STEPS;
+                const int64_t bytes = n * (int64_t)sizeof(real);
+                const int64_t a = (ta * B + row) * D + d0, ua = (ta * B + row) * 3 * D + d0;
+                for (int k = 0; k < 3; ++k) srupp_prefetch(u + ua + k * D, bytes, 0);
+                srupp_prefetch(x + a, bytes, 0);
+                srupp_prefetch(c_all + a, bytes, 0);
+                srupp_prefetch(gh + a, bytes, 0);
+                for (int k = 0; k < 3; ++k) srupp_prefetch(gu + ua + k * D, bytes, 1);
+                srupp_prefetch(gx + a, bytes, 1);
+            }
             if (mask_pad && mask_pad[t * B + row]) {
                 for (int64_t j = 0; j < n; ++j) guc[j] = guf[j] = gur[j] = gxt[j] = 0;
                 continue;
             }
-            const real *uc = u + uat;
-            const real *uf = uc + D;
-            const real *ur = uc + 2 * D;
-            const real *xt = x + at;
-            const real *ct = c_all + at;
-            const real *ghtt = gh + at;
-            const real *cprev = first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
+            const real *restrict uc = u + uat;
+            const real *restrict uf = uc + D;
+            const real *restrict ur = uc + 2 * D;
+            const real *restrict xt = x + at;
+            const real *restrict ct = c_all + at;
+            const real *restrict ghtt = gh + at;
+            const real *restrict cprev = first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) {
                 const real cp = cprev[j];

@@ -1,0 +1,98 @@
+/* One instruction set's copy of the kernels; included by sru_cpu.c once per SRUPP_ISA under that
+ * instruction set's target options. Everything here is static except the four entry points, whose
+ * names end in _<dtype>_<isa> (e.g. srupp_sru_forward_f32_avx2). */
+
+#define SRUPP_ISA_FN(name) SRUPP_CAT2(name, SRUPP_ISA)
+
+/* exp that the compiler can vectorise (libm's is a scalar call): Cody-Waite range reduction
+ * x = n ln2 + r, a polynomial for e^r, then 2^n built in the exponent bits.
+ *
+ * Written so that the loops calling it vectorise with the compiler's default (trapping) math:
+ * - the clamp is integer arithmetic on the bits (a float comparison may trap, and the compiler
+ *   then keeps it a branch);
+ * - n is rounded by adding 1.5 * 2^mantissa_bits, which leaves n in the low bits of the sum, so 2^n
+ *   is integer arithmetic on those bits: no floor() and no float-to-int conversion.
+ * Inputs are clamped to where 2^n is a normal number, which moves sigmoid by less than the smallest
+ * normal value; +-inf give the limits and NaN stays NaN. */
+static inline float SRUPP_ISA_FN(srupp_expf_)(float x) {
+    int32_t bits_in, key;
+    memcpy(&bits_in, &x, sizeof bits_in);
+    key = bits_in ^ ((bits_in >> 31) & 0x7FFFFFFF); /* ordered as the floats are */
+    key = key > 0x42B00000 ? 0x42B00000 : key;                   /* 88.0f */
+    key = key < (int32_t)0xBD51FFFF ? (int32_t)0xBD51FFFF : key; /* -87.0f */
+    key ^= (key >> 31) & 0x7FFFFFFF;
+    key = (bits_in & 0x7FFFFFFF) > 0x7F800000 ? bits_in : key; /* NaN stays NaN */
+    memcpy(&x, &key, sizeof x);
+    const float shifted = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23 */
+    const float n = shifted - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    /* Cephes' minimax coefficients: within 2 ulp of expf on the clamped range. */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23; /* the low bits held 2^22 + n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline double SRUPP_ISA_FN(srupp_exp_)(double x) {
+    int64_t bits_in, key;
+    memcpy(&bits_in, &x, sizeof bits_in);
+    key = bits_in ^ ((bits_in >> 63) & 0x7FFFFFFFFFFFFFFFll);
+    key = key > 0x4086280000000000ll ? 0x4086280000000000ll : key;                   /* 709.0 */
+    key = key < (int64_t)0xBF79DFFFFFFFFFFFull ? (int64_t)0xBF79DFFFFFFFFFFFull : key; /* -708.0 */
+    key ^= (key >> 63) & 0x7FFFFFFFFFFFFFFFll;
+    key = (bits_in & 0x7FFFFFFFFFFFFFFFll) > 0x7FF0000000000000ll ? bits_in : key;
+    memcpy(&x, &key, sizeof x);
+    const double shifted = x * 1.4426950408889634074 + 6755399441055744.0; /* 1.5 * 2^52 */
+    const double n = shifted - 6755399441055744.0;
+    /* ln2 split in two so that n * ln2_hi is exact (fdlibm's constants). */
+    const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    /* Taylor series to r^13: |r| <= ln2 / 2 puts the first dropped term below 1e-17 relative. */
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4338000000000000ull + 1023ull) << 52; /* the low bits held 2^51 + n */
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#define real float
+#define EXP SRUPP_ISA_FN(srupp_expf_)
+#define SRUPP_FN(name) SRUPP_CAT2(SRUPP_CAT2(srupp_sru_##name, _f32_), SRUPP_ISA)
+#include "sru_cpu_impl.h"
+#undef real
+#undef EXP
+#undef SRUPP_FN
+
+#define real double
+#define EXP SRUPP_ISA_FN(srupp_exp_)
+#define SRUPP_FN(name) SRUPP_CAT2(SRUPP_CAT2(srupp_sru_##name, _f64_), SRUPP_ISA)
+#include "sru_cpu_impl.h"
+#undef real
+#undef EXP
+#undef SRUPP_FN
+
+#undef SRUPP_ISA_FN

@@ -1,0 +1,113 @@
+/* The kernel's baseline variant (the one every CPU of the architecture runs) against a straightforward scalar loop with libm's exp, in C alone:
+ * for architectures where torch is not at hand (built with a cross compiler, run under qemu-user).
+ * Prints the largest differences and exits non-zero if one is above tolerance. */
+#include "../../../src/srupp/ops/csrc/sru_cpu.c"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#define T 13
+#define B 3
+#define D 37
+
+static double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+/* Forward then backward of one run, in double, with the spec's equations written out. */
+static void reference(const float *u, const float *x, const float *v, const float *bias, const float *c0,
+                      const uint8_t *pad, const float *mask_c, const float *gh, const float *gc_last, double *h,
+                      double *c_last, double *gu, double *gx, double *gv, double *gb, double *gc0) {
+    static double c_all[T + 1][B][D];
+    for (int b = 0; b < B; ++b)
+        for (int d = 0; d < D; ++d) c_all[0][b][d] = c0[b * D + d];
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < B; ++b)
+            for (int d = 0; d < D; ++d) {
+                const double cp = c_all[t][b][d];
+                const float *ut = u + (t * B + b) * 3 * D;
+                const double f = sigmoid(ut[D + d] + v[d] * cp + bias[d]);
+                const double r = sigmoid(ut[2 * D + d] + v[D + d] * cp + bias[D + d]);
+                const double c = f * cp + (1 - f) * ut[d];
+                const double xv = x[(t * B + b) * D + d];
+                const int p = pad[t * B + b];
+                c_all[t + 1][b][d] = p ? cp : c;
+                h[(t * B + b) * D + d] = p ? 0 : xv + mask_c[b * D + d] * r * (c - xv);
+            }
+    for (int i = 0; i < 2 * D; ++i) gv[i] = gb[i] = 0;
+    for (int b = 0; b < B; ++b)
+        for (int d = 0; d < D; ++d) {
+            c_last[b * D + d] = c_all[T][b][d];
+            double gc = gc_last[b * D + d];
+            for (int t = T - 1; t >= 0; --t) {
+                const int at = (t * B + b) * D + d, ut = (t * B + b) * 3 * D + d;
+                if (pad[t * B + b]) {
+                    gu[ut] = gu[ut + D] = gu[ut + 2 * D] = gx[at] = 0;
+                    continue;
+                }
+                const double cp = c_all[t][b][d], c = c_all[t + 1][b][d], m = mask_c[b * D + d];
+                const double f = sigmoid(u[ut + D] + v[d] * cp + bias[d]);
+                const double r = sigmoid(u[ut + 2 * D] + v[D + d] * cp + bias[D + d]);
+                const double g = gh[at], total = gc + g * m * r;
+                const double dr = g * m * (c - x[at]) * r * (1 - r), df = total * (cp - u[ut]) * f * (1 - f);
+                gx[at] = g * (1 - m * r);
+                gu[ut] = total * (1 - f);
+                gu[ut + D] = df;
+                gu[ut + 2 * D] = dr;
+                gv[d] += df * cp;
+                gv[D + d] += dr * cp;
+                gb[d] += df;
+                gb[D + d] += dr;
+                gc = total * f + df * v[d] + dr * v[D + d];
+            }
+            gc0[b * D + d] = gc;
+        }
+}
+
+static float uniform(unsigned *state) {
+    *state = *state * 1664525u + 1013904223u;
+    return (float)(*state >> 8) / (float)(1u << 24) * 2.0f - 1.0f;
+}
+
+static double worst(const char *name, const float *got, const double *want, int n) {
+    double err = 0;
+    for (int i = 0; i < n; ++i) {
+        const double e = fabs(got[i] - want[i]) / (1e-3 + fabs(want[i]));
+        err = e > err ? e : err;
+    }
+    printf("%-7s max scaled error %.3g\n", name, err);
+    return err;
+}
+
+int main(void) {
+    static float u[T * B * 3 * D], x[T * B * D], gh[T * B * D], v[2 * D], bias[2 * D], c0[B * D], mask_c[B * D];
+    static float gc_last[B * D], h[T * B * D], c_all[T * B * D], c_last[B * D], gu[T * B * 3 * D], gx[T * B * D];
+    static float gvb[B * 4 * D], gc0[B * D], gv[2 * D], gb[2 * D];
+    static double rh[T * B * D], rc_last[B * D], rgu[T * B * 3 * D], rgx[T * B * D], rgv[2 * D], rgb[2 * D];
+    static double rgc0[B * D];
+    static uint8_t pad[T * B];
+    unsigned s = 1;
+    for (int i = 0; i < T * B * 3 * D; ++i) u[i] = 3 * uniform(&s);
+    for (int i = 0; i < T * B * D; ++i) x[i] = uniform(&s), gh[i] = uniform(&s);
+    for (int i = 0; i < 2 * D; ++i) v[i] = uniform(&s), bias[i] = uniform(&s);
+    for (int i = 0; i < B * D; ++i) c0[i] = uniform(&s), gc_last[i] = uniform(&s), mask_c[i] = uniform(&s) > -0.4f;
+    for (int t = 0; t < T; ++t) pad[t * B + 1] = t >= T - 4, pad[t * B + 2] = uniform(&s) > 0.3f;
+    srupp_sru_forward_f32_baseline(u, x, v, bias, c0, pad, mask_c, h, c_all, c_last, T, B, D, 0, 2);
+    srupp_sru_backward_f32_baseline(u, x, v, bias, c0, pad, mask_c, c_all, gh, gc_last, gu, gx, gvb, gc0, T, B, D,
+                                    0, 2);
+    for (int i = 0; i < D; ++i) {
+        gv[i] = gv[D + i] = gb[i] = gb[D + i] = 0;
+        for (int b = 0; b < B; ++b) {
+            gv[i] += gvb[b * 4 * D + i], gv[D + i] += gvb[b * 4 * D + D + i];
+            gb[i] += gvb[b * 4 * D + 2 * D + i], gb[D + i] += gvb[b * 4 * D + 3 * D + i];
+        }
+    }
+    reference(u, x, v, bias, c0, pad, mask_c, gh, gc_last, rh, rc_last, rgu, rgx, rgv, rgb, rgc0);
+    double err = worst("h", h, rh, T * B * D);
+    err = fmax(err, worst("c_last", c_last, rc_last, B * D));
+    err = fmax(err, worst("grad_u", gu, rgu, T * B * 3 * D));
+    err = fmax(err, worst("grad_x", gx, rgx, T * B * D));
+    err = fmax(err, worst("grad_v", gv, rgv, 2 * D));
+    err = fmax(err, worst("grad_b", gb, rgb, 2 * D));
+    err = fmax(err, worst("grad_c0", gc0, rgc0, B * D));
+    printf("compiled variants %d, runnable %d\n", srupp_isa_compiled(), srupp_isa_supported());
+    return err < 1e-4 ? 0 : 1;
+}
