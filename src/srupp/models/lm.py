@@ -186,8 +186,8 @@ class SRUppLM(nn.Module):
     def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
 
-        Without gradients and in eval mode, one token at a time after the first call takes a fast path: the
-        attention caches grow in place in preallocated buffers and nothing is re-checked (see ``SRUpp.step``).
+        Without gradients and in eval mode, one token at a time takes a fast path: the attention caches grow in
+        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``).
 
         Args:
             tokens: ``[T_chunk, B]`` token ids.

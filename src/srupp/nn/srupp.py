@@ -271,11 +271,13 @@ class SRUpp(SRUStack):
         from ``forward`` continues too: its memory becomes the cache.
 
         Fast path: without gradients (``torch.no_grad``/``inference_mode``) a step checks its inputs and
-        moves the caches into preallocated buffers; the next one-token steps from the state it returned (in
+        moves the caches into preallocated buffers (``init_decode_state`` starts with empty ones, and without
+        ``mask_pad`` or ``state.key_pad``); the next one-token steps from the state it returned (in
         eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
         run the recurrence as plain elementwise ops. The parameters are read once per run (in-place updates
-        show; parameters replaced by new objects take effect from the next chunk). Stepping again from an older
-        state, or with gradients, takes the general path, which copies the cache; the results are the same.
+        show; parameters replaced by new objects are seen from the next step on the general path). Stepping
+        again from an older state, or with gradients, takes the general path, which copies the cache; the
+        results are the same.
 
         Args:
             input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), T >= 1.
