@@ -610,7 +610,7 @@ LEFT_PADDED = {"step-chunks": "step", "forward-then-step": "forward"}
 
 
 @pytest.mark.parametrize("prefill", LEFT_PADDED.values(), ids=LEFT_PADDED.keys())
-def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
+def test_left_padded_decoding_equals_each_sequence_alone(assert_close, token_path_calls, prefill):
     # Batched prompts padded on the left, then decoding: padding must neither move c nor be attended to later.
     model = make(**CONFIGS["every-second-layer-two-heads"])
     lengths, steps = [5, 2, 4], 5
@@ -630,6 +630,8 @@ def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
         for t in range(3):
             out, state = model.step(more[t : t + 1], state)
             outputs.append(out)
+    # After a step prefill every token takes the one-token path; a forward's memory first becomes a cache.
+    assert len(token_path_calls) == (3 if prefill == "step" else 2)
     padded = torch.cat(outputs)
     for b, length in enumerate(lengths):
         alone, _ = model(torch.cat([prompt[steps - length :, b : b + 1], more[:, b : b + 1]]), causal=True)
@@ -662,3 +664,20 @@ def test_state_keeps_key_pad_through_tensors_and_to():
     assert torch.equal(restored.key_pad, mask_pad.t())
     moved = state.to("cpu", torch.float64)
     assert moved.key_pad.dtype == torch.bool and moved.c.dtype == torch.float64
+
+
+def test_one_token_path_with_key_pad_and_a_window_equals_the_general_path(assert_close, token_path_calls):
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    mask_pad = torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3])
+    prompt, more = torch.randn(4, 3, 6), torch.randn(30, 3, 6)
+    with torch.no_grad():
+        _, fast = model.step(prompt, model.init_decode_state(3, max_context=3), mask_pad=mask_pad)
+        general, outputs, expected = fast, [], []
+        for t in range(30):
+            out, fast = model.step(more[t : t + 1], fast)
+            outputs.append(out)
+            out, general = model.step(more[t : t + 1], replace(general))  # replace() drops the buffers
+            expected.append(out)
+    assert len(token_path_calls) == 30
+    assert_close(torch.cat(outputs), torch.cat(expected))
+    assert torch.equal(fast.key_pad, general.key_pad) and fast.key_pad.shape == (3, 3)

@@ -284,16 +284,22 @@ class SRULayer(nn.Module):
             )
 
     def step_token(
-        self, input: Tensor, c0: Tensor, c_out: Tensor, weights: TokenWeights, window: tuple[Tensor, ...] | None
+        self,
+        input: Tensor,
+        c0: Tensor,
+        c_out: Tensor,
+        weights: TokenWeights,
+        window: tuple[Tensor, ...] | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """One causal step of one token, unchecked (``SRUpp.step`` checked the run once; eval, no grad,
         unidirectional): input ``[B, input_size]``, c0 ``[B, hidden_size]``, ``weights`` from ``token_weights``;
         writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
         and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
-        of it."""
+        of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None)."""
         normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
         if window is not None:
-            u = self.transform.step_token(normed, weights, *window)  # U + b_f, b_r in place
+            u = self.transform.step_token(normed, weights, *window, mask)  # U + b_f, b_r in place
         else:
             projected = torch.layer_norm(torch.mm(normed, weights.in_proj_t), *weights.norm)
             u = torch.addmm(weights.u_bias, projected, weights.out_proj_t)

@@ -25,7 +25,7 @@ from srupp.nn.state import DecodeBuffers, SRUppState
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
 # State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
-_TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "_buffers"}
+_TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "key_pad", "_buffers"}
 _OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
 
 
@@ -271,8 +271,8 @@ class SRUpp(SRUStack):
         from ``forward`` continues too: its memory becomes the cache.
 
         Fast path: without gradients (``torch.no_grad``/``inference_mode``) a step checks its inputs and
-        moves the caches into preallocated buffers (``init_decode_state`` starts with empty ones, and without
-        ``mask_pad`` or ``state.key_pad``); the next one-token steps from the state it returned (in
+        moves the caches (and ``key_pad``) into preallocated buffers (``init_decode_state`` starts with empty
+        ones); the next one-token steps without ``mask_pad`` from the state it returned (in
         eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
         run the recurrence as plain elementwise ops. The parameters are read once per run (in-place updates
         show; parameters replaced by new objects are seen from the next step on the general path). Stepping
@@ -328,14 +328,15 @@ class SRUpp(SRUStack):
         new_state = SRUppState(
             torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
         )
-        if not torch.is_grad_enabled() and key_pad is None:
+        if not torch.is_grad_enabled():
             self._attach_buffers(new_state, batch)
         return output, new_state
 
     def _attach_buffers(self, state: SRUppState, batch: int) -> bool:
         """Move the caches of a checked ``state`` into preallocated buffers, so that the next one-token steps
         append in place (``_step_token``); False (and ``state`` unchanged) where the one-token path cannot take
-        it: caches of unequal lengths, or a dtype or device other than the parameters'."""
+        it: caches of unequal lengths (or a ``key_pad`` of another), or a dtype or device other than the
+        parameters'."""
         lengths = {keys.shape[2] for keys in state.keys if keys is not None}
         reference = self.layers[0].gates.weight
         dtype = reference.dtype
@@ -344,15 +345,16 @@ class SRUpp(SRUStack):
             or state.c.dtype != dtype
             or state.c.device != reference.device
             or any(item.dtype != dtype for item in state.keys + state.values if item is not None)
+            or (state.key_pad is not None and list(state.key_pad.shape) != [batch, *lengths])
         ):
             return False
         shape = (batch, 1) if self.batch_first else (1, batch)
         buffers = DecodeBuffers(
-            self, [layer.token_weights() for layer in self.layers], state.keys, state.values,
+            self, [layer.token_weights() for layer in self.layers], state.keys, state.values, state.key_pad,
             lengths.pop() if lengths else 0, state.max_context, (*shape, self.input_size), (*shape, self.hidden_size),
             dtype, state.c.device,
         )  # fmt: skip
-        state.keys, state.values = buffers.views()
+        state.keys, state.values, state.key_pad = buffers.views()
         buffers.adopt(state)
         return True
 
@@ -383,11 +385,11 @@ class SRUpp(SRUStack):
         x = input.reshape(batch, self.input_size)
         c = state.c
         c_next = torch.empty_like(c)
-        windows = buffers.open_position()
+        windows, mask = buffers.open_position()
         for layer, c_in, c_out, weights, window in zip(
             self.layers, c.unbind(0), c_next.unbind(0), buffers.weights, windows, strict=True
         ):
-            x = layer.step_token(x, c_in, c_out, weights, window)
+            x = layer.step_token(x, c_in, c_out, weights, window, mask)
         return x.view(buffers.output_shape), buffers.commit(c_next, windows)
 
     def extra_repr(self) -> str:
