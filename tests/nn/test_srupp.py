@@ -584,10 +584,26 @@ def test_one_token_path_sees_parameters_updated_in_place(assert_close, token_pat
         layer = model.layers[1]
         {"out_proj": layer.transform.out_proj.weight, "gate-bias": layer.gates.bias,
          "kv_proj": layer.transform.kv_proj.weight}[update].mul_(-1.5)  # fmt: skip
-        expected, _ = model.step(x[4:5], replace(state))  # the general path reads the parameters afresh
-        out, _ = model.step(x[4:5], state)
-    assert len(token_path_calls) == 1
+        expected, general = model.step(x[4:5], replace(state))  # the general path reads the parameters afresh
+        out, state = model.step(x[4:5], state)
+        assert_close(out, expected)
+        # The next token takes the one-token path on weights gathered again (the layer's copy was stale).
+        expected, _ = model.step(x[:1], replace(general))
+        out, _ = model.step(x[:1], state)
+    assert len(token_path_calls) == 2
     assert_close(out, expected)
+
+
+def test_token_weights_are_kept_by_the_layer_and_stay_out_of_the_state_dict():
+    model = make(num_layers=2)
+    keys = model.state_dict().keys()
+    with torch.no_grad():
+        model.step(torch.randn(1, 2, 6), model.init_decode_state(2))
+        first = model.layers[0].token_weights()
+        assert model.layers[0].token_weights() is first  # one copy per layer, not one per run
+        model.layers[0].gates.bias.add_(1.0)
+        assert model.layers[0].token_weights() is not first
+    assert model.state_dict().keys() == keys
 
 
 def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, token_path_calls):

@@ -102,12 +102,13 @@ def reset_linear_transform(transform: nn.Module) -> None:
 
 
 class TokenWeights(NamedTuple):
-    """What ``SRULayer.step_token`` reads, gathered once per decoding run: a module attribute lookup costs about
-    half a microsecond and a one-token step would make a dozen per layer, and a matrix-vector product is up to
-    a third faster on a weight stored ``[in, out]``. Layer norms are ``(normalized_shape, weight, bias, eps)``;
-    ``kv_proj`` and ``alpha`` are None without attention; ``u_bias`` puts the gate biases b_f, b_r in U's
-    layout. ``derived`` pairs each parameter that was copied here with its version counter at the time, so that
-    an in-place update (an optimizer step, ``load_state_dict``) is noticed."""
+    """What ``SRULayer.step_token`` reads, gathered when decoding starts and kept by the layer while it stays
+    current: a module attribute lookup costs about half a microsecond and a one-token step would make a dozen per
+    layer, and a matrix-vector product is up to a third faster on a weight stored ``[in, out]``. Layer norms are
+    ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without attention; ``u_bias``
+    puts the gate biases b_f, b_r in U's layout. ``sources`` are the parameter objects read; ``derived`` pairs
+    each one copied here with its version counter at the time, so that an in-place update (an optimizer step,
+    ``load_state_dict``) is noticed."""
 
     input_norm: tuple | None
     in_proj_t: Tensor
@@ -117,6 +118,7 @@ class TokenWeights(NamedTuple):
     out_proj_t: Tensor
     u_bias: Tensor
     gate_weight: Tensor
+    sources: tuple[Tensor | None, ...]
     derived: tuple[tuple[Tensor, int], ...]
 
 
@@ -260,28 +262,52 @@ class SRULayer(nn.Module):
         h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
 
+    def _token_sources(self) -> tuple[tuple[Tensor | None, ...], list[Tensor]]:
+        """Every parameter ``step_token`` reads, and those of them ``TokenWeights`` holds copies of."""
+        transform, norm = self.transform, self.input_norm
+        copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
+        if self.has_attention:
+            copied.append(transform.kv_proj.weight)
+        read = [self.gates.weight, transform.norm.weight, transform.norm.bias]
+        if self.has_attention:
+            read.append(transform.alpha)
+        if norm is not None:
+            read += [norm.weight, norm.bias]
+        return (*copied, *read), copied
+
     def token_weights(self) -> TokenWeights:
-        """The parameters ``step_token`` reads, gathered once per decoding run (see ``TokenWeights``)."""
+        """The parameters ``step_token`` reads (see ``TokenWeights``): gathered once and reused while they are
+        the same objects, on the same device and dtype, not updated in place (one copy per layer, not one per
+        decoding run)."""
+        sources, copied = self._token_sources()
+        cached = self.__dict__.get("_token_weights")
+        if (
+            cached is not None
+            and len(cached.sources) == len(sources)
+            and all(a is b for a, b in zip(cached.sources, sources, strict=True))
+            and all(param._version == version for param, version in cached.derived)
+            and cached.in_proj_t.device == sources[0].device
+            and cached.in_proj_t.dtype == sources[0].dtype
+        ):
+            return cached
         transform, hidden = self.transform, self.hidden_size
         with torch.no_grad():
-            copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
-            kv_proj_t = None
-            if self.has_attention:
-                copied.append(transform.kv_proj.weight)
-                kv_proj_t = transform.kv_proj.weight.t().contiguous()
             u_bias = self.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
             u_bias[hidden : 3 * hidden] = self.gates.bias.reshape(-1)
-            return TokenWeights(
+            weights = TokenWeights(
                 None if self.input_norm is None else layer_norm_arguments(self.input_norm),
                 transform.in_proj.weight.t().contiguous(),
-                kv_proj_t,
+                transform.kv_proj.weight.t().contiguous() if self.has_attention else None,
                 transform.alpha if self.has_attention else None,
                 layer_norm_arguments(transform.norm),
                 transform.out_proj.weight.t().contiguous(),
                 u_bias,
                 self.gates.weight,
+                sources,
                 tuple((param, param._version) for param in copied),
             )
+        self._token_weights = weights  # a plain attribute: not a parameter or buffer, not in the state_dict
+        return weights
 
     def step_token(
         self,
