@@ -97,7 +97,8 @@ class SRUppLM(nn.Module):
         take their head row, tail tokens their cluster row times the cluster projection, and both go back to
         d through the transposed ``embed_size`` projection (all tied)."""
         if not self.config.adaptive:
-            return self.embedding(tokens)
+            # F.embedding, not the module call: decoding pays the module's call overhead on every token.
+            return F.embedding(tokens, self.embedding.weight)
         head = self.softmax.head.weight
         out = torch.zeros(*tokens.shape, head.shape[1], device=tokens.device, dtype=head.dtype)
         edges = [0, *self.config.cutoffs, self.config.vocab_size]
@@ -137,7 +138,7 @@ class SRUppLM(nn.Module):
         if self.config.adaptive:
             return self.softmax.log_prob(self._adaptive_input(hidden)).float().reshape(*hidden.shape[:-1], -1)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        out = F.log_softmax(self.output(flat).float(), dim=-1)
+        out = F.log_softmax(F.linear(flat, self.output.weight, self.output.bias).float(), dim=-1)
         return out.reshape(*hidden.shape[:-1], -1)
 
     def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -182,6 +183,9 @@ class SRUppLM(nn.Module):
 
     def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
+
+        Without gradients and in eval mode, one token at a time takes a fast path: the attention caches grow in
+        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``).
 
         Args:
             tokens: ``[T_chunk, B]`` token ids.
