@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from srupp.errors import ConfigError
 from srupp.ops.fused import fake_backward, register_autograd, run_forward
 
 _HERE = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ def _supported_mask(lib: ctypes.CDLL) -> int:
 
 def _load() -> _Kernel:
     """Load the library and bind the variant to use; raises OSError (missing or broken library) or
-    ValueError (a bad SRUPP_CPU_ISA)."""
+    ConfigError, a ValueError (a bad SRUPP_CPU_ISA: the user's setting, shown by the CLI in one line)."""
     candidates = [
         _HERE / f"_sru_cpu{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES if suffix.endswith(".so")
     ]
@@ -66,9 +67,9 @@ def _load() -> _Kernel:
     available = tuple(isa for isa in ISAS if usable & _ISA_BITS[isa])
     forced = os.environ.get("SRUPP_CPU_ISA", "").strip().lower()
     if forced and forced not in ISAS:
-        raise ValueError(f"`SRUPP_CPU_ISA` must be one of {ISAS} (or unset), got {forced!r}")
+        raise ConfigError(f"`SRUPP_CPU_ISA` must be one of {ISAS} (or unset), got {forced!r}")
     if forced and forced not in available:
-        raise ValueError(f"`SRUPP_CPU_ISA` asks for {forced!r}, which this CPU cannot run; it can run {available}")
+        raise ConfigError(f"`SRUPP_CPU_ISA` asks for {forced!r}, which this CPU cannot run; it can run {available}")
     isa = forced or available[-1]
     forward, backward = {}, {}
     for dtype, name in _SUFFIX.items():
