@@ -11,6 +11,8 @@ pytest.importorskip("tokenizers")
 from srupp.cli import main  # noqa: E402
 from srupp.data import Vocab, open_corpus, prepare_text  # noqa: E402
 from srupp.data import tokenizer as bpe  # noqa: E402
+from srupp.data.corpus import write_corpus  # noqa: E402
+from srupp.errors import CorpusError  # noqa: E402
 
 WORDS = ["def", "return", "self", "value", "naïve", "größe", "日本語", "emoji😀", "(", ")", ":", "\t", "  "]
 
@@ -76,6 +78,14 @@ def test_bytes_per_token_counts_the_scored_text(corpora, split):
     prefix = ids[1:51].tolist()
     assert as_bpe.bytes_per_token(split, 50) == pytest.approx(sum(int(lengths[i]) for i in prefix) / 50)
     assert as_bytes.bytes_per_token(split) == 1.0
+
+
+def test_bytes_per_token_of_a_split_with_nothing_to_score_is_a_corpus_error(corpora, tmp_path):
+    _, as_bpe = corpora
+    splits = {"train": np.asarray(as_bpe.split("train")), "valid": np.asarray(as_bpe.split("valid")[:1])}
+    corpus = write_corpus(tmp_path / "one", splits, as_bpe.vocab, "test")
+    with pytest.raises(CorpusError, match="split 'valid' of corpus .* has no token to score"):
+        corpus.bytes_per_token("valid")
 
 
 def test_tokenizer_is_trained_on_the_training_split_only(tmp_path):

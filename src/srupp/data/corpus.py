@@ -126,7 +126,7 @@ class Corpus:
         lengths, tokens = self.vocab.token_bytes(), self.split(name)
         end = len(tokens) if num_tokens is None else min(len(tokens), num_tokens + 1)
         if end < 2:
-            raise ValueError(f"split {name!r} of corpus {self.path} has no token to score")
+            raise CorpusError(f"split {name!r} of corpus {self.path} has no token to score")
         step = 1 << 24
         total = sum(int(lengths[tokens[i : min(i + step, end)]].sum()) for i in range(1, end, step))
         return total / (end - 1)
