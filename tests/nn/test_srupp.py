@@ -594,16 +594,28 @@ def test_one_token_path_sees_parameters_updated_in_place(assert_close, token_pat
     assert_close(out, expected)
 
 
-def test_token_weights_are_kept_by_the_layer_and_stay_out_of_the_state_dict():
+@pytest.mark.parametrize("how", ["data", "replaced"])
+def test_a_new_decoding_run_sees_weights_changed_without_a_version_bump(assert_close, token_path_calls, how):
     model = make(num_layers=2)
     keys = model.state_dict().keys()
+    x = torch.randn(4, 2, 6)
     with torch.no_grad():
-        model.step(torch.randn(1, 2, 6), model.init_decode_state(2))
-        first = model.layers[0].token_weights()
-        assert model.layers[0].token_weights() is first  # one copy per layer, not one per run
-        model.layers[0].gates.bias.add_(1.0)
-        assert model.layers[0].token_weights() is not first
-    assert model.state_dict().keys() == keys
+        state = model.init_decode_state(2)
+        for t in range(2):
+            _, state = model.step(x[t : t + 1], state)
+        layer = model.layers[1].transform
+        if how == "data":  # e.g. an EMA update: no version counter moves
+            layer.out_proj.weight.data.mul_(-1.5)
+        else:
+            layer.out_proj.weight = torch.nn.Parameter(layer.out_proj.weight * -1.5)
+        expected, _ = model(x, causal=True)
+        state, outputs = model.init_decode_state(2), []
+        for t in range(4):
+            out, state = model.step(x[t : t + 1], state)
+            outputs.append(out)
+    assert len(token_path_calls) == 2 + 4
+    assert_close(torch.cat(outputs), expected)
+    assert model.state_dict().keys() == keys  # the gathered copies are no parameters or buffers
 
 
 def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, token_path_calls):

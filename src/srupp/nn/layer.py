@@ -102,13 +102,13 @@ def reset_linear_transform(transform: nn.Module) -> None:
 
 
 class TokenWeights(NamedTuple):
-    """What ``SRULayer.step_token`` reads, gathered when decoding starts and kept by the layer while it stays
-    current: a module attribute lookup costs about half a microsecond and a one-token step would make a dozen per
-    layer, and a matrix-vector product is up to a third faster on a weight stored ``[in, out]``. Layer norms are
+    """What ``SRULayer.step_token`` reads, gathered when a decoding run starts and held by the run's buffers: a
+    module attribute lookup costs about half a microsecond and a one-token step would make a dozen per layer, and
+    a matrix-vector product is up to a third faster on a weight stored ``[in, out]``. Layer norms are
     ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without attention; ``u_bias``
-    puts the gate biases b_f, b_r in U's layout. ``sources`` are the parameter objects read; ``derived`` pairs
-    each one copied here with its version counter at the time, so that an in-place update (an optimizer step,
-    ``load_state_dict``) is noticed."""
+    puts the gate biases b_f, b_r in U's layout. ``derived`` pairs each parameter copied here with its version
+    counter at the time, so that an in-place update during the run (an optimizer step, ``load_state_dict``) sends
+    the next step to the general path, which gathers them again."""
 
     input_norm: tuple | None
     in_proj_t: Tensor
@@ -118,7 +118,6 @@ class TokenWeights(NamedTuple):
     out_proj_t: Tensor
     u_bias: Tensor
     gate_weight: Tensor
-    sources: tuple[Tensor | None, ...]
     derived: tuple[tuple[Tensor, int], ...]
 
 
@@ -262,34 +261,17 @@ class SRULayer(nn.Module):
         h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
 
-    def _token_sources(self) -> tuple[tuple[Tensor | None, ...], list[Tensor]]:
-        """Every parameter ``step_token`` reads, and those of them ``TokenWeights`` holds copies of."""
-        transform, norm = self.transform, self.input_norm
+    def _token_sources(self) -> list[Tensor]:
+        """The parameters ``TokenWeights`` holds copies of (the others it reads are the parameters themselves)."""
+        transform = self.transform
         copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
         if self.has_attention:
             copied.append(transform.kv_proj.weight)
-        read = [self.gates.weight, transform.norm.weight, transform.norm.bias]
-        if self.has_attention:
-            read.append(transform.alpha)
-        if norm is not None:
-            read += [norm.weight, norm.bias]
-        return (*copied, *read), copied
+        return copied
 
     def token_weights(self) -> TokenWeights:
-        """The parameters ``step_token`` reads (see ``TokenWeights``): gathered once and reused while they are
-        the same objects, on the same device and dtype, not updated in place (one copy per layer, not one per
-        decoding run)."""
-        sources, copied = self._token_sources()
-        cached = self.__dict__.get("_token_weights")
-        if (
-            cached is not None
-            and len(cached.sources) == len(sources)
-            and all(a is b for a, b in zip(cached.sources, sources, strict=True))
-            and all(param._version == version for param, version in cached.derived)
-            and cached.in_proj_t.device == sources[0].device
-            and cached.in_proj_t.dtype == sources[0].dtype
-        ):
-            return cached
+        """The parameters ``step_token`` reads (see ``TokenWeights``), gathered now: once per decoding run."""
+        copied = self._token_sources()
         transform, hidden = self.transform, self.hidden_size
         with torch.no_grad():
             u_bias = self.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
@@ -303,10 +285,8 @@ class SRULayer(nn.Module):
                 transform.out_proj.weight.t().contiguous(),
                 u_bias,
                 self.gates.weight,
-                sources,
                 tuple((param, param._version) for param in copied),
             )
-        self._token_weights = weights  # a plain attribute: not a parameter or buffer, not in the state_dict
         return weights
 
     def step_token(
