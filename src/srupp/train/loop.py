@@ -151,11 +151,11 @@ def claim_run_dir(out_dir: str, dist: distributed.DistInfo, *, resume: bool, ove
     whether it succeeded, so a refusal stops every rank instead of leaving them waiting."""
     folder = RunFolder(out_dir, resume=resume, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
-        refused: RunDirError | None = None
+        refused: RunDirError | OSError | None = None
         if dist.is_main:
             try:
                 stack.enter_context(folder)
-            except RunDirError as err:
+            except (RunDirError, OSError) as err:  # e.g. an unwritable out_dir: tell the other ranks too
                 refused = err
         if distributed.broadcast_float(0.0 if refused else 1.0, dist) == 0.0:
             raise refused or RunDirError(f"rank 0 could not claim the run folder {out_dir}")
