@@ -7,7 +7,10 @@ truncated backpropagation); the Transformer returns None and trains on independe
 body also decodes with a cache: ``init_decode(batch)`` then ``step(tokens [T, B], cache)``.
 
 The Transformer baseline is GPT-style and written here: pre-LayerNorm blocks, rotary positions,
-causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for decoding.
+causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for decoding. The authors'
+``sru`` package is loaded by ``load_authors`` (None where it does not import) and its SRUpp wrapped by
+``AuthorsSRUppBody``. Sizing: ``closest_width`` (a width grid searched for a parameter count), and
+``size_to_match`` built on it.
 
     >>> model = build("transformer", width=64, layers=2)
     >>> logits, _ = model(torch.randint(0, 256, (16, 2)))
@@ -17,6 +20,7 @@ causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -184,10 +188,11 @@ class SRUppBody(nn.Module):
 class RecurrentBody(nn.Module):
     """``srupp.nn.SRU`` or ``nn.LSTM``: the state is the RNN's own; decoding just carries it."""
 
-    def __init__(self, kind: str, width: int, num_layers: int, dropout: float = 0.0) -> None:
+    def __init__(self, kind: str, width: int, num_layers: int, dropout: float = 0.0,
+                 input_size: int | None = None) -> None:  # fmt: skip
         super().__init__()
         cls = SRU if kind == "sru" else nn.LSTM
-        self.rnn = cls(width, width, num_layers=num_layers, dropout=dropout)
+        self.rnn = cls(input_size or width, width, num_layers=num_layers, dropout=dropout)
 
     def forward(self, x: Tensor, state=None, attn_window: int | None = None):
         return self.rnn(x, state)
@@ -197,6 +202,36 @@ class RecurrentBody(nn.Module):
 
     def step(self, x: Tensor, cache):
         return self.rnn(x, cache)
+
+
+def load_authors():
+    """The authors' ``sru`` package (with ``sru.ops``), or None, saying why, where it does not import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sru  # compiles its C++ (and CUDA) extension at first import
+            import sru.ops  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means "not available", reported as such
+        print(f"the authors' package `sru` is not available ({type(err).__name__}: {err}); skipping it")
+        return None
+    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+    return sru
+
+
+class AuthorsSRUppBody(nn.Module):
+    """The authors' ``sru.SRUpp`` behind the body interface (causal through an additive mask, as theirs)."""
+
+    def __init__(self, sru, width: int, num_layers: int, proj_size: int) -> None:
+        super().__init__()
+        self.rnn = sru.SRUpp(width, width, proj_size, num_layers=num_layers)
+        self.masks: dict[int, Tensor] = {}
+
+    def forward(self, x: Tensor, state=None, attn_window: int | None = None):
+        steps = x.shape[0]
+        if steps not in self.masks:
+            self.masks[steps] = torch.ones(steps, steps, device=x.device).triu(1) * -1e4
+        output, c, _ = self.rnn(x, attn_mask=self.masks[steps])
+        return output, c
 
 
 def detach(state):

@@ -1,11 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from baselines import MODELS, build, count_parameters, size_to_match  # noqa: E402
+from benchmarks.baselines import MODELS, build, count_parameters, size_to_match
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-4):
