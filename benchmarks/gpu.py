@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import ROOT, provenance
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), its Wiki-103 one (B=8, d=4096), and a small one.
 SHAPES = [(1024, 4, 3072), (1024, 8, 4096), (512, 16, 512)]

@@ -2,9 +2,10 @@
 
 Compares our SRUpp with its GEMM floor (the same matrix products alone, see ``GemmFloor``), the
 authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and the GPT-style Transformer of
-``benchmarks.baselines`` (after a ``Linear(d, width)``), the last two sized to about our parameter count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s
-over each other model's), and writes JSON with the CPU kernel's instruction-set path
-(``SRUPP_CPU_ISA=avx2`` forces one).
+``benchmarks.baselines`` (after a ``Linear(d, width)``), the last two sized to about our parameter
+count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s over each other model's), and
+writes JSON with the provenance, including the CPU kernel's instruction-set path (``SRUPP_CPU_ISA=avx2``
+forces one).
 
     python -m benchmarks.layers            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
     python -m benchmarks.layers --quick    # tiny shapes, seconds (a smoke run)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import math
 import os
 import statistics
 import sys
@@ -177,7 +176,8 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
     tokens = steps * tokens_per_step
     record = {"model": kind, "lr": lr, "seed": seed, "width": width, "params": count_parameters(model),
               "steps": steps, "tokens": tokens, "train_seconds": elapsed, "tokens_per_s": tokens / elapsed,
-              "final_valid_bpc": history[-1]["valid_bpc"], "history": history, "equal_tokens": at_equal_tokens}  # fmt: skip
+              "final_valid_bpc": history[-1]["valid_bpc"], "history": history,
+              "equal_tokens": at_equal_tokens}  # fmt: skip
     return record, model
 
 
@@ -228,7 +228,8 @@ def plot(report: dict, path: Path) -> None:
     colours = {kind: f"C{i}" for i, kind in enumerate(MODELS)}
     for run in report["runs"]:
         history, colour = run["history"], colours[run["model"]]
-        label = f"{LABELS[run['model']]} ({run['params'] / 1e6:.2f}M)" if run["seed"] == report["config"]["seeds"][0] else None
+        first = run["seed"] == report["config"]["seeds"][0]
+        label = f"{LABELS[run['model']]} ({run['params'] / 1e6:.2f}M)" if first else None
         bpcs = [h["valid_bpc"] for h in history]
         axes[0].plot([h["seconds"] / 60 for h in history], bpcs, marker="o", markersize=3, color=colour, label=label)
         axes[1].plot([h["tokens"] / 1e6 for h in history], bpcs, marker="o", markersize=3, color=colour)
@@ -287,7 +288,8 @@ def markdown(report: dict) -> str:
         )
     if report["sweep"]:
         lines += ["", f"Learning-rate sweep: {cfg['sweep_minutes']} min per run, seed {cfg['seeds'][0]}, final "
-                  "valid bpc.", "", "| model | lr | steps | valid bpc | chosen |", "|---|---:|---:|---:|---|"]  # fmt: skip
+                  "valid bpc.", "", "| model | lr | steps | valid bpc | chosen |",
+                  "|---|---:|---:|---:|---|"]  # fmt: skip
         for kind, runs in report["sweep"].items():
             best = min(runs, key=lambda r: r["final_valid_bpc"])
             for run in runs:

@@ -245,8 +245,7 @@ def markdown(report: dict) -> str:
     pairs = cfg["pairs"]
     chance = 1 / len(token_ranges(cfg["vocab"])[1])
     lines = [
-        f"# Multi-query associative recall ({report['device_name']}, torch "
-        f"{report['provenance']['torch']})",
+        f"# Multi-query associative recall ({report['device_name']}, torch {report['provenance']['torch']})",
         "",
         f"Sequence length {cfg['seq_len']}, vocabulary {cfg['vocab']}, pairs {pairs} (training mixes them), "
         f"batch {cfg['batch']}, {cfg['layers']} layers, budget {cfg['budget_s']:g} s in all; test accuracy on "

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from benchmarks.baselines import MODELS, build, count_parameters, size_to_match
 
 

@@ -1,8 +1,8 @@
 import math
 
 import pytest
-
 from benchmarks.quality import ATTENTION, BaselineLM, build_model, parse, sizes
+
 from srupp.models import SRUppLM
 from tests.benchmarks import assert_provenance, read_json, run_benchmark
 
