@@ -160,7 +160,7 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
             losses.append(loss.detach())
             step_seconds = time.perf_counter() - tick
             elapsed, steps = elapsed + step_seconds, steps + 1
-            bar.update(step_seconds)
+            bar.update(min(step_seconds, seconds - bar.n))  # past its total, tqdm drops the total
             if equal_tokens is not None and at_equal_tokens is None and steps * tokens_per_step >= equal_tokens:
                 at_equal_tokens = {"tokens": steps * tokens_per_step, "seconds": elapsed,
                                    "valid_bpc": score(model, kind, splits["valid"], args, args.valid_bytes),
