@@ -7,14 +7,18 @@ printed as a ratio to a baseline measured in the same run.
 
 1. train (forward + cross-entropy + backward) and inference (forward) tokens/s at each size;
    ratios: srupp over each other model.
-2. decoding tokens/s, one token per step with the cache (SRUpp.step; Transformer key/value cache;
-   LSTM carrying its state), batch 1 and 8; ratios: srupp over each other model.
+2. decoding tokens/s and ms/token, one token per step with the cache (SRUpp.step; Transformer key/value
+   cache; LSTM carrying its state), batch 1 and 8, best of the repeats with the models taking turns;
+   ratios: srupp over each other model. Also the cost of
+   one SRUpp.step call through one layer (T=1, B=1) at the decoding width and at width 8, where the
+   matmuls are negligible and what remains is per-call overhead.
 3. forward (inference) cost per token as T grows at a fixed number of tokens per batch, SRUpp (plain
    causal attention, no memory) against the Transformer; ratios: each T over T=256, srupp over transformer.
 
     python benchmarks/speed.py                  # d = 256, 512, 1024; 2 layers; T=256, B=16 (~5 min on 2 cores)
     python benchmarks/speed.py --no-official    # without the authors' package
     python benchmarks/speed.py --quick          # tiny shapes, seconds (the smoke test)
+    python benchmarks/speed.py --only decoding  # one part (sizes, decoding, lengths); ~30 s for decoding
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import ByteLM, build, count_parameters, size_to_match  # noqa: E402
 from common import RESULTS, time_it, write_json  # noqa: E402
+from srupp.nn import SRUpp  # noqa: E402
 
 FULL = {
     "sizes": [256, 512, 1024],
@@ -46,6 +53,7 @@ FULL = {
     "lengths": [256, 512, 1024, 2048, 4096],
     "length_tokens": 8192,
 }
+PARTS = ("sizes", "decoding", "lengths")
 QUICK = {
     "sizes": [32],
     "layers": 2,
@@ -144,31 +152,68 @@ def bench_sizes(plan: dict, repeats: int, sru) -> list[dict]:
 
 
 def bench_decoding(plan: dict, repeats: int) -> list[dict]:
+    """Per model the best of ``repeats`` decodes of ``decode_tokens`` tokens, the models taking turns within
+    each repeat so that a burst of load on a shared machine hits them alike."""
     width, layers, count = plan["decode_width"], plan["layers"], plan["decode_tokens"]
     models = equal_models(width, layers, None)
     out = []
     for batch in plan["decode_batches"]:
         print(f"decoding: d={width} layers={layers} batch={batch}, {count} tokens one at a time from an empty cache")
         tokens = torch.randint(0, 256, (count, batch))
+
+        def decode(model: ByteLM, batch: int = batch, tokens: torch.Tensor = tokens) -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                cache = model.init_decode(batch)
+                for t in range(count):
+                    _, cache = model.step(tokens[t : t + 1], cache)
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for model in models.values():
+            decode(model.eval())  # warm-up
+        for _ in range(max(repeats, 3)):
+            for name, model in models.items():
+                times[name].append(decode(model))
         results = {}
         for name, model in models.items():
-            model.eval()
-
-            def decode(model=model, batch=batch, tokens=tokens):
-                with torch.no_grad():
-                    cache = model.init_decode(batch)
-                    for t in range(count):
-                        _, cache = model.step(tokens[t : t + 1], cache)
-
-            seconds = time_it(decode, repeats=repeats)
-            results[name] = {"params": count_parameters(model), "decode_tokens_per_s": count * batch / seconds}
-            print(f"  {name:12s} {results[name]['decode_tokens_per_s']:>10,.0f} tok/s", flush=True)
+            seconds = min(times[name])
+            results[name] = {"params": count_parameters(model), "decode_tokens_per_s": count * batch / seconds,
+                             "decode_ms_per_token": 1e3 * seconds / count,
+                             "decode_ms_per_token_median": 1e3 * statistics.median(times[name]) / count}  # fmt: skip
+            r = results[name]
+            print(f"  {name:12s} {r['decode_tokens_per_s']:>10,.0f} tok/s  {r['decode_ms_per_token']:7.3f} ms/token "
+                  f"(median {r['decode_ms_per_token_median']:.3f}; per step of the batch)", flush=True)  # fmt: skip
         ratios = ratios_to(results, "srupp", ("decode_tokens_per_s",))
         for key, value in ratios.items():
             print(f"  {key:55s} {value:6.2f}x")
         out.append({"width": width, "layers": layers, "batch": batch, "tokens": count, "results": results,
                     "ratios": ratios})  # fmt: skip
     return out
+
+
+def bench_layer_step(plan: dict, repeats: int) -> list[dict]:
+    """Microseconds per ``SRUpp.step`` call for one token through a one-layer SRUpp (B=1), after a 16-token
+    prefill; the best of the repeats' medians over ``decode_tokens`` calls."""
+    rows = []
+    for width in sorted({8, plan["decode_width"]}):
+        torch.manual_seed(0)
+        model = SRUpp(width, width, max(1, width // 4), num_layers=1).eval()
+        prefill, token, count = torch.randn(16, 1, width), torch.randn(1, 1, width), plan["decode_tokens"]
+        medians = []
+        with torch.no_grad():
+            for _ in range(max(repeats, 5)):
+                _, state = model.step(prefill, model.init_decode_state(1))
+                times = []
+                for _ in range(count):
+                    start = time.perf_counter()
+                    _, state = model.step(token, state)
+                    times.append(time.perf_counter() - start)
+                medians.append(statistics.median(times))
+        rows.append({"width": width, "proj_size": model.proj_size, "us_per_call": 1e6 * min(medians)})
+        print(f"one-layer SRUpp.step, T=1 B=1 d={width} d'={model.proj_size}: {rows[-1]['us_per_call']:.1f} us/call",
+              flush=True)  # fmt: skip
+    return rows
 
 
 def bench_lengths(plan: dict, repeats: int) -> dict:
@@ -203,24 +248,32 @@ def bench_lengths(plan: dict, repeats: int) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Speed ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", "",
-             "## Training and inference tokens/s (equal parameters)", "",
-             "| d | model | params | train tok/s | srupp / this | inference tok/s | srupp / this |",
-             "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for size in report["sizes"]:
+    lines = [f"# Speed ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", ""]
+    if "sizes" in report:
+        lines += ["## Training and inference tokens/s (equal parameters)", "",
+                  "| d | model | params | train tok/s | srupp / this | inference tok/s | srupp / this |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for size in report.get("sizes", []):
         ours = size["results"]["srupp"]
         for name, r in size["results"].items():
             train_ratio = ours["train_tokens_per_s"] / r["train_tokens_per_s"]
             infer_ratio = ours["inference_tokens_per_s"] / r["inference_tokens_per_s"]
             lines.append(f"| {size['width']} | {name} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | "
                          f"{train_ratio:.2f} | {r['inference_tokens_per_s']:,.0f} | {infer_ratio:.2f} |")  # fmt: skip
-    lines += ["", "## Decoding tokens/s, one token per step with the cache", "",
-              "| batch | model | params | tok/s | srupp / this |", "|---:|---|---:|---:|---:|"]  # fmt: skip
-    for block in report["decoding"]:
-        ours = block["results"]["srupp"]["decode_tokens_per_s"]
-        for name, r in block["results"].items():
-            lines.append(f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
-                         f"{ours / r['decode_tokens_per_s']:.2f} |")  # fmt: skip
+    if "decoding" in report:
+        lines += ["", "## Decoding tokens/s, one token per step with the cache", "",
+                  "| batch | model | params | tok/s | ms/token | srupp / this |",
+                  "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+        for block in report["decoding"]:
+            ours = block["results"]["srupp"]["decode_tokens_per_s"]
+            for name, r in block["results"].items():
+                lines.append(f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
+                             f"{r['decode_ms_per_token']:.3f} | {ours / r['decode_tokens_per_s']:.2f} |")  # fmt: skip
+        lines += ["", "One-layer `SRUpp.step` for one token (B=1, after a 16-token prefill):", "",
+                  "| d | d' | us per call |", "|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |" for row in report["layer_step"]]
+    if "lengths" not in report:
+        return "\n".join(lines) + "\n"
     lengths = report["lengths"]
     lines += ["", f"## Forward cost per token vs T (d={lengths['width']}, B*T = {lengths['tokens_per_batch']})", "",
               "| T | B | srupp us/token | x first T | transformer us/token | x first T | srupp / transformer |",
@@ -241,24 +294,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where speed.json and speed.md go")
+    parser.add_argument("--only", choices=PARTS, default=None,
+                        help="run one part; results go to speed-<part>.json and .md")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     plan = QUICK if args.quick else FULL
-    sru = None if args.no_official else load_official()
+    parts = PARTS if args.only is None else (args.only,)
+    sru = None if args.no_official or "sizes" not in parts else load_official()
     warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
     print(f"speed benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
-    payload = {
-        "repeats": repeats,
-        "plan": plan,
-        "sizes": bench_sizes(plan, repeats, sru),
-        "decoding": bench_decoding(plan, repeats),
-        "lengths": bench_lengths(plan, repeats),
-    }
+    payload: dict = {"repeats": repeats, "plan": plan}
+    if "sizes" in parts:
+        payload["sizes"] = bench_sizes(plan, repeats, sru)
+    if "decoding" in parts:
+        payload["decoding"] = bench_decoding(plan, repeats)
+        payload["layer_step"] = bench_layer_step(plan, repeats)
+    if "lengths" in parts:
+        payload["lengths"] = bench_lengths(plan, repeats)
     out_dir = Path(args.out_dir)
-    path = write_json("speed", payload, str(out_dir / "speed.json"))
-    (out_dir / "speed.md").write_text(markdown(json.loads(path.read_text())))
-    print(f"wrote {path} and {out_dir / 'speed.md'}")
+    name = "speed" if args.only is None else f"speed-{args.only}"
+    path = write_json(name, payload, str(out_dir / f"{name}.json"))
+    (out_dir / f"{name}.md").write_text(markdown(json.loads(path.read_text())))
+    print(f"wrote {path} and {out_dir / f'{name}.md'}")
     return 0
 
 

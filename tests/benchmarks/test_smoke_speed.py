@@ -24,5 +24,7 @@ def test_speed_benchmark_quick_run_writes_json_and_table(tmp_path):
     assert all(r["train_tokens_per_s"] > 0 and r["inference_tokens_per_s"] > 0 for r in results.values())
     assert "train_tokens_per_s_srupp_over_transformer" in report["sizes"][0]["ratios"]
     assert [d["batch"] for d in report["decoding"]] == [1, 2]
+    assert all(r["decode_ms_per_token"] > 0 for d in report["decoding"] for r in d["results"].values())
+    assert [row["width"] for row in report["layer_step"]] == [8, 32]
     assert all(row["srupp_over_transformer_cost"] > 0 for row in report["lengths"]["rows"])
     assert (tmp_path / "speed.md").read_text().startswith("# Speed")

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from srupp.data import Vocab  # noqa: E402
 from srupp.data.tokenizer import train_bpe  # noqa: E402
+from srupp.errors import CheckpointError
 from srupp.hf import SRUppForCausalLM, export_checkpoint, export_model  # noqa: E402
 from srupp.models import LMConfig  # noqa: E402
 from srupp.train.checkpoint import save_checkpoint  # noqa: E402
@@ -97,5 +98,5 @@ def test_export_never_replaces_a_folder_unasked(tmp_path):
     export_model(lm, out, overwrite=True)
     assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no staging folder left behind
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
         export_checkpoint(tmp_path, tmp_path / "other")

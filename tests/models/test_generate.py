@@ -38,3 +38,47 @@ def test_generate_streams_reproducibly():
     assert greedy[0] == int(log_probs[-1, 0].argmax())
     with pytest.raises(ValueError, match="prompt"):
         next(generate(model, [], 3))
+
+
+def greedy_by_full_forward(model, prompt, count, max_context=None):
+    """The reference: every new id is the argmax of a full causal forward over everything so far."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(count):
+            log_probs, _ = model(torch.tensor(ids)[:, None], attn_window=max_context)
+            ids.append(int(log_probs[-1, 0].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("max_context", [None, 5], ids=["all", "window-5"])
+def test_greedy_generation_equals_full_forward(max_context):
+    torch.manual_seed(0)
+    model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=2, dropout=0.0, attn_dropout=0.0)).eval()
+    with torch.no_grad():
+        for layer in model.rnn.layers:
+            layer.transform.alpha.fill_(0.7)  # alpha = 0 would hide the attention and its cache
+    prompt = [5, 17, 250, 3]
+    generated = list(generate(model, prompt, 24, temperature=0, max_context=max_context))
+    assert generated == greedy_by_full_forward(model, prompt, 24, max_context)
+
+
+def test_lm_one_token_steps_equal_forward_in_a_batch(monkeypatch):
+    from srupp.nn import SRUpp
+
+    calls = []
+    original = SRUpp._step_token
+    monkeypatch.setattr(SRUpp, "_step_token", lambda self, *args: calls.append(1) or original(self, *args))
+    torch.manual_seed(0)
+    model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=3, attention_every_n_layers=2)).eval()
+    with torch.no_grad():
+        model.rnn.layers[1].transform.alpha.fill_(0.7)
+        tokens = torch.randint(0, 256, (30, 3))
+        full, _ = model(tokens, attn_window=6)
+        state = model.init_decode_state(3, max_context=6)
+        last, state = model.step(tokens[:5], state)
+        stepped = [last]
+        for t in range(5, 30):
+            last, state = model.step(tokens[t : t + 1], state)
+            stepped.append(last)
+    assert len(calls) == 25
+    torch.testing.assert_close(torch.stack(stepped), full[4:], atol=1e-5, rtol=1e-4)

@@ -1,5 +1,10 @@
+import copy
+import pickle
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from srupp.nn import SRUpp, SRUppState
 from srupp.ops.naive import sru_recurrence_naive
@@ -315,7 +320,7 @@ def test_forward_and_step_continue_each_other(assert_close, order):
     assert_close(state.c, full_state.c, name="c")
 
 
-def test_state_round_trips_through_tensors(assert_close):
+def test_state_round_trips_through_tensors(assert_close, tmp_path):
     model = make(num_layers=3, attention_every_n_layers=2)
     x = torch.randn(6, 2, 6)
     with torch.no_grad():
@@ -324,6 +329,10 @@ def test_state_round_trips_through_tensors(assert_close):
         for state in (forward_state, step_state):
             tensors = state.to_tensors("carry/")
             assert all(key.startswith("carry/") and value.is_contiguous() for key, value in tensors.items())
+            # A decoding state's keys and values are views of one shared buffer; what to_tensors gives is not.
+            save_file(tensors, str(tmp_path / "state.safetensors"))
+            assert len({value.untyped_storage().data_ptr() for value in tensors.values()}) == len(tensors)
+            assert all(value.untyped_storage().nbytes() == value.nbytes for value in tensors.values())
             restored = SRUppState.from_tensors({**tensors, "model/other": torch.zeros(1)}, prefix="carry/")
             assert restored.max_context == state.max_context
             for name in ("memory", "keys", "values"):
@@ -334,6 +343,9 @@ def test_state_round_trips_through_tensors(assert_close):
             expected, _ = model(x[3:], state, causal=True)
             actual, _ = model(x[3:], restored, causal=True)
             assert_close(actual, expected, atol=0, rtol=0)
+    with torch.no_grad():  # batch 1, one head: the cache views are contiguous but live in a larger buffer
+        _, single = model.step(x[:3, :1], model.init_decode_state(1))
+    assert all(value.untyped_storage().nbytes() == value.nbytes for value in single.to_tensors().values())
     assert forward_state.to_tensors().keys() == {"c", "num_layers", "memory/1"}
     assert step_state.to_tensors().keys() == {"c", "num_layers", "max_context", "keys/1", "values/1"}
 
@@ -403,11 +415,218 @@ def test_set_backend_reaches_every_layer(assert_close):
         model.set_backend(None)
 
 
+@pytest.fixture
+def token_path_calls(monkeypatch):
+    """Counts the one-token steps that took ``SRUpp._step_token`` (the fast path)."""
+    calls = []
+    original = SRUpp._step_token
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(SRUpp, "_step_token", counting)
+    return calls
+
+
+TOKEN_PATH_CONFIGS = {
+    "two-layers": dict(num_layers=2),
+    "every-second-layer-two-heads": dict(num_layers=3, attention_every_n_layers=2, num_heads=2),
+    "layer-norm-projected-skip-odd": dict(num_layers=2, layer_norm=True, hidden_size=9),
+    "batch-first": dict(num_layers=2, batch_first=True),
+}
+
+
+@pytest.mark.parametrize("max_context", [None, 0, 3], ids=["all", "window-0", "window-3"])
+@pytest.mark.parametrize("config", TOKEN_PATH_CONFIGS.values(), ids=TOKEN_PATH_CONFIGS.keys())
+def test_one_token_path_after_prefill_equals_causal_forward(assert_close, token_path_calls, config, max_context):
+    # 40 tokens after a prefill of 4: the buffers (16 positions at first) fill and move several times.
+    model = make(**config)
+    steps, batch = 44, 3
+    x = torch.randn(steps, batch, 6)
+
+    def layout(tensor):  # time-major <-> the model's layout
+        return tensor.transpose(0, 1) if model.batch_first else tensor
+
+    with torch.no_grad():
+        expected, _ = model(layout(x), causal=True, attn_window=max_context)
+        expected_state = model.step(layout(x[:4]), model.init_decode_state(batch, max_context))[1]
+        for t in range(4, steps):  # the general path: replace() drops the buffers, so no step appends in place
+            expected_state = model.step(layout(x[t : t + 1]), replace(expected_state))[1]
+        outputs, state = [], model.init_decode_state(batch, max_context)
+        for start, size in [(0, 4)] + [(t, 1) for t in range(4, steps)]:
+            out, state = model.step(layout(x[start : start + size]), state)
+            outputs.append(layout(out))
+    assert len(token_path_calls) == steps - 4
+    assert_close(torch.cat(outputs), layout(expected), name="output")
+    assert_close(state.c, expected_state.c, name="c")
+    for name in ("keys", "values"):
+        for i, (actual, reference) in enumerate(zip(getattr(state, name), getattr(expected_state, name), strict=True)):
+            assert (actual is None) == (reference is None)
+            if actual is not None:
+                assert actual.shape[2] == (steps if max_context is None else max_context)
+                assert_close(actual, reference, name=f"{name}[{i}]")
+
+
+def test_one_token_path_keeps_older_states_and_branches(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x, a, b = torch.randn(5, 2, 6), torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    with torch.no_grad():
+        _, state = model.step(x, model.init_decode_state(2))
+        keys_before = [k.clone() for k in state.keys]
+        out_a, after_a = model.step(a, state)  # appends in place
+        out_b, after_b = model.step(b, state)  # state is no longer the newest: the general path, which copies
+        for before, now in zip(keys_before, state.keys, strict=True):
+            assert_close(now, before, name="older state's keys")
+        out_a2, _ = model.step(x[:1], after_a)  # the first branch still appends in place
+        out_b2, _ = model.step(x[:1], after_b)
+    assert len(token_path_calls) == 3
+    for prefix, outs in ((a, (out_a, out_a2)), (b, (out_b, out_b2))):
+        expected, _ = model(torch.cat([x, prefix, x[:1]]), causal=True)
+        assert_close(torch.cat(outs), expected[5:], name="branch")
+
+
+def test_one_token_path_falls_back_whenever_the_run_changes(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        with pytest.raises(ValueError, match=r"\[T, B, input_size\]"):
+            model.step(torch.randn(1, 2, 5), state)  # a bad input is still checked
+        with pytest.raises(ValueError, match="state.c"):
+            model.step(torch.randn(1, 3, 6), state)
+        state_c = SRUppState(state.c.clone(), keys=list(state.keys), values=list(state.values))
+        out3, _ = model.step(x[3:4], state_c)  # a state built by the user: checked, general path
+        model.train()  # dropout could be on: the general path
+        out3_train, _ = model.step(x[3:4], state)
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.step(x[3:4], state)
+        out3_fast, state = model.step(x[3:4], state)
+    assert token_path_calls == [1]
+    for out in (out3, out3_train, out3_fast):
+        assert_close(out, expected[3:4])
+
+
+def test_one_token_step_with_gradients_is_correct(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6, requires_grad=True)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+    outputs = [model(x[:3], causal=True)[0]]
+    for t in range(3, 6):  # with grad enabled a step takes the general path, whose cache is out of place
+        out, state = model.step(x[t : t + 1], state)
+        outputs.append(out)
+    assert not token_path_calls
+    output = torch.cat(outputs)
+    assert_close(output, expected)
+    # The prefill ran without gradients; the stepped tokens' inputs get theirs through the steps.
+    (grad,) = torch.autograd.grad(output[3:].square().sum(), x)
+    (grad_expected,) = torch.autograd.grad(expected[3:].square().sum(), x)
+    assert_close(grad[3:], grad_expected[3:], name="grad of the stepped inputs")
+
+
+def test_inference_mode_run_continues_outside_it(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.inference_mode():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        out3, state = model.step(x[3:4], state)
+    with torch.no_grad():  # inference tensors cannot be written outside inference mode: the general path copies
+        out4, state = model.step(x[4:5], state)
+        out5, state = model.step(x[5:6], state)
+    assert len(token_path_calls) == 2
+    assert_close(torch.cat([out3, out4, out5]), expected[3:])
+    with torch.no_grad():
+        state = model.init_decode_state(2)
+    with torch.inference_mode():  # and buffers made outside it are written inside it
+        outputs = []
+        for t in range(6):
+            out, state = model.step(x[t : t + 1], state)
+            outputs.append(out)
+    assert len(token_path_calls) == 8
+    assert_close(torch.cat(outputs), expected)
+
+
+def test_copies_of_a_state_leave_the_buffers_behind(assert_close, token_path_calls):
+    model = make(num_layers=2)
+    x = torch.randn(5, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        for copied in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+            assert copied._buffers is None
+            out, after = model.step(x[3:4], copied)
+            assert_close(out, expected[3:4])
+            out, _ = model.step(x[4:5], after)  # the general path gave the copy buffers of its own
+            assert_close(out, expected[4:5])
+    assert len(token_path_calls) == 3
+
+
+def test_bidirectional_decoding_is_refused_clearly():
+    model = SRUpp(8, 4, 4, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.init_decode_state(1)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))
+
+
+@pytest.mark.parametrize("update", ["out_proj", "gate-bias", "kv_proj"])
+def test_one_token_path_sees_parameters_updated_in_place(assert_close, token_path_calls, update):
+    model = make(num_layers=2)
+    x = torch.randn(5, 2, 6)
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2))
+        _, state = model.step(x[3:4], state)
+        layer = model.layers[1]
+        {"out_proj": layer.transform.out_proj.weight, "gate-bias": layer.gates.bias,
+         "kv_proj": layer.transform.kv_proj.weight}[update].mul_(-1.5)  # fmt: skip
+        expected, general = model.step(x[4:5], replace(state))  # the general path reads the parameters afresh
+        out, state = model.step(x[4:5], state)
+        assert_close(out, expected)
+        # The next token takes the one-token path on weights gathered again (the layer's copy was stale).
+        expected, _ = model.step(x[:1], replace(general))
+        out, _ = model.step(x[:1], state)
+    assert len(token_path_calls) == 2
+    assert_close(out, expected)
+
+
+def test_token_weights_are_kept_by_the_layer_and_stay_out_of_the_state_dict():
+    model = make(num_layers=2)
+    keys = model.state_dict().keys()
+    with torch.no_grad():
+        model.step(torch.randn(1, 2, 6), model.init_decode_state(2))
+        first = model.layers[0].token_weights()
+        assert model.layers[0].token_weights() is first  # one copy per layer, not one per run
+        model.layers[0].gates.bias.add_(1.0)
+        assert model.layers[0].token_weights() is not first
+    assert model.state_dict().keys() == keys
+
+
+def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, token_path_calls):
+    model = make(num_layers=3, attention_every_n_layers=2)
+    x = torch.randn(4, 2, 6)
+    expected, _ = model(x, causal=True)
+    with torch.no_grad():
+        state = model.init_decode_state(2)
+        assert [None if k is None else k.shape[2] for k in state.keys] == [None, 0, None]
+        outputs = []
+        for t in range(4):
+            out, state = model.step(x[t : t + 1], state)
+            outputs.append(out)
+    assert len(token_path_calls) == 4
+    assert_close(torch.cat(outputs), expected)
+    assert model.init_decode_state(2, dtype=torch.float64).keys is None  # not the parameters' dtype: no buffers
+
+
 LEFT_PADDED = {"step-chunks": "step", "forward-then-step": "forward"}
 
 
 @pytest.mark.parametrize("prefill", LEFT_PADDED.values(), ids=LEFT_PADDED.keys())
-def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
+def test_left_padded_decoding_equals_each_sequence_alone(assert_close, token_path_calls, prefill):
     # Batched prompts padded on the left, then decoding: padding must neither move c nor be attended to later.
     model = make(**CONFIGS["every-second-layer-two-heads"])
     lengths, steps = [5, 2, 4], 5
@@ -427,6 +646,8 @@ def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
         for t in range(3):
             out, state = model.step(more[t : t + 1], state)
             outputs.append(out)
+    # After a step prefill every token takes the one-token path; a forward's memory first becomes a cache.
+    assert len(token_path_calls) == (3 if prefill == "step" else 2)
     padded = torch.cat(outputs)
     for b, length in enumerate(lengths):
         alone, _ = model(torch.cat([prompt[steps - length :, b : b + 1], more[:, b : b + 1]]), causal=True)
@@ -459,3 +680,20 @@ def test_state_keeps_key_pad_through_tensors_and_to():
     assert torch.equal(restored.key_pad, mask_pad.t())
     moved = state.to("cpu", torch.float64)
     assert moved.key_pad.dtype == torch.bool and moved.c.dtype == torch.float64
+
+
+def test_one_token_path_with_key_pad_and_a_window_equals_the_general_path(assert_close, token_path_calls):
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    mask_pad = torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3])
+    prompt, more = torch.randn(4, 3, 6), torch.randn(30, 3, 6)
+    with torch.no_grad():
+        _, fast = model.step(prompt, model.init_decode_state(3, max_context=3), mask_pad=mask_pad)
+        general, outputs, expected = fast, [], []
+        for t in range(30):
+            out, fast = model.step(more[t : t + 1], fast)
+            outputs.append(out)
+            out, general = model.step(more[t : t + 1], replace(general))  # replace() drops the buffers
+            expected.append(out)
+    assert len(token_path_calls) == 30
+    assert_close(torch.cat(outputs), torch.cat(expected))
+    assert torch.equal(fast.key_pad, general.key_pad) and fast.key_pad.shape == (3, 3)

@@ -16,8 +16,8 @@ from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from srupp.hf.configuration import SRUppConfig
-from srupp.models import SRUppLM
-from srupp.nn import SRUpp, SRUppState
+from srupp.models import SRUppLM, srupp_stack
+from srupp.nn import SRUppState
 from srupp.nn.layer import SRULayer
 
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -306,20 +306,7 @@ class SRUppEncoder(nn.Module):
         d = lm_config.hidden_size
         self.embedding = nn.Embedding(lm_config.vocab_size, d)
         self.dropout = nn.Dropout(lm_config.dropout)
-        self.rnn = SRUpp(
-            d,
-            d,
-            lm_config.proj_size,
-            num_layers=lm_config.num_layers,
-            num_heads=lm_config.num_heads,
-            dropout=lm_config.dropout,
-            attn_dropout=lm_config.attn_dropout,
-            bidirectional=config.bidirectional,
-            layer_norm=lm_config.layer_norm,
-            highway_bias=lm_config.highway_bias,
-            attention_every_n_layers=lm_config.attention_every_n_layers,
-            attention_layers=lm_config.attention_layers,
-        )
+        self.rnn = srupp_stack(lm_config, bidirectional=config.bidirectional)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

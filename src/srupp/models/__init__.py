@@ -2,6 +2,6 @@
 
 from srupp.models.config import LMConfig
 from srupp.models.generate import generate, sample_next
-from srupp.models.lm import SRUppLM
+from srupp.models.lm import SRUppLM, srupp_stack
 
-__all__ = ["LMConfig", "SRUppLM", "generate", "sample_next"]
+__all__ = ["LMConfig", "SRUppLM", "generate", "sample_next", "srupp_stack"]

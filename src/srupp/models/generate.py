@@ -45,7 +45,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: SRUppLM,
     prompt: Sequence[int] | Tensor,
@@ -60,7 +60,7 @@ def generate(
     """Continue ``prompt`` token by token, yielding each new id as soon as it is drawn.
 
     The prompt is fed once through ``model.step`` (the recurrent state and attention cache then hold it);
-    each new token costs one cached step.
+    each new token costs one cached step on the fast one-token path (under ``torch.inference_mode``).
 
     Args:
         model: the language model (put in eval mode here).

@@ -12,6 +12,18 @@ from srupp.models.config import LMConfig
 from srupp.nn import SRUpp, SRUppState
 
 
+def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str = "auto", device=None, dtype=None):
+    """The ``SRUpp`` stack an ``LMConfig`` describes (width ``hidden_size`` in and out), for the LM and its
+    Hugging Face encoder."""
+    d = config.hidden_size
+    return SRUpp(
+        d, d, config.proj_size, num_layers=config.num_layers, num_heads=config.num_heads, dropout=config.dropout,
+        attn_dropout=config.attn_dropout, bidirectional=bidirectional, layer_norm=config.layer_norm,
+        highway_bias=config.highway_bias, attention_every_n_layers=config.attention_every_n_layers,
+        attention_layers=config.attention_layers, backend=backend, device=device, dtype=dtype,
+    )  # fmt: skip
+
+
 class SRUppLM(nn.Module):
     """A causal SRU++ language model (Lei 2021): byte-level with a plain embedding and output layer, or
     word-level with a tied adaptive input and ``nn.AdaptiveLogSoftmaxWithLoss`` when ``config.cutoffs`` is set.
@@ -57,21 +69,7 @@ class SRUppLM(nn.Module):
             self.embedding = nn.Embedding(config.vocab_size, d, **factory)
             self.output = nn.Linear(d, config.vocab_size, **factory)
         self.dropout = nn.Dropout(config.dropout)
-        self.rnn = SRUpp(
-            d,
-            d,
-            config.proj_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            dropout=config.dropout,
-            attn_dropout=config.attn_dropout,
-            layer_norm=config.layer_norm,
-            highway_bias=config.highway_bias,
-            attention_every_n_layers=config.attention_every_n_layers,
-            attention_layers=config.attention_layers,
-            backend=backend,
-            **factory,
-        )
+        self.rnn = srupp_stack(config, backend=backend, **factory)
         self.reset_parameters()
 
     def set_backend(self, name: str) -> None:
@@ -99,7 +97,8 @@ class SRUppLM(nn.Module):
         take their head row, tail tokens their cluster row times the cluster projection, and both go back to
         d through the transposed ``embed_size`` projection (all tied)."""
         if not self.config.adaptive:
-            return self.embedding(tokens)
+            # F.embedding, not the module call: decoding pays the module's call overhead on every token.
+            return F.embedding(tokens, self.embedding.weight)
         head = self.softmax.head.weight
         out = torch.zeros(*tokens.shape, head.shape[1], device=tokens.device, dtype=head.dtype)
         edges = [0, *self.config.cutoffs, self.config.vocab_size]
@@ -139,7 +138,7 @@ class SRUppLM(nn.Module):
         if self.config.adaptive:
             return self.softmax.log_prob(self._adaptive_input(hidden)).float().reshape(*hidden.shape[:-1], -1)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        out = F.log_softmax(self.output(flat).float(), dim=-1)
+        out = F.log_softmax(F.linear(flat, self.output.weight, self.output.bias).float(), dim=-1)
         return out.reshape(*hidden.shape[:-1], -1)
 
     def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -184,6 +183,9 @@ class SRUppLM(nn.Module):
 
     def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
+
+        Without gradients and in eval mode, one token at a time takes a fast path: the attention caches grow in
+        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``).
 
         Args:
             tokens: ``[T_chunk, B]`` token ids.

@@ -249,6 +249,21 @@ class SRUppAttention(nn.Module):
             keys, values = keys[:, :, key_len - keep :], values[:, :, key_len - keep :]
         return u, (keys, values)
 
+    def step_token(
+        self, input: Tensor, weights, window: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """``step`` for one token ``[B, input_size]``, unchecked and in eval mode, reading the parameters from
+        ``weights`` (``srupp.nn.layer.TokenWeights``): writes its key and value into the last position of
+        ``window`` ``[B, 2, heads, L, head_size]`` (keys, values), attends to ``keys`` and ``values`` (its views
+        ``[B, heads, L, head_size]``) where ``mask`` ``[B, 1, 1, L]`` allows (everywhere when None) and returns
+        ``U + weights.u_bias`` ``[B, output_size]``."""
+        batch, heads, head_size = input.shape[0], self.num_heads, self.head_size
+        query = torch.mm(input, weights.in_proj_t)
+        window.select(3, -1).copy_(torch.mm(query, weights.kv_proj_t).view(batch, 2, heads, head_size))
+        mixed = F.scaled_dot_product_attention(query.view(batch, heads, 1, head_size), keys, values, attn_mask=mask)
+        mixed = torch.addcmul(query, weights.alpha, mixed.view(batch, self.proj_size))
+        return torch.addmm(weights.u_bias, torch.layer_norm(mixed, *weights.norm), weights.out_proj_t)
+
     def extra_repr(self) -> str:
         return (
             f"{self.input_size}, {self.output_size}, proj_size={self.proj_size}, num_heads={self.num_heads}, "

@@ -4,6 +4,7 @@ both build on, and the checks and rules they share."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,31 @@ def reset_linear_transform(transform: nn.Module) -> None:
     for module in transform.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
+
+
+class TokenWeights(NamedTuple):
+    """What ``SRULayer.step_token`` reads, gathered when decoding starts and kept by the layer while it stays
+    current: a module attribute lookup costs about half a microsecond and a one-token step would make a dozen per
+    layer, and a matrix-vector product is up to a third faster on a weight stored ``[in, out]``. Layer norms are
+    ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without attention; ``u_bias``
+    puts the gate biases b_f, b_r in U's layout. ``sources`` are the parameter objects read; ``derived`` pairs
+    each one copied here with its version counter at the time, so that an in-place update (an optimizer step,
+    ``load_state_dict``) is noticed."""
+
+    input_norm: tuple | None
+    in_proj_t: Tensor
+    kv_proj_t: Tensor | None
+    alpha: Tensor | None
+    norm: tuple
+    out_proj_t: Tensor
+    u_bias: Tensor
+    gate_weight: Tensor
+    sources: tuple[Tensor | None, ...]
+    derived: tuple[tuple[Tensor, int], ...]
+
+
+def layer_norm_arguments(norm: nn.LayerNorm) -> tuple:
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 class RecurrentGates(nn.Module):
@@ -235,6 +261,82 @@ class SRULayer(nn.Module):
             u = self.transform(normed)
         h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
+
+    def _token_sources(self) -> tuple[tuple[Tensor | None, ...], list[Tensor]]:
+        """Every parameter ``step_token`` reads, and those of them ``TokenWeights`` holds copies of."""
+        transform, norm = self.transform, self.input_norm
+        copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
+        if self.has_attention:
+            copied.append(transform.kv_proj.weight)
+        read = [self.gates.weight, transform.norm.weight, transform.norm.bias]
+        if self.has_attention:
+            read.append(transform.alpha)
+        if norm is not None:
+            read += [norm.weight, norm.bias]
+        return (*copied, *read), copied
+
+    def token_weights(self) -> TokenWeights:
+        """The parameters ``step_token`` reads (see ``TokenWeights``): gathered once and reused while they are
+        the same objects, on the same device and dtype, not updated in place (one copy per layer, not one per
+        decoding run)."""
+        sources, copied = self._token_sources()
+        cached = self.__dict__.get("_token_weights")
+        if (
+            cached is not None
+            and len(cached.sources) == len(sources)
+            and all(a is b for a, b in zip(cached.sources, sources, strict=True))
+            and all(param._version == version for param, version in cached.derived)
+            and cached.in_proj_t.device == sources[0].device
+            and cached.in_proj_t.dtype == sources[0].dtype
+        ):
+            return cached
+        transform, hidden = self.transform, self.hidden_size
+        with torch.no_grad():
+            u_bias = self.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
+            u_bias[hidden : 3 * hidden] = self.gates.bias.reshape(-1)
+            weights = TokenWeights(
+                None if self.input_norm is None else layer_norm_arguments(self.input_norm),
+                transform.in_proj.weight.t().contiguous(),
+                transform.kv_proj.weight.t().contiguous() if self.has_attention else None,
+                transform.alpha if self.has_attention else None,
+                layer_norm_arguments(transform.norm),
+                transform.out_proj.weight.t().contiguous(),
+                u_bias,
+                self.gates.weight,
+                sources,
+                tuple((param, param._version) for param in copied),
+            )
+        self._token_weights = weights  # a plain attribute: not a parameter or buffer, not in the state_dict
+        return weights
+
+    def step_token(
+        self,
+        input: Tensor,
+        c0: Tensor,
+        c_out: Tensor,
+        weights: TokenWeights,
+        window: tuple[Tensor, ...] | None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """One causal step of one token, unchecked (``SRUpp.step`` checked the run once; eval, no grad,
+        unidirectional): input ``[B, input_size]``, c0 ``[B, hidden_size]``, ``weights`` from ``token_weights``;
+        writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
+        and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
+        of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None)."""
+        normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
+        if window is not None:
+            u = self.transform.step_token(normed, weights, *window, mask)  # U + b_f, b_r in place
+        else:
+            projected = torch.layer_norm(torch.mm(normed, weights.in_proj_t), *weights.norm)
+            u = torch.addmm(weights.u_bias, projected, weights.out_proj_t)
+        batch, hidden = input.shape[0], self.hidden_size
+        # The op's equations for one step (srupp.ops.naive) with the biases already in u, and
+        # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python indexing costs microseconds a call.)
+        gates = torch.addcmul(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight,
+                              c0.view(batch, 1, hidden))  # fmt: skip
+        forget, reset = gates.sigmoid_().unbind(1)
+        torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
+        return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 from functools import partial
 
 import torch
@@ -20,9 +21,12 @@ from srupp.nn.layer import (
     check_state,
     check_tensor,
 )
-from srupp.nn.state import SRUppState
+from srupp.nn.state import DecodeBuffers, SRUppState
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
+# State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
+_TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "key_pad", "_buffers"}
+_OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
 
 
 class SRUpp(SRUStack):
@@ -234,7 +238,7 @@ class SRUpp(SRUStack):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> SRUppState:
-        """An empty state for ``step`` (or ``forward``): zero c and no earlier positions.
+        """An empty state for ``step`` (or ``forward``): zero c and empty key/value caches (no earlier positions).
 
         Args:
             batch_size: B.
@@ -250,7 +254,14 @@ class SRUpp(SRUStack):
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
         c = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
-        return SRUppState(c, max_context=max_context)
+        # Empty caches in preallocated buffers: the first token can take the one-token path of ``step``.
+        head_size = self.proj_size // self.num_heads
+        empty = [c.new_empty(batch_size, self.num_heads, 0, head_size) if layer.has_attention else None
+                 for layer in self.layers]  # fmt: skip
+        state = SRUppState(c, keys=empty, values=list(empty), max_context=max_context)
+        if not self._attach_buffers(state, batch_size):
+            state.keys = state.values = None
+        return state
 
     def step(self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None) -> tuple[Tensor, SRUppState]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
@@ -259,9 +270,19 @@ class SRUpp(SRUStack):
         so far, i.e. the full causal forward when the total length is at most ``max_context + 1``. A state
         from ``forward`` continues too: its memory becomes the cache.
 
+        Fast path: without gradients (``torch.no_grad``/``inference_mode``) a step checks its inputs and
+        moves the caches (and ``key_pad``) into preallocated buffers (``init_decode_state`` starts with empty
+        ones); the next one-token steps without ``mask_pad`` from the state it returned (in
+        eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
+        run the recurrence as plain elementwise ops. The parameters are read once per run (in-place updates
+        show; parameters replaced by new objects are seen from the next step on the general path). Stepping
+        again from an older state, or with gradients, takes the general path, which copies the cache; the
+        results are the same.
+
         Args:
             input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), T >= 1.
-            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified.
+            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified (its views of the
+                cache keep their values).
             mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding (e.g. the left padding
                 of batched prompts): as in ``forward`` it carries c unchanged and outputs 0, and the state's
                 ``key_pad`` keeps it hidden from every later token.
@@ -275,6 +296,9 @@ class SRUpp(SRUStack):
             >>> out, state = model.step(torch.randn(3, 2, 16), state)
             >>> out, state = model.step(torch.randn(1, 2, 16), state)
         """
+        buffers = state._buffers if isinstance(state, SRUppState) else None
+        if buffers is not None and mask_pad is None and self._token_path_applies(input, state, buffers):
+            return self._step_token(input, state, buffers)
         if self.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
         if not isinstance(state, SRUppState):
@@ -301,9 +325,72 @@ class SRUpp(SRUStack):
         if key_pad is not None and state.max_context is not None:
             key_pad = key_pad[:, key_pad.shape[1] - min(state.max_context, key_pad.shape[1]) :]
         output = x.transpose(0, 1) if self.batch_first else x
-        return output, SRUppState(
+        new_state = SRUppState(
             torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
         )
+        if not torch.is_grad_enabled():
+            self._attach_buffers(new_state, batch)
+        return output, new_state
+
+    def _attach_buffers(self, state: SRUppState, batch: int) -> bool:
+        """Move the caches of a checked ``state`` into preallocated buffers, so that the next one-token steps
+        append in place (``_step_token``); False (and ``state`` unchanged) where the one-token path cannot take
+        it: caches of unequal lengths (or a ``key_pad`` of another), or a dtype or device other than the
+        parameters'."""
+        lengths = {keys.shape[2] for keys in state.keys if keys is not None}
+        reference = self.layers[0].gates.weight
+        dtype = reference.dtype
+        if (
+            len(lengths) > 1
+            or state.c.dtype != dtype
+            or state.c.device != reference.device
+            or any(item.dtype != dtype for item in state.keys + state.values if item is not None)
+            or (state.key_pad is not None and list(state.key_pad.shape) != [batch, *lengths])
+        ):
+            return False
+        shape = (batch, 1) if self.batch_first else (1, batch)
+        buffers = DecodeBuffers(
+            self, [layer.token_weights() for layer in self.layers], state.keys, state.values, state.key_pad,
+            lengths.pop() if lengths else 0, state.max_context, (*shape, self.input_size), (*shape, self.hidden_size),
+            dtype, state.c.device,
+        )  # fmt: skip
+        state.keys, state.values, state.key_pad = buffers.views()
+        buffers.adopt(state)
+        return True
+
+    def _token_path_applies(self, input: object, state: SRUppState, buffers: DecodeBuffers) -> bool:
+        """Whether ``step`` may take the one-token path: ``state`` is, unchanged, the newest state of a run
+        whose shapes ``step`` checked on its first call, ``input`` is one token of the same shape, dtype and
+        device, and nothing needs the general path (gradients, dropout, autocast, other state fields, parameters
+        updated in place since the run's weights were gathered)."""
+        return (
+            buffers.model is self
+            and not self.training
+            and not torch.is_grad_enabled()
+            and (not buffers.inference or torch.is_inference_mode_enabled())
+            and isinstance(input, Tensor)
+            and input.shape == buffers.input_shape
+            and input.dtype == buffers.dtype
+            and input.device == buffers.device
+            and not torch.is_autocast_enabled(buffers.device.type)
+            and buffers.is_newest(state)
+            and all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS)
+            and all(param._version == version for weights in buffers.weights for param, version in weights.derived)
+        )
+
+    def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:
+        """``step`` for one token on a trusted state: each layer appends its key and value in place and runs
+        the recurrence as a few elementwise ops on ``[B, hidden_size]``."""
+        batch = buffers.input_shape[0] * buffers.input_shape[1]
+        x = input.reshape(batch, self.input_size)
+        c = state.c
+        c_next = torch.empty_like(c)
+        windows, mask = buffers.open_position()
+        for layer, c_in, c_out, weights, window in zip(
+            self.layers, c.unbind(0), c_next.unbind(0), buffers.weights, windows, strict=True
+        ):
+            x = layer.step_token(x, c_in, c_out, weights, window, mask)
+        return x.view(buffers.output_shape), buffers.commit(c_next, windows)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

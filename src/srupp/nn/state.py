@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -44,6 +44,13 @@ class SRUppState:
     values: list[Tensor | None] | None = None
     max_context: int | None = None
     key_pad: Tensor | None = None
+    # Set by ``SRUpp.step`` on the states it returns; not copied by ``dataclasses.replace``, ``detach`` or ``to``.
+    _buffers: DecodeBuffers | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave the decoding buffers behind (they hold the model): the copy steps on the
+        # general path, which gives it buffers of its own.
+        return {**self.__dict__, "_buffers": None}
 
     def layer_context(self, index: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
         """Layer ``index``'s ``(memory, (keys, values))``, each None when absent."""
@@ -70,18 +77,20 @@ class SRUppState:
         """A flat ``{name: tensor}`` form for checkpoints (e.g. safetensors): ``{prefix}c``,
         ``{prefix}memory/{i}``, ``{prefix}keys/{i}``, ``{prefix}values/{i}`` for the layers that have them,
         ``{prefix}num_layers``, and when set ``{prefix}max_context`` (int64, shape [1]) and ``{prefix}key_pad``.
-        Tensors are detached and contiguous; ``from_tensors`` inverts it."""
+        Tensors are detached, contiguous copies (a decoding state's caches are views of larger buffers, which
+        ``torch.save`` would write whole and which the run keeps writing past their end); ``from_tensors``
+        inverts it."""
         lists = {"memory": self.memory, "keys": self.keys, "values": self.values}
         num_layers = max((len(items) for items in lists.values() if items is not None), default=0)
-        tensors = {f"{prefix}c": self.c.detach().contiguous(), f"{prefix}num_layers": torch.tensor([num_layers])}
+        tensors = {f"{prefix}c": self.c.detach().clone(), f"{prefix}num_layers": torch.tensor([num_layers])}
         if self.max_context is not None:
             tensors[f"{prefix}max_context"] = torch.tensor([self.max_context])
         if self.key_pad is not None:
-            tensors[f"{prefix}key_pad"] = self.key_pad.contiguous()
+            tensors[f"{prefix}key_pad"] = self.key_pad.clone(memory_format=torch.contiguous_format)
         for name, items in lists.items():
             for i, item in enumerate(items or []):
                 if item is not None:
-                    tensors[f"{prefix}{name}/{i}"] = item.detach().contiguous()
+                    tensors[f"{prefix}{name}/{i}"] = item.detach().clone(memory_format=torch.contiguous_format)
         return tensors
 
     @classmethod
@@ -121,4 +130,138 @@ class SRUppState:
             lists["values"],
             None if max_context is None else int(max_context.reshape(-1)[0]),
             tensors.get(f"{prefix}key_pad"),
+        )
+
+
+class DecodeBuffers:
+    """Preallocated key/value storage behind the caches of the successive states of one ``SRUpp.step`` run
+    (internal).
+
+    Each attention layer keeps its keys and values in one ``[B, 2, heads, capacity, head_size]`` buffer, and a
+    state's ``keys[i]``/``values[i]`` are views of positions ``start..end-1`` of it (and its ``key_pad`` a view
+    of a ``[B, capacity]`` buffer, when the run has one). Only the newest state of a run
+    (the one whose ``c``, ``keys`` and ``values`` objects are recorded here) may append, in place at ``end``: no
+    state sees a position at or past its own end, so every view stays as it was, and stepping again from an
+    older state takes the general path, which copies. When ``end`` reaches the capacity the live positions move
+    to fresh buffers of twice their count, so appending costs amortised O(1) and never touches older views.
+    """
+
+    __slots__ = ("model", "weights", "buffers", "pad", "capacity", "start", "end", "max_context", "inference",
+                 "input_shape", "output_shape", "dtype", "device", "c", "key_views", "value_views",
+                 "key_pad_view")  # fmt: skip
+
+    def __init__(
+        self, model: object, weights: list, keys: list[Tensor | None], values: list[Tensor | None],
+        key_pad: Tensor | None, length: int, max_context: int | None, input_shape: tuple[int, ...],
+        output_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+    ) -> None:  # fmt: skip
+        self.model = model
+        # Per layer the parameters the one-token path reads (the Parameter objects: in-place updates show).
+        self.weights = weights
+        self.max_context = max_context
+        self.inference = torch.is_inference_mode_enabled()
+        self.input_shape, self.output_shape = input_shape, output_shape
+        self.dtype, self.device = dtype, device
+        self._allocate(keys, values, key_pad, length)
+
+    def _allocate(
+        self, keys: list[Tensor | None], values: list[Tensor | None], key_pad: Tensor | None, length: int
+    ) -> None:
+        """Fresh buffers of twice ``length + 1`` positions (at least 16) holding the ``length`` given ones."""
+        capacity = max(16, 2 * (length + 1))
+        self.pad = None
+        if key_pad is not None:
+            self.pad = key_pad.new_empty(key_pad.shape[0], capacity)
+            self.pad[:, :length] = key_pad
+        self.buffers: list[Tensor | None] = []
+        for layer_keys, layer_values in zip(keys, values, strict=True):
+            if layer_keys is None:
+                self.buffers.append(None)
+                continue
+            batch, heads, _, head_size = layer_keys.shape
+            buffer = layer_keys.new_empty(batch, 2, heads, capacity, head_size)
+            buffer[:, 0, :, :length] = layer_keys
+            buffer[:, 1, :, :length] = layer_values
+            self.buffers.append(buffer)
+        self.capacity = capacity if any(buffer is not None for buffer in self.buffers) else 1 << 62
+        self.start, self.end = 0, length
+
+    def open_position(self) -> tuple[list[tuple[Tensor, Tensor, Tensor] | None], Tensor | None]:
+        """Per layer None (no attention) or ``(window [B, 2, heads, L, head_size], keys, values)``: views of
+        positions ``start..end``, the last not written yet (moving the live positions first when full); and,
+        when the run has a ``key_pad``, the attention mask ``[B, 1, 1, L]`` (True = may attend) of those."""
+        if self.end == self.capacity:
+            length = self.end - self.start
+            live = [None if b is None else b.narrow(3, self.start, length).unbind(1) for b in self.buffers]
+            pad = None if self.pad is None else self.pad.narrow(1, self.start, length)
+            self._allocate([None if i is None else i[0] for i in live], [None if i is None else i[1] for i in live],
+                           pad, length)  # fmt: skip
+        start, length = self.start, self.end + 1 - self.start
+        windows: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        for buffer in self.buffers:
+            if buffer is None:
+                windows.append(None)
+            else:
+                window = buffer.narrow(3, start, length)
+                windows.append((window, *window.unbind(1)))
+        if self.pad is None:
+            return windows, None
+        self.pad.select(1, self.end).fill_(False)
+        return windows, self.pad.narrow(1, start, length).logical_not().view(-1, 1, 1, length)
+
+    def commit(self, c: Tensor, windows: list[tuple[Tensor, Tensor, Tensor] | None]) -> SRUppState:
+        """The state after the position opened by ``open_position`` was written, recorded as the newest."""
+        self.end += 1
+        drop = 0
+        if self.max_context is not None and self.end - self.start > self.max_context:
+            drop = self.end - self.start - self.max_context
+            self.start += drop
+        keys: list[Tensor | None] = []
+        values: list[Tensor | None] = []
+        for window in windows:
+            if window is None:
+                keys.append(None)
+                values.append(None)
+            elif drop:
+                keys.append(window[1].narrow(2, drop, window[1].shape[2] - drop))
+                values.append(window[2].narrow(2, drop, window[2].shape[2] - drop))
+            else:
+                keys.append(window[1])
+                values.append(window[2])
+        key_pad = None if self.pad is None else self.pad.narrow(1, self.start, self.end - self.start)
+        return self.adopt(SRUppState(c, keys=keys, values=values, max_context=self.max_context, key_pad=key_pad))
+
+    def views(self) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None]:
+        """Per layer the live keys and values ``[B, heads, end - start, head_size]`` (None without attention), and
+        the live ``key_pad`` ``[B, end - start]`` (None when the run has none)."""
+        length = self.end - self.start
+        keys: list[Tensor | None] = []
+        values: list[Tensor | None] = []
+        for buffer in self.buffers:
+            pair = (None, None) if buffer is None else buffer.narrow(3, self.start, length).unbind(1)
+            keys.append(pair[0])
+            values.append(pair[1])
+        return keys, values, None if self.pad is None else self.pad.narrow(1, self.start, length)
+
+    def adopt(self, state: SRUppState) -> SRUppState:
+        """Record ``state`` (whose ``keys``/``values`` are this run's views) as the newest state of the run."""
+        self.c, self.key_views, self.value_views = state.c, tuple(state.keys), tuple(state.values)
+        self.key_pad_view = state.key_pad
+        state._buffers = self
+        return state
+
+    def is_newest(self, state: SRUppState) -> bool:
+        """Whether ``state`` is, unchanged, the newest state of the run (so it may append in place)."""
+        if (
+            state.c is not self.c
+            or state.memory is not None
+            or state.max_context != self.max_context
+            or state.key_pad is not self.key_pad_view
+        ):
+            return False
+        keys, values = state.keys, state.values
+        if keys is None or values is None or len(keys) != len(self.key_views) or len(values) != len(self.value_views):
+            return False
+        return all(a is b for a, b in zip(keys, self.key_views, strict=True)) and all(
+            a is b for a, b in zip(values, self.value_views, strict=True)
         )
