@@ -1,9 +1,13 @@
 import math
 
+import numpy as np
 import pytest
+import torch
+from benchmarks.baselines import build
 from benchmarks.quality import ATTENTION, BaselineLM, build_model, parse, sizes
 
 from srupp.models import SRUppLM
+from srupp.train import evaluate
 from tests.benchmarks import assert_provenance, read_json, run_benchmark
 
 MODELS = ["srupp", "srupp_one_attn", "sru", "lstm", "transformer"]
@@ -42,3 +46,35 @@ def test_sru_family_is_the_library_model_with_the_right_attention_layers():
     assert models["srupp_one_attn"].config.attention_layer_indices == [1]
     assert models["sru"].config.attention_layer_indices == []
     assert isinstance(models["lstm"], BaselineLM) and isinstance(models["transformer"], BaselineLM)
+
+
+def manual_nll(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+
+
+def test_lstm_scores_as_one_long_forward():
+    torch.manual_seed(0)
+    model = BaselineLM(build("lstm", 24, 2), "lstm", window=8)
+    tokens = np.random.default_rng(0).integers(0, 256, 41).astype(np.int64)
+    nats = evaluate(model, tokens, batch_size=1, unroll=8)
+    sequence = torch.from_numpy(tokens)[:, None]
+    with torch.no_grad():
+        logits, _ = model.model(sequence[:-1])
+    assert math.isclose(nats, manual_nll(logits, sequence[1:]) / 40, rel_tol=1e-5)
+
+
+def test_transformer_scores_sliding_windows_of_its_training_context():
+    # unroll = window / 2: each segment is scored after the previous half window, so every byte sees between half
+    # a window and a whole one, never more than the Transformer was trained on.
+    torch.manual_seed(0)
+    window, half = 8, 4
+    model = BaselineLM(build("transformer", 16, 2), "transformer", window=window)
+    tokens = np.random.default_rng(1).integers(0, 256, 25).astype(np.int64)
+    nats = evaluate(model, tokens, batch_size=1, unroll=half)
+    sequence, total = torch.from_numpy(tokens)[:, None], 0.0
+    with torch.no_grad():
+        for start in range(0, 24, half):
+            begin = max(0, start - half)
+            logits, _ = model.model(sequence[begin : start + half])
+            total += manual_nll(logits[start - begin :], sequence[start + 1 : start + half + 1])
+    assert math.isclose(nats, total / 24, rel_tol=1e-5)

@@ -78,6 +78,7 @@ def test_no_attention_layers_is_an_sru_stack():
     # `attention_layers=[]` (the quality benchmark's SRU): no attention anywhere, counted and saved as such.
     cfg = LMConfig(**{**TINY, "attention_layers": []})
     model = SRUppLM(cfg)
+
     def attention_parameters(model):
         return [name for name, _ in model.named_parameters() if name.endswith(("alpha", "kv_proj.weight"))]
 
