@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/ops.py
+	$(PY) -m benchmarks.ops
 
 # A wheel for any x86-64 (or aarch64) Linux: the kernel picks its instruction set at run time.
 wheel: $(STAMP)

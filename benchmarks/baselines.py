@@ -7,7 +7,10 @@ truncated backpropagation); the Transformer returns None and trains on independe
 body also decodes with a cache: ``init_decode(batch)`` then ``step(tokens [T, B], cache)``.
 
 The Transformer baseline is GPT-style and written here: pre-LayerNorm blocks, rotary positions,
-causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for decoding.
+causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for decoding. The authors'
+``sru`` package is loaded by ``load_authors`` (None where it does not import) and its SRUpp wrapped by
+``AuthorsSRUppBody``. Sizing: ``closest_width`` (a width grid searched for a parameter count), and
+``size_to_match`` built on it.
 
     >>> model = build("transformer", width=64, layers=2)
     >>> logits, _ = model(torch.randint(0, 256, (16, 2)))
@@ -17,6 +20,7 @@ causal ``F.scaled_dot_product_attention``, a GELU MLP, and a key/value cache for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -184,10 +188,13 @@ class SRUppBody(nn.Module):
 class RecurrentBody(nn.Module):
     """``srupp.nn.SRU`` or ``nn.LSTM``: the state is the RNN's own; decoding just carries it."""
 
-    def __init__(self, kind: str, width: int, num_layers: int, dropout: float = 0.0) -> None:
+    def __init__(self, kind: str, width: int, num_layers: int, dropout: float = 0.0,
+                 input_size: int | None = None) -> None:  # fmt: skip
         super().__init__()
         cls = SRU if kind == "sru" else nn.LSTM
-        self.rnn = cls(width, width, num_layers=num_layers, dropout=dropout)
+        self.rnn = cls(input_size or width, width, num_layers=num_layers, dropout=dropout)
+        if kind == "lstm":
+            lstm_init(self.rnn)
 
     def forward(self, x: Tensor, state=None, attn_window: int | None = None):
         return self.rnn(x, state)
@@ -197,6 +204,55 @@ class RecurrentBody(nn.Module):
 
     def step(self, x: Tensor, cache):
         return self.rnn(x, cache)
+
+
+def lstm_init(lstm: nn.LSTM) -> None:
+    """Per gate: Xavier-uniform input weights, orthogonal recurrent weights, zero biases but the forget
+    gate's +1. torch's default U(+-1/sqrt(h)) shrinks the signal about 0.15x per layer at init (gates near
+    0.5, pre-activations at ~0.6x the input's scale), so a 4-layer stack's output does not depend on its
+    input and training sits at the unigram entropy (~4.6 bpc on text) for hundreds of steps."""
+    hidden = lstm.hidden_size
+    for name, param in lstm.named_parameters():
+        with torch.no_grad():
+            for gate in param.split(hidden):
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(gate)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(gate)
+                else:
+                    gate.zero_()
+            if name.startswith("bias_ih"):
+                param[hidden : 2 * hidden] = 1.0  # gate order i, f, g, o
+
+
+def load_authors():
+    """The authors' ``sru`` package (with ``sru.ops``), or None, saying why, where it does not import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import sru  # compiles its C++ (and CUDA) extension at first import
+            import sru.ops  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means "not available", reported as such
+        print(f"the authors' package `sru` is not available ({type(err).__name__}: {err}); skipping it")
+        return None
+    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
+    return sru
+
+
+class AuthorsSRUppBody(nn.Module):
+    """The authors' ``sru.SRUpp`` behind the body interface (causal through an additive mask, as theirs)."""
+
+    def __init__(self, sru, width: int, num_layers: int, proj_size: int) -> None:
+        super().__init__()
+        self.rnn = sru.SRUpp(width, width, proj_size, num_layers=num_layers)
+        self.masks: dict[int, Tensor] = {}
+
+    def forward(self, x: Tensor, state=None, attn_window: int | None = None):
+        steps = x.shape[0]
+        if steps not in self.masks:
+            self.masks[steps] = torch.ones(steps, steps, device=x.device).triu(1) * -1e4
+        output, c, _ = self.rnn(x, attn_mask=self.masks[steps])
+        return output, c
 
 
 def detach(state):
@@ -226,6 +282,12 @@ class ByteLM(nn.Module):
         if isinstance(body, TransformerBody):
             nn.init.normal_(self.embedding.weight, std=0.02)
             nn.init.normal_(self.head.weight, std=0.02)
+        elif isinstance(body, RecurrentBody) and isinstance(body.rnn, nn.LSTM):
+            # Unit-scale inputs (torch's embedding default): the authors' U(+-sqrt(3/d)) is ~0.08 at d=160,
+            # too small a signal for the LSTM's saturating gates.
+            nn.init.normal_(self.embedding.weight)
+            bound = math.sqrt(3.0 / width)
+            nn.init.uniform_(self.head.weight, -bound, bound)
         else:
             # The authors' enwik8 LM init: U(+-sqrt(3/d)) for matrices, zeros for biases.
             bound = math.sqrt(3.0 / width)

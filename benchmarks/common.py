@@ -1,22 +1,33 @@
-"""Shared benchmark plumbing: timing by median of repeats, machine description, JSON output."""
+"""Shared benchmark plumbing: timing, the provenance every result file records, and atomic JSON output.
+
+Every script writes ``{"provenance": provenance(script, argv), ...}``: the git revision, the command
+line, the CPU model and the srupp CPU kernel's instruction-set path, torch and Python versions. It imports
+nothing that the GPU machine's stack lacks (no C extension, no ``sru``): what is missing is recorded as such.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
-def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0,
+            statistic: Callable[[list[float]], float] = statistics.median) -> float:  # fmt: skip
+    """``statistic`` (default the median; ``min`` on a shared machine) of the wall-clock seconds of
+    ``fn()`` over at least ``repeats`` runs and ``min_seconds``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -25,28 +36,65 @@ def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistic(times)
 
 
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+def git_revision() -> str | None:
+    """``HEAD``'s hash, with ``-dirty`` when tracked files differ from it; None outside a git checkout."""
+    try:
+        run = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 10, "check": True}
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def cpu_kernel() -> dict[str, object]:
+    """``srupp.ops.cpu_kernel_info()``, or why it could not be asked."""
+    try:
+        from srupp.ops import cpu_kernel_info
+
+        return cpu_kernel_info()
+    except Exception as err:  # noqa: BLE001 - provenance must not stop a benchmark; the reason is the record
+        return {"loaded": False, "isa": None, "reason": f"{type(err).__name__}: {err}"}
+
+
+def provenance(script: str, argv: list[str] | None = None) -> dict[str, object]:
+    """Where a result came from. ``script`` is the module name (``ops``); ``argv`` what ``main`` was given
+    (None: the process's own arguments)."""
+    arguments = sys.argv[1:] if argv is None else [str(a) for a in argv]
     return {
-        "cpu": cpu,
+        "git_revision": git_revision(),
+        "command": shlex.join(["python", "-m", f"benchmarks.{script}", *arguments]),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernel": cpu_kernel(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def write_json(name: str, payload: dict[str, object], out: str | None = None) -> Path:
-    path = Path(out) if out else RESULTS / f"{name}.json"
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: dict[str, object], script: str, argv: list[str] | None) -> Path:
+    """``payload`` with the provenance first, as indented JSON at ``path``."""
+    write_atomic(path, json.dumps({"provenance": provenance(script, argv), **payload}, indent=2, default=str) + "\n")
     return path

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT, provenance
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), its Wiki-103 one (B=8, d=4096), and a small one.
 SHAPES = [(1024, 4, 3072), (1024, 8, 4096), (512, 16, 512)]
@@ -338,13 +339,6 @@ def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer:
     return row
 
 
-def load_official():
-    import sru.ops as official  # compiles its CUDA code at first import
-
-    official.elementwise_recurrence_gpu  # noqa: B018 - fails early when its CUDA build did not happen
-    return official
-
-
 def official_row(shape, dtype_name: str, device: torch.device, timer: Timer, official) -> dict[str, object]:
     steps, batch, hidden = shape
     inputs = make_inputs(steps, batch, hidden, DTYPES[dtype_name], device, padded=False)
@@ -445,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     run = Run(Path(args.out), started + args.time_limit)
     timer = Timer(device)
+    run.results["provenance"] = provenance("gpu", argv)
     run.results["arguments"] = vars(args)
     run.results["environment"] = environment(device)
     run.log(json.dumps(run.results["environment"]))
@@ -546,7 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.official:
 
         def official():
-            module = load_official()
+            from benchmarks.baselines import load_authors
+
+            authors = load_authors()
+            if authors is None:
+                raise RuntimeError("the authors' package `sru` does not import")
+            module = authors.ops
+            module.elementwise_recurrence_gpu  # noqa: B018 - fails early when its CUDA build did not happen
             rows = []
             for shape in shapes:
                 for dtype_name in DTYPES:

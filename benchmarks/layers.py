@@ -1,13 +1,14 @@
 """Layer speed on CPU: train step (forward + backward) and inference tokens/s.
 
 Compares our SRUpp with its GEMM floor (the same matrix products alone, see ``GemmFloor``), the
-authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and a causal ``nn.TransformerEncoder``, the last two
-sized to about our parameter count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s
-over each other model's), and writes JSON with the CPU kernel's instruction-set path
-(``SRUPP_CPU_ISA=avx2`` forces one).
+authors' ``sru.SRUpp`` (if installed), ``nn.LSTM`` and the GPT-style Transformer of
+``benchmarks.baselines`` (after a ``Linear(d, width)``), the last two sized to about our parameter
+count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s over each other model's), and
+writes JSON with the provenance, including the CPU kernel's instruction-set path (``SRUPP_CPU_ISA=avx2``
+forces one).
 
-    python benchmarks/layers.py            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
-    python benchmarks/layers.py --quick    # tiny shapes, seconds (a smoke run)
+    python -m benchmarks.layers            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
+    python -m benchmarks.layers --quick    # tiny shapes, seconds (a smoke run)
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
-from srupp.nn import SRUpp  # noqa: E402
-from srupp.ops import cpu_kernel_info  # noqa: E402
+from benchmarks.baselines import (
+    AuthorsSRUppBody,
+    RecurrentBody,
+    SRUppBody,
+    TransformerBody,
+    closest_width,
+    count_parameters,
+    load_authors,
+    width_grid,
+)
+from benchmarks.common import RESULTS, cpu_kernel, write_json
 
 FULL = [
     {"d": 512, "proj": 128, "layers": 2, "steps": 256, "batch": 16},
@@ -34,52 +41,17 @@ FULL = [
 QUICK = [{"d": 32, "proj": 8, "layers": 2, "steps": 16, "batch": 2}]
 
 
-def count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+class Layer(nn.Module):
+    """A baseline body on ``[T, B, d]`` inputs, returning its output only; a ``Linear(d, width)`` first when
+    the body is of another width."""
 
-
-def causal_additive_mask(steps: int) -> torch.Tensor:
-    return torch.ones(steps, steps).triu(1) * -1e4
-
-
-class Ours(nn.Module):
-    def __init__(self, d, proj, layers):
+    def __init__(self, body: nn.Module, d: int, width: int) -> None:
         super().__init__()
-        self.model = SRUpp(d, d, proj, num_layers=layers)
+        self.project = nn.Identity() if d == width else nn.Linear(d, width)
+        self.body = body
 
     def forward(self, x):
-        return self.model(x, causal=True)[0]
-
-
-class Authors(nn.Module):
-    def __init__(self, sru, d, proj, layers, steps):
-        super().__init__()
-        self.model = sru.SRUpp(d, d, proj, num_layers=layers)
-        self.register_buffer("mask", causal_additive_mask(steps))
-
-    def forward(self, x):
-        return self.model(x, attn_mask=self.mask)[0]
-
-
-class LSTM(nn.Module):
-    def __init__(self, d, hidden, layers):
-        super().__init__()
-        self.model = nn.LSTM(d, hidden, num_layers=layers)
-
-    def forward(self, x):
-        return self.model(x)[0]
-
-
-class Transformer(nn.Module):
-    def __init__(self, d, width, layers, steps):
-        super().__init__()
-        self.proj = nn.Linear(d, width)
-        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, dropout=0.0)
-        self.model = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(steps))
-
-    def forward(self, x):
-        return self.model(self.proj(x), mask=self.mask, is_causal=True)
+        return self.body(self.project(x))[0]
 
 
 class GemmFloor(nn.Module):
@@ -109,11 +81,14 @@ class GemmFloor(nn.Module):
         return out
 
 
-def closest(build, target: int, candidates) -> nn.Module:
+def closest(build, target: int, grid: range) -> nn.Module:
     """The model whose parameter count is nearest ``target``; sizes are tried on the meta device (free)."""
-    with torch.device("meta"):
-        best = min(candidates, key=lambda c: abs(count(build(c)) - target))
-    return build(best)
+
+    def params(width: int) -> int:
+        with torch.device("meta"):
+            return count_parameters(build(width))
+
+    return build(closest_width(params, target, grid))
 
 
 def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, dict]:
@@ -141,7 +116,7 @@ def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> 
                     best[name][mode] = min(best[name][mode], time.perf_counter() - start)
     return {
         name: {
-            "params": count(models[name]),
+            "params": count_parameters(models[name]),
             "train_tokens_per_s": tokens / best[name]["train"],
             "inference_tokens_per_s": tokens / best[name]["inference"],
         }
@@ -152,12 +127,14 @@ def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> 
 def run_size(size: dict, repeats: int, sru) -> dict:
     d, proj, layers, steps, batch = size["d"], size["proj"], size["layers"], size["steps"], size["batch"]
     torch.manual_seed(0)
-    models = {"srupp": Ours(d, proj, layers), "gemm_floor": GemmFloor(d, proj, layers)}
-    target = count(models["srupp"])
+    models = {"srupp": Layer(SRUppBody(d, layers, proj), d, d), "gemm_floor": GemmFloor(d, proj, layers)}
+    target = count_parameters(models["srupp"])
     if sru is not None:
-        models["sru_authors"] = Authors(sru, d, proj, layers, steps)
-    models["lstm"] = closest(lambda h: LSTM(d, h, layers), target, range(4, 4 * d, 4))
-    models["transformer"] = closest(lambda w: Transformer(d, w, layers, steps), target, range(8, 2 * d, 8))
+        models["sru_authors"] = Layer(AuthorsSRUppBody(sru, d, layers, proj), d, d)
+    models["lstm"] = closest(lambda h: Layer(RecurrentBody("lstm", h, layers, input_size=d), h, h), target,
+                             range(4, 4 * d + 1, 4))  # fmt: skip
+    models["transformer"] = closest(lambda w: Layer(TransformerBody(w, layers), d, w), target,
+                                    width_grid("transformer", 2 * d))  # fmt: skip
     x = torch.randn(steps, batch, d)
     results = measure_all(models, x, repeats)
     for name, r in results.items():
@@ -190,23 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 5)
-    sru = None
-    if not args.no_official:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import sru  # noqa: F401  (first import compiles its C++ extension)
-        except ImportError:
-            print("the authors' package `sru` is not installed; skipping it", file=sys.stderr)
-    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
-    kernel = cpu_kernel_info()
+    sru = None if args.no_official else load_authors()
+    kernel = cpu_kernel()
     print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
           f"CPU kernel {kernel['isa']} (of {kernel['available']})")  # fmt: skip
     payload: dict = {"repeats": repeats, "cpu_kernel": kernel, "sizes": []}
     for size in QUICK if args.quick else FULL:
         print(f"d={size['d']} d'={size['proj']} layers={size['layers']} T={size['steps']} B={size['batch']}")
         payload["sizes"].append(run_size(size, repeats, sru))
-    path = write_json("layers_quick" if args.quick else "layers", payload, args.out)
+    out = Path(args.out) if args.out else RESULTS / ("layers_quick.json" if args.quick else "layers.json")
+    path = write_json(out, payload, "layers", argv)
     print(f"wrote {path}")
     return 0
 

@@ -11,24 +11,22 @@ Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB
 before each row (the machine may be shared). Every time is the shortest of its runs. ``--isa all`` times
 every kernel variant this CPU can run (the naive and authors' columns only for the first).
 
-    python benchmarks/ops.py            # T=512 B=16 D=512 and two more shapes
-    python benchmarks/ops.py --quick    # tiny shapes, for the smoke test
+    python -m benchmarks.ops            # T=512 B=16 D=512 and two more shapes
+    python -m benchmarks.ops --quick    # tiny shapes, for the smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
-from srupp.ops import cpu as cpu_backend  # noqa: E402
-from srupp.ops import sru_recurrence  # noqa: E402
+from benchmarks.baselines import load_authors
+from benchmarks.common import RESULTS, time_it, write_json
+from srupp.ops import cpu as cpu_backend
+from srupp.ops import sru_recurrence
 
 SHAPES = [(512, 16, 512), (256, 32, 1024), (1024, 4, 256)]
 QUICK_SHAPES = [(16, 2, 32)]
@@ -38,14 +36,7 @@ FORWARD_INFER_BYTES, FORWARD_TRAIN_BYTES, BACKWARD_BYTES = 20, 24, 40
 def fastest(fn, *, repeats: int, min_seconds: float = 0.0) -> float:
     """The shortest of the timed runs: on a shared machine the other runs measure the neighbours. Every
     timing in this script (copy included) is taken the same way, so the ratios stay fair."""
-    fn()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return time_it(fn, repeats=repeats, min_seconds=min_seconds, statistic=min)
 
 
 def copy_bandwidth(megabytes: int) -> float:
@@ -53,15 +44,6 @@ def copy_bandwidth(megabytes: int) -> float:
     dst = torch.empty_like(src)
     seconds = fastest(lambda: dst.copy_(src), repeats=7)
     return 2 * src.numel() * 4 / seconds
-
-
-def load_official():
-    try:
-        import sru.ops as official  # compiles its C++ at first import
-    except Exception as err:  # noqa: BLE001 - any failure means "not available", reported as such
-        print(f"authors' sru package not available ({type(err).__name__}: {err}); skipping its column")
-        return None
-    return official
 
 
 def time_kernels(u, x, v, b, c0, grad_h, repeats):
@@ -133,7 +115,7 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
 
         def official_forward():
             with torch.no_grad():
-                return official.elementwise_recurrence_inference(
+                return official.ops.elementwise_recurrence_inference(
                     u_official, x, weight_c, bias, c0, 0, hidden, False, True
                 )
 
@@ -155,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else 7
-    official = None if args.no_official else load_official()
+    official = None if args.no_official else load_authors()
     info = cpu_backend.cpu_kernel_info()
     isas = info["available"][::-1] if args.isa == "all" else [args.isa or info["isa"]]
     print(f"threads={torch.get_num_threads()}  CPU kernel variants {info['available']}, timing {isas}")
@@ -206,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         },  # fmt: skip
         "rows": rows,
     }
-    path = write_json("ops", payload, args.out)
+    path = write_json(Path(args.out) if args.out else RESULTS / "ops.json", payload, "ops", argv)
     print(f"wrote {path}")
     return payload
 

@@ -1,42 +1,44 @@
-"""Quality at equal compute: valid bpc against wall-clock and tokens for five byte-level LMs of equal size.
+"""Quality at equal compute: valid and test bpc at equal wall-clock and at equal tokens, five byte-level LMs.
 
-SRU++ (attention in every layer), SRU++ with attention in its last layer only (the paper's minimal
-attention, ``attention_every_n_layers = num_layers``), SRU, nn.LSTM and a GPT-style Transformer
-(benchmarks/baselines.py), sized to about the parameter count of SRU++ at ``--width``/``--layers``,
-each trained for the same wall-clock budget with the same tokens per step on ``--corpus``: by default
-the Python standard library's ``.py`` files as ``srupp data prepare stdlib`` splits them (present
-wherever Python is), or any gzip or plain text file given by path (bytes; first 90% train, next 5%
-valid, last 5% test). The JSON records the corpus's path and the sha256 of the bytes used.
+SRU++ with attention in every layer, SRU++ with attention in its last layer only (the paper's minimal
+attention), and SRU (no attention layer: the same recurrent layers with their d -> d' -> 3d transform) are
+the library's own ``srupp.models.SRUppLM``; the GPT-style Transformer and the LSTM come from
+``benchmarks.baselines``. Every model is sized to the parameter count of SRU++ at ``--width``/``--layers``
+and trained by the one loop below, made of the library's training blocks: ``srupp.data.StreamBatcher``
+(B contiguous streams, segments of ``--context`` bytes), ``srupp.train.loop.build_optimizer`` (the
+library's optimiser and its weight-decay policy: decoupled decay on every parameter),
+``srupp.train.learning_rate`` (linear warmup, then a cosine that follows the wall-clock budget:
+``anneal_by_time``), gradient clipping at ``clip_grad``, and ``srupp.train.evaluate`` for every score.
+
+Corpus: ``--corpus stdlib`` (the default: the Python standard library's source as ``srupp data prepare
+stdlib`` splits it) or any byte-level corpus folder written by ``srupp data prepare``.
 
 Protocol:
-- Training data are B contiguous streams cut into segments of ``--context`` bytes, in the same order
-  for every model. Recurrent models carry their state across segments, detached (truncated BPTT); SRU++
-  also attends to the previous segment (its attention memory). The Transformer sees the same segments
-  as independent windows (no state, no memory).
-- AdamW (weight decay on matrices), linear warmup then cosine decay to 0, both over the wall-clock
-  budget, gradient clipping at 1.0. The budget counts training steps only, not evaluation.
-- An LR sweep (``--sweep-lrs``, ``--sweep-minutes`` each) for the Transformer and SRU++; the best final
-  valid bpc picks the main run's LR. SRU++ with one attention layer and SRU reuse SRU++'s LR; LSTM uses ``--lr``.
-- Valid bpc on the first ``--valid-bytes`` of valid, ``--evals`` times per run. Recurrent models read
-  it as 16 streams carrying state; the Transformer with sliding windows of the train context, stride
-  half of it (every scored byte sees at least half a window).
-- Test bpc on the whole test split with the final weights: SRU++ with a longer context (segments of
-  ``--eval-context`` bytes, memory of the previous segment, ``attn_window = --eval-context``), the
-  others with the train context.
+- Recurrent models carry their state across segments (detached); SRU++ also attends to the previous
+  segment (its memory). The Transformer trains on the same segments as independent windows.
+- A learning-rate sweep for every model (``--sweep-lrs``, ``--sweep-minutes`` each, first seed); the best
+  final valid bpc picks the main runs' rate. The sweep's throughput sets the equal-token point: 90% of the
+  tokens the slowest model reaches in ``--minutes-per-model``.
+- Main runs, one per model and seed (``--seeds``), ``--minutes-per-model`` of training (evaluation not
+  counted). Valid bpc on the first ``--valid-bytes`` of valid ``--evals`` times; valid and test bpc at the
+  equal-token point and at the end (equal wall-clock). Recurrent models read valid/test as 16 streams with
+  their state carried; the Transformer as sliding windows of its training context, stride half of it
+  (every scored byte sees at least half a window, at most a whole one).
+- ``--long-context 256,512,...``: test bpc of the SRU++ models (first seed) as the evaluation segment and
+  attention window grow (memory of the previous segment), against the Transformer at its training window.
 
-    python benchmarks/quality.py                      # default CPU budget: 2.5 min per model (~25 min total)
-    python benchmarks/quality.py --quick              # seconds (the smoke test)
-    python benchmarks/quality.py --device cuda --minutes-per-model 30 --width 1024 --layers 6 --batch 32 --context 512
+    python -m benchmarks.quality                       # the full race: ~2.8M params, 10 min per model, 2 seeds
+    python -m benchmarks.quality --quick               # seconds (the smoke test)
+    python -m benchmarks.quality --width 384 --minutes-per-model 2.5 --seeds 0 --sweep-minutes 1   # reduced
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import copy
 import hashlib
-import json
-import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -45,329 +47,393 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import LABELS, MODELS, ByteLM, build, count_parameters, size_to_match  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
-from srupp.data import prepare_stdlib, stdlib_source  # noqa: E402
+from benchmarks.baselines import LABELS, MODELS, build, closest_width, count_parameters, detach, width_grid
+from benchmarks.common import RESULTS, provenance, write_atomic, write_json
+from srupp.data import StreamBatcher
+from srupp.models import LMConfig, SRUppLM
+from srupp.train import TrainConfig, bpc, evaluate, learning_rate
+from srupp.train.loop import build_optimizer, resolve_corpus
 
-SRU_FAMILY = ("srupp", "srupp_one_attn", "sru")
+# SRU family: which layers have attention (None: every layer, the LMConfig default).
+ATTENTION = {"srupp": lambda layers: None, "srupp_one_attn": lambda layers: [layers - 1], "sru": lambda layers: []}
 EVAL_STREAMS = 16
 
 
-def load_splits(corpus: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The train/valid/test bytes (uint8) of ``corpus``, and where they came from (path and sha256)."""
-    if corpus == "stdlib":
-        with tempfile.TemporaryDirectory() as folder:
-            prepared = prepare_stdlib(folder)
-            splits = {name: np.array(prepared.split(name)) for name in ("train", "valid", "test")}
-        path = f"stdlib: {stdlib_source()}"
-    else:
-        raw = Path(corpus).read_bytes()
-        data = np.frombuffer(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw, dtype=np.uint8).copy()
-        train_end, valid_end = int(0.9 * len(data)), int(0.95 * len(data))  # enwik8-style split
-        splits = {"train": data[:train_end], "valid": data[train_end:valid_end], "test": data[valid_end:]}
-        path = str(Path(corpus).resolve())
-    digest = hashlib.sha256()
-    for name in ("train", "valid", "test"):
-        digest.update(splits[name].tobytes())
-    return splits, {"path": path, "sha256": digest.hexdigest()}
+class BaselineLM(nn.Module):
+    """A ``benchmarks.baselines`` model behind ``SRUppLM``'s training interface, so the one loop and
+    ``srupp.train.evaluate`` drive it: ``forward(input [T, B], state, *, targets, attn_window) -> (nll, state)``.
+
+    The LSTM carries its (detached) state. The Transformer trains on independent windows; in evaluation its
+    state is the previous ``window - T`` tokens, prepended as context (sliding windows)."""
+
+    def __init__(self, model: nn.Module, kind: str, window: int) -> None:
+        super().__init__()
+        self.model, self.kind, self.window = model, kind, window
+
+    def forward(self, input: Tensor, state=None, *, targets: Tensor, attn_window: int | None = None):
+        steps = input.shape[0]
+        if self.kind != "transformer":
+            logits, state = self.model(input, state)
+            state = detach(state)
+        else:
+            context = input if state is None or self.training else torch.cat([state, input])
+            logits = self.model(context)[0][-steps:]
+            keep = self.window - steps
+            state = None if self.training or keep <= 0 else context[-keep:].detach()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return nll.view_as(targets), state
 
 
-def as_streams(data: np.ndarray, streams: int) -> torch.Tensor:
-    """``[streams, N]`` int64: the data cut into contiguous streams (the remainder dropped)."""
-    length = len(data) // streams
-    return torch.from_numpy(data[: streams * length].astype(np.int64)).view(streams, length)
+def sru_config(kind: str, width: int, layers: int) -> LMConfig:
+    return LMConfig(vocab_size=256, hidden_size=width, proj_size=max(1, width // 4), num_layers=layers,
+                    num_heads=1, dropout=0.0, attn_dropout=0.0, attention_layers=ATTENTION[kind](layers))  # fmt: skip
 
 
-class Batches:
-    """Segments ``[T, B]`` (inputs, next-byte targets) walking B contiguous streams; wraps with a reset."""
-
-    def __init__(self, data: np.ndarray, batch: int, context: int, device: torch.device) -> None:
-        self.streams = torch.from_numpy(data[: batch * (len(data) // batch)]).view(batch, -1)
-        self.context, self.device, self.position = context, device, 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        reset = self.position + self.context + 1 > self.streams.shape[1]
-        if reset:
-            self.position = 0
-        window = self.streams[:, self.position : self.position + self.context + 1].long().t()
-        self.position += self.context
-        window = window.to(self.device)
-        return window[:-1], window[1:], reset
+def build_model(kind: str, width: int, args) -> nn.Module:
+    if kind in ATTENTION:
+        return SRUppLM(sru_config(kind, width, args.layers))
+    return BaselineLM(build(kind, width, args.layers, num_heads=args.heads), kind, args.context)
 
 
-@torch.no_grad()
-def evaluate(model: ByteLM, kind: str, data: np.ndarray, context: int, device: torch.device,
-             attn_window: int | None = None) -> float:  # fmt: skip
-    """Bits per byte of ``data``; see the module docstring for how each kind reads it."""
-    model.eval()
-    streams = as_streams(data, EVAL_STREAMS).to(device)
-    length = streams.shape[1]
-    total, count = 0.0, 0
-    if kind == "transformer":
-        stride, scored, start = max(1, context // 2), 0, 0
-        while scored < length - 1:
-            size = min(context, length - 1 - start)
-            logits, _ = model(streams[:, start : start + size].t())
-            first = scored - start
-            targets = streams[:, start + 1 + first : start + 1 + size].t()
-            total += F.cross_entropy(logits[first:].flatten(0, 1), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-            scored, start = start + size, start + stride
-    else:
-        state = None
-        for start in range(0, length - 1, context):
-            size = min(context, length - 1 - start)
-            logits, state = model(streams[:, start : start + size].t(), state, attn_window=attn_window)
-            targets = streams[:, start + 1 : start + 1 + size].t()
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-    model.train()
-    return total / count / math.log(2)
+def parameters(kind: str, width: int, args) -> int:
+    if kind in ATTENTION:
+        return sru_config(kind, width, args.layers).num_parameters
+    with torch.device("meta"):
+        return count_parameters(build(kind, width, args.layers, num_heads=args.heads))
 
 
-def learning_rate(peak: float, fraction: float, warmup: float) -> float:
-    """Linear warmup over the first ``warmup`` of the budget, then cosine to 0."""
-    if fraction < warmup:
-        return peak * fraction / warmup
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (fraction - warmup) / (1.0 - warmup))))
+def sizes(args) -> dict[str, int]:
+    """Each model's width: SRU++ at ``--width``, the others nearest its parameter count."""
+    target = parameters("srupp", args.width, args)
+    widths = {}
+    for kind in args.models:
+        grid = width_grid(kind, 8 * args.width)
+        widths[kind] = args.width if kind == "srupp" else closest_width(lambda w, k=kind: parameters(k, w, args),
+                                                                        target, grid)  # fmt: skip
+    return widths
 
 
-def train(kind: str, model: ByteLM, lr: float, minutes: float, splits: dict, args, evals: int, desc: str) -> dict:
-    """Train for ``minutes`` of wall-clock (training steps only); returns the run's record and history."""
-    device = torch.device(args.device)
-    model.to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98),
-    )  # fmt: skip
-    batches = Batches(splits["train"], args.batch, args.context, device)
-    valid = splits["valid"][: args.valid_bytes]
-    budget = 60.0 * minutes
-    next_eval = budget / evals
-    elapsed, steps, state = 0.0, 0, None
-    loss_sum, loss_steps = torch.zeros((), device=device), 0
-    history = []
-    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training{postfix}"
-    with tqdm(total=budget, desc=desc, bar_format=bar_format, leave=False, file=sys.stderr) as bar:
-        while elapsed < budget:
-            start = time.perf_counter()
+def recipe(args, lr: float, seconds: float) -> TrainConfig:
+    """The library's optimisation recipe for one run; the cosine ends with the wall-clock budget."""
+    return TrainConfig(batch_size=args.batch, unroll_size=args.context, max_steps=10**9, time_limit_s=seconds,
+                       anneal_by_time=True, lr=lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                       optimizer=args.optimizer, clip_grad=1.0)  # fmt: skip
+
+
+def score(model: nn.Module, kind: str, tokens: np.ndarray, args, limit: int | None = None) -> float:
+    """Bits per byte of ``tokens`` (at most ``limit``) through ``srupp.train.evaluate``."""
+    unroll = max(1, args.context // 2) if kind == "transformer" else args.context
+    streams = max(1, min(EVAL_STREAMS, (len(tokens[:limit]) - 1) // unroll))
+    return bpc(evaluate(model, tokens, batch_size=streams, unroll=unroll, max_tokens=limit, device=args.device))
+
+
+def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, args, *, seed: int, evals: int,
+              equal_tokens: int | None = None, desc: str = "") -> tuple[dict, nn.Module]:  # fmt: skip
+    """Train one model for ``seconds`` of training wall-clock; returns its record and the trained model."""
+    torch.manual_seed(seed)
+    model = build_model(kind, width, args).to(args.device).train()
+    cfg = recipe(args, lr, seconds)
+    optimizer = build_optimizer(model, cfg)
+    data = iter(StreamBatcher(splits["train"], cfg.batch_size, cfg.unroll_size))
+    tokens_per_step = cfg.batch_size * cfg.unroll_size
+    elapsed, steps, carry, losses = 0.0, 0, None, []
+    history, at_equal_tokens = [], None
+    next_eval = seconds / evals
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
+    with tqdm(total=seconds, desc=desc, bar_format=bar_format, leave=False, file=sys.stderr) as bar:
+        while elapsed < seconds:
+            tick = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(lr, elapsed / budget, args.warmup)
-            inputs, targets, reset = batches.next()
-            if reset or kind == "transformer":
-                state = None
-            logits, state = model(inputs, state)
-            state = model.detach_state(state)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+                group["lr"] = learning_rate(steps, cfg, elapsed)
+            segment = next(data)
+            if segment.first:
+                carry = None
+            nll, carry = model(segment.input.to(args.device), carry, targets=segment.target.to(args.device))
+            loss = nll.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            loss_sum += loss.detach()
-            loss_steps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_seconds = time.perf_counter() - start
-            elapsed += step_seconds
-            steps += 1
-            bar.update(step_seconds)
-            if elapsed >= next_eval or elapsed >= budget:
-                valid_bpc = evaluate(model, kind, valid, args.context, device)
-                train_bpc = loss_sum.item() / loss_steps / math.log(2)
-                history.append({"seconds": elapsed, "tokens": steps * args.batch * args.context, "steps": steps,
+            losses.append(loss.detach())
+            step_seconds = time.perf_counter() - tick
+            elapsed, steps = elapsed + step_seconds, steps + 1
+            bar.update(min(step_seconds, seconds - bar.n))  # past its total, tqdm drops the total
+            if equal_tokens is not None and at_equal_tokens is None and steps * tokens_per_step >= equal_tokens:
+                at_equal_tokens = {"tokens": steps * tokens_per_step, "seconds": elapsed,
+                                   "valid_bpc": score(model, kind, splits["valid"], args, args.valid_bytes),
+                                   "test_bpc": score(model, kind, splits["test"], args)}  # fmt: skip
+                model.train()
+            if elapsed >= next_eval or elapsed >= seconds:
+                train_bpc = bpc(float(torch.stack(losses).mean()))
+                valid_bpc = score(model, kind, splits["valid"], args, args.valid_bytes)
+                history.append({"seconds": elapsed, "tokens": steps * tokens_per_step, "steps": steps,
                                 "train_bpc": train_bpc, "valid_bpc": valid_bpc})  # fmt: skip
-                bar.set_postfix(train_bpc=f"{train_bpc:.3f}", valid_bpc=f"{valid_bpc:.3f}")
-                loss_sum.zero_()
-                loss_steps = 0
-                next_eval += budget / evals
-    tokens = steps * args.batch * args.context
-    return {"lr": lr, "steps": steps, "tokens": tokens, "train_seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "final_valid_bpc": history[-1]["valid_bpc"], "best_valid_bpc": min(h["valid_bpc"] for h in history),
-            "history": history}  # fmt: skip
+                bar.set_postfix(train=f"{train_bpc:.3f}", valid=f"{valid_bpc:.3f}")
+                losses, next_eval = [], next_eval + seconds / evals
+    tokens = steps * tokens_per_step
+    record = {"model": kind, "lr": lr, "seed": seed, "width": width, "params": count_parameters(model),
+              "steps": steps, "tokens": tokens, "train_seconds": elapsed, "tokens_per_s": tokens / elapsed,
+              "final_valid_bpc": history[-1]["valid_bpc"], "history": history,
+              "equal_tokens": at_equal_tokens}  # fmt: skip
+    return record, model
 
 
-def build_models(args) -> dict[str, tuple[ByteLM, int, int]]:
-    """Fresh models (seeded) sized to SRU++'s parameter count: ``{kind: (model, width, layers)}``."""
-    layers = {kind: args.layers for kind in MODELS}
-    if args.transformer_layers:
-        layers["transformer"] = args.transformer_layers
-    if args.lstm_layers:
-        layers["lstm"] = args.lstm_layers
-    options = {"dropout": args.dropout, "tie": args.tie, "num_heads": args.heads}
-    target = count_parameters(build("srupp", args.width, args.layers, **options))
-    sized = size_to_match(args.models, target, layers, max_width=8 * args.width, **options)
-    models = {}
-    for kind in args.models:
-        torch.manual_seed(args.seed)
-        width = args.width if kind == "srupp" else sized[kind][1]
-        models[kind] = (build(kind, width, layers[kind], **options), width, layers[kind])
-    return models
+def long_context(models: dict[str, nn.Module], splits: dict, args) -> dict:
+    """Test bpc of the SRU++ models as the segment and attention window grow; the Transformer at its window."""
+    test = splits["test"][: args.long_context_bytes or None]
+    curve: dict[str, object] = {"lengths": args.long_context, "test_bytes": len(test), "models": {}}
+    for kind, model in models.items():
+        if kind in ("srupp", "srupp_one_attn"):
+            rows = []
+            for length in args.long_context:
+                streams = max(1, min(EVAL_STREAMS, (len(test) - 1) // length))
+                nats = evaluate(model, test, batch_size=streams, unroll=length, attn_window=length, device=args.device)
+                rows.append({"length": length, "test_bpc": bpc(nats)})
+                print(f"  long context {kind:15s} segment/window {length:5d}: test bpc {bpc(nats):.3f}")
+            curve["models"][kind] = rows
+        elif kind == "transformer":
+            value = score(model, kind, test, args)
+            curve["models"][kind] = [{"length": args.context, "test_bpc": value}]
+            print(f"  long context transformer at its training window {args.context}: test bpc {value:.3f}")
+    return curve
 
 
-def plot(runs: dict, path: Path) -> None:
+def summary(runs: list[dict]) -> dict[str, dict]:
+    """Per model, mean and spread (min, max) over seeds of every final and equal-token score."""
+    table: dict[str, dict] = {}
+    for kind in dict.fromkeys(run["model"] for run in runs):
+        mine = [run for run in runs if run["model"] == kind]
+        values = {"valid_bpc": [r["final_valid_bpc"] for r in mine], "test_bpc": [r["test_bpc"] for r in mine],
+                  "tokens": [r["tokens"] for r in mine]}  # fmt: skip
+        if all(r["equal_tokens"] for r in mine):
+            values["equal_tokens_valid_bpc"] = [r["equal_tokens"]["valid_bpc"] for r in mine]
+            values["equal_tokens_test_bpc"] = [r["equal_tokens"]["test_bpc"] for r in mine]
+        table[kind] = {"params": mine[0]["params"], "width": mine[0]["width"], "lr": mine[0]["lr"], "seeds": len(mine),
+                       **{key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+                          for key, v in values.items()}}  # fmt: skip
+    return table
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for kind, run in runs.items():
-        history = run["history"]
-        bpc = [h["valid_bpc"] for h in history]
-        label = f"{LABELS[kind]} ({run['params'] / 1e6:.2f}M)"
-        by_time.plot([h["seconds"] / 60 for h in history], bpc, marker="o", markersize=3, label=label)
-        by_tokens.plot([h["tokens"] / 1e6 for h in history], bpc, marker="o", markersize=3, label=label)
-    by_time.set_xlabel("training wall-clock (minutes)")
-    by_tokens.set_xlabel("training tokens (millions)")
-    by_time.set_ylabel("valid bpc")
-    for axis in (by_time, by_tokens):
+    curve = report.get("long_context")
+    figure, axes = plt.subplots(1, 3 if curve else 2, figsize=(17 if curve else 12, 4.5))
+    colours = {kind: f"C{i}" for i, kind in enumerate(MODELS)}
+    for run in report["runs"]:
+        history, colour = run["history"], colours[run["model"]]
+        first = run["seed"] == report["config"]["seeds"][0]
+        label = f"{LABELS[run['model']]} ({run['params'] / 1e6:.2f}M)" if first else None
+        bpcs = [h["valid_bpc"] for h in history]
+        axes[0].plot([h["seconds"] / 60 for h in history], bpcs, marker="o", markersize=3, color=colour, label=label)
+        axes[1].plot([h["tokens"] / 1e6 for h in history], bpcs, marker="o", markersize=3, color=colour)
+    axes[0].set_xlabel("training wall-clock (minutes)")
+    axes[1].set_xlabel("training tokens (millions)")
+    for axis in axes[:2]:
+        axis.set_ylabel("valid bpc")
         axis.grid(alpha=0.3)
-    by_tokens.legend(fontsize=8)
-    figure.suptitle("Byte-level LM on pydocs-rst, equal parameters and equal wall-clock per model")
+    axes[0].legend(fontsize=8)
+    if curve:
+        for kind, rows in curve["models"].items():
+            if kind == "transformer":
+                axes[2].axhline(rows[0]["test_bpc"], color=colours[kind], linestyle="--",
+                                label=f"{LABELS[kind]} (window {rows[0]['length']})")  # fmt: skip
+            else:
+                axes[2].plot([r["length"] for r in rows], [r["test_bpc"] for r in rows], marker="o",
+                             color=colours[kind], label=LABELS[kind])  # fmt: skip
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("evaluation segment = attention window (bytes, with memory)")
+        axes[2].set_ylabel("test bpc")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
+    figure.suptitle(f"Byte-level LMs on {report['corpus']['name']}: equal parameters, equal wall-clock per model")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def spread(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    if cell["min"] == cell["max"]:
+        return f"{cell['mean']:.3f}"
+    return f"{cell['mean']:.3f} ({cell['min']:.3f}-{cell['max']:.3f})"
+
+
 def markdown(report: dict) -> str:
-    cfg = report["config"]
+    cfg, source = report["config"], report["provenance"]
     lines = [
-        f"# Quality at equal compute ({report['machine']['cpu']}, {cfg['threads']} threads, device {cfg['device']})",
+        f"# Quality at equal compute ({source['cpu']}, {source['torch_threads']} threads, device {cfg['device']})",
         "",
-        f"Budget {cfg['minutes_per_model']} min of training per model; {cfg['batch']} streams x {cfg['context']} "
-        f"bytes = {cfg['batch'] * cfg['context']} tokens per step; valid bpc on the first {cfg['valid_bytes']} "
-        f"bytes of valid; test bpc on all {report['corpus']['test_bytes']} test bytes, final weights.",
+        f"Corpus {report['corpus']['name']}; {cfg['minutes_per_model']} min of training per model and seed "
+        f"(seeds {cfg['seeds']}); {cfg['batch']} streams x {cfg['context']} bytes per step; valid bpc on the "
+        f"first {cfg['valid_bytes']} bytes of valid, test bpc on {report['corpus']['test_bytes']} test bytes. "
+        f"Equal tokens: {report['equal_tokens']:,} tokens. Mean over seeds (min-max).",
         "",
-        "| model | params | width x layers | lr | steps | tokens seen | best valid bpc | test bpc (context) "
-        "| tokens/s |",
+        "| model | params | width x layers | lr | tokens seen | valid bpc | test bpc | valid bpc, equal tokens "
+        "| test bpc, equal tokens |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for kind, run in report["runs"].items():
+    for kind, row in report["summary"].items():
         lines.append(
-            f"| {LABELS[kind]} | {run['params']:,} | {run['width']} x {run['layers']} | {run['lr']:g} | "
-            f"{run['steps']:,} | {run['tokens']:,} | {run['best_valid_bpc']:.3f} | "
-            f"{run['test_bpc']:.3f} ({run['test_context']}) | {run['tokens_per_s']:,.0f} |"
+            f"| {LABELS[kind]} | {row['params']:,} | {row['width']} x {cfg['layers']} | {row['lr']:g} | "
+            f"{row['tokens']['mean']:,.0f} | {spread(row['valid_bpc'])} | {spread(row['test_bpc'])} | "
+            f"{spread(row.get('equal_tokens_valid_bpc'))} | {spread(row.get('equal_tokens_test_bpc'))} |"
         )
     if report["sweep"]:
-        lines += ["", f"LR sweep: {cfg['sweep_minutes']} min per run, final valid bpc (lower is better).", "",
-                  "| model | lr | steps | valid bpc | chosen |", "|---|---:|---:|---:|---|"]  # fmt: skip
+        lines += ["", f"Learning-rate sweep: {cfg['sweep_minutes']} min per run, seed {cfg['seeds'][0]}, final "
+                  "valid bpc.", "", "| model | lr | steps | valid bpc | chosen |",
+                  "|---|---:|---:|---:|---|"]  # fmt: skip
         for kind, runs in report["sweep"].items():
             best = min(runs, key=lambda r: r["final_valid_bpc"])
             for run in runs:
                 edge = " (edge of the grid)" if run is best and run["lr"] in (runs[0]["lr"], runs[-1]["lr"]) else ""
-                chosen = f"yes{edge}" if run is best else ""
-                lines.append(f"| {LABELS[kind]} | {run['lr']:g} | {run['steps']:,} | "
-                             f"{run['final_valid_bpc']:.3f} | {chosen} |")  # fmt: skip
-    lines += ["", "Protocol: see the docstring of benchmarks/quality.py.", ""]
+                lines.append(f"| {LABELS[kind]} | {run['lr']:g} | {run['steps']:,} | {run['final_valid_bpc']:.3f} | "
+                             f"{'yes' + edge if run is best else ''} |")  # fmt: skip
+    curve = report.get("long_context")
+    if curve:
+        lines += ["", f"Long context: test bpc on {curve['test_bytes']:,} test bytes as the evaluation segment and "
+                  "attention window grow (memory of the previous segment).", "",
+                  "| model | " + " | ".join(str(n) for n in curve["lengths"]) + " |",
+                  "|---|" + "---:|" * len(curve["lengths"])]  # fmt: skip
+        for kind, rows in curve["models"].items():
+            by_length = {r["length"]: r["test_bpc"] for r in rows}
+            cells = [f"{by_length[n]:.3f}" if n in by_length else "-" for n in curve["lengths"]]
+            name = LABELS[kind] + (f" (its window {rows[0]['length']})" if kind == "transformer" else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{source['command']}` (revision {source['git_revision']}).",
+              "Protocol: see the docstring of benchmarks/quality.py.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def load_corpus(name: str, work: str) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    corpus = resolve_corpus(name, work)
+    if corpus.vocab.kind != "byte":
+        raise SystemExit(f"--corpus must be a byte-level corpus, got a {corpus.vocab.kind} corpus at {corpus.path}")
+    splits = {split: np.array(corpus.split(split)) for split in ("train", "valid", "test")}
+    digest = hashlib.sha256()
+    for split in splits.values():
+        digest.update(split.tobytes())
+    source = {"name": name if name == "stdlib" else str(Path(name).resolve()), "sha256": digest.hexdigest(),
+              **{f"{split}_bytes": len(tokens) for split, tokens in splits.items()}}  # fmt: skip
+    return splits, source
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--quick", action="store_true", help="tiny models and budgets, seconds (the smoke test)")
-    add("--minutes-per-model", type=float, default=2.5, help="training wall-clock per model in the main runs")
-    add("--sweep-minutes", type=float, default=1.0, help="training wall-clock per LR-sweep run")
-    add("--sweep-lrs", default="2e-3,4e-3,8e-3,1.6e-2", help="comma-separated peak LRs tried in the sweep")
-    add("--sweep", default="transformer,srupp", help="models whose LR is swept (comma-separated, '' for none)")
-    add("--lr", type=float, default=2e-3, help="peak LR of models without a swept one (LSTM by default)")
+    add("--corpus", default="stdlib", help="'stdlib' (default) or a byte-level folder from `srupp data prepare`")
+    add("--minutes-per-model", type=float, default=10.0, help="training wall-clock per model and seed")
+    add("--seeds", default="0,1", help="comma-separated seeds of the main runs")
+    add("--sweep-minutes", type=float, default=2.0, help="training wall-clock per learning-rate sweep run")
+    add("--sweep-lrs", default="1e-3,2e-3,4e-3", help="comma-separated peak learning rates of the sweep")
+    add("--sweep", default=",".join(MODELS), help="models whose rate is swept ('' for none: all use --lr)")
+    add("--lr", type=float, default=2e-3, help="peak learning rate of a model that is not swept")
     add("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    add("--width", type=int, default=256, help="SRU++ width d (d' = d/4); the others are sized to its params")
+    add("--width", type=int, default=768, help="SRU++ width d (d' = d/4); the others are sized to its parameters")
     add("--layers", type=int, default=4, help="layers of every model")
-    add("--transformer-layers", type=int, default=None, help="Transformer layers if different from --layers")
-    add("--lstm-layers", type=int, default=None, help="LSTM layers if different from --layers")
     add("--heads", type=int, default=4, help="Transformer heads")
-    add("--dropout", type=float, default=0.0)
-    add("--tie", action="store_true", help="tie embedding and output weights (all models)")
     add("--batch", type=int, default=16, help="streams per step (B)")
-    add("--context", type=int, default=128, help="unroll / window length per step (T)")
-    add("--eval-context", type=int, default=512, help="SRU++ test segment length and attn_window")
-    add("--valid-bytes", type=int, default=65536, help="valid slice for periodic evaluation")
-    add("--test-bytes", type=int, default=0, help="test bytes evaluated (0: all)")
-    add("--evals", type=int, default=8, help="valid evaluations per main run")
-    add("--warmup", type=float, default=0.05, help="warmup as a fraction of the budget")
+    add("--context", type=int, default=256, help="segment length per step (T); the Transformer's window")
+    add("--warmup-steps", type=int, default=100, help="linear warmup steps")
     add("--weight-decay", type=float, default=0.1)
-    add("--seed", type=int, default=0)
+    add("--optimizer", default="adamw", choices=("adamw", "radam"))
+    add("--valid-bytes", type=int, default=65536, help="valid bytes scored at each evaluation")
+    add("--test-bytes", type=int, default=0, help="test bytes scored (0: all)")
+    add("--evals", type=int, default=8, help="valid evaluations per main run")
+    add("--long-context", default="256,512,1024,2048,4096",
+        help="evaluation segment = attention window lengths for the SRU++ test curve ('' to skip)")  # fmt: skip
+    add("--long-context-bytes", type=int, default=262144, help="test bytes of the long-context curve (0: all)")
     add("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     add("--device", default="cpu")
-    add("--corpus", default="stdlib", help="'stdlib' (the default) or a gzip or text file of bytes")
     add("--out-dir", default=str(RESULTS), help="where quality.json / .png / .md go")
     args = parser.parse_args(argv)
     if args.quick:
-        args.minutes_per_model, args.sweep_minutes = 0.03, 0.015
-        args.width, args.layers, args.batch, args.context, args.eval_context = 32, 2, 4, 32, 64
-        args.valid_bytes, args.test_bytes, args.evals = 2048, 4096, 2
-        args.sweep_lrs = "1e-3,3e-3"
+        args.minutes_per_model, args.sweep_minutes, args.seeds = 0.02, 0.01, "0,1"
+        args.width, args.layers, args.batch, args.context, args.warmup_steps = 32, 2, 4, 32, 2
+        args.valid_bytes, args.test_bytes, args.evals, args.sweep_lrs = 2048, 4096, 2, "1e-3,3e-3"
+        args.long_context, args.long_context_bytes = "32,64", 4096
     args.models = [m for m in args.models.split(",") if m]
-    args.sweep = [m for m in args.sweep.split(",") if m and m in args.models]
     unknown = set(args.models) - set(MODELS)
     if unknown:
-        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {MODELS}")
     if "srupp" not in args.models:
-        parser.error("`--models` must include srupp: the others are sized to it")
+        parser.error("--models must include srupp: the others are sized to it")
+    args.sweep = [m for m in args.sweep.split(",") if m and m in args.models]
     args.sweep_lrs = [float(v) for v in args.sweep_lrs.split(",") if v]
+    args.seeds = [int(v) for v in args.seeds.split(",") if v]
+    args.long_context = [int(v) for v in args.long_context.split(",") if v]
+    if not args.seeds:
+        parser.error("--seeds must name at least one seed")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    splits, source = load_splits(args.corpus)
+    with tempfile.TemporaryDirectory() as work:
+        splits, source = load_corpus(args.corpus, work)
     if args.test_bytes:
         splits["test"] = splits["test"][: args.test_bytes]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    sized = build_models(args)
-    print(f"quality benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    for kind, (model, width, layers) in sized.items():
-        print(f"  {LABELS[kind]:45s} width {width:5d} x {layers} layers  {count_parameters(model):>12,d} params")
+        source["test_bytes"] = len(splits["test"])
+    widths = sizes(args)
+    print(f"quality benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    for kind, width in widths.items():
+        print(f"  {LABELS[kind]:45s} width {width:5d} x {args.layers}  {parameters(kind, width, args):>12,d} params")
+    budget = 60.0 * args.minutes_per_model
 
     sweep: dict[str, list[dict]] = {}
-    chosen: dict[str, float] = {}
     for kind in args.sweep:
         sweep[kind] = []
         for lr in args.sweep_lrs:
-            model = build_models(args)[kind][0]
-            run = train(kind, model, lr, args.sweep_minutes, splits, args, evals=1, desc=f"sweep {kind} lr={lr:g}")
+            run, _ = train_run(kind, widths[kind], lr, 60.0 * args.sweep_minutes, splits, args, seed=args.seeds[0],
+                               evals=1, desc=f"sweep {kind} lr={lr:g}")  # fmt: skip
             run.pop("history")
             sweep[kind].append(run)
             print(f"  sweep {kind:15s} lr {lr:<8g} steps {run['steps']:6d}  valid bpc {run['final_valid_bpc']:.3f}")
-        chosen[kind] = min(sweep[kind], key=lambda r: r["final_valid_bpc"])["lr"]
+    chosen = {kind: min(runs, key=lambda r: r["final_valid_bpc"])["lr"] for kind, runs in sweep.items()}
+    # Equal tokens: 90% of what the slowest model reaches in the main budget, from the sweep's throughput.
+    rates = [run["tokens_per_s"] for runs in sweep.values() for run in runs]
+    equal_tokens = int(0.9 * budget * min(rates)) if len(sweep) == len(args.models) else None
 
-    runs = {}
-    for kind, (model, width, layers) in sized.items():
-        lr = chosen.get(kind, chosen.get("srupp", args.lr) if kind in SRU_FAMILY else args.lr)
-        run = train(kind, model, lr, args.minutes_per_model, splits, args, evals=args.evals, desc=f"train {kind}")
-        long_context = kind in ("srupp", "srupp_one_attn")
-        context = args.eval_context if long_context else args.context
-        run["test_bpc"] = evaluate(model, kind, splits["test"], context, device, context if long_context else None)
-        run["test_context"] = context
-        run.update({"params": count_parameters(model), "width": width, "layers": layers, "label": LABELS[kind]})
-        runs[kind] = run
-        print(
-            f"  {kind:15s} lr {lr:<8g} steps {run['steps']:6d}  tokens {run['tokens']:>10,d}  best valid "
-            f"{run['best_valid_bpc']:.3f}  test {run['test_bpc']:.3f}  {run['tokens_per_s']:,.0f} tok/s"
-        )
+    runs, first_models = [], {}
+    for seed in args.seeds:
+        for kind in args.models:
+            lr = chosen.get(kind, args.lr)
+            run, model = train_run(kind, widths[kind], lr, budget, splits, args, seed=seed, evals=args.evals,
+                                   equal_tokens=equal_tokens, desc=f"train {kind} seed {seed}")  # fmt: skip
+            run["test_bpc"] = score(model, kind, splits["test"], args)
+            runs.append(run)
+            if seed == args.seeds[0]:
+                first_models[kind] = copy.deepcopy(model)
+            equal = run["equal_tokens"]
+            print(f"  {kind:15s} seed {seed} lr {lr:<8g} steps {run['steps']:6d}  tokens {run['tokens']:>10,d}  "
+                  f"valid {run['final_valid_bpc']:.3f}  test {run['test_bpc']:.3f}"
+                  + (f"  at {equal['tokens']:,} tokens: valid {equal['valid_bpc']:.3f}" if equal else ""))  # fmt: skip
 
-    config = {k: v for k, v in vars(args).items() if k not in ("corpus", "out_dir")}
-    config["threads"] = torch.get_num_threads()
     report = {
-        "machine": machine(),
-        "config": config,
-        "corpus": {**source, **{f"{k}_bytes": len(v) for k, v in splits.items()}},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "corpus")},
+        "corpus": source,
+        "equal_tokens": equal_tokens or min(run["tokens"] for run in runs),
         "sweep": sweep,
         "runs": runs,
+        "summary": summary(runs),
     }
-    (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(runs, out_dir / "quality.png")
-    (out_dir / "quality.md").write_text(markdown(report))
-    print(f"wrote {out_dir / 'quality.json'}, quality.png, quality.md")
+    if args.long_context:
+        report["long_context"] = long_context(first_models, splits, args)
+    out_dir = Path(args.out_dir)
+    path = write_json(out_dir / "quality.json", report, "quality", argv)
+    report["provenance"] = provenance("quality", argv)
+    plot(report, out_dir / "quality.png")
+    write_atomic(out_dir / "quality.md", markdown(report))
+    print(f"wrote {path}, quality.png, quality.md")
     return 0
 
 

@@ -34,8 +34,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,9 +43,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.baselines import LABELS, MODELS, VOCAB, ByteLM, build, count_parameters, size_to_match
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, cpu_model, provenance, write_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 FILLER = 0
 IGNORE = -100
 
@@ -230,17 +227,6 @@ def fresh_model(kind: str, width: int, args) -> ByteLM:
     return build(kind, width, args.layers)
 
 
-def git_revision() -> str | None:
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return revision + ("-dirty" if dirty else "")
-
-
 def choose(runs: list[dict]) -> dict[str, dict]:
     """Per model, the finished run with the best mean validation accuracy (ties: the lower learning rate)."""
     best: dict[str, dict] = {}
@@ -254,19 +240,12 @@ def choose(runs: list[dict]) -> dict[str, dict]:
     return best
 
 
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def markdown(report: dict) -> str:
     cfg = report["config"]
     pairs = cfg["pairs"]
     chance = 1 / len(token_ranges(cfg["vocab"])[1])
     lines = [
-        f"# Multi-query associative recall ({report['provenance']['device_name']}, torch "
-        f"{report['provenance']['torch']})",
+        f"# Multi-query associative recall ({report['device_name']}, torch {report['provenance']['torch']})",
         "",
         f"Sequence length {cfg['seq_len']}, vocabulary {cfg['vocab']}, pairs {pairs} (training mixes them), "
         f"batch {cfg['batch']}, {cfg['layers']} layers, budget {cfg['budget_s']:g} s in all; test accuracy on "
@@ -377,7 +356,6 @@ def run_order(models: list[str], lrs: list[float]) -> list[tuple[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     args = parse(argv)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.recall", *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device = torch.device(args.device)
@@ -396,14 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {k: (str(v) if k == "device" else v) for k, v in vars(args).items() if k != "out_dir"}
     report = {
-        "machine": machine(),
-        "provenance": {
-            "git": git_revision(),
-            "command": command,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"],
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-        },
+        "provenance": provenance("recall", argv),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "config": config,
         "models": {
             kind: {"width": width, "layers": args.layers, "params": params} for kind, (width, params) in sizes.items()

@@ -1,6 +1,6 @@
 """Speed of byte-level LMs at equal parameters: training, inference, cached decoding, and cost vs length.
 
-Models are ``embedding -> body -> head`` (benchmarks/baselines.py): our SRUpp (attention in every
+Models are ``embedding -> body -> head`` (``benchmarks.baselines``): our SRUpp (attention in every
 layer, d' = d/4), the authors' ``sru.SRUpp`` in the same wrapper (if importable), nn.LSTM and the
 GPT-style Transformer, the last two sized to our SRUpp's parameter count. Every figure is also
 printed as a ratio to a baseline measured in the same run.
@@ -15,10 +15,10 @@ printed as a ratio to a baseline measured in the same run.
 3. forward (inference) cost per token as T grows at a fixed number of tokens per batch, SRUpp (plain
    causal attention, no memory) against the Transformer; ratios: each T over T=256, srupp over transformer.
 
-    python benchmarks/speed.py                  # d = 256, 512, 1024; 2 layers; T=256, B=16 (~5 min on 2 cores)
-    python benchmarks/speed.py --no-official    # without the authors' package
-    python benchmarks/speed.py --quick          # tiny shapes, seconds (the smoke test)
-    python benchmarks/speed.py --only decoding  # one part (sizes, decoding, lengths); ~30 s for decoding
+    python -m benchmarks.speed                  # d = 256, 512, 1024; 2 layers; T=256, B=16 (~5 min on 2 cores)
+    python -m benchmarks.speed --no-official    # without the authors' package
+    python -m benchmarks.speed --quick          # tiny shapes, seconds (the smoke test)
+    python -m benchmarks.speed --only decoding  # one part (sizes, decoding, lengths); ~30 s for decoding
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import ByteLM, build, count_parameters, size_to_match  # noqa: E402
-from common import RESULTS, time_it, write_json  # noqa: E402
-from srupp.nn import SRUpp  # noqa: E402
+from benchmarks.baselines import AuthorsSRUppBody, ByteLM, build, count_parameters, load_authors, size_to_match
+from benchmarks.common import RESULTS, time_it, write_atomic, write_json
+from srupp.nn import SRUpp
 
 FULL = {
     "sizes": [256, 512, 1024],
@@ -68,38 +66,11 @@ QUICK = {
 }
 
 
-class AuthorsBody(nn.Module):
-    """The authors' ``sru.SRUpp`` behind the body interface (causal through an additive mask, as theirs)."""
-
-    def __init__(self, sru, width: int, layers: int, proj_size: int) -> None:
-        super().__init__()
-        self.rnn = sru.SRUpp(width, width, proj_size, num_layers=layers)
-        self.masks: dict[int, torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor, state=None, attn_window: int | None = None):
-        steps = x.shape[0]
-        if steps not in self.masks:
-            self.masks[steps] = torch.ones(steps, steps, device=x.device).triu(1) * -1e4
-        output, c, _ = self.rnn(x, attn_mask=self.masks[steps])
-        return output, c
-
-
-def load_official():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import sru  # compiles its C++ extension at first import
-    except Exception as err:  # noqa: BLE001 - any failure means "not available", reported as such
-        print(f"the authors' package `sru` is not available ({type(err).__name__}: {err}); skipping it")
-        return None
-    return sru
-
-
 def equal_models(width: int, layers: int, sru) -> dict[str, ByteLM]:
     torch.manual_seed(0)
     models = {"srupp": build("srupp", width, layers)}
     if sru is not None:
-        models["sru_authors"] = ByteLM(AuthorsBody(sru, width, layers, width // 4), width)
+        models["sru_authors"] = ByteLM(AuthorsSRUppBody(sru, width, layers, width // 4), width)
     target = count_parameters(models["srupp"])
     for kind, (model, _) in size_to_match(["lstm", "transformer"], target, layers, max_width=4 * width).items():
         models[kind] = model
@@ -247,7 +218,7 @@ def bench_lengths(plan: dict, repeats: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    m = report["provenance"]
     lines = [f"# Speed ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", ""]
     if "sizes" in report:
         lines += ["## Training and inference tokens/s (equal parameters)", "",
@@ -301,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     plan = QUICK if args.quick else FULL
     parts = PARTS if args.only is None else (args.only,)
-    sru = None if args.no_official or "sizes" not in parts else load_official()
+    sru = None if args.no_official or "sizes" not in parts else load_authors()
     warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled=True")
     print(f"speed benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}")
     payload: dict = {"repeats": repeats, "plan": plan}
@@ -314,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["lengths"] = bench_lengths(plan, repeats)
     out_dir = Path(args.out_dir)
     name = "speed" if args.only is None else f"speed-{args.only}"
-    path = write_json(name, payload, str(out_dir / f"{name}.json"))
-    (out_dir / f"{name}.md").write_text(markdown(json.loads(path.read_text())))
+    path = write_json(out_dir / f"{name}.json", payload, "speed", argv)
+    write_atomic(out_dir / f"{name}.md", markdown(json.loads(path.read_text())))
     print(f"wrote {path} and {out_dir / f'{name}.md'}")
     return 0
 

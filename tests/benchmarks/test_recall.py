@@ -123,7 +123,8 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     models = ["srupp", "srupp_one_attn", "sru", "lstm", "transformer"]
     assert list(report["models"]) == models
     assert report["provenance"]["command"].endswith("--out-dir " + str(tmp_path))
-    assert report["provenance"]["torch"] == torch.__version__ and report["provenance"]["device_name"]
+    assert report["provenance"]["git_revision"] and report["provenance"]["cpu_kernel"]["threads"] >= 1
+    assert report["provenance"]["torch"] == torch.__version__ and report["device_name"]
     pairs = [str(p) for p in report["config"]["pairs"]]
     assert list(report["results"]) == models, [run["status"] for run in report["runs"]]
     for result_ in report["results"].values():

@@ -1,24 +1,10 @@
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+from tests.benchmarks import assert_provenance, read_json, run_benchmark
 
 
 def test_speed_benchmark_quick_run_writes_json_and_table(tmp_path):
-    # One thread: tiny matmuls with several OpenMP threads crawl on a busy shared machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "speed.json").read_text())
+    run_benchmark("speed", "--quick", "--threads", "1", "--out-dir", tmp_path)
+    report = read_json(tmp_path / "speed.json")
+    assert_provenance(report, "speed", "--quick", "--threads", "1", "--out-dir", str(tmp_path))
     results = report["sizes"][0]["results"]
     assert {"srupp", "lstm", "transformer"} <= results.keys()
     assert all(r["train_tokens_per_s"] > 0 and r["inference_tokens_per_s"] > 0 for r in results.values())

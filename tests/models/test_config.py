@@ -66,8 +66,22 @@ def test_backend_is_not_architecture():
     [
         pytest.param({"num_layers": 5, "attention_every_n_layers": 2}, id="k2"),
         pytest.param({"num_layers": 4, "attention_layers": [3, 0, 3]}, id="explicit"),
+        pytest.param({"num_layers": 3, "attention_layers": []}, id="none"),
     ],
 )
 def test_attention_layers_follow_the_layer_rule(extra):
     cfg = LMConfig(**{**TINY, **extra})
     assert tuple(cfg.attention_layer_indices) == SRUppLM(cfg).rnn.attention_layers
+
+
+def test_no_attention_layers_is_an_sru_stack():
+    # `attention_layers=[]` (the quality benchmark's SRU): no attention anywhere, counted and saved as such.
+    cfg = LMConfig(**{**TINY, "attention_layers": []})
+    model = SRUppLM(cfg)
+
+    def attention_parameters(model):
+        return [name for name, _ in model.named_parameters() if name.endswith(("alpha", "kv_proj.weight"))]
+
+    assert attention_parameters(model) == [] and attention_parameters(SRUppLM(LMConfig(**TINY)))
+    assert cfg.num_parameters == sum(p.numel() for p in model.parameters())
+    assert LMConfig.from_json(cfg.to_json()).attention_layers == []

@@ -24,7 +24,8 @@ class LMConfig:
         attn_dropout: on attention probabilities.
         emb_dropout: inside the adaptive input, between a cluster's embedding and its projection.
         attention_every_n_layers: k; layer i (0-based) has attention iff (i + 1) % k == 0.
-        attention_layers: explicit 0-based attention layer indices (overrides k when given).
+        attention_layers: explicit 0-based attention layer indices (overrides k when given); ``[]`` for none,
+            an SRU stack whose layers keep the d -> d' -> 3d transform.
         highway_bias: initial bias of the reset (highway) gate.
         layer_norm: per-layer input layer norm (off in the paper's LM runs).
         cutoffs: adaptive input/softmax cluster boundaries; None means a plain embedding and output layer.
