@@ -360,6 +360,11 @@ def test_state_from_tensors_reads_the_old_carry_format_and_rejects_bad_keys():
         SRUppState.from_tensors({**old, "num_layers": torch.tensor([2]), "memory/2": torch.zeros(3, 1, 8)})
     with pytest.raises(ValueError, match="'x/c'"):
         SRUppState.from_tensors(old, prefix="x/")
+    # A file's layer count is bounded by the rows of c before any per-layer list is built.
+    with pytest.raises(ValueError, match=r"num_layers` must be in \[0, 2\]"):
+        SRUppState.from_tensors({**old, "num_layers": torch.tensor([10**12])})
+    with pytest.raises(ValueError, match=r"must be in \[0, 2\]"):
+        SRUppState.from_tensors({"c": torch.zeros(2, 1, 8), "memory/99999999999": torch.zeros(1)})
 
 
 def test_state_detach_and_to():

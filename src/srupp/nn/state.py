@@ -117,6 +117,9 @@ class SRUppState:
             num_layers = max(indices, default=-1) + 1
         if indices and max(indices) >= num_layers:
             raise ValueError(f"`tensors` names layer {max(indices)}, beyond {prefix}num_layers = {num_layers}")
+        rows = tensors[f"{prefix}c"].shape[0] if tensors[f"{prefix}c"].dim() > 0 else 0
+        if not 0 <= num_layers <= rows:  # c has a row per layer and direction: bound a file's claim before lists
+            raise ValueError(f"`{prefix}num_layers` must be in [0, {rows}] (the rows of c), got {num_layers}")
         lists: dict[str, list[Tensor | None] | None] = {}
         for name, items in found.items():
             lists[name] = [None] * num_layers if items else None
