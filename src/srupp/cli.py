@@ -223,6 +223,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its options, in one flat list read top to bottom (long on purpose: it is the CLI's
+    whole surface in one place)."""
     parser = argparse.ArgumentParser(prog="srupp", description="Train, evaluate and sample SRU++ language models.")
     parser.add_argument("--version", action="version", version=f"srupp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

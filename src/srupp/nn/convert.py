@@ -72,6 +72,52 @@ def _from_module(module: nn.Module) -> dict:
     }
 
 
+def _refuse_unsupported(state: Mapping[str, Tensor], layer_ids: list[int], layer_norm: bool, input_size: int) -> None:
+    """NotImplementedError for the authors' options that ``SRUpp`` cannot represent."""
+    for i in layer_ids:
+        if f"rnn_lst.{i}.transform_module.layer_norm.weight" not in state:
+            raise NotImplementedError("sru.SRUpp with attn_layer_norm=False is not supported")
+        scale = state.get(f"rnn_lst.{i}.scale_x")
+        if scale is not None and not torch.all(scale == 1):
+            raise NotImplementedError(
+                f"sru.SRUpp with rescale=True is not supported (`rnn_lst.{i}.scale_x` = {scale.flatten().tolist()}, "
+                "not 1)"
+            )
+    if layer_norm and state["rnn_lst.0.layer_norm.weight"].numel() != input_size:
+        raise NotImplementedError(
+            "sru.SRUpp with normalize_after=True (post-norm cells) is not supported (`rnn_lst.0.layer_norm` has "
+            f"{state['rnn_lst.0.layer_norm.weight'].numel()} features, the input {input_size})"
+        )
+
+
+def _our_weights(model: SRUpp, state: Mapping[str, Tensor], attention: list[int], layer_norm: bool) -> dict:
+    """The authors' ``state`` under our names and layouts, for ``model``."""
+    num_directions, hidden = model.num_directions, model.hidden_size
+    ours: dict[str, Tensor] = {}
+    for i, layer in enumerate(model.layers):
+        theirs = f"rnn_lst.{i}."
+        transform = f"{theirs}transform_module."
+        ours[f"layers.{i}.transform.in_proj.weight"] = state[f"{transform}linear1.weight"]
+        if i in attention:
+            ours[f"layers.{i}.transform.kv_proj.weight"] = state[f"{transform}linear2.weight"]
+            ours[f"layers.{i}.transform.alpha"] = state[f"{transform}alpha"].reshape(())
+            wo = state[f"{transform}linear3.weight"]
+        else:
+            wo = state[f"{transform}linear2.weight"]
+        expected_rows = layer.output_size * (4 if layer.project_skip else 3)
+        if wo.shape[0] != expected_rows:
+            raise ValueError(f"layer {i}: Wo has {wo.shape[0]} rows, expected {expected_rows}; check `bidirectional`")
+        ours[f"layers.{i}.transform.out_proj.weight"] = _wo_rows(wo, num_directions, hidden)
+        ours[f"layers.{i}.transform.norm.weight"] = state[f"{transform}layer_norm.weight"]
+        ours[f"layers.{i}.transform.norm.bias"] = state[f"{transform}layer_norm.bias"]
+        if layer_norm:
+            ours[f"layers.{i}.input_norm.weight"] = state[f"{theirs}layer_norm.weight"]
+            ours[f"layers.{i}.input_norm.bias"] = state[f"{theirs}layer_norm.bias"]
+        for name, key in (("weight", "weight_c"), ("bias", "bias")):
+            ours[f"layers.{i}.gates.{name}"] = state[f"{theirs}{key}"].reshape(2, num_directions, -1).transpose(0, 1)
+    return ours
+
+
 def srupp_from_sru(
     source: nn.Module | Mapping[str, Tensor],
     *,
@@ -154,20 +200,7 @@ def srupp_from_sru(
     _check("num_layers", num_layers, found_layers)
     attention = [i for i in layer_ids if f"rnn_lst.{i}.transform_module.alpha" in state]
     layer_norm = "rnn_lst.0.layer_norm.weight" in state
-    for i in layer_ids:
-        if f"rnn_lst.{i}.transform_module.layer_norm.weight" not in state:
-            raise NotImplementedError("sru.SRUpp with attn_layer_norm=False is not supported")
-        scale = state.get(f"rnn_lst.{i}.scale_x")
-        if scale is not None and not torch.all(scale == 1):
-            raise NotImplementedError(
-                f"sru.SRUpp with rescale=True is not supported (`rnn_lst.{i}.scale_x` = {scale.flatten().tolist()}, "
-                "not 1)"
-            )
-    if layer_norm and state["rnn_lst.0.layer_norm.weight"].numel() != found_input:
-        raise NotImplementedError(
-            "sru.SRUpp with normalize_after=True (post-norm cells) is not supported (`rnn_lst.0.layer_norm` has "
-            f"{state['rnn_lst.0.layer_norm.weight'].numel()} features, the input {found_input})"
-        )
+    _refuse_unsupported(state, layer_ids, layer_norm, found_input)
 
     reference = first_wq
     model = SRUpp(
@@ -187,27 +220,5 @@ def srupp_from_sru(
         device=reference.device,
         dtype=reference.dtype,
     )
-    ours: dict[str, Tensor] = {}
-    for i, layer in enumerate(model.layers):
-        theirs = f"rnn_lst.{i}."
-        transform = f"{theirs}transform_module."
-        ours[f"layers.{i}.transform.in_proj.weight"] = state[f"{transform}linear1.weight"]
-        if i in attention:
-            ours[f"layers.{i}.transform.kv_proj.weight"] = state[f"{transform}linear2.weight"]
-            ours[f"layers.{i}.transform.alpha"] = state[f"{transform}alpha"].reshape(())
-            wo = state[f"{transform}linear3.weight"]
-        else:
-            wo = state[f"{transform}linear2.weight"]
-        expected_rows = layer.output_size * (4 if layer.project_skip else 3)
-        if wo.shape[0] != expected_rows:
-            raise ValueError(f"layer {i}: Wo has {wo.shape[0]} rows, expected {expected_rows}; check `bidirectional`")
-        ours[f"layers.{i}.transform.out_proj.weight"] = _wo_rows(wo, num_directions, found_hidden)
-        ours[f"layers.{i}.transform.norm.weight"] = state[f"{transform}layer_norm.weight"]
-        ours[f"layers.{i}.transform.norm.bias"] = state[f"{transform}layer_norm.bias"]
-        if layer_norm:
-            ours[f"layers.{i}.input_norm.weight"] = state[f"{theirs}layer_norm.weight"]
-            ours[f"layers.{i}.input_norm.bias"] = state[f"{theirs}layer_norm.bias"]
-        for name, key in (("weight", "weight_c"), ("bias", "bias")):
-            ours[f"layers.{i}.gates.{name}"] = state[f"{theirs}{key}"].reshape(2, num_directions, -1).transpose(0, 1)
-    model.load_state_dict(ours)
+    model.load_state_dict(_our_weights(model, state, attention, layer_norm))
     return model

@@ -84,6 +84,8 @@ def _sru_backward_kernel(
     HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
+    """One program walks time backwards for one batch row and BLOCK_D features. It is one long body on
+    purpose: the reverse-time loop must stay a single pipelined ``tl.range``, and Triton inlines helpers anyway."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     keep = cols < D
