@@ -22,8 +22,12 @@ def test_quality_benchmark_quick_run_writes_json_plot_and_table(tmp_path):
     for run in report["runs"]:
         assert run["steps"] > 0 and run["history"] and run["tokens"] == run["history"][-1]["tokens"]
         assert 0 < run["final_valid_bpc"] < 10 and 0 < run["test_bpc"] < 10
-        # the equal-token point is the same for every model, within one step of tokens
-        assert report["equal_tokens"] <= run["equal_tokens"]["tokens"] < report["equal_tokens"] + 4 * 32
+        # the equal-token point is the same for every model, within one step of tokens; a run slower than its
+        # sweep (timing on a busy machine) may stop short of it, and then says so
+        if run["equal_tokens"] is None:
+            assert run["tokens"] < report["equal_tokens"]
+        else:
+            assert report["equal_tokens"] <= run["equal_tokens"]["tokens"] < report["equal_tokens"] + 4 * 32
     assert list(report["sweep"]) == MODELS and all(len(runs) == 2 for runs in report["sweep"].values())
     for kind, row in report["summary"].items():
         values = [r["test_bpc"] for r in report["runs"] if r["model"] == kind]
