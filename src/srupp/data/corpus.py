@@ -268,18 +268,22 @@ def prepare_enwik8(
     source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True, overwrite: bool = False
 ) -> Corpus:
     """enwik8 (``enwik8.zip`` or the unzipped file): bytes, first 90M train / next 5M valid / last 5M test."""
-    refuse_existing(out, overwrite)
-    data = _read_bytes(Path(source), "enwik8", _ENWIK8_BYTES if check_size else None)
-    return write_corpus(out, _split_90_5_5(data), Vocab("byte"), "enwik8", overwrite=overwrite)
+    return _prepare_100m_bytes("enwik8", source, out, check_size=check_size, overwrite=overwrite)
 
 
 def prepare_text8(
     source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool = True, overwrite: bool = False
 ) -> Corpus:
     """text8 (``text8.zip`` or the file): 100M lowercase characters split 90M / 5M / 5M like enwik8."""
-    refuse_existing(out, overwrite)
-    data = _read_bytes(Path(source), "text8", _ENWIK8_BYTES if check_size else None)
-    return write_corpus(out, _split_90_5_5(data), Vocab("byte"), "text8", overwrite=overwrite)
+    return _prepare_100m_bytes("text8", source, out, check_size=check_size, overwrite=overwrite)
+
+
+def _prepare_100m_bytes(
+    name: str, source: str | os.PathLike, out: str | os.PathLike, *, check_size: bool, overwrite: bool
+) -> Corpus:
+    refuse_existing(out, overwrite)  # before reading 100 MB
+    data = _read_bytes(Path(source), name, _ENWIK8_BYTES if check_size else None)
+    return write_corpus(out, _split_90_5_5(data), Vocab("byte"), name, overwrite=overwrite)
 
 
 def _wt103_lines(source: Path, split: str) -> list[str]:
