@@ -366,6 +366,7 @@ def test_kernel_info_when_missing(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_KERNEL", None)
     monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
     info = cpu_backend.cpu_kernel_info()
+    info.pop("cache_bytes")
     assert info == {"loaded": False, "isa": None, "available": [], "threads": torch.get_num_threads(),
                     "reason": "the compiled kernel is missing"}  # fmt: skip
 
@@ -471,3 +472,100 @@ def test_raw_backward_checks_its_own_inputs(name):
     given[name] = noncontiguous(torch.zeros(T, B, D)) if name != "grad_c_last" else torch.zeros(D, B).t()
     with pytest.raises(ValueError, match=rf"`{name}` must be contiguous"):
         torch.ops.srupp.sru_cpu_backward(*order, given["c_all"], given["grad_h"], given["grad_c_last"], False)
+
+
+# ---- output buffers kept for reuse ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """A fresh output cache (outputs of T=64 B=4 D=1024 are 1 MiB and more, so they go through it)."""
+    if not cpu_backend.is_available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    if cpu_backend._OUTPUTS._use_count is None:
+        pytest.skip("this torch has no storage use count; the cache is off")
+    monkeypatch.delenv("SRUPP_CPU_CACHE_MB", raising=False)
+    fresh = cpu_backend._OutputCache()
+    monkeypatch.setattr(cpu_backend, "_OUTPUTS", fresh)
+    return fresh
+
+
+def big_case(seed=0):
+    u, x, v, b, c0 = make_inputs(64, 4, 1024, seed=seed)
+    return [t.requires_grad_() for t in (u, x, v, b, c0)]
+
+
+def test_outputs_reuse_storage_only_once_released(cache):
+    inputs = big_case()
+    h, _ = sru_recurrence(*inputs, backend="cpu")
+    kept = h.clone()
+    h_ptr = h.data_ptr()
+    # h alive: the next call must not write into it
+    h2, _ = sru_recurrence(*big_case(seed=1), backend="cpu")
+    assert h2.data_ptr() != h_ptr and torch.equal(h, kept)
+    del h2
+    h.backward(torch.ones_like(h))  # frees the saved states; h itself still alive
+    assert torch.equal(h, kept)
+    grads = [t.grad.clone() for t in inputs[:2]]  # .grad adopted the backward's cached outputs
+    del h
+    # h released: its storage comes back, and the result is still the spec's
+    h3, _ = sru_recurrence(*inputs, backend="cpu")
+    assert h3.data_ptr() == h_ptr
+    torch.testing.assert_close(h3, kept, rtol=0, atol=0)
+    # another backward must not write into gradients still held as .grad
+    other = big_case(seed=3)
+    h4, _ = sru_recurrence(*other, backend="cpu")
+    h4.backward(torch.full_like(h4, 2.0))
+    assert all(torch.equal(t.grad, g) for t, g in zip(inputs[:2], grads, strict=True))
+    assert cpu_backend.cpu_kernel_info()["cache_bytes"] == cache.held_bytes() > 0
+
+
+def test_interleaved_steps_with_cached_outputs_match_naive(cache):
+    """Two forwards, then their backwards in the reverse order, twice over: every gradient is the spec's
+    even as buffers go back and forth between the calls."""
+    for _ in range(2):
+        first, second = big_case(0), big_case(1)
+        upstream = torch.randn(64, 4, 1024, generator=torch.Generator().manual_seed(2))
+        h1, c1 = sru_recurrence(*first, backend="cpu")
+        h2, c2 = sru_recurrence(*second, backend="cpu")
+        (h2 * upstream).sum().backward()
+        (h1 * upstream).sum().backward()
+        for inputs, h in ((first, h1), (second, h2)):
+            reference = [t.detach().clone().requires_grad_() for t in inputs]
+            h_ref, _ = sru_recurrence(*reference, backend="naive")
+            (h_ref * upstream).sum().backward()
+            assert_all_close(["h", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"], [h] + [t.grad for t in inputs],
+                             [h_ref] + [t.grad for t in reference], atol=1e-4, rtol=1e-4)  # fmt: skip
+        del h1, c1, h2, c2
+
+
+def test_cache_limit_and_release(cache, monkeypatch):
+    with torch.no_grad():
+        sru_recurrence(*big_case(), backend="cpu")
+    assert cache.held_bytes() == 64 * 4 * 1024 * 4  # h only: no state is saved without grad
+    cpu_backend.empty_cpu_cache()
+    assert cache.held_bytes() == 0
+    monkeypatch.setenv("SRUPP_CPU_CACHE_MB", "0")
+    h, _ = sru_recurrence(*big_case(), backend="cpu")
+    h.sum().backward()
+    assert cache.held_bytes() == 0
+    monkeypatch.setenv("SRUPP_CPU_CACHE_MB", "1.5")  # room for one 1 MiB buffer: the least recent free one goes
+    with torch.no_grad():
+        sru_recurrence(*big_case(), backend="cpu")
+        sru_recurrence(*make_inputs(64, 4, 1100), backend="cpu")
+    assert cache.held_bytes() == 64 * 4 * 1100 * 4
+    monkeypatch.setenv("SRUPP_CPU_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match=r"`SRUPP_CPU_CACHE_MB` must be a number of MiB >= 0 \(or unset\), got 'lots'"):
+        sru_recurrence(*big_case(), backend="cpu")
+
+
+def test_cache_in_inference_mode_then_training(cache):
+    with torch.inference_mode():
+        h, _ = sru_recurrence(*make_inputs(64, 4, 1024), backend="cpu")
+        assert h.is_inference()
+        del h
+    inputs = big_case()
+    h, _ = sru_recurrence(*inputs, backend="cpu")
+    assert not h.is_inference()
+    h.sum().backward()
+    assert torch.isfinite(inputs[0].grad).all()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +117,12 @@ def cpu_kernel_info() -> dict[str, object]:
     """What the fused CPU kernel runs with.
 
     Returns:
-        ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "reason": str | None}``:
-        the instruction-set variant in use (``SRUPP_CPU_ISA=baseline|avx2|avx512`` forces one), the
-        variants this CPU can run, the thread count the kernel uses (``torch.get_num_threads()``), and
-        why the kernel did not load, if it did not.
+        ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "reason": str | None,
+        "cache_bytes": int}``: the instruction-set variant in use (``SRUPP_CPU_ISA=baseline|avx2|avx512``
+        forces one), the variants this CPU can run, the thread count the kernel uses
+        (``torch.get_num_threads()``), why the kernel did not load, if it did not, and the bytes of the output
+        buffers it keeps for reuse, in use or free (at most ``SRUPP_CPU_CACHE_MB`` MiB; ``empty_cpu_cache()``
+        releases the free ones).
 
     Example:
         >>> cpu_kernel_info()["isa"]  # doctest: +SKIP
@@ -131,7 +135,88 @@ def cpu_kernel_info() -> dict[str, object]:
         "available": [] if kernel is None else list(kernel.available),
         "threads": torch.get_num_threads(),
         "reason": None if kernel is not None else _LOAD_ERROR,
+        "cache_bytes": _OUTPUTS.held_bytes(),
     }
+
+
+class _OutputCache:
+    """Storage for the kernels' large outputs, kept after their last user lets go and handed out again.
+
+    A fresh allocation of tens of MiB is mapped anew by the C library on every call, and the operating
+    system zeroes every page of it on first touch: in a training step of T=512 B=16 D=512 that zeroing
+    moved as many bytes as the kernels themselves. So outputs of at least ``MIN_BYTES`` are carved from
+    storage this cache keeps, as new tensors on it (never the same tensor object, so nothing it hands
+    out is a view of anything). A storage is free again when the cache holds the only reference to it:
+    once every tensor on it (the caller's, autograd's saved copy, a ``.grad`` that adopted it) is gone.
+    The cache holds at most ``SRUPP_CPU_CACHE_MB`` MiB (default 1024; 0 turns it off), dropping the
+    least recently used free storage to make room, and allocating outside it when everything it holds
+    is in use. ``srupp.ops.empty_cpu_cache()`` releases what is free.
+    """
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._storages: list[torch.UntypedStorage] = []  # least recently handed out first
+        self._use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: probe, not assume
+
+    @staticmethod
+    def limit_bytes() -> int:
+        raw = os.environ.get("SRUPP_CPU_CACHE_MB", "").strip()
+        try:
+            megabytes = float(raw) if raw else 1024.0
+        except ValueError:
+            megabytes = -1.0
+        if not math.isfinite(megabytes) or megabytes < 0:
+            raise ConfigError(f"`SRUPP_CPU_CACHE_MB` must be a number of MiB >= 0 (or unset), got {raw!r}")
+        return int(megabytes * 2**20)
+
+    def _free(self, storage: torch.UntypedStorage) -> bool:
+        return self._use_count(storage._cdata) == 1
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(storage.nbytes() for storage in self._storages)
+
+    def empty(self) -> None:
+        """Drop every free storage (those in use stay with their users and leave the cache)."""
+        with self._lock:
+            self._storages = []
+
+    def new(self, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+        """An uninitialised contiguous tensor of ``like``'s dtype and ``shape`` (default ``like.shape``)."""
+        shape = tuple(like.shape) if shape is None else shape
+        nbytes = math.prod(shape) * like.element_size()
+        limit = self.limit_bytes()
+        if nbytes < self.MIN_BYTES or self._use_count is None or nbytes > limit:
+            return like.new_empty(shape)
+        with self._lock:
+            storage = next((s for s in self._storages if s.nbytes() == nbytes and self._free(s)), None)
+            if storage is not None:
+                self._storages.remove(storage)
+            else:
+                held = sum(s.nbytes() for s in self._storages)
+                for old in [s for s in self._storages if self._free(s)]:
+                    if held + nbytes <= limit:
+                        break
+                    self._storages.remove(old)
+                    held -= old.nbytes()
+                if held + nbytes > limit:
+                    return like.new_empty(shape)
+                storage = torch.UntypedStorage(nbytes)
+            self._storages.append(storage)
+            return like.new_empty(0).set_(storage, 0, shape)
+
+
+_OUTPUTS = _OutputCache()
+
+
+def empty_cpu_cache() -> None:
+    """Release the output buffers the CPU kernel keeps for reuse (see ``cpu_kernel_info()["cache_bytes"]``).
+
+    Buffers still in use (held by tensors, autograd or gradients) are unaffected and freed with them.
+    """
+    _OUTPUTS.empty()
 
 
 def _ptr(tensor: Tensor | None) -> int | None:
@@ -196,9 +281,9 @@ def sru_cpu_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernel = _require_kernel()
     steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
-    h = torch.empty_like(x)
+    h = _OUTPUTS.new(x)
     c_last = torch.empty_like(c0)
-    c_all = torch.empty_like(x) if save_c else x.new_empty(0)
+    c_all = _OUTPUTS.new(x) if save_c else x.new_empty(0)
     kernel.forward[x.dtype](
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
@@ -231,8 +316,8 @@ def sru_cpu_backward(
     _check("c_all", c_all, x.shape, x.dtype)
     _check("grad_h", grad_h, x.shape, x.dtype)
     _check("grad_c_last", grad_c_last, c0.shape, x.dtype)
-    grad_u = torch.empty_like(u)
-    grad_x = torch.empty_like(x)
+    grad_u = _OUTPUTS.new(u)
+    grad_x = _OUTPUTS.new(x)
     grad_vb = x.new_empty(batch, 4, hidden)
     grad_c0 = torch.empty_like(c0)
     kernel.backward[x.dtype](
