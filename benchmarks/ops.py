@@ -18,6 +18,7 @@ every kernel variant this CPU can run (the naive and authors' columns only for t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def copy_bandwidth(megabytes: int) -> float:
     dst = torch.empty_like(src)
     seconds = fastest(lambda: dst.copy_(src), repeats=7)
     return 2 * src.numel() * 4 / seconds
+
+
+@contextlib.contextmanager
+def no_output_cache():
+    """The public op as it was before it kept its outputs for reuse: every output a fresh allocation."""
+    previous = os.environ.get("SRUPP_CPU_CACHE_MB")
+    os.environ["SRUPP_CPU_CACHE_MB"] = "0"
+    cpu_backend.empty_cpu_cache()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SRUPP_CPU_CACHE_MB")
+        else:
+            os.environ["SRUPP_CPU_CACHE_MB"] = previous
 
 
 def time_kernels(u, x, v, b, c0, grad_h, repeats):
@@ -100,12 +116,17 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
     row["cpu_train_forward_s"] = fastest(lambda: train_forward("cpu"), repeats=repeats, min_seconds=0.3)
     row["cpu_train_s"] = fastest(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
     row["cpu_backward_s"] = max(row["cpu_train_s"] - row["cpu_train_forward_s"], 1e-9)
+    with no_output_cache():
+        row["cpu_train_uncached_s"] = fastest(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
     if with_naive:
         row["forward_speedup"] = row["naive_forward_s"] / row["cpu_forward_s"]
         row["train_speedup"] = row["naive_train_s"] / row["cpu_train_s"]
     elements = steps * batch * hidden
     row["cpu_forward_GBps"] = elements * FORWARD_INFER_BYTES / row["cpu_forward_s"] / 1e9
     row["cpu_train_GBps"] = elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES) / row["cpu_train_s"] / 1e9
+    row["cpu_train_uncached_GBps"] = (
+        elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES) / row["cpu_train_uncached_s"] / 1e9
+    )
     kernel_forward_s, kernel_backward_s = time_kernels(u, x, v, b, c0, grad_h, repeats)
     row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / kernel_forward_s / 1e9
     row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / kernel_backward_s / 1e9
@@ -144,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print("bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
           "backward 40 (reads u 3, x 1, c 1, grad_h 1; writes grad_u 3, grad_x 1): f+b 64")  # fmt: skip
     header = (f"{'isa':>8} {'T':>5} {'B':>4} {'D':>5} | {'copy':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | "
-              f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} | {'kernel fwd':>6} "
-              f"{'bwd BW':>6} | {'sru fwd':>8} {'ours x':>6}")  # fmt: skip
+              f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} {'fresh':>6} | "
+              f"{'kernel fwd':>6} {'bwd BW':>6} | {'sru fwd':>8} {'ours x':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     rows = []
@@ -158,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             copy = row["copy_GBps"] * 1e9
             row["cpu_forward_bw_fraction"] = row["cpu_forward_GBps"] * 1e9 / copy
             row["cpu_train_bw_fraction"] = row["cpu_train_GBps"] * 1e9 / copy
+            row["cpu_train_uncached_bw_fraction"] = row["cpu_train_uncached_GBps"] * 1e9 / copy
             row["kernel_train_forward_bw_fraction"] = row["kernel_train_forward_GBps"] * 1e9 / copy
             row["kernel_backward_bw_fraction"] = row["kernel_backward_GBps"] * 1e9 / copy
             rows.append(row)
@@ -171,13 +193,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                   f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {fwd_x} | "
                   f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {train_x} | "
                   f"{row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
+                  f" {row['cpu_train_uncached_bw_fraction']:6.0%}"
                   f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
                   f" | {official_cols}", flush=True)  # fmt: skip
     os.environ.pop("SRUPP_CPU_ISA", None)
     cpu_backend._reset()
     print("times in ms; copy in GB/s (read+write, measured before each row); x = speed-up over naive;")
     print("BW = achieved bandwidth / copy bandwidth through the public op (allocation and first touch of the")
-    print("outputs included); kernel BW = the C kernels alone on reused buffers;")
+    print("outputs included); fresh = f+b BW with SRUPP_CPU_CACHE_MB=0 (every output a new allocation);")
+    print("kernel BW = the C kernels alone on reused buffers;")
     print("'ours x' = the authors' CPU forward time / ours")
     payload = {
         "cpu_kernel": info,

@@ -9,3 +9,4 @@ def test_ops_benchmark_quick_run_writes_json(tmp_path):
     (row,) = report["rows"]
     assert (row["T"], row["B"], row["D"]) == (16, 2, 32)
     assert row["cpu_forward_s"] > 0 and row["forward_speedup"] > 0
+    assert row["cpu_train_uncached_s"] > 0 and 0 < row["cpu_train_uncached_bw_fraction"] < 2
