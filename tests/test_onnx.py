@@ -104,3 +104,28 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="must be >= 2 and differ"):
         export_onnx(SRUpp(4, 4, 2), tmp_path / "x.onnx", example_length=3, example_batch=3)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_external_data_file_is_never_replaced_unasked(tmp_path, monkeypatch):
+    """A large model's weights go to a file beside the .onnx; without overwrite neither file of the user's is
+    touched, with it both are replaced together."""
+    save = torch.onnx.ONNXProgram.save
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", lambda self, dest, **kw: save(self, dest, external_data=True))
+    layer = SRUpp(8, 8, proj_size=4, num_layers=1).eval()
+    out = tmp_path / "m.onnx"
+    export_onnx(layer, out)
+    sidecars = sorted(p.name for p in tmp_path.iterdir() if p.name != "m.onnx")
+    assert sidecars == ["m.onnx.data"]  # what this exporter writes beside the graph
+    out.unlink()
+    user = tmp_path / "m.onnx.data"
+    user.write_bytes(b"the user's weights")
+    with pytest.raises(FileExistsError, match=r"m\.onnx\.data already exist"):
+        export_onnx(layer, out, overwrite=False)
+    assert user.read_bytes() == b"the user's weights" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]  # no temporary folder left
+    export_onnx(layer, out, overwrite=True)
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        expected, _ = layer(x)
+    (got,) = run(ort.InferenceSession(str(out)), input=x)
+    assert max_err(got, expected) < TOL and user.read_bytes() != b"the user's weights"

@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         if out.exists() and not args.overwrite:
             raise ConfigError(f"`out` {out} already exists; pass --overwrite to replace it")
         model, _, _, _ = load_model(checkpoint, "cpu", backend=args.backend)
-        export_onnx(model, out, with_state=args.with_state)
+        export_onnx(model, out, with_state=args.with_state, overwrite=args.overwrite)
     print(f"exported {checkpoint} -> {out}")
     return 0
 

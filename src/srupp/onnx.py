@@ -49,6 +49,7 @@ def export_onnx(
     example_length: int = 7,
     example_batch: int = 3,
     opset_version: int | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Export an ``SRUpp`` module or an ``SRUppLM`` to an ONNX file with dynamic time and batch axes.
 
@@ -67,11 +68,13 @@ def export_onnx(
     Args:
         model: the module to export (float32 weights on the CPU, tested; a fused recurrence backend: the
             "naive" backend is a Python loop over time, which fixes T in the traced graph).
-        path: the ``.onnx`` file to write (replaced if it exists).
+        path: the ``.onnx`` file to write.
         causal: for an ``SRUpp`` module, attend only to earlier positions.
         with_state: expose the recurrent state as an input and an output.
         example_length, example_batch: the sizes of the example traced (any others run).
         opset_version: ONNX opset (default: the exporter's).
+        overwrite: replace ``path`` and the external-data file beside it (large models) if they exist; with
+            False an existing one raises ``FileExistsError`` and nothing is written.
 
     Returns:
         The path written.
@@ -136,6 +139,10 @@ def export_onnx(
     # Written in a fresh folder beside the target (with any external-data file), then renamed into place.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         program.save(Path(tmp) / path.name)
-        for item in Path(tmp).iterdir():
+        written = sorted(Path(tmp).iterdir())
+        existing = [path.parent / item.name for item in written if (path.parent / item.name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True to replace")
+        for item in written:
             os.replace(item, path.parent / item.name)
     return path
