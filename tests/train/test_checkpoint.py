@@ -99,3 +99,19 @@ def test_carried_state_round_trips_through_tensors():
     without_memory, _ = model(tokens[6:], carry_from_tensors({"c": tensors["c"]}, torch.device("cpu")))
     assert not torch.allclose(without_memory, expected)  # the test would notice a lost memory
     assert carry_to_tensors(None) == {} and carry_from_tensors({}, torch.device("cpu")) is None
+
+
+def test_written_files_get_the_users_umask(tmp_path):
+    """Checkpoints and the run's small files get 0666 narrowed by the umask, like any new file of the user
+    (not mkstemp's 0600, and not a fixed 0644 that would open a private run to everyone)."""
+    from srupp.train.rundir import write_text_atomic
+
+    previous = os.umask(0o027)
+    try:
+        path, _ = _save(tmp_path / "c.safetensors", _cfg())
+        write_text_atomic(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
+    assert oct(os.stat(tmp_path / "config.json").st_mode & 0o777) == oct(0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "config.json"]  # no temporary left

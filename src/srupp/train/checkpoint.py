@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from srupp.errors import CheckpointError, UnavailableError, name_path
 from srupp.models import LMConfig, SRUppLM
 from srupp.nn import SRUppState
+from srupp.train.rundir import create_temp_beside
 
 FORMAT = "srupp-checkpoint/2"
 _METADATA_KEYS = ("format", "config", "vocab", "trainer")
@@ -64,12 +64,6 @@ def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -101,13 +95,16 @@ def save_checkpoint(
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in (("config", config), ("vocab", vocab),
                                                                   ("trainer", trainer))}}  # fmt: skip
     metadata["sha256"] = _digest(tensors, metadata)
-    # The pid in the name: another process's temporary files are never this one's to remove.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        fd, tmp = create_temp_beside(path)
+        mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, as the system applied it
+        os.close(fd)
+    except OSError as err:
+        raise name_path(err, path) from err
+    try:
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, mode)  # safetensors writes the file anew with mode 0600
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 
@@ -16,10 +16,28 @@ LOCK = ".srupp.lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "learning_curve.png", "checkpoints")
 
 
+def create_temp_beside(path: Path) -> tuple[int, str]:
+    """A new, empty file of this process beside ``path`` to be renamed over it: ``(fd, name)``.
+
+    The pid in the name: another process's temporary files are never this one's to remove. Created with mode
+    0666, which the operating system narrows by the user's umask, so the renamed file gets the permissions
+    any new file of the user would (``tempfile.mkstemp`` makes 0600, and reading the umask means setting it,
+    process-wide)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary file of this process beside ``path`` and rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        fd, tmp = create_temp_beside(path)
+    except OSError as err:
+        raise name_path(err, path) from err
     try:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -28,7 +46,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
                 os.fsync(f.fileno())
         except OSError as err:
             raise name_path(err, path) from err
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
