@@ -1,5 +1,7 @@
-/* The kernel's baseline variant (the one every CPU of the architecture runs) against a straightforward scalar loop with libm's exp, in C alone:
- * for architectures where torch is not at hand (built with a cross compiler, run under qemu-user).
+/* Every kernel variant this CPU runs against a straightforward scalar loop with libm's exp, in C alone: for
+ * architectures where torch is not at hand (built with a cross compiler, run under qemu-user), and for CPUs
+ * this machine is not (qemu-user emulating an x86-64 without AVX-512, or without AVX).
+ * Usage: kernel_check [EXPECTED_MASK]: also fails unless srupp_isa_supported() equals EXPECTED_MASK.
  * Prints the largest differences and exits non-zero if one is above tolerance. */
 #include "../../../src/srupp/ops/csrc/sru_cpu.c"
 
@@ -77,7 +79,29 @@ static double worst(const char *name, const float *got, const double *want, int 
     return err;
 }
 
-int main(void) {
+typedef void (*forward_fn)(const float *, const float *, const float *, const float *, const float *,
+                           const uint8_t *, const float *, float *, float *, float *, int64_t, int64_t, int64_t, int,
+                           int);
+typedef void (*backward_fn)(const float *, const float *, const float *, const float *, const float *,
+                            const uint8_t *, const float *, const float *, const float *, const float *, float *,
+                            float *, float *, float *, int64_t, int64_t, int64_t, int, int);
+
+struct variant {
+    const char *name;
+    int bit;
+    forward_fn forward;
+    backward_fn backward;
+};
+
+static const struct variant VARIANTS[] = {
+    {"baseline", SRUPP_ISA_BASELINE, srupp_sru_forward_f32_baseline, srupp_sru_backward_f32_baseline},
+#ifdef SRUPP_X86_VARIANTS
+    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2},
+    {"avx512", SRUPP_ISA_AVX512, srupp_sru_forward_f32_avx512, srupp_sru_backward_f32_avx512},
+#endif
+};
+
+int main(int argc, char **argv) {
     static float u[T * B * 3 * D], x[T * B * D], gh[T * B * D], v[2 * D], bias[2 * D], c0[B * D], mask_c[B * D];
     static float gc_last[B * D], h[T * B * D], c_all[T * B * D], c_last[B * D], gu[T * B * 3 * D], gx[T * B * D];
     static float gvb[B * 4 * D], gc0[B * D], gv[2 * D], gb[2 * D];
@@ -90,24 +114,34 @@ int main(void) {
     for (int i = 0; i < 2 * D; ++i) v[i] = uniform(&s), bias[i] = uniform(&s);
     for (int i = 0; i < B * D; ++i) c0[i] = uniform(&s), gc_last[i] = uniform(&s), mask_c[i] = uniform(&s) > -0.4f;
     for (int t = 0; t < T; ++t) pad[t * B + 1] = t >= T - 4, pad[t * B + 2] = uniform(&s) > 0.3f;
-    srupp_sru_forward_f32_baseline(u, x, v, bias, c0, pad, mask_c, h, c_all, c_last, T, B, D, 0, 2);
-    srupp_sru_backward_f32_baseline(u, x, v, bias, c0, pad, mask_c, c_all, gh, gc_last, gu, gx, gvb, gc0, T, B, D,
-                                    0, 2);
-    for (int i = 0; i < D; ++i) {
-        gv[i] = gv[D + i] = gb[i] = gb[D + i] = 0;
-        for (int b = 0; b < B; ++b) {
-            gv[i] += gvb[b * 4 * D + i], gv[D + i] += gvb[b * 4 * D + D + i];
-            gb[i] += gvb[b * 4 * D + 2 * D + i], gb[D + i] += gvb[b * 4 * D + 3 * D + i];
-        }
-    }
     reference(u, x, v, bias, c0, pad, mask_c, gh, gc_last, rh, rc_last, rgu, rgx, rgv, rgb, rgc0);
-    double err = worst("h", h, rh, T * B * D);
-    err = fmax(err, worst("c_last", c_last, rc_last, B * D));
-    err = fmax(err, worst("grad_u", gu, rgu, T * B * 3 * D));
-    err = fmax(err, worst("grad_x", gx, rgx, T * B * D));
-    err = fmax(err, worst("grad_v", gv, rgv, 2 * D));
-    err = fmax(err, worst("grad_b", gb, rgb, 2 * D));
-    err = fmax(err, worst("grad_c0", gc0, rgc0, B * D));
-    printf("compiled variants %d, runnable %d\n", srupp_isa_compiled(), srupp_isa_supported());
+    const int supported = srupp_isa_supported();
+    printf("compiled variants %d, runnable %d\n", srupp_isa_compiled(), supported);
+    double err = 0;
+    for (size_t k = 0; k < sizeof VARIANTS / sizeof VARIANTS[0]; ++k) {
+        const struct variant *var = &VARIANTS[k];
+        if (!(supported & var->bit)) continue;
+        printf("variant %s\n", var->name);
+        var->forward(u, x, v, bias, c0, pad, mask_c, h, c_all, c_last, T, B, D, 0, 2);
+        var->backward(u, x, v, bias, c0, pad, mask_c, c_all, gh, gc_last, gu, gx, gvb, gc0, T, B, D, 0, 2);
+        for (int i = 0; i < D; ++i) {
+            gv[i] = gv[D + i] = gb[i] = gb[D + i] = 0;
+            for (int b = 0; b < B; ++b) {
+                gv[i] += gvb[b * 4 * D + i], gv[D + i] += gvb[b * 4 * D + D + i];
+                gb[i] += gvb[b * 4 * D + 2 * D + i], gb[D + i] += gvb[b * 4 * D + 3 * D + i];
+            }
+        }
+        err = fmax(err, worst("h", h, rh, T * B * D));
+        err = fmax(err, worst("c_last", c_last, rc_last, B * D));
+        err = fmax(err, worst("grad_u", gu, rgu, T * B * 3 * D));
+        err = fmax(err, worst("grad_x", gx, rgx, T * B * D));
+        err = fmax(err, worst("grad_v", gv, rgv, 2 * D));
+        err = fmax(err, worst("grad_b", gb, rgb, 2 * D));
+        err = fmax(err, worst("grad_c0", gc0, rgc0, B * D));
+    }
+    if (argc > 1 && atoi(argv[1]) != supported) {
+        printf("expected runnable variants %s, got %d\n", argv[1], supported);
+        return 2;
+    }
     return err < 1e-4 ? 0 : 1;
 }
