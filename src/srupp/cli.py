@@ -56,13 +56,15 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from srupp.train import TrainConfig, apply_overrides, load_checkpoint, load_preset, train
+    from srupp.train import TrainConfig, apply_overrides, load_preset, train
+    from srupp.train.checkpoint import read_checkpoint_config
 
     if args.backend:
         overrides["backend"] = args.backend
     if args.resume:
-        ckpt = load_checkpoint(Path(args.resume) / "checkpoints" / "last.safetensors")
-        cfg = apply_overrides(TrainConfig.from_dict(ckpt.config), {**overrides, "out_dir": args.resume})
+        # The header alone: train() loads and verifies the whole checkpoint once, when it resumes.
+        saved = read_checkpoint_config(Path(args.resume) / "checkpoints" / "last.safetensors")
+        cfg = apply_overrides(TrainConfig.from_dict(saved), {**overrides, "out_dir": args.resume})
     else:
         cfg = apply_overrides(load_preset(args.config), overrides)
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)

@@ -9,6 +9,7 @@ import torch
 
 from srupp.models import LMConfig, SRUppLM
 from srupp.train import TrainConfig, load_checkpoint, load_model, save_checkpoint
+from srupp.train.checkpoint import read_checkpoint_config
 
 VOCAB = {"kind": "byte", "words": []}
 
@@ -45,6 +46,11 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path, damage):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="truncated or corrupted|is corrupted"):
         load_checkpoint(path)
+    if damage == "flip":  # a tensor byte: the header still reads, so resume finds its config, then refuses
+        assert read_checkpoint_config(path)["model"]["num_layers"] == 2
+    else:
+        with pytest.raises(ValueError, match="truncated or corrupted"):
+            read_checkpoint_config(path)
 
 
 def test_checkpoint_from_another_architecture(tmp_path):

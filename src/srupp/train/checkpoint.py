@@ -133,6 +133,41 @@ def _check_header(path: Path) -> None:
         )
 
 
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The header's metadata of an srupp checkpoint of this format; no tensor is read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an srupp checkpoint of this version (format {metadata.get('format')!r}, expected "
+            f"{FORMAT!r})"
+        )
+    return metadata
+
+
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict, dict, dict]:
+    try:
+        config, vocab, trainer = (json.loads(metadata[k]) for k in ("config", "vocab", "trainer"))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} has corrupted metadata ({err})") from err
+    if not all(isinstance(part, dict) for part in (config, vocab, trainer)):
+        raise CheckpointError(f"checkpoint {path} has corrupted metadata (config, vocab and trainer must be objects)")
+    return config, vocab, trainer
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The training config stored in a checkpoint, read from its header alone (no tensor is loaded, and the
+    sha256 over the whole file is not checked: ``load_checkpoint`` checks it when the run resumes)."""
+    path = Path(path)
+    return _parse_metadata(path, _read_metadata(path))[0]
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint`.
 
@@ -143,29 +178,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError (a ValueError): the file is not an srupp checkpoint, or is truncated or corrupted.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    _check_header(path)
+    metadata = _read_metadata(path)
     try:
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not an srupp checkpoint of this version (format {metadata.get('format')!r}, expected "
-            f"{FORMAT!r})"
-        )
     if _digest(tensors, metadata) != metadata.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored sha256")
-    try:
-        config, vocab, trainer = (json.loads(metadata[k]) for k in ("config", "vocab", "trainer"))
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has corrupted metadata ({err})") from err
-    if not all(isinstance(part, dict) for part in (config, vocab, trainer)):
-        raise CheckpointError(f"checkpoint {path} has corrupted metadata (config, vocab and trainer must be objects)")
-    return Checkpoint(path, tensors, config, vocab, trainer)
+    return Checkpoint(path, tensors, *_parse_metadata(path, metadata))
 
 
 def build_model(config: LMConfig, *, backend: str = "auto", device: torch.device | str | None = None) -> SRUppLM:
