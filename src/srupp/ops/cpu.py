@@ -24,7 +24,7 @@ _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 10 + [_I64, _I64, _I64, _INT, _INT]
 _BACKWARD_ARGS = [_P] * 14 + [_I64, _I64, _I64, _INT, _INT]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 # Instruction-set variants compiled into the library, best last; the bit each has in its masks.
 ISAS = ("baseline", "avx2", "avx512")
 _ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4}
@@ -35,7 +35,6 @@ class _Kernel:
     lib: ctypes.CDLL
     isa: str
     available: tuple[str, ...]
-    chunk: int
     forward: dict[torch.dtype, Callable[..., None]]
     backward: dict[torch.dtype, Callable[..., None]]
 
@@ -79,7 +78,7 @@ def _load() -> _Kernel:
         forward[dtype].argtypes, forward[dtype].restype = _FORWARD_ARGS, None
         backward[dtype] = getattr(lib, f"srupp_sru_backward_{name}_{isa}")
         backward[dtype].argtypes, backward[dtype].restype = _BACKWARD_ARGS, None
-    return _Kernel(lib, isa, available, lib.srupp_chunk(), forward, backward)
+    return _Kernel(lib, isa, available, forward, backward)
 
 
 def _kernel() -> _Kernel | None:
@@ -223,9 +222,9 @@ def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _threads(kernel: _Kernel, batch: int, hidden: int) -> int:
-    """The kernel splits work into (batch row, feature chunk) items; more threads than items would idle."""
-    return max(1, min(torch.get_num_threads(), batch * ((hidden + kernel.chunk - 1) // kernel.chunk)))
+def _threads() -> int:
+    """torch's thread count; the kernel starts fewer where the work is too small to share."""
+    return max(1, torch.get_num_threads())
 
 
 def _check(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -287,7 +286,7 @@ def sru_cpu_forward(
     kernel.forward[x.dtype](
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(kernel, batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(),
     )  # fmt: skip
     return h, c_last, c_all
 
@@ -324,7 +323,7 @@ def sru_cpu_backward(
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
         grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(kernel, batch, hidden),
+        steps, batch, hidden, int(reverse), _threads(),
     )  # fmt: skip
     return grad_u, grad_x, grad_vb[:, :2].sum(0), grad_vb[:, 2:].sum(0), grad_c0
 

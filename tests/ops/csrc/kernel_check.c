@@ -3,6 +3,7 @@
  * this machine is not (qemu-user emulating an x86-64 without AVX-512, or without AVX).
  * Usage: kernel_check [EXPECTED_MASK]: also fails unless srupp_isa_supported() equals EXPECTED_MASK.
  * Prints the largest differences and exits non-zero if one is above tolerance. */
+#define SRUPP_STREAM_MIN_BYTES 0 /* the non-temporal store path too, at these small sizes */
 #include "../../../src/srupp/ops/csrc/sru_cpu.c"
 
 #include <stdio.h>

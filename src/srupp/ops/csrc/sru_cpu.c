@@ -13,11 +13,25 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
-#ifndef CHUNK
-#define CHUNK 256
+/* Lanes (batch row, feature) per block of work: the length of a block's state and staging arrays on the
+ * stack (ten of them in the backward pass: 40 KiB in float32, 80 KiB in float64; the threads this file
+ * starts get a stack of WORKER_STACK bytes, whatever the C library's default). */
+#ifndef BLOCK
+#define BLOCK 1024
 #endif
 #define MAX_THREADS 256
+#define WORKER_STACK (1 << 20)
+/* Outputs of at least this many bytes per [T, B, D] tensor are written with non-temporal stores: they
+ * go to memory without first being read into the cache (a normal store reads the line it writes, so
+ * streaming outputs cost 1.5-2x their bytes), and they are far larger than the caches anyway. Smaller
+ * outputs stay in the cache for whatever reads them next. */
+#ifndef SRUPP_STREAM_MIN_BYTES
+#define SRUPP_STREAM_MIN_BYTES (8 << 20)
+#endif
 /* Below this many elements (T*B*D) a thread costs more to start than it saves. */
 #define MIN_WORK_PER_THREAD 65536
 
@@ -36,19 +50,6 @@ static void hint_huge_pages(void *start, int64_t bytes) {
     (void)start;
     (void)bytes;
 #endif
-}
-
-/* An item's successive time steps lie B*D elements apart, each on another page, where the hardware
- * prefetchers do not follow; so each step asks for the rows it will need PREFETCH_STEPS ahead. */
-#ifndef PREFETCH_STEPS
-#define PREFETCH_STEPS 4
-#endif
-static inline void srupp_prefetch(const void *start, int64_t bytes, int write) {
-    const char *p = start;
-    if (write)
-        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 1);
-    else
-        for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0);
 }
 
 typedef void (*srupp_work_fn)(const void *args, int64_t begin, int64_t end);
@@ -85,7 +86,12 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
         jobs[k].begin = items * k / n;
         jobs[k].end = items * (k + 1) / n;
     }
-    for (int64_t k = 1; k < n; ++k) started[k] = pthread_create(&threads[k], 0, srupp_run_job, &jobs[k]) == 0;
+    pthread_attr_t attr;
+    const int have_attr = pthread_attr_init(&attr) == 0;
+    if (have_attr) pthread_attr_setstacksize(&attr, WORKER_STACK);
+    for (int64_t k = 1; k < n; ++k)
+        started[k] = pthread_create(&threads[k], have_attr ? &attr : 0, srupp_run_job, &jobs[k]) == 0;
+    if (have_attr) pthread_attr_destroy(&attr);
     srupp_run_job(&jobs[0]);
     for (int64_t k = 1; k < n; ++k) {
         if (started[k])
@@ -102,9 +108,17 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
 #define SRUPP_CAT(a, b) a##b
 #define SRUPP_CAT2(a, b) SRUPP_CAT(a, b)
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SRUPP_STREAM_WIDTH 16 /* SSE2 */
+#define SRUPP_FENCE() _mm_sfence()
+#else
+#define SRUPP_STREAM_WIDTH 0 /* no portable non-temporal store: plain copies */
+#define SRUPP_FENCE() ((void)0)
+#endif
 #define SRUPP_ISA baseline
 #include "sru_cpu_isa.h"
 #undef SRUPP_ISA
+#undef SRUPP_STREAM_WIDTH
 
 #define SRUPP_ISA_BASELINE 1
 #define SRUPP_ISA_AVX2 2
@@ -119,9 +133,11 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+#define SRUPP_STREAM_WIDTH 32
 #define SRUPP_ISA avx2
 #include "sru_cpu_isa.h"
 #undef SRUPP_ISA
+#undef SRUPP_STREAM_WIDTH
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -136,9 +152,11 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
 /* 512-bit vectors: the loops are long and branch-free, so the wider registers pay off. */
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #endif
+#define SRUPP_STREAM_WIDTH 64
 #define SRUPP_ISA avx512
 #include "sru_cpu_isa.h"
 #undef SRUPP_ISA
+#undef SRUPP_STREAM_WIDTH
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -168,5 +186,4 @@ int srupp_isa_supported(void) {
     return isa;
 }
 
-int srupp_abi_version(void) { return 2; }
-int srupp_chunk(void) { return CHUNK; }
+int srupp_abi_version(void) { return 3; }

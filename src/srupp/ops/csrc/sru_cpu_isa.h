@@ -79,6 +79,31 @@ static inline double SRUPP_ISA_FN(srupp_exp_)(double x) {
     return p * scale;
 }
 
+/* Copy `bytes` from src to dst with non-temporal stores where dst is aligned to the vector width (plain
+ * copies for the unaligned head and tail); the caller fences (SRUPP_FENCE) before its results are used. */
+static inline void SRUPP_ISA_FN(srupp_stream_)(void *dst, const void *src, int64_t bytes) {
+#if SRUPP_STREAM_WIDTH == 0
+    memcpy(dst, src, (size_t)bytes);
+#else
+    char *d = dst;
+    const char *s = src;
+    int64_t head = (int64_t)(-(uintptr_t)d & (SRUPP_STREAM_WIDTH - 1));
+    if (head > bytes) head = bytes;
+    memcpy(d, s, (size_t)head);
+    d += head, s += head, bytes -= head;
+    for (; bytes >= SRUPP_STREAM_WIDTH; bytes -= SRUPP_STREAM_WIDTH, d += SRUPP_STREAM_WIDTH, s += SRUPP_STREAM_WIDTH)
+#if SRUPP_STREAM_WIDTH == 64
+        _mm512_stream_si512((void *)d, _mm512_loadu_si512((const void *)s));
+#elif SRUPP_STREAM_WIDTH == 32
+        _mm256_stream_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+#else
+        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+#endif
+    memcpy(d, s, (size_t)bytes);
+#endif
+}
+#define STREAM SRUPP_ISA_FN(srupp_stream_)
+
 #define real float
 #define EXP SRUPP_ISA_FN(srupp_expf_)
 #define SRUPP_FN(name) SRUPP_CAT2(SRUPP_CAT2(srupp_sru_##name, _f32_), SRUPP_ISA)
@@ -95,4 +120,5 @@ static inline double SRUPP_ISA_FN(srupp_exp_)(double x) {
 #undef EXP
 #undef SRUPP_FN
 
+#undef STREAM
 #undef SRUPP_ISA_FN
