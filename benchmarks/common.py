@@ -94,7 +94,11 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_json(path: Path, payload: dict[str, object], script: str, argv: list[str] | None) -> Path:
-    """``payload`` with the provenance first, as indented JSON at ``path``."""
-    write_atomic(path, json.dumps({"provenance": provenance(script, argv), **payload}, indent=2, default=str) + "\n")
+def write_json(
+    path: Path, payload: dict[str, object], script: str, argv: list[str] | None, origin: dict | None = None
+) -> Path:
+    """``payload`` with the provenance first, as indented JSON at ``path``. A long run passes ``origin``, the
+    provenance taken when it started: the checkout may move on while it runs."""
+    origin = provenance(script, argv) if origin is None else origin
+    write_atomic(path, json.dumps({"provenance": origin, **payload}, indent=2, default=str) + "\n")
     return path

@@ -378,6 +378,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    origin = provenance("quality", argv)  # at the start: the race runs for hours
     with tempfile.TemporaryDirectory() as work:
         splits, source = load_corpus(args.corpus, work)
     if args.test_bytes:
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_context:
         report["long_context"] = long_context(first_models, splits, args)
     out_dir = Path(args.out_dir)
-    path = write_json(out_dir / "quality.json", report, "quality", argv)
-    report["provenance"] = provenance("quality", argv)
+    path = write_json(out_dir / "quality.json", report, "quality", argv, origin)
+    report["provenance"] = origin
     plot(report, out_dir / "quality.png")
     write_atomic(out_dir / "quality.md", markdown(report))
     print(f"wrote {path}, quality.png, quality.md")
