@@ -158,6 +158,8 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             losses.append(loss.detach())
+            if torch.device(args.device).type == "cuda":  # the clock must see the step done, not queued
+                torch.cuda.synchronize(args.device)
             step_seconds = time.perf_counter() - tick
             elapsed, steps = elapsed + step_seconds, steps + 1
             bar.update(min(step_seconds, seconds - bar.n))  # past its total, tqdm drops the total
