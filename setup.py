@@ -13,7 +13,11 @@ setup(
         Extension(
             "srupp.ops._sru_cpu",
             sources=["src/srupp/ops/csrc/sru_cpu.c"],
-            depends=["src/srupp/ops/csrc/sru_cpu_impl.h", "src/srupp/ops/csrc/sru_cpu_isa.h"],
+            depends=[
+                "src/srupp/ops/csrc/sru_cpu_impl.h",
+                "src/srupp/ops/csrc/sru_cpu_isa.h",
+                "src/srupp/ops/csrc/sru_token_impl.h",
+            ],
             extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c99", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -714,3 +714,84 @@ def test_one_token_path_with_key_pad_and_a_window_equals_the_general_path(assert
     assert len(token_path_calls) == 30
     assert_close(torch.cat(outputs), torch.cat(expected))
     assert torch.equal(fast.key_pad, general.key_pad) and fast.key_pad.shape == (3, 3)
+
+
+COMPILED_CONFIGS = {
+    **TOKEN_PATH_CONFIGS,
+    "no-attention-layer": dict(num_layers=2, attention_every_n_layers=3),
+    "four-heads-wide": dict(input_size=16, hidden_size=16, proj_size=8, num_layers=2, num_heads=4),
+}
+
+
+ISA_CHECKS = [(name, "every-second-layer-two-heads", True) for name in ("baseline", "avx2", "avx512")]
+COMPILED_CASES = [("default", name, padded) for name in COMPILED_CONFIGS for padded in (False, True)] + ISA_CHECKS
+
+
+@pytest.mark.parametrize("isa, config, padded", COMPILED_CASES, ids=["-".join(map(str, c)) for c in COMPILED_CASES])
+def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch, isa, config, padded):
+    """The CPU kernel's one-token layer step against the torch ops it replaces (``step_token`` with no kernel),
+    over 30 steps that outgrow and move the buffers, with a left-padding mask or none; on this CPU's default
+    instruction-set variant, and one case on every variant it can run."""
+    import srupp.nn.layer as layer_module
+    from srupp.ops import cpu as cpu_backend
+
+    if not cpu_backend.is_available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    if isa != "default":
+        if isa not in cpu_backend.cpu_kernel_info()["available"]:
+            pytest.skip(f"this CPU cannot run the {isa} variant")
+        monkeypatch.setenv("SRUPP_CPU_ISA", isa)
+        monkeypatch.setattr(cpu_backend, "_KERNEL", None)  # monkeypatch restores the default kernel after
+        assert cpu_backend.cpu_kernel_info()["isa"] == isa
+    config = COMPILED_CONFIGS[config]
+    config = dict(config)
+    size = config.pop("input_size", 6)
+    model = make(input_size=size, **config)
+    batch, prompt_len = 3, 4
+    mask_pad = None
+    if padded:
+        mask_pad = torch.arange(prompt_len).unsqueeze(1) < prompt_len - torch.tensor([4, 1, 3])
+    x = torch.randn(prompt_len + 30, batch, size)
+    if model.batch_first:
+        x = x.transpose(0, 1)
+        mask_pad = None if mask_pad is None else mask_pad.t()
+
+    def decode():
+        calls = []
+        original = layer_module.SRULayer._step_token_compiled
+
+        def counting(self, *args):
+            calls.append(1)
+            return original(self, *args)
+
+        monkeypatch.setattr(layer_module.SRULayer, "_step_token_compiled", counting)
+        with torch.no_grad():
+            prompt = x[:, :prompt_len] if model.batch_first else x[:prompt_len]
+            out, state = model.step(prompt, model.init_decode_state(batch), mask_pad=mask_pad)
+            outputs = [out]
+            for t in range(prompt_len, prompt_len + 30):
+                out, state = model.step(x[:, t : t + 1] if model.batch_first else x[t : t + 1], state)
+                outputs.append(out)
+        return torch.cat(outputs, 1 if model.batch_first else 0), state, len(calls)
+
+    compiled, compiled_state, calls = decode()
+    assert calls == 30 * model.num_layers
+    monkeypatch.setattr(layer_module, "token_kernel", lambda **kwargs: None)
+    reference, reference_state, calls = decode()
+    assert calls == 0
+    assert_close(compiled, reference, name="output")
+    assert_close(compiled_state.c, reference_state.c, name="c")
+    for name in ("keys", "values"):
+        for actual, expected in zip(getattr(compiled_state, name), getattr(reference_state, name), strict=True):
+            assert (actual is None) == (expected is None)
+            if actual is not None:
+                assert_close(actual, expected, name=name)
+
+
+def test_compiled_one_token_step_is_not_used_for_the_naive_backend_or_float64():
+    import srupp.nn.layer as layer_module
+
+    for model in (make(num_layers=2, backend="naive"), make(num_layers=2).double()):
+        weights = model.layers[0].token_weights()
+        assert weights.kernel is None
+    assert layer_module.token_kernel is not None

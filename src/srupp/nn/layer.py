@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from srupp.nn.attention import SRUppAttention
 from srupp.ops import sru_recurrence
+from srupp.ops.cpu import TokenKernel, token_kernel
 
 HIGHWAY_BIAS = -2.0
 """Default initial bias of the reset (highway) gate: the authors' ``highway_bias`` in their LM runs."""
@@ -119,6 +120,7 @@ class TokenWeights(NamedTuple):
     u_bias: Tensor
     gate_weight: Tensor
     derived: tuple[tuple[Tensor, int], ...]
+    kernel: TokenKernel | None = None  # the compiled one-token step on copies of all of these, where it applies
 
 
 def layer_norm_arguments(norm: nn.LayerNorm) -> tuple:
@@ -262,11 +264,15 @@ class SRULayer(nn.Module):
         return h, c, cache
 
     def _token_sources(self) -> list[Tensor]:
-        """The parameters ``TokenWeights`` holds copies of (the others it reads are the parameters themselves)."""
+        """The parameters ``TokenWeights`` holds copies of (the others it reads are the parameters themselves;
+        the compiled step copies those too, so all of them are tracked)."""
         transform = self.transform
-        copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias]
+        copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias, self.gates.weight,
+                  *transform.norm.parameters()]  # fmt: skip
         if self.has_attention:
-            copied.append(transform.kv_proj.weight)
+            copied += [transform.kv_proj.weight, transform.alpha]
+        if self.input_norm is not None:
+            copied += list(self.input_norm.parameters())
         return copied
 
     def token_weights(self) -> TokenWeights:
@@ -287,7 +293,36 @@ class SRULayer(nn.Module):
                 self.gates.weight,
                 tuple((param, param._version) for param in copied),
             )
+            weights = weights._replace(kernel=self._token_kernel(weights))
         return weights
+
+    def _token_kernel(self, weights: TokenWeights) -> TokenKernel | None:
+        """The compiled one-token step (``srupp.ops.cpu.token_kernel``) on copies of ``weights``, for a
+        unidirectional float32 layer on the CPU whose backend is not the naive spec; else None."""
+        reference = weights.in_proj_t
+        if self.num_directions != 1 or self.backend == "naive" or reference.dtype != torch.float32:
+            return None
+        if reference.device.type != "cpu":
+            return None
+
+        def own(norm: tuple | None) -> tuple | None:
+            if norm is None:
+                return None
+            shape, weight, bias, eps = norm
+            return (
+                shape,
+                None if weight is None else weight.detach().clone(),
+                None if bias is None else bias.detach().clone(),
+                eps,
+            )
+
+        alpha = None if weights.alpha is None else weights.alpha.detach().reshape(1).clone()
+        return token_kernel(
+            in_norm=own(weights.input_norm), wq_t=weights.in_proj_t, wkv_t=weights.kv_proj_t, alpha=alpha,
+            norm=own(weights.norm), wo_t=weights.out_proj_t, u_bias=weights.u_bias,
+            gate_v=weights.gate_weight.detach().clone(),
+            heads=self.transform.num_heads if self.has_attention else 1, project_skip=self.project_skip,
+        )  # fmt: skip
 
     def step_token(
         self,
@@ -303,6 +338,8 @@ class SRULayer(nn.Module):
         writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
         and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
         of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None)."""
+        if weights.kernel is not None:
+            return self._step_token_compiled(input, c0, c_out, weights.kernel, window, mask)
         normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
         if window is not None:
             u = self.transform.step_token(normed, weights, *window, mask)  # U + b_f, b_r in place
@@ -317,6 +354,28 @@ class SRULayer(nn.Module):
         forget, reset = gates.sigmoid_().unbind(1)
         torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
         return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
+
+    def _step_token_compiled(
+        self, input: Tensor, c0: Tensor, c_out: Tensor, kernel: TokenKernel, window: tuple | None, mask: Tensor | None
+    ) -> Tensor:
+        """``step_token`` through the compiled kernel: the same equations in one call."""
+        input, c0 = input.contiguous(), c0.contiguous()
+        target = c_out if c_out.is_contiguous() else torch.empty_like(c0)
+        mask = None if mask is None else mask.contiguous()
+        output = input.new_empty(input.shape[0], self.hidden_size)
+        if window is None:
+            base, strides, length = None, (0, 0, 0, 0), 0
+        else:
+            base, strides, length = window[0].data_ptr(), window[0].stride()[:4], window[0].shape[3]
+        status = kernel.run(
+            kernel.layer, input.data_ptr(), c0.data_ptr(), target.data_ptr(), output.data_ptr(), base, *strides,
+            length, None if mask is None else mask.data_ptr(), input.shape[0],
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the one-token decoding kernel could not allocate its scratch memory")
+        if target is not c_out:
+            c_out.copy_(target)
+        return output
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""

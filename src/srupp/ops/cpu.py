@@ -24,10 +24,20 @@ _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 10 + [_I64, _I64, _I64, _INT, _INT]
 _BACKWARD_ARGS = [_P] * 14 + [_I64, _I64, _I64, _INT, _INT]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # Instruction-set variants compiled into the library, best last; the bit each has in its masks.
 ISAS = ("baseline", "avx2", "avx512")
 _ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4}
+
+
+class TokenLayer(ctypes.Structure):
+    """One layer's weights for the one-token decoding kernel (``struct srupp_token_layer`` in csrc/sru_cpu.c)."""
+
+    _fields_ = [(name, _P) for name in ("in_norm_w", "in_norm_b", "wq_t", "wkv_t", "alpha", "norm_w", "norm_b",
+                                        "wo_t", "u_bias", "gate_v")]  # fmt: skip
+    _fields_ += [("in_norm_eps", ctypes.c_float), ("norm_eps", ctypes.c_float)]
+    _fields_ += [(name, _I64) for name in ("in_", "proj", "out", "hidden", "heads")]
+    _fields_ += [("has_in_norm", _INT), ("project_skip", _INT)]
 
 
 @dataclass
@@ -37,6 +47,7 @@ class _Kernel:
     available: tuple[str, ...]
     forward: dict[torch.dtype, Callable[..., None]]
     backward: dict[torch.dtype, Callable[..., None]]
+    token_step: Callable[..., int]
 
 
 _KERNEL: _Kernel | None = None
@@ -78,7 +89,10 @@ def _load() -> _Kernel:
         forward[dtype].argtypes, forward[dtype].restype = _FORWARD_ARGS, None
         backward[dtype] = getattr(lib, f"srupp_sru_backward_{name}_{isa}")
         backward[dtype].argtypes, backward[dtype].restype = _BACKWARD_ARGS, None
-    return _Kernel(lib, isa, available, forward, backward)
+    token_step = getattr(lib, f"srupp_token_step_f32_{isa}")
+    token_step.argtypes = [ctypes.POINTER(TokenLayer), _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64]
+    token_step.restype = _INT
+    return _Kernel(lib, isa, available, forward, backward, token_step)
 
 
 def _kernel() -> _Kernel | None:
@@ -220,6 +234,47 @@ def empty_cpu_cache() -> None:
 
 def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+@dataclass
+class TokenKernel:
+    """The one-token decoding kernel bound to one layer's weights (see ``token_kernel``); ``run`` is its call."""
+
+    run: Callable[..., int]
+    layer: TokenLayer
+    tensors: tuple[Tensor, ...]  # what ``layer`` points into, kept alive with it
+
+
+def token_kernel(
+    *,
+    in_norm: tuple | None,
+    wq_t: Tensor,
+    wkv_t: Tensor | None,
+    alpha: Tensor | None,
+    norm: tuple,
+    wo_t: Tensor,
+    u_bias: Tensor,
+    gate_v: Tensor,
+    heads: int,
+    project_skip: bool,
+) -> TokenKernel | None:
+    """Bind the compiled one-token step of a unidirectional SRU++ layer to its weights (float32 on the CPU,
+    contiguous; layer norms as ``(shape, weight, bias, eps)``, weights stored ``[in, out]``), or None where the
+    kernel is not loaded or a tensor does not qualify (the caller keeps its torch ops then)."""
+    kernel = _kernel()
+    norms = [t for norm in (in_norm, norm) if norm is not None for t in norm[1:3] if t is not None]
+    tensors = tuple(t for t in (wq_t, wkv_t, alpha, wo_t, u_bias, gate_v, *norms) if t is not None)
+    if kernel is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                 for t in tensors):  # fmt: skip
+        return None
+    proj, out = wq_t.shape[1], wo_t.shape[1]
+    layer = TokenLayer(
+        _ptr(in_norm[1]) if in_norm else None, _ptr(in_norm[2]) if in_norm else None, _ptr(wq_t), _ptr(wkv_t),
+        _ptr(alpha), _ptr(norm[1]), _ptr(norm[2]), _ptr(wo_t), _ptr(u_bias), _ptr(gate_v),
+        in_norm[3] if in_norm else 0.0, norm[3], wq_t.shape[0], proj, out, gate_v.shape[-1], heads,
+        int(in_norm is not None), int(project_skip),
+    )  # fmt: skip
+    return TokenKernel(kernel.token_step, layer, tensors)
 
 
 def _threads() -> int:

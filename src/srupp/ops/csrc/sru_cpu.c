@@ -12,6 +12,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -105,6 +106,15 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
  * AVX2+FMA and AVX-512, each under its own symbol suffix. The build flags stay at the baseline, so the
  * library runs on any CPU of its architecture; Python picks the best variant the CPU has at load time
  * (srupp_isa_supported) or the one SRUPP_CPU_ISA names. */
+/* The weights of one layer for srupp_token_step_f32_<isa> (sru_token_impl.h), gathered once per decoding run;
+ * srupp/ops/cpu.py mirrors this layout (TokenLayer). Norm weights and biases may be null (no affine). */
+struct srupp_token_layer {
+    const float *in_norm_w, *in_norm_b, *wq_t, *wkv_t, *alpha, *norm_w, *norm_b, *wo_t, *u_bias, *gate_v;
+    float in_norm_eps, norm_eps;
+    int64_t in, proj, out, hidden, heads;
+    int has_in_norm, project_skip;
+};
+
 #define SRUPP_CAT(a, b) a##b
 #define SRUPP_CAT2(a, b) SRUPP_CAT(a, b)
 
@@ -186,4 +196,4 @@ int srupp_isa_supported(void) {
     return isa;
 }
 
-int srupp_abi_version(void) { return 3; }
+int srupp_abi_version(void) { return 4; }

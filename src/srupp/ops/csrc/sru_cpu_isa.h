@@ -111,6 +111,7 @@ static inline void SRUPP_ISA_FN(srupp_stream_)(void *dst, const void *src, int64
 #undef real
 #undef EXP
 #undef SRUPP_FN
+#include "sru_token_impl.h"
 
 #define real double
 #define EXP SRUPP_ISA_FN(srupp_exp_)
