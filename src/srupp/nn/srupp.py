@@ -274,7 +274,8 @@ class SRUpp(SRUStack):
         moves the caches (and ``key_pad``) into preallocated buffers (``init_decode_state`` starts with empty
         ones); the next one-token steps without ``mask_pad`` from the state it returned (in
         eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
-        run the recurrence as plain elementwise ops. The parameters are gathered when a run's buffers are made
+        run each layer as one call into the compiled CPU kernel (float32 on the CPU, any backend but
+        ``"naive"``) or as a few torch ops. The parameters are gathered when a run's buffers are made
         (``init_decode_state``, or a general-path step); in-place updates during a run show, while parameters
         replaced by new objects or written through ``.data`` during a run are seen from the next run. Stepping
         again from an older state, or with gradients, takes the general path, which copies the cache; the
