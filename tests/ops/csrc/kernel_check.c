@@ -1,4 +1,5 @@
-/* Every kernel variant this CPU runs against a straightforward scalar loop with libm's exp, in C alone: for
+/* Every kernel variant this CPU runs (the recurrence forward and backward, and the one-token decoding step)
+ * against a straightforward scalar loop with libm's exp, in C alone: for
  * architectures where torch is not at hand (built with a cross compiler, run under qemu-user), and for CPUs
  * this machine is not (qemu-user emulating an x86-64 without AVX-512, or without AVX).
  * Usage: kernel_check [EXPECTED_MASK]: also fails unless srupp_isa_supported() equals EXPECTED_MASK.
@@ -80,6 +81,109 @@ static double worst(const char *name, const float *got, const double *want, int 
     return err;
 }
 
+/* The one-token layer step (sru_token_impl.h) in double, its equations written out: B2 rows, input TI, Q of TP
+ * in TH heads, hidden TD (TI != TD: a fourth block of U is the skip), an input layer norm, TL cached positions
+ * of which the mask hides some. */
+#define B2 2
+#define TI 6
+#define TP 4
+#define TH 2
+#define TD 5
+#define TL 5
+#define TU (4 * TD)
+
+static void layer_norm_ref(double *out, const double *in, int n, const float *w, const float *b, double eps) {
+    double mean = 0, var = 0;
+    for (int i = 0; i < n; ++i) mean += in[i];
+    mean /= n;
+    for (int i = 0; i < n; ++i) var += (in[i] - mean) * (in[i] - mean);
+    for (int i = 0; i < n; ++i) out[i] = (in[i] - mean) / sqrt(var / n + eps) * w[i] + b[i];
+}
+
+static double check_token_step(int (*step)(const struct srupp_token_layer *, const float *, const float *, float *,
+                                            float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                            const uint8_t *, int64_t)) {
+    static float nw_in[TI], nb_in[TI], wq[TI * TP], wkv[TP * 2 * TP], alpha = 0.7f, nw[TP], nb[TP], wo[TP * TU];
+    static float ub[TU], gv[2 * TD], x[B2 * TI], c0[B2 * TD], c1[B2 * TD], h[B2 * TD];
+    static float window[B2][2][TH][TL][TP / TH];
+    static uint8_t mask[B2 * TL];
+    unsigned s = 7;
+    for (int i = 0; i < TI; ++i) nw_in[i] = 1 + uniform(&s) / 4, nb_in[i] = uniform(&s) / 4;
+    for (int i = 0; i < TI * TP; ++i) wq[i] = uniform(&s);
+    for (int i = 0; i < TP * 2 * TP; ++i) wkv[i] = uniform(&s);
+    for (int i = 0; i < TP; ++i) nw[i] = 1 + uniform(&s) / 4, nb[i] = uniform(&s) / 4;
+    for (int i = 0; i < TP * TU; ++i) wo[i] = uniform(&s);
+    for (int i = 0; i < TU; ++i) ub[i] = uniform(&s);
+    for (int i = 0; i < 2 * TD; ++i) gv[i] = uniform(&s);
+    for (int i = 0; i < B2 * TI; ++i) x[i] = uniform(&s);
+    for (int i = 0; i < B2 * TD; ++i) c0[i] = uniform(&s);
+    for (int b = 0; b < B2; ++b)
+        for (int k = 0; k < 2; ++k)
+            for (int hd = 0; hd < TH; ++hd)
+                for (int p = 0; p < TL; ++p)
+                    for (int e = 0; e < TP / TH; ++e) window[b][k][hd][p][e] = uniform(&s);
+    for (int i = 0; i < B2 * TL; ++i) mask[i] = i % TL == TL - 1 || uniform(&s) > -0.3f; /* the new position: in */
+    const struct srupp_token_layer layer = {nw_in, nb_in, wq, wkv, &alpha, nw, nb, wo, ub, gv, 1e-5f, 1e-5f,
+                                            TI, TP, TU, TD, TH, 1, 1};
+    const int64_t hs = TP / TH, sp = hs, sh = TL * sp, skv = TH * sh, sb = 2 * skv;
+    double want_h[B2 * TD], want_c[B2 * TD], want_kv[B2 * 2 * TP];
+    for (int b = 0; b < B2; ++b) {
+        double xin[TI], xn[TI], q[TP], kv[2 * TP], mixed[TP], y[TP], u[TU];
+        for (int i = 0; i < TI; ++i) xin[i] = x[b * TI + i];
+        layer_norm_ref(xn, xin, TI, nw_in, nb_in, 1e-5);
+        for (int j = 0; j < TP; ++j) {
+            q[j] = 0;
+            for (int i = 0; i < TI; ++i) q[j] += xn[i] * wq[i * TP + j];
+        }
+        for (int j = 0; j < 2 * TP; ++j) {
+            kv[j] = 0;
+            for (int i = 0; i < TP; ++i) kv[j] += q[i] * wkv[i * 2 * TP + j];
+            want_kv[b * 2 * TP + j] = kv[j];
+        }
+        for (int hd = 0; hd < TH; ++hd) {
+            double score[TL], top = -INFINITY, total = 0;
+            for (int p = 0; p < TL; ++p) {
+                double dot = 0;
+                for (int e = 0; e < hs; ++e) {
+                    const double k = p == TL - 1 ? kv[hd * hs + e] : window[b][0][hd][p][e];
+                    dot += q[hd * hs + e] * k;
+                }
+                score[p] = mask[b * TL + p] ? dot / sqrt((double)hs) : -INFINITY;
+                top = fmax(top, score[p]);
+            }
+            for (int p = 0; p < TL; ++p) total += score[p] = exp(score[p] - top);
+            for (int e = 0; e < hs; ++e) {
+                double a = 0;
+                for (int p = 0; p < TL; ++p) {
+                    if (!mask[b * TL + p]) continue;
+                    a += score[p] / total * (p == TL - 1 ? kv[TP + hd * hs + e] : window[b][1][hd][p][e]);
+                }
+                mixed[hd * hs + e] = q[hd * hs + e] + alpha * a;
+            }
+        }
+        layer_norm_ref(y, mixed, TP, nw, nb, 1e-5);
+        for (int j = 0; j < TU; ++j) {
+            u[j] = ub[j];
+            for (int i = 0; i < TP; ++i) u[j] += y[i] * wo[i * TU + j];
+        }
+        for (int j = 0; j < TD; ++j) {
+            const double cp = c0[b * TD + j];
+            const double f = sigmoid(u[TD + j] + gv[j] * cp), r = sigmoid(u[2 * TD + j] + gv[TD + j] * cp);
+            want_c[b * TD + j] = f * cp + (1 - f) * u[j];
+            want_h[b * TD + j] = r * want_c[b * TD + j] + (1 - r) * u[3 * TD + j];
+        }
+    }
+    if (step(&layer, x, c0, c1, h, &window[0][0][0][0][0], sb, skv, sh, sp, TL, mask, B2) != 0) return 1e9;
+    double err = fmax(worst("token h", h, want_h, B2 * TD), worst("token c", c1, want_c, B2 * TD));
+    float got_kv[B2 * 2 * TP]; /* the new key and value, read back from the last position of the window */
+    for (int b = 0; b < B2; ++b)
+        for (int k = 0; k < 2; ++k)
+            for (int hd = 0; hd < TH; ++hd)
+                for (int e = 0; e < hs; ++e) got_kv[b * 2 * TP + k * TP + hd * hs + e] = window[b][k][hd][TL - 1][e];
+    return fmax(err, worst("token kv", got_kv, want_kv, B2 * 2 * TP));
+    return err;
+}
+
 typedef void (*forward_fn)(const float *, const float *, const float *, const float *, const float *,
                            const uint8_t *, const float *, float *, float *, float *, int64_t, int64_t, int64_t, int,
                            int);
@@ -87,18 +191,24 @@ typedef void (*backward_fn)(const float *, const float *, const float *, const f
                             const uint8_t *, const float *, const float *, const float *, const float *, float *,
                             float *, float *, float *, int64_t, int64_t, int64_t, int, int);
 
+typedef int (*token_fn)(const struct srupp_token_layer *, const float *, const float *, float *, float *, float *,
+                        int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t *, int64_t);
+
 struct variant {
     const char *name;
     int bit;
     forward_fn forward;
     backward_fn backward;
+    token_fn token;
 };
 
 static const struct variant VARIANTS[] = {
-    {"baseline", SRUPP_ISA_BASELINE, srupp_sru_forward_f32_baseline, srupp_sru_backward_f32_baseline},
+    {"baseline", SRUPP_ISA_BASELINE, srupp_sru_forward_f32_baseline, srupp_sru_backward_f32_baseline,
+     srupp_token_step_f32_baseline},
 #ifdef SRUPP_X86_VARIANTS
-    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2},
-    {"avx512", SRUPP_ISA_AVX512, srupp_sru_forward_f32_avx512, srupp_sru_backward_f32_avx512},
+    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2, srupp_token_step_f32_avx2},
+    {"avx512", SRUPP_ISA_AVX512, srupp_sru_forward_f32_avx512, srupp_sru_backward_f32_avx512,
+     srupp_token_step_f32_avx512},
 #endif
 };
 
@@ -139,6 +249,7 @@ int main(int argc, char **argv) {
         err = fmax(err, worst("grad_v", gv, rgv, 2 * D));
         err = fmax(err, worst("grad_b", gb, rgb, 2 * D));
         err = fmax(err, worst("grad_c0", gc0, rgc0, B * D));
+        err = fmax(err, check_token_step(var->token));
     }
     if (argc > 1 && atoi(argv[1]) != supported) {
         printf("expected runnable variants %s, got %d\n", argv[1], supported);
