@@ -572,3 +572,18 @@ def test_cache_in_inference_mode_then_training(cache):
     assert not h.is_inference()
     h.sum().backward()
     assert torch.isfinite(inputs[0].grad).all()
+
+
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_work_split_over_threads_matches_naive(threads):
+    """The kernel cuts the B*D lanes into blocks shared out over threads (a block may start mid-row): any
+    thread count gives the spec's results, with masks, c0 and reverse."""
+    if not cpu_backend.is_available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, spec = compare_backends(130, 5, 1031, **OPTIONS["all"])
+    finally:
+        torch.set_num_threads(previous)
+    assert_all_close(NAMES, fast, spec, atol=2e-5, rtol=1e-4)
