@@ -139,6 +139,7 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
     optimizer = build_optimizer(model, cfg)
     data = iter(StreamBatcher(splits["train"], cfg.batch_size, cfg.unroll_size))
     tokens_per_step = cfg.batch_size * cfg.unroll_size
+    on_cuda = torch.device(args.device).type == "cuda"
     elapsed, steps, carry, losses = 0.0, 0, None, []
     history, at_equal_tokens = [], None
     next_eval = seconds / evals
@@ -158,7 +159,7 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             losses.append(loss.detach())
-            if torch.device(args.device).type == "cuda":  # the clock must see the step done, not queued
+            if on_cuda:  # the clock must see the step done, not queued
                 torch.cuda.synchronize(args.device)
             step_seconds = time.perf_counter() - tick
             elapsed, steps = elapsed + step_seconds, steps + 1

@@ -196,9 +196,9 @@ class _OutputCache:
         with self._lock:
             self._storages = []
 
-    def new(self, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
-        """An uninitialised contiguous tensor of ``like``'s dtype and ``shape`` (default ``like.shape``)."""
-        shape = tuple(like.shape) if shape is None else shape
+    def new(self, like: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor of ``like``'s shape and dtype."""
+        shape = tuple(like.shape)
         nbytes = math.prod(shape) * like.element_size()
         limit = self.limit_bytes()
         if nbytes < self.MIN_BYTES or self._use_count is None or nbytes > limit:

@@ -133,22 +133,27 @@ def _check_header(path: Path) -> None:
         )
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """The header's metadata of an srupp checkpoint of this format; no tensor is read."""
+def _read(path: Path, *, with_tensors: bool) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The header's metadata of an srupp checkpoint of this format and, if asked, its tensors: one opening of
+    the file, the format checked before any tensor is read."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     _check_header(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{path} is not an srupp checkpoint of this version (format {metadata.get('format')!r}, "
+                    f"expected {FORMAT!r})"
+                )
+            names = f.keys() if with_tensors else []
+            tensors = {name: f.get_tensor(name) for name in names}
+    except CheckpointError:
+        raise
     except (SafetensorError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not an srupp checkpoint of this version (format {metadata.get('format')!r}, expected "
-            f"{FORMAT!r})"
-        )
-    return metadata
+    return metadata, tensors
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict, dict, dict]:
@@ -165,7 +170,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     """The training config stored in a checkpoint, read from its header alone (no tensor is loaded, and the
     sha256 over the whole file is not checked: ``load_checkpoint`` checks it when the run resumes)."""
     path = Path(path)
-    return _parse_metadata(path, _read_metadata(path))[0]
+    return _parse_metadata(path, _read(path, with_tensors=False)[0])[0]
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -178,12 +183,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError (a ValueError): the file is not an srupp checkpoint, or is truncated or corrupted.
     """
     path = Path(path)
-    metadata = _read_metadata(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except (SafetensorError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read ({err})") from err
+    metadata, tensors = _read(path, with_tensors=True)
     if _digest(tensors, metadata) != metadata.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted: its contents do not match the stored sha256")
     return Checkpoint(path, tensors, *_parse_metadata(path, metadata))
