@@ -7,9 +7,11 @@ Bandwidth model (float32, per element of [T, B, D]):
   forward, training:            the same + writes c for backward (1)         = 6 values = 24 bytes
   backward:                     reads u (3) + x (1) + c (1) + grad_h (1),
                                 writes grad_u (3) + grad_x (1)               = 10 values = 40 bytes
-Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB buffer, measured again
-before each row (the machine may be shared). Every time is the shortest of its runs. ``--isa all`` times
-every kernel variant this CPU can run (the naive and authors' columns only for the first).
+Copy bandwidth is (read + write bytes) / time of ``dst.copy_(src)`` on a 256 MiB buffer, timed in turn with
+the op's runs (the machine may be shared, and its memory bandwidth moves). Every time is the shortest of its
+runs; every bandwidth fraction is the median over the rounds of a run's bandwidth over that of the copy run
+beside it. ``--isa all`` times every kernel variant this CPU can run (the naive and authors' columns only for
+the first).
 
     python -m benchmarks.ops            # T=512 B=16 D=512 and two more shapes
     python -m benchmarks.ops --quick    # tiny shapes, for the smoke test
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -35,16 +39,31 @@ FORWARD_INFER_BYTES, FORWARD_TRAIN_BYTES, BACKWARD_BYTES = 20, 24, 40
 
 
 def fastest(fn, *, repeats: int, min_seconds: float = 0.0) -> float:
-    """The shortest of the timed runs: on a shared machine the other runs measure the neighbours. Every
-    timing in this script (copy included) is taken the same way, so the ratios stay fair."""
+    """The shortest of the timed runs: on a shared machine the other runs measure the neighbours."""
     return time_it(fn, repeats=repeats, min_seconds=min_seconds, statistic=min)
 
 
-def copy_bandwidth(megabytes: int) -> float:
+def interleaved(fns: dict[str, object], *, rounds: int, min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """The seconds of every run of each of ``fns``, timed in turn round after round (after one untimed round), so
+    that each op run has a copy run beside it: this VM's memory bandwidth moved between 28 and 46 GB/s from one
+    minute to the next, so a bandwidth fraction is taken per round, from runs seconds apart."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    while len(times[next(iter(fns))]) < rounds or time.perf_counter() - start_all < min_seconds:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def copy_step(megabytes: int):
+    """A copy of ``megabytes`` MiB and the bytes it moves (read + write)."""
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    seconds = fastest(lambda: dst.copy_(src), repeats=7)
-    return 2 * src.numel() * 4 / seconds
+    return lambda: dst.copy_(src), 2 * src.numel() * 4
 
 
 @contextlib.contextmanager
@@ -52,7 +71,6 @@ def no_output_cache():
     """The public op as it was before it kept its outputs for reuse: every output a fresh allocation."""
     previous = os.environ.get("SRUPP_CPU_CACHE_MB")
     os.environ["SRUPP_CPU_CACHE_MB"] = "0"
-    cpu_backend.empty_cpu_cache()
     try:
         yield
     finally:
@@ -62,7 +80,7 @@ def no_output_cache():
             os.environ["SRUPP_CPU_CACHE_MB"] = previous
 
 
-def time_kernels(u, x, v, b, c0, grad_h, repeats):
+def kernel_steps(u, x, v, b, c0, grad_h):
     """The C kernels alone on buffers allocated once: what the op costs without torch's dispatch and
     without first-touching fresh output memory (which the public path pays on every call)."""
     kernel, threads = cpu_backend._kernel(), torch.get_num_threads()
@@ -80,7 +98,7 @@ def time_kernels(u, x, v, b, c0, grad_h, repeats):
                                    grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
                                    *shape)  # fmt: skip
 
-    return fastest(forward, repeats=repeats, min_seconds=0.3), fastest(backward, repeats=repeats, min_seconds=0.3)
+    return forward, backward
 
 
 def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_megabytes=256):
@@ -106,30 +124,50 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
     def train_forward(backend):
         return sru_recurrence(*leaves, c0, backend=backend)
 
-    row = {"T": steps, "B": batch, "D": hidden, "isa": cpu_backend.cpu_kernel_info()["isa"]}
+    def train_step_fresh():
+        with no_output_cache():
+            train_step("cpu")
+
+    row = {"T": steps, "B": batch, "D": hidden, "isa": cpu_backend.cpu_kernel_info()["isa"],
+           "threading": cpu_backend.cpu_kernel_info()["threading"]}  # fmt: skip
     naive_repeats = max(2, repeats // 2)
     if with_naive:
         row["naive_forward_s"] = fastest(lambda: forward("naive"), repeats=naive_repeats)
         row["naive_train_s"] = fastest(lambda: train_step("naive"), repeats=naive_repeats)
-    row["copy_GBps"] = copy_bandwidth(copy_megabytes) / 1e9  # measured beside each row: the machine may be shared
-    row["cpu_forward_s"] = fastest(lambda: forward("cpu"), repeats=repeats, min_seconds=0.3)
-    row["cpu_train_forward_s"] = fastest(lambda: train_forward("cpu"), repeats=repeats, min_seconds=0.3)
-    row["cpu_train_s"] = fastest(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
+    copy, copy_bytes = copy_step(copy_megabytes)
+    kernel_forward, kernel_backward = kernel_steps(u, x, v, b, c0, grad_h)
+    times = interleaved({
+        "copy": copy, "cpu_forward_s": lambda: forward("cpu"), "cpu_train_forward_s": lambda: train_forward("cpu"),
+        "cpu_train_s": lambda: train_step("cpu"), "cpu_train_uncached_s": train_step_fresh,
+        "kernel_forward_s": kernel_forward, "kernel_backward_s": kernel_backward,
+    }, rounds=repeats, min_seconds=2.0)  # fmt: skip
+    cpu_backend.empty_cpu_cache()
+    elements = steps * batch * hidden
+    row["copy_GBps"] = copy_bytes / min(times["copy"]) / 1e9
+    row.update({name: min(values) for name, values in times.items() if name != "copy"})
+
+    def fraction(name: str, nbytes: int) -> float:
+        """Median over the rounds of (this run's bandwidth / the copy's beside it)."""
+        return statistics.median(nbytes * c / (copy_bytes * t) for t, c in zip(times[name], times["copy"], strict=True))
+
+    row["cpu_forward_bw_fraction"] = fraction("cpu_forward_s", elements * FORWARD_INFER_BYTES)
+    row["cpu_train_bw_fraction"] = fraction("cpu_train_s", elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES))
+    row["cpu_train_uncached_bw_fraction"] = fraction(
+        "cpu_train_uncached_s", elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES)
+    )
+    row["kernel_train_forward_bw_fraction"] = fraction("kernel_forward_s", elements * FORWARD_TRAIN_BYTES)
+    row["kernel_backward_bw_fraction"] = fraction("kernel_backward_s", elements * BACKWARD_BYTES)
     row["cpu_backward_s"] = max(row["cpu_train_s"] - row["cpu_train_forward_s"], 1e-9)
-    with no_output_cache():
-        row["cpu_train_uncached_s"] = fastest(lambda: train_step("cpu"), repeats=repeats, min_seconds=0.3)
     if with_naive:
         row["forward_speedup"] = row["naive_forward_s"] / row["cpu_forward_s"]
         row["train_speedup"] = row["naive_train_s"] / row["cpu_train_s"]
-    elements = steps * batch * hidden
     row["cpu_forward_GBps"] = elements * FORWARD_INFER_BYTES / row["cpu_forward_s"] / 1e9
     row["cpu_train_GBps"] = elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES) / row["cpu_train_s"] / 1e9
     row["cpu_train_uncached_GBps"] = (
         elements * (FORWARD_TRAIN_BYTES + BACKWARD_BYTES) / row["cpu_train_uncached_s"] / 1e9
     )
-    kernel_forward_s, kernel_backward_s = time_kernels(u, x, v, b, c0, grad_h, repeats)
-    row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / kernel_forward_s / 1e9
-    row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / kernel_backward_s / 1e9
+    row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / row["kernel_forward_s"] / 1e9
+    row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / row["kernel_backward_s"] / 1e9
     if official is not None and with_naive:
         u_official = u.view(steps, batch, 3, hidden).transpose(2, 3).contiguous()  # their [.., D, 3] interleave
         weight_c, bias = v.reshape(-1).contiguous(), b.reshape(-1).contiguous()
@@ -176,12 +214,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for steps, batch, hidden in shapes:
             row = bench_shape(steps, batch, hidden, repeats, official, with_naive=index == 0,
                               copy_megabytes=16 if args.quick else 256)  # fmt: skip
-            copy = row["copy_GBps"] * 1e9
-            row["cpu_forward_bw_fraction"] = row["cpu_forward_GBps"] * 1e9 / copy
-            row["cpu_train_bw_fraction"] = row["cpu_train_GBps"] * 1e9 / copy
-            row["cpu_train_uncached_bw_fraction"] = row["cpu_train_uncached_GBps"] * 1e9 / copy
-            row["kernel_train_forward_bw_fraction"] = row["kernel_train_forward_GBps"] * 1e9 / copy
-            row["kernel_backward_bw_fraction"] = row["kernel_backward_GBps"] * 1e9 / copy
             rows.append(row)
             official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
                              if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
@@ -198,9 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                   f" | {official_cols}", flush=True)  # fmt: skip
     os.environ.pop("SRUPP_CPU_ISA", None)
     cpu_backend._reset()
-    print("times in ms; copy in GB/s (read+write, measured before each row); x = speed-up over naive;")
-    print("BW = achieved bandwidth / copy bandwidth through the public op (allocation and first touch of the")
-    print("outputs included); fresh = f+b BW with SRUPP_CPU_CACHE_MB=0 (every output a new allocation);")
+    print("times in ms (fastest run); copy in GB/s (read+write, fastest run, timed in turn with the op);")
+    print("x = speed-up over naive; BW = achieved bandwidth / that of the copy run beside it, median over the")
+    print("rounds, through the public op (allocation and first touch of the outputs included);")
+    print("fresh = f+b BW with SRUPP_CPU_CACHE_MB=0 (every output a new allocation);")
     print("kernel BW = the C kernels alone on reused buffers;")
     print("'ours x' = the authors' CPU forward time / ours")
     payload = {

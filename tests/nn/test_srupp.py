@@ -758,13 +758,13 @@ def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch,
 
     def decode():
         calls = []
-        original = layer_module.SRULayer._step_token_compiled
+        original = cpu_backend.TokenRun.__call__
 
         def counting(self, *args):
             calls.append(1)
             return original(self, *args)
 
-        monkeypatch.setattr(layer_module.SRULayer, "_step_token_compiled", counting)
+        monkeypatch.setattr(cpu_backend.TokenRun, "__call__", counting)
         with torch.no_grad():
             prompt = x[:, :prompt_len] if model.batch_first else x[:prompt_len]
             out, state = model.step(prompt, model.init_decode_state(batch), mask_pad=mask_pad)
@@ -775,7 +775,7 @@ def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch,
         return torch.cat(outputs, 1 if model.batch_first else 0), state, len(calls)
 
     compiled, compiled_state, calls = decode()
-    assert calls == 30 * model.num_layers
+    assert calls == 30  # one call per token for the whole stack
     monkeypatch.setattr(layer_module, "token_kernel", lambda **kwargs: None)
     reference, reference_state, calls = decode()
     assert calls == 0
@@ -786,6 +786,63 @@ def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch,
             assert (actual is None) == (expected is None)
             if actual is not None:
                 assert_close(actual, expected, name=name)
+
+
+def test_states_of_the_compiled_path_read_copy_and_change_like_any_state(assert_close, monkeypatch):
+    """The compiled path's states make their keys, values and key_pad when first read: what they read equals the
+    general path's, reading keeps the run on the compiled path, an older state's views keep their values while the
+    run goes on, copies and pickles are plain states, and a state whose fields were replaced takes the general
+    path."""
+    from srupp.ops import cpu as cpu_backend
+
+    if not cpu_backend.is_available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    calls = []
+    original = cpu_backend.TokenRun.__call__
+    monkeypatch.setattr(cpu_backend.TokenRun, "__call__", lambda self, *args: calls.append(1) or original(self, *args))
+    model = make(**TOKEN_PATH_CONFIGS["every-second-layer-two-heads"])
+    mask_pad = torch.tensor([[True, False], [False, False], [False, False]])
+    x = torch.randn(9, 2, 6)
+
+    def general(prefix_len, upto):  # the general path from a prefill of prefix_len, stepped to upto
+        _, state = model.step(x[:prefix_len], model.init_decode_state(2, max_context=4), mask_pad=mask_pad)
+        for t in range(prefix_len, upto):
+            out, state = model.step(x[t : t + 1], replace(state))  # replace() drops the buffers
+        return out, state
+
+    with torch.no_grad():
+        _, state = model.step(x[:3], model.init_decode_state(2, max_context=4), mask_pad=mask_pad)
+        _, s4 = model.step(x[3:4], state)
+        _, s5 = model.step(x[4:5], s4)
+        assert len(calls) == 2 and type(s5) is not SRUppState and isinstance(s5, SRUppState)
+        s4_keys = [None if k is None else k.clone() for k in s4.keys]  # read while s5 exists: made now
+        out6, s6 = model.step(x[5:6], s5)
+        assert len(calls) == 3
+        _, s5_key_pad = s5.values, s5.key_pad  # read, not changed: s6 is newest, s5 general
+        out7, s7 = model.step(x[6:7], s6)
+        assert len(calls) == 4  # reading s6's fields after the step did not change them
+        _ = s7.keys
+        out8, s8 = model.step(x[7:8], s7)  # read before stepping: still the compiled path
+        assert len(calls) == 5
+        ref8, ref_state = general(3, 8)
+        assert_close(out8, ref8)
+        for name in ("keys", "values"):
+            for got, want in zip(getattr(s8, name), getattr(ref_state, name), strict=True):
+                assert (got is None) == (want is None)
+                if got is not None:
+                    assert_close(got, want, name=name)
+        assert torch.equal(s8.key_pad, ref_state.key_pad) and torch.equal(s5_key_pad, general(3, 5)[1].key_pad)
+        for before, now in zip(s4_keys, s4.keys, strict=True):
+            assert (before is None and now is None) or torch.equal(before, now)
+        for copied in (copy.copy(s8), copy.deepcopy(s8), pickle.loads(pickle.dumps(s8))):
+            assert type(copied) is SRUppState and copied._buffers is None
+            assert torch.equal(copied.c, s8.c) and torch.equal(copied.key_pad, s8.key_pad)
+            assert all(a is b is None or torch.equal(a, b) for a, b in zip(copied.keys, s8.keys, strict=True))
+        s8.keys = list(s8.keys)  # replaced (the same views in a new list): no longer trusted to append in place
+        out9, _ = model.step(x[8:9], s8)
+        assert len(calls) == 5
+        assert_close(out9, general(3, 9)[0])
+        assert_close(model.step(x[8:9], replace(s8))[0], out9)
 
 
 def test_compiled_one_token_step_is_not_used_for_the_naive_backend_or_float64():

@@ -6,6 +6,7 @@ the loop) and nothing noticed; this reads the built library's machine code so it
 
 from __future__ import annotations
 
+import ast
 import collections
 import platform
 import re
@@ -23,6 +24,15 @@ WIDEST = {"baseline": "xmm", "avx2": "ymm", "avx512": "zmm"}
 # float64 on the baseline x86-64 stays scalar: its exp clamps through 64-bit integer compares, which
 # SSE2 lacks. The speed path is float32; float64 is there for gradcheck-grade reference runs.
 KNOWN_SCALAR = {("f64", "baseline")}
+
+
+def library_flags() -> list[str]:
+    """The compiler flags setup.py builds the library with (its ``FLAGS``), so that the check is built alike."""
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["FLAGS"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py no longer defines FLAGS")
 
 
 def hot_loop_counts(library: str) -> dict[str, collections.Counter]:
@@ -128,7 +138,7 @@ def test_c_kernel_matches_a_scalar_loop(target, tmp_path):
         pytest.skip(f"{' and '.join(missing)} not installed")
     binary = tmp_path / "kernel_check"
     static = ["-static"] if runner else []
-    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c99", "-pthread", *static]
+    flags = [*library_flags(), *static]
     subprocess.run([compiler, *flags, str(CHECK), "-o", str(binary), "-lm"], check=True, timeout=120)
     args = [] if expected is None else [str(expected)]
     result = subprocess.run([*runner, str(binary), *args], capture_output=True, text=True, timeout=120)

@@ -371,7 +371,7 @@ def test_kernel_info_when_missing(monkeypatch):
     info = cpu_backend.cpu_kernel_info()
     info.pop("cache_bytes")
     assert info == {"loaded": False, "isa": None, "available": [], "threads": torch.get_num_threads(),
-                    "reason": "the compiled kernel is missing"}  # fmt: skip
+                    "threading": None, "reason": "the compiled kernel is missing"}  # fmt: skip
 
 
 # ---- padding holds garbage --------------------------------------------------------------------------------
@@ -574,16 +574,41 @@ def test_cache_in_inference_mode_then_training(cache):
     assert torch.isfinite(inputs[0].grad).all()
 
 
+@pytest.mark.parametrize("threading", ["openmp", "pthreads"])
 @pytest.mark.parametrize("threads", [1, 3, 7])
-def test_work_split_over_threads_matches_naive(threads):
+def test_work_split_over_threads_matches_naive(threads, threading, monkeypatch):
     """The kernel cuts the B*D lanes into blocks shared out over threads (a block may start mid-row): any
-    thread count gives the spec's results, with masks, c0 and reverse."""
+    thread count, on torch's OpenMP team or on threads of its own, gives the spec's results, with masks, c0
+    and reverse."""
     if not cpu_backend.is_available():
         pytest.skip(cpu_backend.unavailable_reason())
+    if threading == "openmp" and cpu_backend._torch_openmp() is None:
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    monkeypatch.setenv("SRUPP_CPU_THREADS", threading)
+    cpu_backend._reset()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        assert cpu_backend.cpu_kernel_info()["threading"] == threading
         fast, spec = compare_backends(130, 5, 1031, **OPTIONS["all"])
     finally:
         torch.set_num_threads(previous)
+        monkeypatch.delenv("SRUPP_CPU_THREADS")
+        cpu_backend._reset()
     assert_all_close(NAMES, fast, spec, atol=2e-5, rtol=1e-4)
+
+
+def test_threading_setting_is_checked(monkeypatch):
+    """A bad ``SRUPP_CPU_THREADS`` is refused in one line naming it; unset, the kernel joins torch's OpenMP team
+    where torch has one (Linux wheels do)."""
+    monkeypatch.setenv("SRUPP_CPU_THREADS", "fibers")
+    cpu_backend._reset()
+    try:
+        with pytest.raises(ValueError, match=r"`SRUPP_CPU_THREADS` must be 'openmp' or 'pthreads' .*'fibers'"):
+            cpu_backend.cpu_kernel_info()
+    finally:
+        monkeypatch.delenv("SRUPP_CPU_THREADS")
+        cpu_backend._reset()
+    if cpu_backend.is_available():
+        expected = "openmp" if cpu_backend._torch_openmp() is not None else "pthreads"
+        assert cpu_backend.cpu_kernel_info()["threading"] == expected

@@ -337,9 +337,8 @@ class SRULayer(nn.Module):
         unidirectional): input ``[B, input_size]``, c0 ``[B, hidden_size]``, ``weights`` from ``token_weights``;
         writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
         and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
-        of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None)."""
-        if weights.kernel is not None:
-            return self._step_token_compiled(input, c0, c_out, weights.kernel, window, mask)
+        of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None). These torch ops are the spec of the compiled
+        step (``weights.kernel``), which ``SRUpp.step`` runs for the whole stack at once where every layer has it."""
         normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
         if window is not None:
             u = self.transform.step_token(normed, weights, *window, mask)  # U + b_f, b_r in place
@@ -354,28 +353,6 @@ class SRULayer(nn.Module):
         forget, reset = gates.sigmoid_().unbind(1)
         torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
         return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
-
-    def _step_token_compiled(
-        self, input: Tensor, c0: Tensor, c_out: Tensor, kernel: TokenKernel, window: tuple | None, mask: Tensor | None
-    ) -> Tensor:
-        """``step_token`` through the compiled kernel: the same equations in one call."""
-        input, c0 = input.contiguous(), c0.contiguous()
-        target = c_out if c_out.is_contiguous() else torch.empty_like(c0)
-        mask = None if mask is None else mask.contiguous()
-        output = input.new_empty(input.shape[0], self.hidden_size)
-        if window is None:
-            base, strides, length = None, (0, 0, 0, 0), 0
-        else:
-            base, strides, length = window[0].data_ptr(), window[0].stride()[:4], window[0].shape[3]
-        status = kernel.run(
-            kernel.layer, input.data_ptr(), c0.data_ptr(), target.data_ptr(), output.data_ptr(), base, *strides,
-            length, None if mask is None else mask.data_ptr(), input.shape[0],
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError("the one-token decoding kernel could not allocate its scratch memory")
-        if target is not c_out:
-            c_out.copy_(target)
-        return output
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import fields
 from functools import partial
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
 # State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
 _TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "key_pad", "_buffers"}
 _OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
+_VERSION = attrgetter("_version")
 
 
 class SRUpp(SRUStack):
@@ -274,8 +276,8 @@ class SRUpp(SRUStack):
         moves the caches (and ``key_pad``) into preallocated buffers (``init_decode_state`` starts with empty
         ones); the next one-token steps without ``mask_pad`` from the state it returned (in
         eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
-        run each layer as one call into the compiled CPU kernel (float32 on the CPU, any backend but
-        ``"naive"``) or as a few torch ops. The parameters are gathered when a run's buffers are made
+        run the whole stack as one call into the compiled CPU kernel (float32 on the CPU, any backend but
+        ``"naive"``) or each layer as a few torch ops. The parameters are gathered when a run's buffers are made
         (``init_decode_state``, or a general-path step); in-place updates during a run show, while parameters
         replaced by new objects or written through ``.data`` during a run are seen from the next run. Stepping
         again from an older state, or with gradients, takes the general path, which copies the cache; the
@@ -374,15 +376,18 @@ class SRUpp(SRUStack):
             and input.shape == buffers.input_shape
             and input.dtype == buffers.dtype
             and input.device == buffers.device
-            and not torch.is_autocast_enabled(buffers.device.type)
+            and not torch.is_autocast_enabled(buffers.device_type)
             and buffers.is_newest(state)
-            and all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS)
-            and all(param._version == version for weights in buffers.weights for param, version in weights.derived)
+            and (not _OTHER_STATE_FIELDS or all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS))
+            and list(map(_VERSION, buffers.params)) == buffers.versions
         )
 
     def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:
         """``step`` for one token on a trusted state: each layer appends its key and value in place and runs
-        the recurrence as a few elementwise ops on ``[B, hidden_size]``."""
+        the recurrence as a few elementwise ops on ``[B, hidden_size]``, or the whole stack is one call into the
+        compiled CPU kernel."""
+        if buffers.native is not None:
+            return buffers.step_native(input, state.c)
         batch = buffers.input_shape[0] * buffers.input_shape[1]
         x = input.reshape(batch, self.input_size)
         c = state.c

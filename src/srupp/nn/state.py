@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from srupp.ops.cpu import TokenRun
+
 
 def _map(items: list[Tensor | None] | None, fn) -> list[Tensor | None] | None:
     return None if items is None else [None if item is None else fn(item) for item in items]
@@ -136,6 +138,61 @@ class SRUppState:
         )
 
 
+def _views(
+    buffers: list[Tensor | None], pad: Tensor | None, start: int, end: int
+) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None]:
+    """Per layer the keys and values ``[B, heads, end - start, head_size]`` of positions ``start..end-1`` of its
+    buffer (None without attention), and the ``key_pad`` ``[B, end - start]`` of those (None without ``pad``)."""
+    keys: list[Tensor | None] = []
+    values: list[Tensor | None] = []
+    for buffer in buffers:
+        pair = (None, None) if buffer is None else buffer.narrow(3, start, end - start).unbind(1)
+        keys.append(pair[0])
+        values.append(pair[1])
+    return keys, values, None if pad is None else pad.narrow(1, start, end - start)
+
+
+class _RunState(SRUppState):
+    """A state made by the compiled one-token path (internal): its ``keys``, ``values`` and ``key_pad`` are views
+    of the run's buffers made when first read, since making them (three tensor views per attention layer) would
+    cost more than the rest of a step, and a decoding loop rarely reads them. In every other way it is an
+    ``SRUppState``; its copies and pickles are plain ones."""
+
+    def _fields(self) -> list:
+        made = self.__dict__.get("_lazy")
+        if made is None:
+            span = self.__dict__.get("_span")  # (buffers, pad, start, end) of the run when it was made
+            made = [None, None, None] if span is None else list(_views(*span))
+            self.__dict__["_lazy"] = made
+            if span is not None:
+                self.__dict__["_made"] = (made[0], made[1], made[2], tuple(made[0]), tuple(made[1]))
+        return made
+
+    keys = property(lambda self: self._fields()[0], lambda self, value: self._fields().__setitem__(0, value))
+    values = property(lambda self: self._fields()[1], lambda self, value: self._fields().__setitem__(1, value))
+    key_pad = property(lambda self: self._fields()[2], lambda self, value: self._fields().__setitem__(2, value))
+
+    def intact(self) -> bool:
+        """Whether ``keys``, ``values`` and ``key_pad`` are still the views this state was made with (unread, or
+        read and neither replaced nor their lists changed)."""
+        fields, made = self.__dict__.get("_lazy"), self.__dict__.get("_made")
+        if fields is None:
+            return "_span" in self.__dict__
+        return (
+            made is not None
+            and fields[0] is made[0]
+            and fields[1] is made[1]
+            and fields[2] is made[2]
+            and len(made[0]) == len(made[3])
+            and all(a is b for a, b in zip(made[0], made[3], strict=True))
+            and len(made[1]) == len(made[4])
+            and all(a is b for a, b in zip(made[1], made[4], strict=True))
+        )
+
+    def __reduce__(self):
+        return SRUppState, (self.c, self.memory, self.keys, self.values, self.max_context, self.key_pad)
+
+
 class DecodeBuffers:
     """Preallocated key/value storage behind the caches of the successive states of one ``SRUpp.step`` run
     (internal).
@@ -151,7 +208,7 @@ class DecodeBuffers:
 
     __slots__ = ("model", "weights", "buffers", "pad", "capacity", "start", "end", "max_context", "inference",
                  "input_shape", "output_shape", "dtype", "device", "c", "key_views", "value_views",
-                 "key_pad_view")  # fmt: skip
+                 "key_pad_view", "native", "seq", "params", "versions", "device_type")  # fmt: skip
 
     def __init__(
         self, model: object, weights: list, keys: list[Tensor | None], values: list[Tensor | None],
@@ -161,10 +218,18 @@ class DecodeBuffers:
         self.model = model
         # Per layer the parameters the one-token path reads (the Parameter objects: in-place updates show).
         self.weights = weights
+        # The parameters copied into ``weights`` and their version counters then (an in-place update ends the run).
+        self.params = [param for layer in weights for param, _ in layer.derived]
+        self.versions = [version for layer in weights for _, version in layer.derived]
         self.max_context = max_context
         self.inference = torch.is_inference_mode_enabled()
         self.input_shape, self.output_shape = input_shape, output_shape
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.device_type = dtype, device, device.type
+        # The compiled step of the whole stack, where every layer has one (float32 on the CPU).
+        kernels = [layer.kernel for layer in weights]
+        batch = input_shape[0] * input_shape[1]
+        self.native = None if None in kernels or not kernels else TokenRun(kernels, batch, output_shape[-1])
+        self.seq = 0  # how many states this run has recorded as its newest
         self._allocate(keys, values, key_pad, length)
 
     def _allocate(
@@ -188,17 +253,20 @@ class DecodeBuffers:
             self.buffers.append(buffer)
         self.capacity = capacity if any(buffer is not None for buffer in self.buffers) else 1 << 62
         self.start, self.end = 0, length
+        if self.native is not None:
+            self.native.bind(self.buffers, self.pad)
+
+    def _grow(self) -> None:
+        """Move the live positions into fresh buffers of twice their count (older views keep the old ones)."""
+        keys, values, pad = _views(self.buffers, self.pad, self.start, self.end)
+        self._allocate(keys, values, pad, self.end - self.start)
 
     def open_position(self) -> tuple[list[tuple[Tensor, Tensor, Tensor] | None], Tensor | None]:
         """Per layer None (no attention) or ``(window [B, 2, heads, L, head_size], keys, values)``: views of
         positions ``start..end``, the last not written yet (moving the live positions first when full); and,
         when the run has a ``key_pad``, the attention mask ``[B, 1, 1, L]`` (True = may attend) of those."""
         if self.end == self.capacity:
-            length = self.end - self.start
-            live = [None if b is None else b.narrow(3, self.start, length).unbind(1) for b in self.buffers]
-            pad = None if self.pad is None else self.pad.narrow(1, self.start, length)
-            self._allocate([None if i is None else i[0] for i in live], [None if i is None else i[1] for i in live],
-                           pad, length)  # fmt: skip
+            self._grow()
         start, length = self.start, self.end + 1 - self.start
         windows: list[tuple[Tensor, Tensor, Tensor] | None] = []
         for buffer in self.buffers:
@@ -237,24 +305,46 @@ class DecodeBuffers:
     def views(self) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None]:
         """Per layer the live keys and values ``[B, heads, end - start, head_size]`` (None without attention), and
         the live ``key_pad`` ``[B, end - start]`` (None when the run has none)."""
-        length = self.end - self.start
-        keys: list[Tensor | None] = []
-        values: list[Tensor | None] = []
-        for buffer in self.buffers:
-            pair = (None, None) if buffer is None else buffer.narrow(3, self.start, length).unbind(1)
-            keys.append(pair[0])
-            values.append(pair[1])
-        return keys, values, None if self.pad is None else self.pad.narrow(1, self.start, length)
+        return _views(self.buffers, self.pad, self.start, self.end)
 
     def adopt(self, state: SRUppState) -> SRUppState:
         """Record ``state`` (whose ``keys``/``values`` are this run's views) as the newest state of the run."""
         self.c, self.key_views, self.value_views = state.c, tuple(state.keys), tuple(state.values)
         self.key_pad_view = state.key_pad
+        self.seq += 1
         state._buffers = self
         return state
 
+    def step_native(self, input: Tensor, c: Tensor) -> tuple[Tensor, SRUppState]:
+        """One token through the compiled step of the whole stack (``native``), from the newest state's ``c``:
+        the output ``output_shape`` and the next state, recorded as the newest."""
+        if self.end == self.capacity:
+            self._grow()
+        c = c.contiguous()
+        c_next = torch.empty_like(c)
+        output = input.new_empty(self.output_shape)
+        self.native(input.contiguous(), c, c_next, output, self.start, self.end)
+        self.end += 1
+        if self.max_context is not None and self.end - self.start > self.max_context:
+            self.start = self.end - self.max_context
+        state = _RunState.__new__(_RunState)
+        self.c = c_next
+        self.seq += 1
+        state.__dict__.update(c=c_next, memory=None, max_context=self.max_context, _buffers=self, _seq=self.seq,
+                              _span=(self.buffers, self.pad, self.start, self.end))  # fmt: skip
+        return output, state
+
     def is_newest(self, state: SRUppState) -> bool:
         """Whether ``state`` is, unchanged, the newest state of the run (so it may append in place)."""
+        if type(state) is _RunState:
+            fields = state.__dict__
+            return (
+                fields.get("_seq") == self.seq
+                and fields["c"] is self.c
+                and fields["memory"] is None
+                and fields["max_context"] == self.max_context
+                and state.intact()
+            )
         if (
             state.c is not self.c
             or state.memory is not None

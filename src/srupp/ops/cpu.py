@@ -24,7 +24,7 @@ _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 10 + [_I64, _I64, _I64, _INT, _INT]
 _BACKWARD_ARGS = [_P] * 14 + [_I64, _I64, _I64, _INT, _INT]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_ABI_VERSION = 4
+_ABI_VERSION = 6
 # Instruction-set variants compiled into the library, best last; the bit each has in its masks.
 ISAS = ("baseline", "avx2", "avx512")
 _ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4}
@@ -40,6 +40,14 @@ class TokenLayer(ctypes.Structure):
     _fields_ += [("has_in_norm", _INT), ("project_skip", _INT)]
 
 
+class TokenRunArgs(ctypes.Structure):
+    """A whole stack's decoding run for the one-token kernel (``struct srupp_token_run`` in csrc/sru_cpu.c)."""
+
+    _fields_ = [("layers", ctypes.POINTER(TokenLayer)), ("windows", ctypes.POINTER(_P)),
+                ("strides", ctypes.POINTER(_I64)), ("pad", _P)]  # fmt: skip
+    _fields_ += [(name, _I64) for name in ("pad_stride", "num_layers", "batch", "width")]
+
+
 @dataclass
 class _Kernel:
     lib: ctypes.CDLL
@@ -47,7 +55,8 @@ class _Kernel:
     available: tuple[str, ...]
     forward: dict[torch.dtype, Callable[..., None]]
     backward: dict[torch.dtype, Callable[..., None]]
-    token_step: Callable[..., int]
+    token_run: Callable[..., int]
+    threading: str  # "openmp" (torch's own thread team) or "pthreads" (threads started per call)
 
 
 _KERNEL: _Kernel | None = None
@@ -57,6 +66,40 @@ _LOAD_ERROR: str | None = None
 def _supported_mask(lib: ctypes.CDLL) -> int:
     """Bit mask of the variants this CPU can run (cpuid, asked in C; tests replace this)."""
     return lib.srupp_isa_supported()
+
+
+def _torch_openmp() -> Path | None:
+    """The OpenMP runtime library torch's parallel ops run on, as mapped into this process (Linux), or None.
+
+    The kernel's threads join that runtime's team instead of starting threads of their own beside it: torch's
+    workers spin for a while after each of its parallel ops, and threads started then share the cores with them.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {Path(line.split(None, 5)[5]) for line in maps.splitlines() if len(line.split(None, 5)) == 6}
+    runtimes = sorted(p for p in paths if p.name.startswith(("libgomp", "libiomp5", "libomp")) and p.exists())
+    torch_dir = Path(torch.__file__).resolve().parent
+    runtimes.sort(key=lambda p: not p.resolve().is_relative_to(torch_dir))  # torch's own first
+    return runtimes[0] if runtimes else None
+
+
+def _bind_threading(lib: ctypes.CDLL, use_openmp: bool) -> str:
+    """Point the library at torch's OpenMP runtime (or at threads of its own); returns the mode in use."""
+    lib.srupp_use_openmp.argtypes, lib.srupp_use_openmp.restype = [_P, _P, _P], _INT
+    runtime = _torch_openmp() if use_openmp else None
+    entry = [None, None, None]
+    if runtime is not None:
+        try:
+            omp = ctypes.CDLL(str(runtime))
+            entry = [ctypes.cast(getattr(omp, name), _P).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]  # fmt: skip
+        except (OSError, AttributeError):
+            entry = [None, None, None]
+    return "openmp" if lib.srupp_use_openmp(*entry) else "pthreads"
 
 
 def _load() -> _Kernel:
@@ -89,10 +132,13 @@ def _load() -> _Kernel:
         forward[dtype].argtypes, forward[dtype].restype = _FORWARD_ARGS, None
         backward[dtype] = getattr(lib, f"srupp_sru_backward_{name}_{isa}")
         backward[dtype].argtypes, backward[dtype].restype = _BACKWARD_ARGS, None
-    token_step = getattr(lib, f"srupp_token_step_f32_{isa}")
-    token_step.argtypes = [ctypes.POINTER(TokenLayer), _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64]
-    token_step.restype = _INT
-    return _Kernel(lib, isa, available, forward, backward, token_step)
+    token_run = getattr(lib, f"srupp_token_run_f32_{isa}")
+    token_run.argtypes, token_run.restype = [ctypes.POINTER(TokenRunArgs), _P, _P, _P, _P, _I64, _I64], _INT
+    threads = os.environ.get("SRUPP_CPU_THREADS", "").strip().lower()
+    if threads not in ("", "openmp", "pthreads"):
+        raise ConfigError(f"`SRUPP_CPU_THREADS` must be 'openmp' or 'pthreads' (or unset), got {threads!r}")
+    threading_mode = _bind_threading(lib, threads != "pthreads")
+    return _Kernel(lib, isa, available, forward, backward, token_run, threading_mode)
 
 
 def _kernel() -> _Kernel | None:
@@ -130,10 +176,12 @@ def cpu_kernel_info() -> dict[str, object]:
     """What the fused CPU kernel runs with.
 
     Returns:
-        ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "reason": str | None,
-        "cache_bytes": int}``: the instruction-set variant in use (``SRUPP_CPU_ISA=baseline|avx2|avx512``
-        forces one), the variants this CPU can run, the thread count the kernel uses
-        (``torch.get_num_threads()``), why the kernel did not load, if it did not, and the bytes of the output
+        ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "threading": str | None,
+        "reason": str | None, "cache_bytes": int}``: the instruction-set variant in use
+        (``SRUPP_CPU_ISA=baseline|avx2|avx512`` forces one), the variants this CPU can run, the thread count the
+        kernel uses (``torch.get_num_threads()``), how it runs them (``"openmp"``: on the team of torch's own
+        OpenMP runtime; ``"pthreads"``: threads started per call, where torch does not run on OpenMP or
+        ``SRUPP_CPU_THREADS=pthreads``), why the kernel did not load, if it did not, and the bytes of the output
         buffers it keeps for reuse, in use or free (at most ``SRUPP_CPU_CACHE_MB`` MiB; ``empty_cpu_cache()``
         releases the free ones).
 
@@ -147,6 +195,7 @@ def cpu_kernel_info() -> dict[str, object]:
         "isa": None if kernel is None else kernel.isa,
         "available": [] if kernel is None else list(kernel.available),
         "threads": torch.get_num_threads(),
+        "threading": None if kernel is None else kernel.threading,
         "reason": None if kernel is not None else _LOAD_ERROR,
         "cache_bytes": _OUTPUTS.held_bytes(),
     }
@@ -238,11 +287,49 @@ def _ptr(tensor: Tensor | None) -> int | None:
 
 @dataclass
 class TokenKernel:
-    """The one-token decoding kernel bound to one layer's weights (see ``token_kernel``); ``run`` is its call."""
+    """One layer's weights bound for the one-token decoding kernel (see ``token_kernel``; ``TokenRun`` runs it)."""
 
-    run: Callable[..., int]
     layer: TokenLayer
     tensors: tuple[Tensor, ...]  # what ``layer`` points into, kept alive with it
+
+
+class TokenRun:
+    """The compiled one-token step of a whole stack (``srupp_token_run_f32_<isa>``) over one decoding run's
+    buffers: one call per token for all layers. ``bind`` points it at the run's cache buffers (again whenever
+    they are replaced); calling it runs a token.
+
+    Args:
+        kernels: per layer, ``token_kernel``'s binding of its weights.
+        batch: rows per token. width: the layers' output size (``hidden_size``).
+    """
+
+    def __init__(self, kernels: list[TokenKernel], batch: int, width: int) -> None:
+        count = len(kernels)
+        self._kernels = kernels
+        self._layers = (TokenLayer * count)(*(kernel.layer for kernel in kernels))
+        self._windows = (_P * count)()
+        self._strides = (_I64 * (4 * count))()
+        self._args = TokenRunArgs(self._layers, self._windows, self._strides, None, 0, count, batch, width)
+        self._ref = ctypes.byref(self._args)
+        self._run = _require_kernel().token_run
+        self._held: tuple = ()
+
+    def bind(self, buffers: list[Tensor | None], pad: Tensor | None) -> None:
+        """Point the run at per layer its cache buffer ``[B, 2, heads, capacity, head_size]`` (None without
+        attention) and at the padding marks ``[B, capacity]`` (bool, True = padding; None when the run has none),
+        which the kernel clears at each new position."""
+        for index, buffer in enumerate(buffers):
+            self._windows[index] = None if buffer is None else buffer.data_ptr()
+            self._strides[4 * index : 4 * index + 4] = (0, 0, 0, 0) if buffer is None else buffer.stride()[:4]
+        self._args.pad = None if pad is None else pad.data_ptr()
+        self._args.pad_stride = 0 if pad is None else pad.stride(0)
+        self._held = (buffers, pad)
+
+    def __call__(self, x: Tensor, c_in: Tensor, c_out: Tensor, h: Tensor, start: int, end: int) -> None:
+        """Write position ``end`` of every cache, attend to ``start..end``, and write ``c_out`` ``[layers, B,
+        hidden]`` and ``h`` ``[B, hidden]`` from ``x`` ``[B, input_size]`` and ``c_in`` (all contiguous)."""
+        if self._run(self._ref, x.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), h.data_ptr(), start, end) != 0:
+            raise MemoryError("the one-token decoding kernel could not allocate its scratch memory")
 
 
 def token_kernel(
@@ -258,7 +345,7 @@ def token_kernel(
     heads: int,
     project_skip: bool,
 ) -> TokenKernel | None:
-    """Bind the compiled one-token step of a unidirectional SRU++ layer to its weights (float32 on the CPU,
+    """Bind a unidirectional SRU++ layer's weights for the compiled one-token step (float32 on the CPU,
     contiguous; layer norms as ``(shape, weight, bias, eps)``, weights stored ``[in, out]``), or None where the
     kernel is not loaded or a tensor does not qualify (the caller keeps its torch ops then)."""
     kernel = _kernel()
@@ -274,7 +361,7 @@ def token_kernel(
         in_norm[3] if in_norm else 0.0, norm[3], wq_t.shape[0], proj, out, gate_v.shape[-1], heads,
         int(in_norm is not None), int(project_skip),
     )  # fmt: skip
-    return TokenKernel(kernel.token_step, layer, tensors)
+    return TokenKernel(layer, tensors)
 
 
 def _threads() -> int:

@@ -23,6 +23,8 @@ def register_autograd(forward_op, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         u, x, v, b, c0, mask_pad, mask_c, reverse, save_c = inputs
         ctx.reverse = reverse
+        # Unused outputs (c_all always, c_last usually) get None, not a zero tensor the size of the sequence.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(u, x, v, b, c0, mask_pad, mask_c, output[2])
 
     def backward(ctx, grad_h, grad_c_last, _grad_c_all):

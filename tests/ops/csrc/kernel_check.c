@@ -100,13 +100,16 @@ static void layer_norm_ref(double *out, const double *in, int n, const float *w,
     for (int i = 0; i < n; ++i) out[i] = (in[i] - mean) / sqrt(var / n + eps) * w[i] + b[i];
 }
 
-static double check_token_step(int (*step)(const struct srupp_token_layer *, const float *, const float *, float *,
-                                            float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                            const uint8_t *, int64_t)) {
+typedef int (*token_fn)(const struct srupp_token_run *, const float *, const float *, float *, float *, int64_t,
+                        int64_t);
+
+/* Through srupp_token_run_f32_<isa> with one layer, whose padding marks have a row stride wider than the window
+ * and the new position marked as padding beforehand (the run must clear it). */
+static double check_token_step(token_fn step) {
     static float nw_in[TI], nb_in[TI], wq[TI * TP], wkv[TP * 2 * TP], alpha = 0.7f, nw[TP], nb[TP], wo[TP * TU];
     static float ub[TU], gv[2 * TD], x[B2 * TI], c0[B2 * TD], c1[B2 * TD], h[B2 * TD];
     static float window[B2][2][TH][TL][TP / TH];
-    static uint8_t mask[B2 * TL];
+    static uint8_t mask[B2 * TL], pad[B2 * (TL + 3)];
     unsigned s = 7;
     for (int i = 0; i < TI; ++i) nw_in[i] = 1 + uniform(&s) / 4, nb_in[i] = uniform(&s) / 4;
     for (int i = 0; i < TI * TP; ++i) wq[i] = uniform(&s);
@@ -123,6 +126,8 @@ static double check_token_step(int (*step)(const struct srupp_token_layer *, con
                 for (int p = 0; p < TL; ++p)
                     for (int e = 0; e < TP / TH; ++e) window[b][k][hd][p][e] = uniform(&s);
     for (int i = 0; i < B2 * TL; ++i) mask[i] = i % TL == TL - 1 || uniform(&s) > -0.3f; /* the new position: in */
+    for (int b = 0; b < B2; ++b)
+        for (int p = 0; p < TL + 3; ++p) pad[b * (TL + 3) + p] = p >= TL - 1 || !mask[b * TL + p];
     const struct srupp_token_layer layer = {nw_in, nb_in, wq, wkv, &alpha, nw, nb, wo, ub, gv, 1e-5f, 1e-5f,
                                             TI, TP, TU, TD, TH, 1, 1};
     const int64_t hs = TP / TH, sp = hs, sh = TL * sp, skv = TH * sh, sb = 2 * skv;
@@ -173,7 +178,10 @@ static double check_token_step(int (*step)(const struct srupp_token_layer *, con
             want_h[b * TD + j] = r * want_c[b * TD + j] + (1 - r) * u[3 * TD + j];
         }
     }
-    if (step(&layer, x, c0, c1, h, &window[0][0][0][0][0], sb, skv, sh, sp, TL, mask, B2) != 0) return 1e9;
+    float *const windows[1] = {&window[0][0][0][0][0]};
+    const int64_t strides[4] = {sb, skv, sh, sp};
+    const struct srupp_token_run run = {&layer, windows, strides, pad, TL + 3, 1, B2, TD};
+    if (step(&run, x, c0, c1, h, 0, TL - 1) != 0) return 1e9;
     double err = fmax(worst("token h", h, want_h, B2 * TD), worst("token c", c1, want_c, B2 * TD));
     float got_kv[B2 * 2 * TP]; /* the new key and value, read back from the last position of the window */
     for (int b = 0; b < B2; ++b)
@@ -181,7 +189,6 @@ static double check_token_step(int (*step)(const struct srupp_token_layer *, con
             for (int hd = 0; hd < TH; ++hd)
                 for (int e = 0; e < hs; ++e) got_kv[b * 2 * TP + k * TP + hd * hs + e] = window[b][k][hd][TL - 1][e];
     return fmax(err, worst("token kv", got_kv, want_kv, B2 * 2 * TP));
-    return err;
 }
 
 typedef void (*forward_fn)(const float *, const float *, const float *, const float *, const float *,
@@ -190,9 +197,6 @@ typedef void (*forward_fn)(const float *, const float *, const float *, const fl
 typedef void (*backward_fn)(const float *, const float *, const float *, const float *, const float *,
                             const uint8_t *, const float *, const float *, const float *, const float *, float *,
                             float *, float *, float *, int64_t, int64_t, int64_t, int, int);
-
-typedef int (*token_fn)(const struct srupp_token_layer *, const float *, const float *, float *, float *, float *,
-                        int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t *, int64_t);
 
 struct variant {
     const char *name;
@@ -204,11 +208,11 @@ struct variant {
 
 static const struct variant VARIANTS[] = {
     {"baseline", SRUPP_ISA_BASELINE, srupp_sru_forward_f32_baseline, srupp_sru_backward_f32_baseline,
-     srupp_token_step_f32_baseline},
+     srupp_token_run_f32_baseline},
 #ifdef SRUPP_X86_VARIANTS
-    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2, srupp_token_step_f32_avx2},
+    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2, srupp_token_run_f32_avx2},
     {"avx512", SRUPP_ISA_AVX512, srupp_sru_forward_f32_avx512, srupp_sru_backward_f32_avx512,
-     srupp_token_step_f32_avx512},
+     srupp_token_run_f32_avx512},
 #endif
 };
 

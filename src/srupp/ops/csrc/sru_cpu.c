@@ -3,9 +3,13 @@
  * Plain C with POSIX threads and no Python or torch headers: the package build compiles it to a
  * shared library that srupp/ops/cpu.py loads with ctypes and calls on tensor data pointers.
  *
- * Why not OpenMP: torch ships its own OpenMP runtime, and a second one in the same process keeps
- * its idle workers spinning while torch's run, so on a 2-core machine every op around the kernel
- * slowed down ~10x (measured). Threads made per call and joined before returning leave nothing behind.
+ * Threads: the library is not built with OpenMP, because torch ships its own OpenMP runtime and a
+ * second one in the same process keeps its idle workers spinning while torch's run (on a 2-core machine
+ * every op around the kernel slowed down ~10x, measured). Torch's own workers spin too, for a few
+ * milliseconds after each of its parallel ops, and threads of ours started beside them share the cores
+ * with them (a kernel call right after a torch op ran ~30% slower, measured). So where torch runs on
+ * libgomp, cpu.py hands this library that runtime's entry points (srupp_use_openmp) and the kernels run
+ * on torch's own thread team; elsewhere, threads made per call and joined before returning.
  */
 #define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
@@ -20,7 +24,8 @@
 
 /* Lanes (batch row, feature) per block of work: the length of a block's state and staging arrays on the
  * stack (ten of them in the backward pass: 40 KiB in float32, 80 KiB in float64; the threads this file
- * starts get a stack of WORKER_STACK bytes, whatever the C library's default). */
+ * starts get a stack of WORKER_STACK bytes, whatever the C library's default, and OpenMP's get the
+ * runtime's default, 2 MiB or more unless OMP_STACKSIZE sets less). */
 #ifndef BLOCK
 #define BLOCK 1024
 #endif
@@ -67,6 +72,38 @@ static void *srupp_run_job(void *job) {
     return 0;
 }
 
+/* The OpenMP runtime torch runs on, if cpu.py found one (GOMP_parallel is libgomp's ABI for
+ * `#pragma omp parallel`, also exported by LLVM's and Intel's runtimes). */
+typedef void (*srupp_gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned nthreads, unsigned flags);
+typedef int (*srupp_omp_int_fn)(void);
+static srupp_gomp_parallel_fn srupp_gomp_parallel;
+static srupp_omp_int_fn srupp_omp_thread_num, srupp_omp_num_threads;
+
+/* Run the kernels' threads on that runtime's team from now on; null pointers go back to threads of our
+ * own. Returns 1 when the runtime is in use. */
+int srupp_use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    const int ok = parallel && thread_num && num_threads;
+    srupp_gomp_parallel = ok ? (srupp_gomp_parallel_fn)parallel : 0;
+    srupp_omp_thread_num = ok ? (srupp_omp_int_fn)thread_num : 0;
+    srupp_omp_num_threads = ok ? (srupp_omp_int_fn)num_threads : 0;
+    return ok;
+}
+
+struct srupp_team_job {
+    srupp_work_fn fn;
+    const void *args;
+    int64_t items;
+};
+
+/* One member of the OpenMP team: its share of the items, from the team's actual size (the runtime may
+ * give fewer threads than asked for, e.g. when called from inside another parallel region). */
+static void srupp_team_member(void *data) {
+    const struct srupp_team_job *j = data;
+    const int64_t k = srupp_omp_thread_num(), n = srupp_omp_num_threads();
+    const int64_t begin = j->items * k / n, end = j->items * (k + 1) / n;
+    if (begin < end) j->fn(j->args, begin, end);
+}
+
 /* Split [0, items) evenly over up to nthreads threads; the calling thread takes the first share,
  * and a share whose thread cannot be started runs on the calling thread too. */
 static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_work_fn fn, const void *args) {
@@ -76,6 +113,11 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
     if (n > MAX_THREADS) n = MAX_THREADS;
     if (n <= 1) {
         fn(args, 0, items);
+        return;
+    }
+    if (srupp_gomp_parallel) {
+        struct srupp_team_job job = {fn, args, items};
+        srupp_gomp_parallel(srupp_team_member, &job, (unsigned)n, 0);
         return;
     }
     pthread_t threads[MAX_THREADS];
@@ -113,6 +155,18 @@ struct srupp_token_layer {
     float in_norm_eps, norm_eps;
     int64_t in, proj, out, hidden, heads;
     int has_in_norm, project_skip;
+};
+
+/* A decoding run of a whole stack for srupp_token_run_f32_<isa>: per layer its weights, its cache buffer
+ * [B, 2, heads, capacity, head_size] at position 0 (null without attention) and that buffer's strides in
+ * elements (batch, key/value, head, position); the run's padding marks [B, pad_stride] (null when none).
+ * srupp/ops/cpu.py mirrors it (TokenRunArgs). */
+struct srupp_token_run {
+    const struct srupp_token_layer *layers;
+    float *const *windows;
+    const int64_t *strides;
+    uint8_t *pad;
+    int64_t pad_stride, num_layers, batch, width; /* width: the widest layer output */
 };
 
 #define SRUPP_CAT(a, b) a##b
@@ -196,4 +250,4 @@ int srupp_isa_supported(void) {
     return isa;
 }
 
-int srupp_abi_version(void) { return 4; }
+int srupp_abi_version(void) { return 6; }

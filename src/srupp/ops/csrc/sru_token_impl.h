@@ -76,11 +76,13 @@ static inline float SRUPP_ISA_FN(srupp_dot_)(const float *restrict q, const floa
     return dot;
 }
 
-/* Returns 0, or -1 when its scratch memory cannot be had (nothing written then). */
+/* `window` holds `length` positions, the last one new; `pad`, when given, marks (nonzero) the positions of
+ * row b no token may attend to, at pad[b * pad_stride + position]. Returns 0, or -1 when its scratch memory
+ * cannot be had (nothing written then). */
 int SRUPP_ISA_FN(srupp_token_step_f32_)(const struct srupp_token_layer *layer, const float *x, const float *c0,
                                         float *c_out, float *h_out, float *window, int64_t stride_b,
                                         int64_t stride_kv, int64_t stride_head, int64_t stride_pos, int64_t length,
-                                        const uint8_t *mask, int64_t batch) {
+                                        const uint8_t *pad, int64_t pad_stride, int64_t batch) {
     const int64_t in = layer->in, proj = layer->proj, out = layer->out, hidden = layer->hidden;
     const int64_t heads = layer->heads, head_size = proj / heads;
     const int attention = layer->wkv_t != 0;
@@ -112,7 +114,7 @@ int SRUPP_ISA_FN(srupp_token_step_f32_)(const struct srupp_token_layer *layer, c
                 const float *qh = qb + h * head_size;
                 float top = -INFINITY;
                 for (int64_t p = 0; p < length; ++p) {
-                    if (mask && !mask[b * length + p]) {
+                    if (pad && pad[b * pad_stride + p]) {
                         score[p] = -INFINITY;
                         continue;
                     }
@@ -124,7 +126,7 @@ int SRUPP_ISA_FN(srupp_token_step_f32_)(const struct srupp_token_layer *layer, c
                 float *mh = mb + h * head_size;
                 for (int64_t e = 0; e < head_size; ++e) mh[e] = 0;
                 for (int64_t p = 0; p < length; ++p) {
-                    if (mask && !mask[b * length + p]) continue;
+                    if (pad && pad[b * pad_stride + p]) continue;
                     const float weight = score[p] / total;
                     const float *v = values + p * stride_pos;
 #pragma omp simd
@@ -156,6 +158,34 @@ int SRUPP_ISA_FN(srupp_token_step_f32_)(const struct srupp_token_layer *layer, c
     }
     free(scratch);
     return 0;
+}
+
+/* One token through a whole stack (SRUpp.step's one-token path): position `end` of every attention layer's
+ * cache is written and positions start..end attended to; c_in and c_out are [layers, batch, hidden]. The run
+ * (struct srupp_token_run) is set up by Python once per decoding run and again when its buffers grow, so a
+ * token costs one call. Returns 0, or -1 when scratch memory cannot be had. */
+int SRUPP_ISA_FN(srupp_token_run_f32_)(const struct srupp_token_run *run, const float *x, const float *c_in,
+                                       float *c_out, float *h_out, int64_t start, int64_t end) {
+    const int64_t batch = run->batch, layers = run->num_layers;
+    if (run->pad)
+        for (int64_t b = 0; b < batch; ++b) run->pad[b * run->pad_stride + end] = 0; /* the new position is real */
+    const uint8_t *pad = run->pad ? run->pad + start : 0;
+    float *between = 0;
+    if (layers > 1 && !(between = malloc((size_t)(2 * batch * run->width) * sizeof(float)))) return -1;
+    const float *in = x;
+    int status = 0;
+    for (int64_t l = 0; l < layers && status == 0; ++l) {
+        const struct srupp_token_layer *layer = run->layers + l;
+        const int64_t *stride = run->strides + 4 * l, hidden = layer->hidden;
+        float *out = l == layers - 1 ? h_out : between + (l % 2) * batch * run->width;
+        float *window = run->windows[l] ? run->windows[l] + start * stride[3] : 0;
+        status = SRUPP_ISA_FN(srupp_token_step_f32_)(layer, in, c_in + l * batch * hidden, c_out + l * batch * hidden,
+                                                     out, window, stride[0], stride[1], stride[2], stride[3],
+                                                     end + 1 - start, pad, run->pad_stride, batch);
+        in = out;
+    }
+    free(between);
+    return status;
 }
 
 #undef SRUPP_MADD
