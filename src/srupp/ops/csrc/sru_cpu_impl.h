@@ -87,7 +87,7 @@ struct SRUPP_FN(backward_args) {
     const real *mask_c, *c_all, *gh, *gc_last;
     real *gu, *gx, *gvb, *gc0;
     int64_t T, B, D, block;
-    int reverse, stream;
+    int reverse;
 };
 
 static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t end) {
@@ -98,8 +98,8 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
     const uint8_t *restrict mask_pad = a->mask_pad;
     real *restrict gu = a->gu, *restrict gx = a->gx, *restrict gvb = a->gvb, *restrict gc0 = a->gc0;
     const int64_t T = a->T, B = a->B, D = a->D, lanes = B * D;
-    const int reverse = a->reverse, stream = a->stream;
-    real gc[BLOCK], m[BLOCK], gvf[BLOCK], gvr[BLOCK], gbf[BLOCK], gbr[BLOCK], staged[4][BLOCK];
+    const int reverse = a->reverse;
+    real gc[BLOCK], m[BLOCK], gvf[BLOCK], gvr[BLOCK], gbf[BLOCK], gbr[BLOCK];
     for (int64_t item = begin; item < end; ++item) {
         const int64_t lo = item * a->block;
         const int64_t hi = lo + a->block < lanes ? lo + a->block : lanes;
@@ -141,8 +141,6 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                 real *restrict gcs = gc + i, *restrict gvfs = gvf + i, *restrict gvrs = gvr + i;
                 real *restrict gbfs = gbf + i, *restrict gbrs = gbr + i;
                 const real *restrict ms = m + i;
-                real *restrict guc_d = stream ? staged[0] : guc, *restrict guf_d = stream ? staged[1] : guf;
-                real *restrict gur_d = stream ? staged[2] : gur, *restrict gxt_d = stream ? staged[3] : gxt;
 #pragma omp simd
                 for (int64_t j = 0; j < n; ++j) {
                     const real cp = cprev[j];
@@ -153,22 +151,15 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                     const real gct = gcs[j] + g * ms[j] * r;
                     const real dr = g * ms[j] * (ct[j] - xv) * r * ((real)1 - r);
                     const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
-                    gxt_d[j] = g * ((real)1 - ms[j] * r);
-                    guc_d[j] = gct * ((real)1 - f);
-                    guf_d[j] = df;
-                    gur_d[j] = dr;
+                    gxt[j] = g * ((real)1 - ms[j] * r);
+                    guc[j] = gct * ((real)1 - f);
+                    guf[j] = df;
+                    gur[j] = dr;
                     gbfs[j] += df;
                     gbrs[j] += dr;
                     gvfs[j] += df * cp;
                     gvrs[j] += dr * cp;
                     gcs[j] = gct * f + df * vf[j] + dr * vr[j];
-                }
-                if (stream) {
-                    const int64_t bytes = n * (int64_t)sizeof(real);
-                    STREAM(guc, guc_d, bytes);
-                    STREAM(guf, guf_d, bytes);
-                    STREAM(gur, gur_d, bytes);
-                    STREAM(gxt, gxt_d, bytes);
                 }
             }
         }
@@ -187,7 +178,6 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
             k += n;
         }
     }
-    if (stream) SRUPP_FENCE();
 }
 
 /* Lanes per block: the state arrays' length, at most BLOCK, and small enough that every thread gets work. */
@@ -220,7 +210,6 @@ void SRUPP_FN(backward)(const real *u, const real *x, const real *v, const real 
     hint_huge_pages(gu, 3 * bytes);
     hint_huge_pages(gx, bytes);
     const struct SRUPP_FN(backward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, c_all, gh, gc_last,
-                                                 gu, gx, gvb, gc0, T, B, D, block, reverse,
-                                                 bytes >= SRUPP_STREAM_MIN_BYTES};
+                                                 gu, gx, gvb, gc0, T, B, D, block, reverse};
     srupp_parallel_for((B * D + block - 1) / block, T * B * D, nthreads, SRUPP_FN(backward_items), &args);
 }

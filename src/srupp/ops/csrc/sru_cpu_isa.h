@@ -9,19 +9,17 @@
  *
  * Written so that the loops calling it vectorise with the compiler's default (trapping) math:
  * - the clamp is integer arithmetic on the bits (a float comparison may trap, and the compiler
- *   then keeps it a branch);
+ *   then keeps it a branch): |x| is capped at 88 with the sign put back, and a NaN passes unchanged;
  * - n is rounded by adding 1.5 * 2^mantissa_bits, which leaves n in the low bits of the sum, so 2^n
  *   is integer arithmetic on those bits: no floor() and no float-to-int conversion.
- * Inputs are clamped to where 2^n is a normal number, which moves sigmoid by less than the smallest
- * normal value; +-inf give the limits and NaN stays NaN. */
+ * At -88, 2^n is 2^-127, whose bits this builds as 0: e^-88 comes out 0 instead of 6e-39, which moves
+ * sigmoid by less than the smallest normal value; +-inf give the limits and NaN stays NaN. */
 static inline float SRUPP_ISA_FN(srupp_expf_)(float x) {
     int32_t bits_in, key;
     memcpy(&bits_in, &x, sizeof bits_in);
-    key = bits_in ^ ((bits_in >> 31) & 0x7FFFFFFF); /* ordered as the floats are */
-    key = key > 0x42B00000 ? 0x42B00000 : key;                   /* 88.0f */
-    key = key < (int32_t)0xBD51FFFF ? (int32_t)0xBD51FFFF : key; /* -87.0f */
-    key ^= (key >> 31) & 0x7FFFFFFF;
-    key = (bits_in & 0x7FFFFFFF) > 0x7F800000 ? bits_in : key; /* NaN stays NaN */
+    const int32_t magnitude = bits_in & 0x7FFFFFFF;
+    key = (magnitude < 0x42B00000 ? magnitude : 0x42B00000) | (bits_in & (int32_t)0x80000000); /* 88.0f */
+    key = magnitude > 0x7F800000 ? bits_in : key;                                                /* NaN */
     memcpy(&x, &key, sizeof x);
     const float shifted = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23 */
     const float n = shifted - 12582912.0f;
