@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from benchmarks.baselines import AuthorsSRUppBody, ByteLM, build, count_parameters, load_authors, size_to_match
 from benchmarks.common import RESULTS, time_it, write_atomic, write_json
+from srupp.models import LMConfig, SRUppLM
 from srupp.nn import SRUpp
 
 FULL = {
@@ -164,26 +165,33 @@ def bench_decoding(plan: dict, repeats: int) -> list[dict]:
 
 
 def bench_layer_step(plan: dict, repeats: int) -> list[dict]:
-    """Microseconds per ``SRUpp.step`` call for one token through a one-layer SRUpp (B=1), after a 16-token
-    prefill; the best of the repeats' medians over ``decode_tokens`` calls."""
+    """Microseconds per one-token call through one layer (B=1, after a 16-token prefill): ``SRUpp.step`` on a
+    vector, and ``SRUppLM.step`` on a byte id (the layer plus the embedding lookup, the 256-way output layer and
+    its log-softmax); the best of the repeats' medians over ``decode_tokens`` calls."""
     rows = []
     for width in sorted({8, plan["decode_width"]}):
         torch.manual_seed(0)
-        model = SRUpp(width, width, max(1, width // 4), num_layers=1).eval()
-        prefill, token, count = torch.randn(16, 1, width), torch.randn(1, 1, width), plan["decode_tokens"]
-        medians = []
-        with torch.no_grad():
-            for _ in range(max(repeats, 5)):
-                _, state = model.step(prefill, model.init_decode_state(1))
-                times = []
-                for _ in range(count):
-                    start = time.perf_counter()
-                    _, state = model.step(token, state)
-                    times.append(time.perf_counter() - start)
-                medians.append(statistics.median(times))
-        rows.append({"width": width, "proj_size": model.proj_size, "us_per_call": 1e6 * min(medians)})
-        print(f"one-layer SRUpp.step, T=1 B=1 d={width} d'={model.proj_size}: {rows[-1]['us_per_call']:.1f} us/call",
-              flush=True)  # fmt: skip
+        proj = max(1, width // 4)
+        layer = SRUpp(width, width, proj, num_layers=1).eval()
+        lm = SRUppLM(LMConfig(hidden_size=width, proj_size=proj, num_layers=1)).eval()
+        cases = {
+            "SRUpp.step": (layer, torch.randn(16, 1, width), torch.randn(1, 1, width)),
+            "SRUppLM.step": (lm, torch.randint(0, 256, (16, 1)), torch.randint(0, 256, (1, 1))),
+        }
+        for call, (model, prefill, token) in cases.items():
+            medians = []
+            with torch.no_grad():
+                for _ in range(max(repeats, 5)):
+                    _, state = model.step(prefill, model.init_decode_state(1))
+                    times = []
+                    for _ in range(plan["decode_tokens"]):
+                        start = time.perf_counter()
+                        _, state = model.step(token, state)
+                        times.append(time.perf_counter() - start)
+                    medians.append(statistics.median(times))
+            rows.append({"call": call, "width": width, "proj_size": proj, "us_per_call": 1e6 * min(medians)})
+            print(f"one-layer {call}, T=1 B=1 d={width} d'={proj}: {rows[-1]['us_per_call']:.1f} us/call",
+                  flush=True)  # fmt: skip
     return rows
 
 
@@ -240,9 +248,11 @@ def markdown(report: dict) -> str:
             for name, r in block["results"].items():
                 lines.append(f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
                              f"{r['decode_ms_per_token']:.3f} | {ours / r['decode_tokens_per_s']:.2f} |")  # fmt: skip
-        lines += ["", "One-layer `SRUpp.step` for one token (B=1, after a 16-token prefill):", "",
-                  "| d | d' | us per call |", "|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |" for row in report["layer_step"]]
+        lines += ["", "One layer, one token per call (B=1, after a 16-token prefill; `SRUppLM.step` adds the byte",
+                  "embedding, the 256-way output layer and its log-softmax):", "",
+                  "| call | d | d' | us per call |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| `{row['call']}` | {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |"
+                  for row in report["layer_step"]]  # fmt: skip
     if "lengths" not in report:
         return "\n".join(lines) + "\n"
     lengths = report["lengths"]

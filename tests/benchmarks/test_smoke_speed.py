@@ -11,6 +11,8 @@ def test_speed_benchmark_quick_run_writes_json_and_table(tmp_path):
     assert "train_tokens_per_s_srupp_over_transformer" in report["sizes"][0]["ratios"]
     assert [d["batch"] for d in report["decoding"]] == [1, 2]
     assert all(r["decode_ms_per_token"] > 0 for d in report["decoding"] for r in d["results"].values())
-    assert [row["width"] for row in report["layer_step"]] == [8, 32]
+    steps = [(row["call"], row["width"]) for row in report["layer_step"]]
+    assert steps == [("SRUpp.step", 8), ("SRUppLM.step", 8), ("SRUpp.step", 32), ("SRUppLM.step", 32)]
+    assert all(row["us_per_call"] > 0 for row in report["layer_step"])
     assert all(row["srupp_over_transformer_cost"] > 0 for row in report["lengths"]["rows"])
     assert (tmp_path / "speed.md").read_text().startswith("# Speed")

@@ -64,10 +64,13 @@ def test_greedy_generation_equals_full_forward(max_context):
 
 def test_lm_one_token_steps_equal_forward_in_a_batch(monkeypatch):
     from srupp.nn import SRUpp
+    from srupp.nn.state import DecodeBuffers
 
-    calls = []
+    calls = []  # the one-token path: SRUpp's (torch ops), or the whole model as one compiled call
     original = SRUpp._step_token
     monkeypatch.setattr(SRUpp, "_step_token", lambda self, *args: calls.append(1) or original(self, *args))
+    native = DecodeBuffers.step_native
+    monkeypatch.setattr(DecodeBuffers, "step_native", lambda self, *a, **kw: calls.append(1) or native(self, *a, **kw))
     torch.manual_seed(0)
     model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=3, attention_every_n_layers=2)).eval()
     with torch.no_grad():

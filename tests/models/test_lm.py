@@ -44,6 +44,57 @@ def test_step_decoding_equals_forward(cfg):
     assert_all_close(["prefill+steps"], [torch.stack(stepped)], [full[3:]], atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_lm_step_equals_its_torch_path(monkeypatch):
+    """``SRUppLM.step`` as one compiled call (embedding, stack, output layer and log-softmax) against the same
+    steps through torch ops: a batch of 3 over 30 tokens that outgrow the buffers and slide a window; an
+    out-of-range id fails without touching the run; an in-place update of the output layer shows from the next
+    token; float64 keeps the torch path."""
+    import srupp.nn.layer as layer_module
+    from srupp.ops import cpu as cpu_backend
+
+    if not cpu_backend.is_available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    calls = []
+    original = cpu_backend.TokenRun.__call__
+    monkeypatch.setattr(cpu_backend.TokenRun, "__call__", lambda self, *a: calls.append(a[-1]) or original(self, *a))
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=200, hidden_size=24, proj_size=8, num_layers=3, num_heads=2, attention_every_n_layers=2)
+    model = with_attention(SRUppLM(cfg)).eval()
+    tokens = torch.randint(0, 200, (34, 3))
+
+    def decode():
+        with torch.no_grad():
+            last, state = model.step(tokens[:4], model.init_decode_state(3, max_context=7))
+            outputs = [last]
+            for t in range(4, 34):
+                if t == 20:
+                    with pytest.raises(IndexError, match="out of range"):  # torch's message or the kernel's
+                        model.step(torch.tensor([[1, 200, 2]]), state)
+                    model.output.bias.add_(0.5)  # in place: the next token sees it
+                last, state = model.step(tokens[t : t + 1], state)
+                outputs.append(last)
+            model.output.bias.sub_(0.5)
+        return torch.stack(outputs), state
+
+    compiled, compiled_state = decode()
+    assert calls == [True] * 31  # the failed id included: it was refused before anything was written
+    monkeypatch.setattr(layer_module, "token_kernel", lambda **kwargs: None)
+    calls.clear()
+    reference, reference_state = decode()
+    assert not calls
+    assert_all_close(["log_probs", "c"], [compiled, compiled_state.c], [reference, reference_state.c],
+                     atol=1e-5, rtol=1e-4)  # fmt: skip
+    for got, want in zip(compiled_state.keys, reference_state.keys, strict=True):
+        assert (got is None) == (want is None) and (got is None or torch.allclose(got, want, atol=1e-5))
+    monkeypatch.undo()
+    calls.clear()
+    with torch.no_grad():
+        double = model.double()
+        _, state = double.step(tokens[:4], double.init_decode_state(3))
+        double.step(tokens[4:5], state)
+    assert not calls
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_nll_matches_log_probs_and_normalises(cfg):
     torch.manual_seed(0)

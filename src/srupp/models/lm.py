@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from torch import Tensor, nn
 
 from srupp.models.config import LMConfig
 from srupp.nn import SRUpp, SRUppState
+
+_VERSION = attrgetter("_version")
 
 
 def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str = "auto", device=None, dtype=None):
@@ -185,7 +188,10 @@ class SRUppLM(nn.Module):
         """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
 
         Without gradients and in eval mode, one token at a time takes a fast path: the attention caches grow in
-        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``).
+        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``). Where the stack
+        runs as one compiled call (float32 on the CPU) and the softmax is plain, that call also looks up the
+        token's embedding and ends with the output layer's log-softmax, on copies of their weights made on a
+        run's first token (in-place updates show, as in ``SRUpp.step``).
 
         Args:
             tokens: ``[T_chunk, B]`` token ids.
@@ -194,8 +200,37 @@ class SRUppLM(nn.Module):
         Returns:
             ``(log_probs [B, V] for the chunk's last position, state)``; equal to the causal forward.
         """
+        buffers = state._buffers if isinstance(state, SRUppState) else None
+        if buffers is not None and buffers.native is not None and self._compiled_step_applies(tokens, state, buffers):
+            return buffers.step_native(tokens, state.c, ends=True)
         hidden, state = self.rnn.step(self.embed(tokens), state)
         return self.log_probs(hidden[-1]), state
+
+    def _compiled_step_applies(self, tokens: object, state: SRUppState, buffers) -> bool:
+        """Whether ``step`` may run the whole model as one compiled call: one token per row of a trusted run
+        (``SRUpp.step``'s conditions), int64 ids on its device, a plain softmax, and float32 ends, whose copies
+        the run's kernel gets here on first use (and again after an in-place update)."""
+        if not (
+            isinstance(tokens, Tensor)
+            and tokens.shape == buffers.input_shape[:2]
+            and tokens.dtype == torch.int64
+            and tokens.device == buffers.device
+            and not self.training
+            and not self.config.adaptive
+            and self._modules["rnn"]._run_continues(state, buffers)  # (not self.rnn: Module.__getattr__ is slow)
+        ):
+            return False
+        ends = buffers.ends
+        if ends is None or ends[0] is not self or list(map(_VERSION, ends[1])) != ends[2]:
+            params = tuple(p for p in (self.embedding.weight, self.output.weight, self.output.bias) if p is not None)
+            if any(p.dtype != torch.float32 for p in params):
+                return False
+            with torch.no_grad():
+                bias = None if self.output.bias is None else self.output.bias.detach().clone()
+                head_t = self.output.weight.t().contiguous()
+                buffers.native.set_ends(self.embedding.weight.detach().clone(), head_t, bias)
+            buffers.ends = (self, params, [p._version for p in params])
+        return True
 
     def extra_repr(self) -> str:
         kind = f"adaptive cutoffs={self.config.cutoffs}" if self.config.adaptive else "byte/plain softmax"

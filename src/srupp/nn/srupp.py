@@ -368,14 +368,20 @@ class SRUpp(SRUStack):
         device, and nothing needs the general path (gradients, dropout, autocast, other state fields, parameters
         updated in place since the run's weights were gathered)."""
         return (
+            isinstance(input, Tensor)
+            and input.shape == buffers.input_shape
+            and input.dtype == buffers.dtype
+            and input.device == buffers.device
+            and self._run_continues(state, buffers)
+        )
+
+    def _run_continues(self, state: SRUppState, buffers: DecodeBuffers) -> bool:
+        """The input-independent half of ``_token_path_applies`` (``SRUppLM.step`` checks its token ids itself)."""
+        return (
             buffers.model is self
             and not self.training
             and not torch.is_grad_enabled()
             and (not buffers.inference or torch.is_inference_mode_enabled())
-            and isinstance(input, Tensor)
-            and input.shape == buffers.input_shape
-            and input.dtype == buffers.dtype
-            and input.device == buffers.device
             and not torch.is_autocast_enabled(buffers.device_type)
             and buffers.is_newest(state)
             and (not _OTHER_STATE_FIELDS or all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS))

@@ -208,7 +208,7 @@ class DecodeBuffers:
 
     __slots__ = ("model", "weights", "buffers", "pad", "capacity", "start", "end", "max_context", "inference",
                  "input_shape", "output_shape", "dtype", "device", "c", "key_views", "value_views",
-                 "key_pad_view", "native", "seq", "params", "versions", "device_type")  # fmt: skip
+                 "key_pad_view", "native", "seq", "params", "versions", "device_type", "ends")  # fmt: skip
 
     def __init__(
         self, model: object, weights: list, keys: list[Tensor | None], values: list[Tensor | None],
@@ -230,6 +230,7 @@ class DecodeBuffers:
         batch = input_shape[0] * input_shape[1]
         self.native = None if None in kernels or not kernels else TokenRun(kernels, batch, output_shape[-1])
         self.seq = 0  # how many states this run has recorded as its newest
+        self.ends: tuple | None = None  # (model, its parameters, their versions) whose ends ``native`` has
         self._allocate(keys, values, key_pad, length)
 
     def _allocate(
@@ -315,15 +316,16 @@ class DecodeBuffers:
         state._buffers = self
         return state
 
-    def step_native(self, input: Tensor, c: Tensor) -> tuple[Tensor, SRUppState]:
+    def step_native(self, input: Tensor, c: Tensor, ends: bool = False) -> tuple[Tensor, SRUppState]:
         """One token through the compiled step of the whole stack (``native``), from the newest state's ``c``:
-        the output ``output_shape`` and the next state, recorded as the newest."""
+        the output ``output_shape`` (with ``ends``: token ids in, and out the log-probabilities ``[B, vocab]``
+        of the language model's ends set on ``native``) and the next state, recorded as the newest."""
         if self.end == self.capacity:
             self._grow()
         c = c.contiguous()
         c_next = torch.empty_like(c)
-        output = input.new_empty(self.output_shape)
-        self.native(input.contiguous(), c, c_next, output, self.start, self.end)
+        output = c.new_empty((c.shape[1], self.native.vocab_out) if ends else self.output_shape)
+        self.native(input.contiguous(), c, c_next, output, self.start, self.end, ends)
         self.end += 1
         if self.max_context is not None and self.end - self.start > self.max_context:
             self.start = self.end - self.max_context

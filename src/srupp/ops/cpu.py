@@ -46,6 +46,8 @@ class TokenRunArgs(ctypes.Structure):
     _fields_ = [("layers", ctypes.POINTER(TokenLayer)), ("windows", ctypes.POINTER(_P)),
                 ("strides", ctypes.POINTER(_I64)), ("pad", _P)]  # fmt: skip
     _fields_ += [(name, _I64) for name in ("pad_stride", "num_layers", "batch", "width")]
+    _fields_ += [(name, _P) for name in ("embedding", "head_t", "head_bias")]
+    _fields_ += [(name, _I64) for name in ("vocab_in", "vocab_out")]
 
 
 @dataclass
@@ -296,7 +298,8 @@ class TokenKernel:
 class TokenRun:
     """The compiled one-token step of a whole stack (``srupp_token_run_f32_<isa>``) over one decoding run's
     buffers: one call per token for all layers. ``bind`` points it at the run's cache buffers (again whenever
-    they are replaced); calling it runs a token.
+    they are replaced); calling it runs a token. ``set_ends`` adds a language model's embedding and output
+    layer, for calls with ``ends=True``: token ids in, log-probabilities out.
 
     Args:
         kernels: per layer, ``token_kernel``'s binding of its weights.
@@ -310,9 +313,12 @@ class TokenRun:
         self._windows = (_P * count)()
         self._strides = (_I64 * (4 * count))()
         self._args = TokenRunArgs(self._layers, self._windows, self._strides, None, 0, count, batch, width)
-        self._ref = ctypes.byref(self._args)
+        self._ends_args = TokenRunArgs.from_buffer_copy(self._args)
+        self._refs = (ctypes.byref(self._args), ctypes.byref(self._ends_args))
         self._run = _require_kernel().token_run
         self._held: tuple = ()
+        self._ends: tuple = ()
+        self.vocab_out = 0
 
     def bind(self, buffers: list[Tensor | None], pad: Tensor | None) -> None:
         """Point the run at per layer its cache buffer ``[B, 2, heads, capacity, head_size]`` (None without
@@ -321,14 +327,37 @@ class TokenRun:
         for index, buffer in enumerate(buffers):
             self._windows[index] = None if buffer is None else buffer.data_ptr()
             self._strides[4 * index : 4 * index + 4] = (0, 0, 0, 0) if buffer is None else buffer.stride()[:4]
-        self._args.pad = None if pad is None else pad.data_ptr()
-        self._args.pad_stride = 0 if pad is None else pad.stride(0)
+        for args in (self._args, self._ends_args):
+            args.pad = None if pad is None else pad.data_ptr()
+            args.pad_stride = 0 if pad is None else pad.stride(0)
         self._held = (buffers, pad)
 
-    def __call__(self, x: Tensor, c_in: Tensor, c_out: Tensor, h: Tensor, start: int, end: int) -> None:
+    def set_ends(self, embedding: Tensor, head_t: Tensor, head_bias: Tensor | None) -> None:
+        """A language model's ends for calls with ``ends=True``: the embedding table ``[vocab_in, input_size]``
+        and the output layer's weight stored ``[width, vocab_out]`` and bias ``[vocab_out]`` (float32, CPU,
+        contiguous; kept alive here)."""
+        for name, tensor in (("embedding", embedding), ("head_t", head_t), ("head_bias", head_bias)):
+            if tensor is not None and not (tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+                                           and tensor.is_contiguous()):  # fmt: skip
+                raise ValueError(f"`{name}` must be a contiguous float32 CPU tensor")
+        args = self._ends_args
+        args.embedding, args.head_t = embedding.data_ptr(), head_t.data_ptr()
+        args.head_bias = None if head_bias is None else head_bias.data_ptr()
+        args.vocab_in, args.vocab_out = embedding.shape[0], head_t.shape[1]
+        self.vocab_out = head_t.shape[1]
+        self._ends = (embedding, head_t, head_bias)
+
+    def __call__(self, x: Tensor, c_in: Tensor, c_out: Tensor, out: Tensor, start: int, end: int,
+                 ends: bool = False) -> None:  # fmt: skip
         """Write position ``end`` of every cache, attend to ``start..end``, and write ``c_out`` ``[layers, B,
-        hidden]`` and ``h`` ``[B, hidden]`` from ``x`` ``[B, input_size]`` and ``c_in`` (all contiguous)."""
-        if self._run(self._ref, x.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), h.data_ptr(), start, end) != 0:
+        hidden]`` and ``out`` from ``x`` and ``c_in`` (all contiguous): ``x`` ``[B, input_size]`` floats and
+        ``out`` the last layer's ``[B, hidden]``, or with ``ends`` ``x`` ``[B]`` int64 token ids and ``out`` the
+        log-softmax ``[B, vocab_out]`` of the output layer."""
+        status = self._run(self._refs[ends], x.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), out.data_ptr(),
+                           start, end)  # fmt: skip
+        if status == -2:
+            raise IndexError(f"a token id is out of range [0, {self._ends_args.vocab_in})")
+        if status != 0:
             raise MemoryError("the one-token decoding kernel could not allocate its scratch memory")
 
 

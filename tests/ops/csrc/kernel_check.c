@@ -100,7 +100,7 @@ static void layer_norm_ref(double *out, const double *in, int n, const float *w,
     for (int i = 0; i < n; ++i) out[i] = (in[i] - mean) / sqrt(var / n + eps) * w[i] + b[i];
 }
 
-typedef int (*token_fn)(const struct srupp_token_run *, const float *, const float *, float *, float *, int64_t,
+typedef int (*token_fn)(const struct srupp_token_run *, const void *, const float *, float *, float *, int64_t,
                         int64_t);
 
 /* Through srupp_token_run_f32_<isa> with one layer, whose padding marks have a row stride wider than the window
@@ -180,7 +180,7 @@ static double check_token_step(token_fn step) {
     }
     float *const windows[1] = {&window[0][0][0][0][0]};
     const int64_t strides[4] = {sb, skv, sh, sp};
-    const struct srupp_token_run run = {&layer, windows, strides, pad, TL + 3, 1, B2, TD};
+    const struct srupp_token_run run = {&layer, windows, strides, pad, TL + 3, 1, B2, TD, 0, 0, 0, 0, 0};
     if (step(&run, x, c0, c1, h, 0, TL - 1) != 0) return 1e9;
     double err = fmax(worst("token h", h, want_h, B2 * TD), worst("token c", c1, want_c, B2 * TD));
     float got_kv[B2 * 2 * TP]; /* the new key and value, read back from the last position of the window */

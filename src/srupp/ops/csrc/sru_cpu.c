@@ -162,13 +162,17 @@ struct srupp_token_layer {
 /* A decoding run of a whole stack for srupp_token_run_f32_<isa>: per layer its weights, its cache buffer
  * [B, 2, heads, capacity, head_size] at position 0 (null without attention) and that buffer's strides in
  * elements (batch, key/value, head, position); the run's padding marks [B, pad_stride] (null when none).
- * srupp/ops/cpu.py mirrors it (TokenRunArgs). */
+ * Optionally a language model's ends: an embedding table [vocab_in, in] that turns token ids (int64) into
+ * the first layer's input, and an output layer (weight stored [width, vocab_out], bias [vocab_out]) whose
+ * log-softmax becomes the output. srupp/ops/cpu.py mirrors it (TokenRunArgs). */
 struct srupp_token_run {
     const struct srupp_token_layer *layers;
     float *const *windows;
     const int64_t *strides;
     uint8_t *pad;
-    int64_t pad_stride, num_layers, batch, width; /* width: the widest layer output */
+    int64_t pad_stride, num_layers, batch, width; /* width: the layers' output size */
+    const float *embedding, *head_t, *head_bias;
+    int64_t vocab_in, vocab_out;
 };
 
 #define SRUPP_CAT(a, b) a##b

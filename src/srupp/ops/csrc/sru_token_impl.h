@@ -163,28 +163,58 @@ int SRUPP_ISA_FN(srupp_token_step_f32_)(const struct srupp_token_layer *layer, c
 /* One token through a whole stack (SRUpp.step's one-token path): position `end` of every attention layer's
  * cache is written and positions start..end attended to; c_in and c_out are [layers, batch, hidden]. The run
  * (struct srupp_token_run) is set up by Python once per decoding run and again when its buffers grow, so a
- * token costs one call. Returns 0, or -1 when scratch memory cannot be had. */
-int SRUPP_ISA_FN(srupp_token_run_f32_)(const struct srupp_token_run *run, const float *x, const float *c_in,
-                                       float *c_out, float *h_out, int64_t start, int64_t end) {
-    const int64_t batch = run->batch, layers = run->num_layers;
+ * token costs one call. `x` is [batch, in] floats, or [batch] int64 token ids when the run has an embedding;
+ * `out` gets the last layer's output [batch, width], or the log-softmax [batch, vocab_out] of the run's output
+ * layer. Returns 0; -1 when scratch memory cannot be had, -2 when a token id is out of range (nothing written
+ * then). */
+int SRUPP_ISA_FN(srupp_token_run_f32_)(const struct srupp_token_run *run, const void *x, const float *c_in,
+                                       float *c_out, float *out, int64_t start, int64_t end) {
+    const int64_t batch = run->batch, layers = run->num_layers, width = run->width;
+    const int64_t in = run->layers[0].in;
+    if (run->embedding) {
+        const int64_t *ids = x;
+        for (int64_t b = 0; b < batch; ++b)
+            if (ids[b] < 0 || ids[b] >= run->vocab_in) return -2;
+    }
+    /* two [batch, width] buffers the layers' outputs alternate between, and the embedded input */
+    float *scratch = malloc((size_t)(batch * (2 * width + in)) * sizeof(float));
+    if (!scratch) return -1;
+    const float *source = x;
+    if (run->embedding) {
+        const int64_t *ids = x;
+        float *embedded = scratch + 2 * batch * width;
+        for (int64_t b = 0; b < batch; ++b)
+            memcpy(embedded + b * in, run->embedding + ids[b] * in, (size_t)in * sizeof(float));
+        source = embedded;
+    }
     if (run->pad)
         for (int64_t b = 0; b < batch; ++b) run->pad[b * run->pad_stride + end] = 0; /* the new position is real */
     const uint8_t *pad = run->pad ? run->pad + start : 0;
-    float *between = 0;
-    if (layers > 1 && !(between = malloc((size_t)(2 * batch * run->width) * sizeof(float)))) return -1;
-    const float *in = x;
     int status = 0;
     for (int64_t l = 0; l < layers && status == 0; ++l) {
         const struct srupp_token_layer *layer = run->layers + l;
         const int64_t *stride = run->strides + 4 * l, hidden = layer->hidden;
-        float *out = l == layers - 1 ? h_out : between + (l % 2) * batch * run->width;
+        float *h = l == layers - 1 && !run->head_t ? out : scratch + (l % 2) * batch * width;
         float *window = run->windows[l] ? run->windows[l] + start * stride[3] : 0;
-        status = SRUPP_ISA_FN(srupp_token_step_f32_)(layer, in, c_in + l * batch * hidden, c_out + l * batch * hidden,
-                                                     out, window, stride[0], stride[1], stride[2], stride[3],
-                                                     end + 1 - start, pad, run->pad_stride, batch);
-        in = out;
+        status = SRUPP_ISA_FN(srupp_token_step_f32_)(layer, source, c_in + l * batch * hidden,
+                                                     c_out + l * batch * hidden, h, window, stride[0], stride[1],
+                                                     stride[2], stride[3], end + 1 - start, pad, run->pad_stride,
+                                                     batch);
+        source = h;
     }
-    free(between);
+    if (status == 0 && run->head_t) {
+        const int64_t vocab = run->vocab_out;
+        SRUPP_ISA_FN(srupp_rows_)(out, source, run->head_t, width, vocab, run->head_bias, batch);
+        for (int64_t b = 0; b < batch; ++b) {
+            float *row = out + b * vocab, top = -INFINITY, total = 0;
+            for (int64_t v = 0; v < vocab; ++v) top = row[v] > top ? row[v] : top;
+#pragma omp simd reduction(+ : total)
+            for (int64_t v = 0; v < vocab; ++v) total += SRUPP_ISA_FN(srupp_expf_)(row[v] - top);
+            const float shift = top + logf(total);
+            for (int64_t v = 0; v < vocab; ++v) row[v] -= shift;
+        }
+    }
+    free(scratch);
     return status;
 }
 
