@@ -208,7 +208,7 @@ class DecodeBuffers:
 
     __slots__ = ("model", "weights", "buffers", "pad", "capacity", "start", "end", "max_context", "inference",
                  "input_shape", "output_shape", "dtype", "device", "c", "key_views", "value_views",
-                 "key_pad_view", "native", "seq", "params", "versions", "device_type", "ends")  # fmt: skip
+                 "key_pad_view", "native", "seq", "params", "versions", "device_type", "ends", "batch")  # fmt: skip
 
     def __init__(
         self, model: object, weights: list, keys: list[Tensor | None], values: list[Tensor | None],
@@ -227,8 +227,8 @@ class DecodeBuffers:
         self.dtype, self.device, self.device_type = dtype, device, device.type
         # The compiled step of the whole stack, where every layer has one (float32 on the CPU).
         kernels = [layer.kernel for layer in weights]
-        batch = input_shape[0] * input_shape[1]
-        self.native = None if None in kernels or not kernels else TokenRun(kernels, batch, output_shape[-1])
+        self.batch = input_shape[0] * input_shape[1]
+        self.native = None if None in kernels or not kernels else TokenRun(kernels, self.batch, output_shape[-1])
         self.seq = 0  # how many states this run has recorded as its newest
         self.ends: tuple | None = None  # (model, its parameters, their versions) whose ends ``native`` has
         self._allocate(keys, values, key_pad, length)
@@ -324,7 +324,8 @@ class DecodeBuffers:
             self._grow()
         c = c.contiguous()
         c_next = torch.empty_like(c)
-        output = c.new_empty((c.shape[1], self.native.vocab_out) if ends else self.output_shape)
+        # (sizes as arguments, not a tuple: half the microsecond torch takes to parse a tuple of them)
+        output = c.new_empty(self.batch, self.native.vocab_out) if ends else c.new_empty(*self.output_shape)
         self.native(input.contiguous(), c, c_next, output, self.start, self.end, ends)
         self.end += 1
         if self.max_context is not None and self.end - self.start > self.max_context:
