@@ -85,7 +85,9 @@ def _torch_openmp() -> Path | None:
     paths = {Path(line.split(None, 5)[5]) for line in maps.splitlines() if len(line.split(None, 5)) == 6}
     runtimes = sorted(p for p in paths if p.name.startswith(("libgomp", "libiomp5", "libomp")) and p.exists())
     torch_dir = Path(torch.__file__).resolve().parent
-    runtimes.sort(key=lambda p: not p.resolve().is_relative_to(torch_dir))  # torch's own first
+    # torch's own first: in torch/lib, or in torch.libs beside it (where auditwheel puts it, e.g. on aarch64)
+    homes = (torch_dir, torch_dir.parent / "torch.libs")
+    runtimes.sort(key=lambda p: not any(p.resolve().is_relative_to(home) for home in homes))
     return runtimes[0] if runtimes else None
 
 
