@@ -302,8 +302,8 @@ ISA_CASES = {
     "plain_T1_D5": dict(steps=1, batch=2, hidden=5, option="plain"),
     "mask_c_T256_D64": dict(steps=256, batch=1, hidden=64, option="mask_c"),
     "reverse_T9_D300": dict(steps=9, batch=2, hidden=300, option="reverse"),
-    # outputs of 8 MiB and more go out through non-temporal stores, with plain copies for the unaligned
-    # head and tail of each row (D odd); masks, c0 and reverse along
+    # the forward's outputs of 8 MiB and more go out through non-temporal stores, with plain copies for the
+    # unaligned head and tail of each row (D odd); masks, c0 and reverse along
     "streamed_all_T257_D1031": dict(steps=257, batch=8, hidden=1031, option="all"),
 }
 

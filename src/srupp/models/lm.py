@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +10,7 @@ from torch import Tensor, nn
 
 from srupp.models.config import LMConfig
 from srupp.nn import SRUpp, SRUppState
-
-_VERSION = attrgetter("_version")
+from srupp.nn.state import param_versions
 
 
 def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str = "auto", device=None, dtype=None):
@@ -221,7 +219,7 @@ class SRUppLM(nn.Module):
         ):
             return False
         ends = buffers.ends
-        if ends is None or ends[0] is not self or list(map(_VERSION, ends[1])) != ends[2]:
+        if ends is None or ends[0] is not self or param_versions(ends[1]) != ends[2]:
             params = tuple(p for p in (self.embedding.weight, self.output.weight, self.output.bias) if p is not None)
             if any(p.dtype != torch.float32 for p in params):
                 return False
@@ -229,7 +227,7 @@ class SRUppLM(nn.Module):
                 bias = None if self.output.bias is None else self.output.bias.detach().clone()
                 head_t = self.output.weight.t().contiguous()
                 buffers.native.set_ends(self.embedding.weight.detach().clone(), head_t, bias)
-            buffers.ends = (self, params, [p._version for p in params])
+            buffers.ends = (self, params, param_versions(params))
         return True
 
     def extra_repr(self) -> str:

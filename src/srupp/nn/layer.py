@@ -302,7 +302,7 @@ class SRULayer(nn.Module):
         reference = weights.in_proj_t
         if self.num_directions != 1 or self.backend == "naive" or reference.dtype != torch.float32:
             return None
-        if reference.device.type != "cpu":
+        if reference.device.type != "cpu":  # (token_kernel checks every tensor; this skips copying for nothing)
             return None
 
         def own(norm: tuple | None) -> tuple | None:

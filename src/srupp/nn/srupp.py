@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import fields
 from functools import partial
-from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -22,13 +21,12 @@ from srupp.nn.layer import (
     check_state,
     check_tensor,
 )
-from srupp.nn.state import DecodeBuffers, SRUppState
+from srupp.nn.state import DecodeBuffers, SRUppState, param_versions
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
 # State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
 _TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "key_pad", "_buffers"}
 _OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
-_VERSION = attrgetter("_version")
 
 
 class SRUpp(SRUStack):
@@ -385,7 +383,7 @@ class SRUpp(SRUStack):
             and not torch.is_autocast_enabled(buffers.device_type)
             and buffers.is_newest(state)
             and (not _OTHER_STATE_FIELDS or all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS))
-            and list(map(_VERSION, buffers.params)) == buffers.versions
+            and param_versions(buffers.params) == buffers.versions
         )
 
     def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:

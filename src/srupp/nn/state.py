@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from srupp.ops.cpu import TokenRun
+
+_VERSION = attrgetter("_version")
+
+
+def param_versions(params: Iterable[Tensor]) -> list[int]:
+    """The version counters of ``params`` (an in-place update bumps one): a decoding run compares them with those
+    it recorded when it copied the parameters, to know its copies are current."""
+    return list(map(_VERSION, params))
 
 
 def _map(items: list[Tensor | None] | None, fn) -> list[Tensor | None] | None:

@@ -82,13 +82,13 @@ def _torch_openmp() -> Path | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    paths = {Path(line.split(None, 5)[5]) for line in maps.splitlines() if len(line.split(None, 5)) == 6}
-    runtimes = sorted(p for p in paths if p.name.startswith(("libgomp", "libiomp5", "libomp")) and p.exists())
+    fields = (line.split(None, 5) for line in maps.splitlines())
+    paths = {Path(parts[5]) for parts in fields if len(parts) == 6}
+    runtimes = [p for p in paths if p.name.startswith(("libgomp", "libiomp5", "libomp")) and p.exists()]
     torch_dir = Path(torch.__file__).resolve().parent
     # torch's own first: in torch/lib, or in torch.libs beside it (where auditwheel puts it, e.g. on aarch64)
     homes = (torch_dir, torch_dir.parent / "torch.libs")
-    runtimes.sort(key=lambda p: not any(p.resolve().is_relative_to(home) for home in homes))
-    return runtimes[0] if runtimes else None
+    return min(runtimes, key=lambda p: (not any(p.resolve().is_relative_to(h) for h in homes), str(p)), default=None)
 
 
 def _bind_threading(lib: ctypes.CDLL, use_openmp: bool) -> str:
@@ -289,6 +289,11 @@ def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _kernel_ready(tensor: Tensor) -> bool:
+    """Whether the one-token kernel can read ``tensor`` as is: float32, on the CPU, contiguous."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
 @dataclass
 class TokenKernel:
     """One layer's weights bound for the one-token decoding kernel (see ``token_kernel``; ``TokenRun`` runs it)."""
@@ -327,11 +332,10 @@ class TokenRun:
         attention) and at the padding marks ``[B, capacity]`` (bool, True = padding; None when the run has none),
         which the kernel clears at each new position."""
         for index, buffer in enumerate(buffers):
-            self._windows[index] = None if buffer is None else buffer.data_ptr()
+            self._windows[index] = _ptr(buffer)
             self._strides[4 * index : 4 * index + 4] = (0, 0, 0, 0) if buffer is None else buffer.stride()[:4]
         for args in (self._args, self._ends_args):
-            args.pad = None if pad is None else pad.data_ptr()
-            args.pad_stride = 0 if pad is None else pad.stride(0)
+            args.pad, args.pad_stride = _ptr(pad), 0 if pad is None else pad.stride(0)
         self._held = (buffers, pad)
 
     def set_ends(self, embedding: Tensor, head_t: Tensor, head_bias: Tensor | None) -> None:
@@ -339,12 +343,10 @@ class TokenRun:
         and the output layer's weight stored ``[width, vocab_out]`` and bias ``[vocab_out]`` (float32, CPU,
         contiguous; kept alive here)."""
         for name, tensor in (("embedding", embedding), ("head_t", head_t), ("head_bias", head_bias)):
-            if tensor is not None and not (tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-                                           and tensor.is_contiguous()):  # fmt: skip
+            if tensor is not None and not _kernel_ready(tensor):
                 raise ValueError(f"`{name}` must be a contiguous float32 CPU tensor")
         args = self._ends_args
-        args.embedding, args.head_t = embedding.data_ptr(), head_t.data_ptr()
-        args.head_bias = None if head_bias is None else head_bias.data_ptr()
+        args.embedding, args.head_t, args.head_bias = _ptr(embedding), _ptr(head_t), _ptr(head_bias)
         args.vocab_in, args.vocab_out = embedding.shape[0], head_t.shape[1]
         self.vocab_out = head_t.shape[1]
         self._ends = (embedding, head_t, head_bias)
@@ -382,8 +384,7 @@ def token_kernel(
     kernel = _kernel()
     norms = [t for norm in (in_norm, norm) if norm is not None for t in norm[1:3] if t is not None]
     tensors = tuple(t for t in (wq_t, wkv_t, alpha, wo_t, u_bias, gate_v, *norms) if t is not None)
-    if kernel is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                                 for t in tensors):  # fmt: skip
+    if kernel is None or not all(map(_kernel_ready, tensors)):
         return None
     proj, out = wq_t.shape[1], wo_t.shape[1]
     layer = TokenLayer(
