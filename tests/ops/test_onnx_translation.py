@@ -59,7 +59,7 @@ def test_scan_matches_the_spec(tmp_path, reverse, use_pad, use_mask_c, save_c):
     names = list(example)
     path = tmp_path / "op.onnx"
     torch.onnx.export(
-        OneOp(reverse, save_c), (), str(path), kwargs=example, dynamic_shapes=dynamic, input_names=names,
+        OneOp(reverse, save_c).eval(), (), str(path), kwargs=example, dynamic_shapes=dynamic, input_names=names,
         custom_translation_table=translation_table(), dynamo=True, verbose=False,
     )  # fmt: skip
     session = ort.InferenceSession(str(path))

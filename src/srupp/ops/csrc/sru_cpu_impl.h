@@ -10,6 +10,12 @@
  * time, a page apart per step: half the bandwidth.)
  */
 
+/* Prefetch lanes [j0, j1) of each span, a cache line at a time (see PREFETCH_LANES). */
+static inline void SRUPP_FN(fetch_lines)(const real *const *spans, int count, int64_t j0, int64_t j1) {
+    for (int64_t q = j0; q < j1; q += LINE_LANES)
+        for (int i = 0; i < count; ++i) PREFETCH(spans[i] + q);
+}
+
 struct SRUPP_FN(forward_args) {
     const real *u, *x, *v, *bias, *c0;
     const uint8_t *mask_pad;
@@ -57,16 +63,25 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 const real *restrict vf = v + d0, *restrict vr = v + D + d0;
                 const real *restrict bf = bias + d0, *restrict br = bias + D + d0;
                 real *restrict hd = stream ? staged : ht;
+                /* this row's inputs at the next step (this step's again at the last), a line fetched per line
+                 * computed (see PREFETCH_LANES) */
+                const int64_t tn = s + 1 == T ? t : reverse ? t - 1 : t + 1;
+                const real *next_u = u + (tn * B + row) * 3 * D + d0;
+                const real *const next[] = {next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0};
+                for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
+                    const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
+                    SRUPP_FN(fetch_lines)(next, 4, j0, j1);
 #pragma omp simd
-                for (int64_t j = 0; j < n; ++j) {
-                    const real cp = cs[j];
-                    const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
-                    const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
-                    /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
-                    const real cn = f * cp + ((real)1 - f) * uc[j];
-                    const real xv = xt[j];
-                    hd[j] = xv + ms[j] * r * (cn - xv);
-                    cs[j] = cn;
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const real cp = cs[j];
+                        const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
+                        const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                        /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
+                        const real cn = f * cp + ((real)1 - f) * uc[j];
+                        const real xv = xt[j];
+                        hd[j] = xv + ms[j] * r * (cn - xv);
+                        cs[j] = cn;
+                    }
                 }
                 if (stream) {
                     STREAM(ht, hd, n * (int64_t)sizeof(real));
@@ -141,25 +156,36 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                 real *restrict gcs = gc + i, *restrict gvfs = gvf + i, *restrict gvrs = gvr + i;
                 real *restrict gbfs = gbf + i, *restrict gbrs = gbr + i;
                 const real *restrict ms = m + i;
+                /* this row's inputs at the next step (this step's again at the last); the next step's c_all
+                 * is this step's cprev, already read */
+                const int64_t tn = first ? t : reverse ? t + 1 : t - 1;
+                const real *next_u = u + (tn * B + row) * 3 * D + d0;
+                const real *const next[] = {
+                    next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0, gh + (tn * B + row) * D + d0,
+                    s + 2 >= T ? cprev : c_all + ((reverse ? tn + 1 : tn - 1) * B + row) * D + d0};
+                for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
+                    const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
+                    SRUPP_FN(fetch_lines)(next, 6, j0, j1);
 #pragma omp simd
-                for (int64_t j = 0; j < n; ++j) {
-                    const real cp = cprev[j];
-                    const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
-                    const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
-                    const real g = ghtt[j];
-                    const real xv = xt[j];
-                    const real gct = gcs[j] + g * ms[j] * r;
-                    const real dr = g * ms[j] * (ct[j] - xv) * r * ((real)1 - r);
-                    const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
-                    gxt[j] = g * ((real)1 - ms[j] * r);
-                    guc[j] = gct * ((real)1 - f);
-                    guf[j] = df;
-                    gur[j] = dr;
-                    gbfs[j] += df;
-                    gbrs[j] += dr;
-                    gvfs[j] += df * cp;
-                    gvrs[j] += dr * cp;
-                    gcs[j] = gct * f + df * vf[j] + dr * vr[j];
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const real cp = cprev[j];
+                        const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
+                        const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                        const real g = ghtt[j];
+                        const real xv = xt[j];
+                        const real gct = gcs[j] + g * ms[j] * r;
+                        const real dr = g * ms[j] * (ct[j] - xv) * r * ((real)1 - r);
+                        const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
+                        gxt[j] = g * ((real)1 - ms[j] * r);
+                        guc[j] = gct * ((real)1 - f);
+                        guf[j] = df;
+                        gur[j] = dr;
+                        gbfs[j] += df;
+                        gbrs[j] += dr;
+                        gvfs[j] += df * cp;
+                        gvrs[j] += dr * cp;
+                        gcs[j] = gct * f + df * vf[j] + dr * vr[j];
+                    }
                 }
             }
         }
