@@ -46,12 +46,12 @@
 #endif
 #define MAX_THREADS 256
 #define WORKER_STACK (1 << 20)
-/* The forward pass writes outputs of at least this many bytes per [T, B, D] tensor with non-temporal
- * stores: they go to memory without first being read into the cache (a normal store reads the line it
- * writes, so streaming outputs cost 1.5-2x their bytes), and they are far larger than the caches anyway.
- * Smaller outputs stay in the cache for whatever reads them next. The backward pass, with four output
- * streams beside seven input ones, was as fast or up to 20% faster with plain stores (A/B on Zen 4, the
- * AVX2 and AVX-512 variants, noisy), so it writes them that way and skips staging them. */
+/* Both passes write outputs of at least this many bytes per [T, B, D] tensor with non-temporal stores: they
+ * go to memory without first being read into the cache (a normal store reads the line it writes, so
+ * streaming outputs cost 1.5-2x their bytes), and they are far larger than the caches anyway. Smaller
+ * outputs stay in the cache for whatever reads them next. (The backward pass gained nothing from them until
+ * its reads were prefetched (PREFETCH_LANES); since then its kernel runs 8-10% faster with them, AVX2 and
+ * AVX-512 on Zen 4, two threads.) */
 #ifndef SRUPP_STREAM_MIN_BYTES
 #define SRUPP_STREAM_MIN_BYTES (8 << 20)
 #endif

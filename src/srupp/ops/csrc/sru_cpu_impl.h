@@ -102,7 +102,7 @@ struct SRUPP_FN(backward_args) {
     const real *mask_c, *c_all, *gh, *gc_last;
     real *gu, *gx, *gvb, *gc0;
     int64_t T, B, D, block;
-    int reverse;
+    int reverse, stream;
 };
 
 static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t end) {
@@ -113,8 +113,9 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
     const uint8_t *restrict mask_pad = a->mask_pad;
     real *restrict gu = a->gu, *restrict gx = a->gx, *restrict gvb = a->gvb, *restrict gc0 = a->gc0;
     const int64_t T = a->T, B = a->B, D = a->D, lanes = B * D;
-    const int reverse = a->reverse;
+    const int reverse = a->reverse, stream = a->stream;
     real gc[BLOCK], m[BLOCK], gvf[BLOCK], gvr[BLOCK], gbf[BLOCK], gbr[BLOCK];
+    real staged[4][PREFETCH_LANES]; /* a chunk of grad_u's three spans and grad_x's, when streaming */
     for (int64_t item = begin; item < end; ++item) {
         const int64_t lo = item * a->block;
         const int64_t hi = lo + a->block < lanes ? lo + a->block : lanes;
@@ -166,6 +167,10 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                 for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
                     const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
                     SRUPP_FN(fetch_lines)(next, 6, j0, j1);
+                    real *restrict out_c = stream ? staged[0] : guc + j0;
+                    real *restrict out_f = stream ? staged[1] : guf + j0;
+                    real *restrict out_r = stream ? staged[2] : gur + j0;
+                    real *restrict out_x = stream ? staged[3] : gxt + j0;
 #pragma omp simd
                     for (int64_t j = j0; j < j1; ++j) {
                         const real cp = cprev[j];
@@ -176,15 +181,22 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                         const real gct = gcs[j] + g * ms[j] * r;
                         const real dr = g * ms[j] * (ct[j] - xv) * r * ((real)1 - r);
                         const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
-                        gxt[j] = g * ((real)1 - ms[j] * r);
-                        guc[j] = gct * ((real)1 - f);
-                        guf[j] = df;
-                        gur[j] = dr;
+                        out_x[j - j0] = g * ((real)1 - ms[j] * r);
+                        out_c[j - j0] = gct * ((real)1 - f);
+                        out_f[j - j0] = df;
+                        out_r[j - j0] = dr;
                         gbfs[j] += df;
                         gbrs[j] += dr;
                         gvfs[j] += df * cp;
                         gvrs[j] += dr * cp;
                         gcs[j] = gct * f + df * vf[j] + dr * vr[j];
+                    }
+                    if (stream) {
+                        const int64_t bytes = (j1 - j0) * (int64_t)sizeof(real);
+                        STREAM(guc + j0, staged[0], bytes);
+                        STREAM(guf + j0, staged[1], bytes);
+                        STREAM(gur + j0, staged[2], bytes);
+                        STREAM(gxt + j0, staged[3], bytes);
                     }
                 }
             }
@@ -204,6 +216,7 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
             k += n;
         }
     }
+    if (stream) SRUPP_FENCE();
 }
 
 /* Lanes per block: the state arrays' length, at most BLOCK, and small enough that every thread gets work. */
@@ -236,6 +249,7 @@ void SRUPP_FN(backward)(const real *u, const real *x, const real *v, const real 
     hint_huge_pages(gu, 3 * bytes);
     hint_huge_pages(gx, bytes);
     const struct SRUPP_FN(backward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, c_all, gh, gc_last,
-                                                 gu, gx, gvb, gc0, T, B, D, block, reverse};
+                                                 gu, gx, gvb, gc0, T, B, D, block, reverse,
+                                                 bytes >= SRUPP_STREAM_MIN_BYTES};
     srupp_parallel_for((B * D + block - 1) / block, T * B * D, nthreads, SRUPP_FN(backward_items), &args);
 }
