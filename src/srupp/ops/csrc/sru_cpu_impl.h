@@ -33,7 +33,7 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
     real *restrict h = a->h, *restrict c_all = a->c_all, *restrict c_last = a->c_last;
     const int64_t T = a->T, B = a->B, D = a->D, lanes = B * D;
     const int reverse = a->reverse, stream = a->stream;
-    real c[BLOCK], m[BLOCK], staged[BLOCK];
+    real c[BLOCK], m[BLOCK], staged[PREFETCH_LANES]; /* a chunk of h, when streaming */
     for (int64_t item = begin; item < end; ++item) {
         const int64_t lo = item * a->block;
         const int64_t hi = lo + a->block < lanes ? lo + a->block : lanes;
@@ -62,7 +62,6 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 const real *restrict xt = x + at;
                 const real *restrict vf = v + d0, *restrict vr = v + D + d0;
                 const real *restrict bf = bias + d0, *restrict br = bias + D + d0;
-                real *restrict hd = stream ? staged : ht;
                 /* this row's inputs at the next step (this step's again at the last), a line fetched per line
                  * computed (see PREFETCH_LANES) */
                 const int64_t tn = s + 1 == T ? t : reverse ? t - 1 : t + 1;
@@ -71,6 +70,7 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
                     const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
                     SRUPP_FN(fetch_lines)(next, 4, j0, j1);
+                    real *restrict out_h = stream ? staged : ht + j0;
 #pragma omp simd
                     for (int64_t j = j0; j < j1; ++j) {
                         const real cp = cs[j];
@@ -79,16 +79,16 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                         /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
                         const real cn = f * cp + ((real)1 - f) * uc[j];
                         const real xv = xt[j];
-                        hd[j] = xv + ms[j] * r * (cn - xv);
+                        out_h[j - j0] = xv + ms[j] * r * (cn - xv);
                         cs[j] = cn;
                     }
+                    if (stream) {
+                        const int64_t bytes = (j1 - j0) * (int64_t)sizeof(real);
+                        STREAM(ht + j0, staged, bytes);
+                        if (c_all) STREAM(c_all + at + j0, cs + j0, bytes);
+                    }
                 }
-                if (stream) {
-                    STREAM(ht, hd, n * (int64_t)sizeof(real));
-                    if (c_all) STREAM(c_all + at, cs, n * (int64_t)sizeof(real));
-                } else if (c_all) {
-                    memcpy(c_all + at, cs, (size_t)n * sizeof(real));
-                }
+                if (!stream && c_all) memcpy(c_all + at, cs, (size_t)n * sizeof(real));
             }
         }
         for (int64_t k = lo; k < hi; ++k) c_last[k] = c[k - lo];
