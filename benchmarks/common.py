@@ -102,3 +102,22 @@ def write_json(
     origin = provenance(script, argv) if origin is None else origin
     write_atomic(path, json.dumps({"provenance": origin, **payload}, indent=2, default=str) + "\n")
     return path
+
+
+def authors_u(u: torch.Tensor) -> torch.Tensor:
+    """Our ``u`` [T, B, 3D] (the c, f and r streams one after another) in the layout of the authors' op:
+    [T, B, 3D] with the three interleaved per feature. Their op takes its number of streams from the last size
+    (3D // D), so a [T, B, D, 3] view of the same numbers reads as none, and their kernel computes something
+    else (quickly): this is the one place that layout is made."""
+    steps, batch, width = u.shape
+    return u.view(steps, batch, 3, width // 3).transpose(2, 3).reshape(steps, batch, width)
+
+
+def require_agreement(theirs: torch.Tensor, ours: torch.Tensor, what: str, tolerance: float) -> float:
+    """The largest |theirs - ours|, after checking it is within ``tolerance``: timing two ops against each other
+    means nothing unless they compute the same thing."""
+    difference = (theirs.float() - ours.float()).abs().max().item()
+    if not difference <= tolerance:  # NaN fails too
+        raise RuntimeError(f"{what}: the authors' op and ours differ by up to {difference:.3g} (allowed "
+                           f"{tolerance:g}); the comparison would time different computations")  # fmt: skip
+    return difference

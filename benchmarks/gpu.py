@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, provenance
+from benchmarks.common import ROOT, authors_u, provenance, require_agreement
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), its Wiki-103 one (B=8, d=4096), and a small one.
@@ -341,9 +341,11 @@ def kernel_row(shape, dtype_name: str, stages: int, device: torch.device, timer:
 
 def official_row(shape, dtype_name: str, device: torch.device, timer: Timer, official) -> dict[str, object]:
     steps, batch, hidden = shape
+    from srupp.ops import sru_recurrence
+
     inputs = make_inputs(steps, batch, hidden, DTYPES[dtype_name], device, padded=False)
-    # Their u interleaves the three streams per feature: [T, B, D, 3]; v and b are flat.
-    u = inputs["u"].view(steps, batch, 3, hidden).transpose(2, 3).contiguous()
+    # Their u interleaves the three streams per feature; v and b are flat.
+    u = authors_u(inputs["u"])
     leaves = [t.detach().requires_grad_() for t in (u, inputs["x"], inputs["v"].reshape(-1), inputs["b"].reshape(-1))]
 
     def forward():
@@ -356,7 +358,10 @@ def official_row(shape, dtype_name: str, device: torch.device, timer: Timer, off
         h, _ = official.elementwise_recurrence_gpu(*leaves, inputs["c0"], 0, hidden, False, True)
         return torch.autograd.grad(h, leaves, inputs["grad_h"].to(h.dtype))
 
-    return {"T": steps, "B": batch, "D": hidden, "dtype": dtype_name,
+    # Both in float32 from the same (possibly bf16) inputs: the authors' op computes in float32 too.
+    spec, _ = sru_recurrence(*(inputs[k].float() for k in ("u", "x", "v", "b", "c0")), backend="naive")
+    agreement = require_agreement(forward()[0], spec, f"{dtype_name} forward at {shape}", 1e-3)
+    return {"T": steps, "B": batch, "D": hidden, "dtype": dtype_name, "max_abs_diff_to_spec": agreement,
             "forward_inference_ms": timer(forward, repeats=20) * 1e3,
             "forward_backward_autograd_ms": timer(forward_backward, repeats=20) * 1e3}  # fmt: skip
 

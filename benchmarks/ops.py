@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import load_authors
-from benchmarks.common import RESULTS, time_it, write_json
+from benchmarks.common import RESULTS, authors_u, require_agreement, time_it, write_json
 from srupp.ops import cpu as cpu_backend
 from srupp.ops import sru_recurrence
 
@@ -169,7 +169,7 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
     row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / row["kernel_forward_s"] / 1e9
     row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / row["kernel_backward_s"] / 1e9
     if official is not None and with_naive:
-        u_official = u.view(steps, batch, 3, hidden).transpose(2, 3).contiguous()  # their [.., D, 3] interleave
+        u_official = authors_u(u)
         weight_c, bias = v.reshape(-1).contiguous(), b.reshape(-1).contiguous()
 
         def official_forward():
@@ -180,7 +180,7 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
 
         h_official, _ = official_forward()
         h_ours, _ = forward("cpu")
-        row["official_max_abs_diff"] = (h_official - h_ours).abs().max().item()
+        row["official_max_abs_diff"] = require_agreement(h_official, h_ours, f"forward at {steps, batch, hidden}", 1e-4)
         row["official_forward_s"] = fastest(official_forward, repeats=repeats, min_seconds=0.3)
         row["forward_vs_official"] = row["official_forward_s"] / row["cpu_forward_s"]
     return row
