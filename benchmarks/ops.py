@@ -45,7 +45,7 @@ def fastest(fn, *, repeats: int, min_seconds: float = 0.0) -> float:
 
 def interleaved(fns: dict[str, object], *, rounds: int, min_seconds: float = 0.0) -> dict[str, list[float]]:
     """The seconds of every run of each of ``fns``, timed in turn round after round (after one untimed round), so
-    that each op run has a copy run beside it: this VM's memory bandwidth moved between 28 and 46 GB/s from one
+    that each op run has a copy run beside it: this VM's memory bandwidth moved between 28 and 63 GB/s from one
     minute to the next, so a bandwidth fraction is taken per round, from runs seconds apart."""
     for fn in fns.values():
         fn()
@@ -128,8 +128,8 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
         with no_output_cache():
             train_step("cpu")
 
-    row = {"T": steps, "B": batch, "D": hidden, "isa": cpu_backend.cpu_kernel_info()["isa"],
-           "threading": cpu_backend.cpu_kernel_info()["threading"]}  # fmt: skip
+    info = cpu_backend.cpu_kernel_info()
+    row = {"T": steps, "B": batch, "D": hidden, "isa": info["isa"], "threading": info["threading"]}
     naive_repeats = max(2, repeats // 2)
     if with_naive:
         row["naive_forward_s"] = fastest(lambda: forward("naive"), repeats=naive_repeats)
