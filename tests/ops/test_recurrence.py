@@ -337,12 +337,26 @@ def test_every_isa_variant_saturates_like_naive(isa, dtype, force_isa):
     torch.testing.assert_close(c_last, c_ref, equal_nan=True, **tol)
 
 
-def test_nan_in_real_input_propagates(force_isa):
+@pytest.mark.parametrize("gate", ["forget", "reset"])
+@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+def test_nan_in_real_input_propagates(isa, gate, force_isa):
+    """A NaN pre-activation of a real step reaches the outputs and gradients the spec's does (the exp's clamp
+    must not turn it into a number), in every variant, forward and backward."""
+    force_isa(isa)
     u, x, v, b, c0 = make_inputs(4, 2, 19)
-    u[1, 0, 19 + 3] = float("nan")  # a forget-gate pre-activation of a real step
-    h, c_last = sru_recurrence(u, x, v, b, c0, backend="cpu")
-    assert torch.isnan(h[1:, 0, 3]).all() and torch.isnan(c_last[0, 3])
+    u[1, 0, 19 * (1 if gate == "forget" else 2) + 3] = float("nan")
+    upstream = [torch.randn(4, 2, 19, generator=torch.Generator().manual_seed(1)), torch.ones(2, 19)]
+    fast, spec = (outputs_and_grads(lambda *a, backend=backend: sru_recurrence(*a, backend=backend),
+                                    [u, x, v, b, c0], upstream) for backend in ("cpu", "naive"))  # fmt: skip
+    h, c_last = fast[:2]
+    if gate == "forget":
+        assert torch.isnan(h[1:, 0, 3]).all() and torch.isnan(c_last[0, 3])
+    else:
+        assert torch.isnan(h[1, 0, 3]) and torch.isfinite(h[2:, 0, 3]).all()
     assert torch.isfinite(h[:, 1]).all() and torch.isfinite(c_last[1]).all()
+    for name, got, want in zip(NAMES, fast, spec, strict=True):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN in other places than the spec's"
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_forced_isa_is_checked(monkeypatch, force_isa):

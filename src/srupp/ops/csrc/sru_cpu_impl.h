@@ -116,6 +116,9 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
     const int reverse = a->reverse, stream = a->stream;
     real gc[BLOCK], m[BLOCK], gvf[BLOCK], gvr[BLOCK], gbf[BLOCK], gbr[BLOCK];
     real staged[4][PREFETCH_LANES]; /* a chunk of grad_u's three spans and grad_x's, when streaming */
+#if SRUPP_SPLIT_GATES
+    real gate[2 * PREFETCH_LANES]; /* a chunk's forget and reset gates */
+#endif
     for (int64_t item = begin; item < end; ++item) {
         const int64_t lo = item * a->block;
         const int64_t hi = lo + a->block < lanes ? lo + a->block : lanes;
@@ -171,11 +174,28 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                     real *restrict out_f = stream ? staged[1] : guf + j0;
                     real *restrict out_r = stream ? staged[2] : gur + j0;
                     real *restrict out_x = stream ? staged[3] : gxt + j0;
+#if SRUPP_SPLIT_GATES
+                    /* the gates first, in loops of their own (see SRUPP_SPLIT_GATES) */
+                    const int64_t len = j1 - j0;
 #pragma omp simd
                     for (int64_t j = j0; j < j1; ++j) {
                         const real cp = cprev[j];
+                        gate[j - j0] = -(uf[j] + vf[j] * cp + bf[j]);
+                        gate[len + j - j0] = -(ur[j] + vr[j] * cp + br[j]);
+                    }
+#pragma omp simd
+                    for (int64_t q = 0; q < 2 * len; ++q) gate[q] = (real)1 / ((real)1 + EXP(gate[q]));
+#endif
+#pragma omp simd
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const real cp = cprev[j];
+#if SRUPP_SPLIT_GATES
+                        const real f = gate[j - j0];
+                        const real r = gate[len + j - j0];
+#else
                         const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
                         const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+#endif
                         const real g = ghtt[j];
                         const real xv = xt[j];
                         const real gct = gcs[j] + g * ms[j] * r;

@@ -8,19 +8,28 @@
  * x = n ln2 + r, a polynomial for e^r, then 2^n built in the exponent bits.
  *
  * Written so that the loops calling it vectorise with the compiler's default (trapping) math:
- * - the clamp is integer arithmetic on the bits (a float comparison may trap, and the compiler
- *   then keeps it a branch): |x| is capped at 88 with the sign put back, and a NaN passes unchanged;
+ * - the clamp to [-88, 88] is integer arithmetic on the bits (a float comparison may trap, and the
+ *   compiler then keeps it a branch). As signed integers the bits of positive floats grow with the
+ *   value, so a signed min with 88's bits caps them (and leaves every negative float, a negative
+ *   integer, alone); as unsigned integers the bits of negative floats grow with the magnitude and lie
+ *   above every positive float's, so an unsigned min with -88's bits caps those. A NaN, which those
+ *   two would turn into +-88, is put back by a select on isnan (a quiet comparison, which does not
+ *   trap, so it vectorises too). Two integer mins and a select, three steps deep; the earlier clamp
+ *   (mask off the sign, cap, put the sign back, compare for NaN, select) took eight instructions, and
+ *   the loops, which wait on the exp's chain of dependent steps, ran 4-8% faster without them (AVX2
+ *   and AVX-512 forward, in cache, Zen 4);
  * - n is rounded by adding 1.5 * 2^mantissa_bits, which leaves n in the low bits of the sum, so 2^n
  *   is integer arithmetic on those bits: no floor() and no float-to-int conversion.
  * At -88, 2^n is 2^-127, whose bits this builds as 0: e^-88 comes out 0 instead of 6e-39, which moves
  * sigmoid by less than the smallest normal value; +-inf give the limits and NaN stays NaN. */
 static inline float SRUPP_ISA_FN(srupp_expf_)(float x) {
-    int32_t bits_in, key;
+    int32_t bits_in;
     memcpy(&bits_in, &x, sizeof bits_in);
-    const int32_t magnitude = bits_in & 0x7FFFFFFF;
-    key = (magnitude < 0x42B00000 ? magnitude : 0x42B00000) | (bits_in & (int32_t)0x80000000); /* 88.0f */
-    key = magnitude > 0x7F800000 ? bits_in : key;                                                /* NaN */
-    memcpy(&x, &key, sizeof x);
+    const int32_t capped = bits_in < 0x42B00000 ? bits_in : 0x42B00000;                    /* 88.0f */
+    const uint32_t key = (uint32_t)capped < 0xC2B00000u ? (uint32_t)capped : 0xC2B00000u; /* -88.0f */
+    float clamped;
+    memcpy(&clamped, &key, sizeof clamped);
+    x = isnan(x) ? x : clamped;
     const float shifted = x * 1.44269504088896341f + 12582912.0f; /* 1.5 * 2^23 */
     const float n = shifted - 12582912.0f;
     float r = x - n * 0.693359375f;
