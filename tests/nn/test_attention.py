@@ -120,3 +120,48 @@ def test_nan_at_padded_positions_cannot_reach_real_positions(causal):
         clean = module(x, mask_pad=mask_pad, causal=causal)
         dirty = module(x.masked_fill(mask_pad.unsqueeze(-1), float("nan")), mask_pad=mask_pad, causal=causal)
     assert torch.equal(dirty[~mask_pad], clean[~mask_pad]) and torch.isfinite(dirty).all()
+
+
+@pytest.mark.parametrize("transform", ["attention", "projected"])
+def test_u_projection_keeps_hooks_and_replacements(transform):
+    """Without autograd U's matmul may write into a reused buffer (``srupp.ops.cpu.cached_linear``), but only for a
+    plain ``nn.Linear``: hooks on it still run, and a module put in its place is called as it is."""
+    module = SRUppAttention(16, 24, 8) if transform == "attention" else SRUppProjectedLinear(16, 24, 8)
+    x = torch.randn(5, 2, 16)
+    seen = []
+    handle = module.out_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        plain = module(x)
+    assert seen == [torch.Size([5, 2, 24])]
+    handle.remove()
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    doubled = Doubled(8, 24, bias=False)
+    doubled.weight = module.out_proj.weight
+    module.out_proj = doubled
+    with torch.no_grad():
+        assert torch.equal(module(x), 2 * plain)
+
+
+def test_inference_with_reused_u_buffers_matches_training_mode_forward(assert_close):
+    """A stack whose U is 33 MiB per layer (so it goes through the output cache): forward without autograd, twice
+    (the second reusing the first call's buffers), equals the forward with autograd."""
+    from srupp.nn import SRUpp
+    from srupp.ops import cpu_kernel_info, empty_cpu_cache
+
+    torch.manual_seed(0)
+    model = SRUpp(64, 1024, 32, num_layers=2).eval()
+    x = torch.randn(128, 22, 64)
+    want, _ = model(x, causal=True)
+    empty_cpu_cache()
+    with torch.no_grad():
+        first, _ = model(x, causal=True)
+        first = first.clone()
+        if getattr(torch._C, "_storage_Use_Count", None) is not None:  # else the cache is off
+            assert cpu_kernel_info()["cache_bytes"] >= 128 * 22 * 3 * 1024 * 4
+        second, _ = model(x, causal=True)
+    assert_close(first, want.detach())
+    assert torch.equal(first, second)

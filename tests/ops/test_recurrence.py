@@ -588,6 +588,42 @@ def test_cache_in_inference_mode_then_training(cache):
     assert torch.isfinite(inputs[0].grad).all()
 
 
+def linear_case():
+    """Inputs of a linear map whose output is 33 MiB: above glibc's 32 MiB, so it goes through the cache."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1024, 2, 64, generator=gen), torch.randn(4224, 64, generator=gen)
+
+
+def test_cached_linear_is_linear_and_reuses_released_storage(cache):
+    z, weight = linear_case()
+    want = torch.nn.functional.linear(z, weight)
+    with torch.no_grad():
+        first = cpu_backend.cached_linear(z, weight)
+        held = cpu_backend.cached_linear(z, weight)  # first is alive: another buffer
+        assert held.data_ptr() != first.data_ptr()
+        ptr = first.data_ptr()
+        del first
+        again = cpu_backend.cached_linear(z * 2, weight)
+    assert again.data_ptr() == ptr and cache.held_bytes() == 2 * want.numel() * 4
+    torch.testing.assert_close(held, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(again, 2 * want, rtol=1e-6, atol=1e-4)
+    assert held.shape == want.shape and held.is_contiguous()
+
+
+def test_cached_linear_leaves_autograd_autocast_and_smaller_outputs_to_torch(cache):
+    z, weight = linear_case()
+    weight.requires_grad_()
+    out = cpu_backend.cached_linear(z, weight)  # autograd needs this one
+    assert out.grad_fn is not None and cache.held_bytes() == 0
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, z.sum((0, 1)).expand(4224, 64), rtol=1e-5, atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert cpu_backend.cached_linear(z, weight).dtype == torch.bfloat16
+    with torch.no_grad():
+        cpu_backend.cached_linear(z[:512], weight)  # 16.5 MiB: glibc reuses such blocks itself
+    assert cache.held_bytes() == 0
+
+
 @pytest.mark.parametrize("threading", ["openmp", "pthreads"])
 @pytest.mark.parametrize("threads", [1, 3, 7])
 def test_work_split_over_threads_matches_naive(threads, threading, monkeypatch):

@@ -7,6 +7,23 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
+
+from srupp.ops.cpu import cached_linear
+
+
+def project(linear: nn.Module, input: Tensor) -> Tensor:
+    """``linear(input)`` for the linear map that makes U: a plain bias-free ``nn.Linear`` with no hooks goes
+    through ``srupp.ops.cpu.cached_linear`` (in CPU inference its large output reuses cached storage); anything
+    else (a subclass, a quantised or adapted replacement, a module with hooks) is called as it is."""
+    if (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and not (linear._forward_hooks or linear._forward_pre_hooks)
+        and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
+    ):
+        return cached_linear(input, linear.weight)
+    return linear(input)
 
 
 def attention_mask(
@@ -80,7 +97,7 @@ class SRUppProjectedLinear(nn.Module):
         """Args: input ``[T, B, input_size]``.
 
         Returns: ``U [T, B, output_size]``."""
-        return self.out_proj(self.dropout(self.norm(self.in_proj(input))))
+        return project(self.out_proj, self.dropout(self.norm(self.in_proj(input))))
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.output_size}, proj_size={self.proj_size}, dropout={self.dropout.p}"
@@ -170,7 +187,7 @@ class SRUppAttention(nn.Module):
             is_causal=is_causal,
         )
         mixed = mixed.permute(2, 0, 1, 3).reshape(steps, batch, self.proj_size)
-        return self.out_proj(self.dropout(self.norm(query + self.alpha * mixed)))
+        return project(self.out_proj, self.dropout(self.norm(query + self.alpha * mixed)))
 
     def forward(
         self,

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from srupp.nn.attention import SRUppAttention
+from srupp.nn.attention import SRUppAttention, project
 from srupp.ops import sru_recurrence
 from srupp.ops.cpu import TokenKernel, token_kernel
 
@@ -235,7 +235,7 @@ class SRULayer(nn.Module):
                 memory_pad=memory_pad,
             )  # fmt: skip
         else:
-            u = self.transform(normed)
+            u = project(self.transform, normed)
         return self._recur(input, u, c0, mask_pad)
 
     def step(
@@ -259,7 +259,7 @@ class SRULayer(nn.Module):
                 cache = self.transform.keys_values(self.transform.in_proj(self._norm(memory)))
             u, cache = self.transform.step(normed, cache, max_context, key_pad)
         else:
-            u = self.transform(normed)
+            u = project(self.transform, normed)
         h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
 
