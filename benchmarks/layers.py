@@ -7,16 +7,25 @@ count. Prints a table and the ratios (layer time / GEMM floor, our tokens/s over
 writes JSON with the provenance, including the CPU kernel's instruction-set path (``SRUPP_CPU_ISA=avx2``
 forces one).
 
+Models are timed round-robin in one process, each one's fastest run kept. ``--alone`` times each model in a
+process of its own instead, as a user's process runs one model: the C library's memory then behaves as it
+does for that model alone (e.g. glibc maps every block above 32 MiB anew, and the system zeroes its pages on
+first touch), which the round-robin's mix of models hides.
+
     python -m benchmarks.layers            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
+    python -m benchmarks.layers --alone    # the same, each model in a process of its own (several rounds)
     python -m benchmarks.layers --quick    # tiny shapes, seconds (a smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,19 +133,33 @@ def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> 
     }
 
 
-def run_size(size: dict, repeats: int, sru) -> dict:
-    d, proj, layers, steps, batch = size["d"], size["proj"], size["layers"], size["steps"], size["batch"]
-    torch.manual_seed(0)
-    models = {"srupp": Layer(SRUppBody(d, layers, proj), d, d), "gemm_floor": GemmFloor(d, proj, layers)}
-    target = count_parameters(models["srupp"])
+def builders(size: dict, sru) -> dict[str, Callable[[], nn.Module]]:
+    """How to build each model of one size: ours, its GEMM floor, the authors' (with ``sru``), and an LSTM and a
+    Transformer sized to our parameter count."""
+    d, proj, layers = size["d"], size["proj"], size["layers"]
+    made = {
+        "srupp": lambda: Layer(SRUppBody(d, layers, proj), d, d),
+        "gemm_floor": lambda: GemmFloor(d, proj, layers),
+    }
     if sru is not None:
-        models["sru_authors"] = Layer(AuthorsSRUppBody(sru, d, layers, proj), d, d)
-    models["lstm"] = closest(lambda h: Layer(RecurrentBody("lstm", h, layers, input_size=d), h, h), target,
-                             range(4, 4 * d + 1, 4))  # fmt: skip
-    models["transformer"] = closest(lambda w: Layer(TransformerBody(w, layers), d, w), target,
-                                    width_grid("transformer", 2 * d))  # fmt: skip
-    x = torch.randn(steps, batch, d)
-    results = measure_all(models, x, repeats)
+        made["sru_authors"] = lambda: Layer(AuthorsSRUppBody(sru, d, layers, proj), d, d)
+    with torch.device("meta"):
+        target = count_parameters(made["srupp"]())
+    made["lstm"] = lambda: closest(lambda h: Layer(RecurrentBody("lstm", h, layers, input_size=d), h, h), target,
+                                   range(4, 4 * d + 1, 4))  # fmt: skip
+    made["transformer"] = lambda: closest(lambda w: Layer(TransformerBody(w, layers), d, w), target,
+                                          width_grid("transformer", 2 * d))  # fmt: skip
+    return made
+
+
+def build_models(size: dict, sru, names: list[str] | None = None) -> dict[str, nn.Module]:
+    """The models of one size, all or those ``names``."""
+    torch.manual_seed(0)
+    return {name: build() for name, build in builders(size, sru).items() if names is None or name in names}
+
+
+def report(size: dict, results: dict[str, dict]) -> dict:
+    """Print every model's tokens/s and the ratios (layer time / GEMM floor, ours over each other model's)."""
     for name, r in results.items():
         print(f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
               f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
@@ -155,27 +178,70 @@ def run_size(size: dict, repeats: int, sru) -> dict:
     return {"size": size, "results": results, "ratios": ratios}
 
 
+def inputs(size: dict) -> torch.Tensor:
+    return torch.randn(size["steps"], size["batch"], size["d"], generator=torch.Generator().manual_seed(1))
+
+
+def run_size(size: dict, repeats: int, sru) -> dict:
+    return report(size, measure_all(build_models(size, sru), inputs(size), repeats))
+
+
+def run_size_alone(size: dict, index: int, names: list[str], rounds: int, forward: list[str]) -> dict:
+    """Every model of one size timed in a process of its own (``--one``), the models in turn, ``rounds`` times;
+    each model's fastest run of them all is kept."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name in names:
+            command = [sys.executable, "-m", "benchmarks.layers", "--one", name, "--size-index", str(index), *forward]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            kept = best.setdefault(name, result)
+            for key in ("train_tokens_per_s", "inference_tokens_per_s"):
+                kept[key] = max(kept[key], result[key])
+    return report(size, best)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (each model's fastest is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
+    parser.add_argument("--alone", action="store_true", help="time each model in a process of its own")
+    parser.add_argument("--rounds", type=int, default=3, help="with --alone: processes per model, in turn")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # --alone's child: this model only
+    parser.add_argument("--size-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers.json, "
-                        "layers_quick.json with --quick)")  # fmt: skip
+                        "with _alone and _quick in the name for --alone and --quick)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 5)
-    sru = None if args.no_official else load_authors()
+    sru = None if args.no_official or args.one not in (None, "sru_authors") else load_authors()
+    sizes = QUICK if args.quick else FULL
+    if args.one:
+        size = sizes[args.size_index]
+        results = measure_all(build_models(size, sru, [args.one]), inputs(size), repeats)
+        print(json.dumps(results[args.one]))
+        return 0
     kernel = cpu_kernel()
+    alone = ", each model alone" if args.alone else ""
     print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
-          f"CPU kernel {kernel['isa']} (of {kernel['available']})")  # fmt: skip
-    payload: dict = {"repeats": repeats, "cpu_kernel": kernel, "sizes": []}
-    for size in QUICK if args.quick else FULL:
+          f"CPU kernel {kernel['isa']} (of {kernel['available']}){alone}")  # fmt: skip
+    payload: dict = {"repeats": repeats, "alone": args.alone, "cpu_kernel": kernel, "sizes": []}
+    # what each --alone child needs to build and time its model as this run would
+    forward = [f"--repeats={repeats}"] + [f"--threads={args.threads}"] * bool(args.threads)
+    forward += ["--quick"] * args.quick + ["--no-official"] * args.no_official
+    for index, size in enumerate(sizes):
         print(f"d={size['d']} d'={size['proj']} layers={size['layers']} T={size['steps']} B={size['batch']}")
-        payload["sizes"].append(run_size(size, repeats, sru))
-    out = Path(args.out) if args.out else RESULTS / ("layers_quick.json" if args.quick else "layers.json")
+        if args.alone:
+            payload["sizes"].append(run_size_alone(size, index, list(builders(size, sru)), args.rounds, forward))
+        else:
+            payload["sizes"].append(run_size(size, repeats, sru))
+    name = "layers" + "_alone" * args.alone + "_quick" * args.quick
+    out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     path = write_json(out, payload, "layers", argv)
     print(f"wrote {path}")
     return 0

@@ -16,8 +16,8 @@
  *   two would turn into +-88, is put back by a select on isnan (a quiet comparison, which does not
  *   trap, so it vectorises too). Two integer mins and a select, three steps deep; the earlier clamp
  *   (mask off the sign, cap, put the sign back, compare for NaN, select) took eight instructions, and
- *   the loops, which wait on the exp's chain of dependent steps, ran 4-8% faster without them (AVX2
- *   and AVX-512 forward, in cache, Zen 4);
+ *   the loops, which wait on the exp's chain of dependent steps, ran faster without them (forward in
+ *   cache, Zen 4: AVX2 +3-9%, AVX-512 +4-7%);
  * - n is rounded by adding 1.5 * 2^mantissa_bits, which leaves n in the low bits of the sum, so 2^n
  *   is integer arithmetic on those bits: no floor() and no float-to-int conversion.
  * At -88, 2^n is 2^-127, whose bits this builds as 0: e^-88 comes out 0 instead of 6e-39, which moves
