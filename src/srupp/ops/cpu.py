@@ -289,7 +289,7 @@ def cached_linear(input: Tensor, weight: Tensor) -> Tensor:
 
     The layers compute U, the recurrence's input and a layer's largest tensor (T * B * 3 * hidden values), with
     this. glibc maps every allocation above 32 MiB anew (``_MAPPED_BYTES``): in inference of a 2-layer SRUpp with
-    d=1024, T=256, B=16 (U 48 MiB per layer), the layers ran 10-25% faster when U's buffer was reused (Zen 4, two
+    d=1024, T=256, B=16 (U 48 MiB per layer), the layers ran 6-25% faster when U's buffer was reused (Zen 4, two
     threads, old and new code each in their own processes, alternately). Smaller outputs gain nothing, as glibc
     reuses their memory itself, and at d=512 (U 24 MiB) a cached U made some processes 10% slower (not
     understood; the GEMM and the recurrence alone were not), so they are left to torch."""
