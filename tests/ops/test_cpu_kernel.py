@@ -40,6 +40,11 @@ def disassembly(library: str) -> str:
                           check=True).stdout  # fmt: skip
 
 
+def widest_register(operands: str) -> str | None:
+    """The widest vector register kind an instruction's operands name, if any."""
+    return next((register for register in ("zmm", "ymm", "xmm") if register in operands), None)
+
+
 def hot_loops(text: str) -> dict[str, dict]:
     """Per *_items function (the per-thread loops): the vector registers it names, and per innermost loop (a
     backward conditional jump and the code it spans, holding no other such loop) that does floating-point
@@ -71,15 +76,11 @@ def hot_loops(text: str) -> dict[str, dict]:
                 if match:
                     loop["packed" if match.group(3) in ("ps", "pd") else "scalar"] += 1
                     loop["divides"] |= match.group(1) == "div"
-                    loop[next((r for r in ("zmm", "ymm") if r in operands), "xmm")] += 1
+                    loop[widest_register(operands) or "xmm"] += 1
             if loop["packed"] or loop["scalar"]:
                 loops.append(loop)
-        registers = collections.Counter()
-        for _, _, operands in code:
-            for register in ("zmm", "ymm", "xmm"):
-                if register in operands:
-                    registers[register] += 1
-                    break
+        registers = collections.Counter(widest_register(operands) for _, _, operands in code)
+        registers.pop(None, None)
         result[name] = {"loops": loops, "registers": registers}
     return result
 
@@ -95,13 +96,19 @@ def vectorised(loops: list[collections.Counter], widest: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def functions():
+def library_text():
+    """The built library's disassembly (objdump runs once for the module)."""
     kernel = cpu_backend._kernel()
     if kernel is None:
         pytest.skip(cpu_backend.unavailable_reason())
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed")
-    return hot_loops(disassembly(kernel.lib._name))
+    return disassembly(kernel.lib._name)
+
+
+@pytest.fixture(scope="module")
+def functions(library_text):
+    return hot_loops(library_text)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
@@ -153,11 +160,11 @@ def test_hot_loop_reading_finds_a_scalar_loop():
     assert not vectorised(loops[:2], "zmm")  # no loop in the widest registers
 
 
-def test_library_is_built_for_any_cpu(functions):
+def test_library_is_built_for_any_cpu(library_text):
     """No host-specific code outside the dispatched variants: the entry points the loader calls first
     (ISA queries) and the baseline kernels use nothing beyond SSE2."""
     current, offenders = None, set()
-    for line in disassembly(cpu_backend._kernel().lib._name).splitlines():
+    for line in library_text.splitlines():
         header = re.match(r"^[0-9a-f]+ <(\w+)>:$", line)
         if header:
             current = header.group(1)
