@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from srupp.models import SRUppLM
 from srupp.nn import SRUpp
+from srupp.nn.layer import resolve_causal
 from srupp.ops.onnx_translation import translation_table
 
 
@@ -44,7 +45,7 @@ def export_onnx(
     model: SRUpp | SRUppLM,
     path: str | os.PathLike,
     *,
-    causal: bool = False,
+    causal: bool | None = None,
     with_state: bool = False,
     example_length: int = 7,
     example_batch: int = 3,
@@ -56,7 +57,7 @@ def export_onnx(
     Graph inputs and outputs (``T`` and ``B`` dynamic):
 
     - ``SRUpp``: ``input [T, B, input_size]`` (``[B, T, ...]`` with ``batch_first``) -> ``output [T, B,
-      dirs*hidden_size]``; ``causal`` as in ``SRUpp.forward`` (bidirectional modules need ``causal=False``).
+      dirs*hidden_size]``; ``causal`` as in ``SRUpp.forward`` (None: causal iff unidirectional).
     - ``SRUppLM``: ``input_ids [T, B]`` int64 -> ``log_probs [T, B, vocab_size]`` (causal).
     - ``with_state``: an extra input ``state [num_layers*dirs, B, hidden_size]`` (the initial c; zeros for a fresh
       stream) and output ``state_out`` (the final c), to stream a long sequence segment by segment. Only c is
@@ -69,7 +70,8 @@ def export_onnx(
         model: the module to export (float32 weights on the CPU, tested; a fused recurrence backend: the
             "naive" backend is a Python loop over time, which fixes T in the traced graph).
         path: the ``.onnx`` file to write.
-        causal: for an ``SRUpp`` module, attend only to earlier positions.
+        causal: for an ``SRUpp`` module, attend only to earlier positions (None: the module's rule, causal iff
+            unidirectional).
         with_state: expose the recurrent state as an input and an output.
         example_length, example_batch: the sizes of the example traced (any others run).
         opset_version: ONNX opset (default: the exporter's).
@@ -99,6 +101,7 @@ def export_onnx(
         names, axes = ["input_ids"], {0: "T", 1: "B"}
         outputs = ["log_probs"]
     elif isinstance(model, SRUpp):
+        causal = resolve_causal(causal, model.bidirectional)
         if causal and model.bidirectional:
             raise NotImplementedError("a bidirectional SRUpp cannot be causal: export it with causal=False")
         rnn = model

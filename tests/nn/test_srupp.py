@@ -146,7 +146,7 @@ def test_bidirectional_output_and_state_order_match_the_spec(assert_close):
         # Layer 0 from the spec: forward then reversed recurrence on U's per-direction blocks (the skip is
         # U's fourth block, as 6 != 2 * 5); nn.LSTM order: output [fwd | bwd], c rows layer-major, then direction.
         layer = model.layers[0]
-        u = layer.transform(x)
+        u = layer.transform(x, causal=False)  # a bidirectional layer attends both ways
         spec = [
             sru_recurrence_naive(u[..., 15 * d : 15 * (d + 1)], u[..., 30 + 5 * d : 35 + 5 * d],
                                  layer.gates.weight[d], layer.gates.bias[d], c0[d], reverse=d == 1)
@@ -849,3 +849,34 @@ def test_compiled_one_token_step_is_not_used_for_the_naive_backend_or_float64():
     for model in (make(num_layers=2, backend="naive"), make(num_layers=2).double()):
         weights = model.layers[0].token_weights()
         assert weights.kernel is None
+
+
+CAUSALITY = {
+    "unidirectional-default": (dict(), {}, True),
+    "unidirectional-explicit-non-causal": (dict(), {"causal": False}, False),
+    "bidirectional-default": (dict(bidirectional=True), {}, False),
+    "batch-first-two-heads": (dict(batch_first=True, num_heads=2, num_layers=3), {}, True),
+}
+
+
+@pytest.mark.parametrize(("config", "call", "causal"), CAUSALITY.values(), ids=CAUSALITY.keys())
+def test_default_causality_with_trained_attention(config, call, causal):
+    # alpha = 0.7 (make): attention reaches the output, so a look at later positions would show.
+    model = make(**config)
+    x = torch.randn(12, 2, 6)
+    changed = x.clone()
+    changed[8:] = torch.randn(4, 2, 6)
+    flip = (lambda t: t.transpose(0, 1)) if model.batch_first else (lambda t: t)
+    with torch.no_grad():
+        before, _ = model(flip(x), **call)
+        after, _ = model(flip(changed), **call)
+    past_moved = (flip(after)[:8] - flip(before)[:8]).abs().max().item()
+    if causal:
+        assert past_moved == 0.0
+    else:
+        assert past_moved > 1e-3
+    layer = model.layers[0]
+    with torch.no_grad():
+        u_before = layer.transform(layer._norm(x), **({} if causal else {"causal": False}))
+        u_after = layer.transform(layer._norm(changed), **({} if causal else {"causal": False}))
+    assert ((u_after[:8] - u_before[:8]).abs().max().item() == 0.0) == causal

@@ -121,7 +121,7 @@ class SRUppAttention(nn.Module):
 
     Example:
         >>> attention = SRUppAttention(16, 24, 8, num_heads=2)
-        >>> attention(torch.randn(5, 2, 16), causal=True).shape
+        >>> attention(torch.randn(5, 2, 16)).shape  # causal unless causal=False
         torch.Size([5, 2, 24])
     """
 
@@ -194,7 +194,7 @@ class SRUppAttention(nn.Module):
         input: Tensor,
         *,
         mask_pad: Tensor | None = None,
-        causal: bool = False,
+        causal: bool = True,
         memory: Tensor | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
         attn_window: int | None = None,
@@ -204,7 +204,8 @@ class SRUppAttention(nn.Module):
             input: ``[T, B, input_size]``.
             mask_pad: ``[T, B]`` bool, True marks padded positions: hidden as keys, and their values (even NaN)
                 cannot reach other positions.
-            causal: queries see only keys at or before their position (all memory positions precede).
+            causal: queries see only keys at or before their position (all memory positions precede); the default,
+                as the attention of a unidirectional layer. False lets every query see every key (an encoder).
             memory: ``[M, B, input_size]`` earlier positions to attend to.
             cache: instead of ``memory``, its keys and values ``[B, heads, M, head_size]`` (see ``step``).
             attn_window: each query sees at most this many earlier positions.

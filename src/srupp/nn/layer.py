@@ -57,6 +57,17 @@ def check_probability(name: str, value: float) -> float:
     return float(value)
 
 
+def resolve_causal(causal: bool | None, bidirectional: bool) -> bool:
+    """The causality rule of SRU++ layers: ``causal=None`` means causal for a unidirectional layer (each position
+    attends only to itself, earlier positions and the memory, as a language model needs) and non-causal for a
+    bidirectional one (an encoder); True or False is the caller's explicit choice."""
+    if causal is None:
+        return not bidirectional
+    if not isinstance(causal, bool):
+        raise TypeError(f"`causal` must be a bool or None, got {type(causal).__name__}")
+    return causal
+
+
 def attention_layer_indices(
     num_layers: int, attention_every_n_layers: int = 1, attention_layers: Iterable[int] | None = None
 ) -> tuple[int, ...]:
@@ -212,7 +223,7 @@ class SRULayer(nn.Module):
         c0: Tensor | None = None,
         *,
         mask_pad: Tensor | None = None,
-        causal: bool = False,
+        causal: bool | None = None,
         memory: Tensor | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
         attn_window: int | None = None,
@@ -220,8 +231,8 @@ class SRULayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Args: input ``[T, B, input_size]``; c0 ``[dirs, B, hidden_size]``; mask_pad ``[T, B]`` bool (True =
         padding); for an attention transform, ``memory`` ``[M, B, input_size]`` or its ``cache`` of keys and
-        values, ``causal``, ``attn_window`` and ``memory_pad`` (see ``SRUppAttention``). Shapes are checked by the
-        stacks.
+        values, ``causal`` (None: causal iff unidirectional, see ``resolve_causal``), ``attn_window`` and
+        ``memory_pad`` (see ``SRUppAttention``). Shapes are checked by the stacks.
 
         Returns: ``(h [T, B, dirs*hidden_size], c [dirs, B, hidden_size])``."""
         if mask_pad is not None:
@@ -230,6 +241,7 @@ class SRULayer(nn.Module):
         normed = self._norm(input)
         if self.has_attention:
             memory = None if memory is None else self._norm(memory)
+            causal = resolve_causal(causal, self.num_directions == 2)
             u = self.transform(
                 normed, mask_pad=mask_pad, causal=causal, memory=memory, cache=cache, attn_window=attn_window,
                 memory_pad=memory_pad,

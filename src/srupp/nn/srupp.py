@@ -20,6 +20,7 @@ from srupp.nn.layer import (
     check_sequence,
     check_state,
     check_tensor,
+    resolve_causal,
 )
 from srupp.nn.state import DecodeBuffers, SRUppState, param_versions
 
@@ -43,7 +44,8 @@ class SRUpp(SRUStack):
         num_heads: attention heads.
         dropout: dropout before each ``Wo`` and variational c-term dropout (all layers but the last).
         attn_dropout: dropout on attention probabilities.
-        bidirectional: bidirectional recurrence; attention is then usually non-causal.
+        bidirectional: bidirectional recurrence. Attention is causal in a unidirectional SRUpp and non-causal in a
+            bidirectional one, unless ``forward(causal=...)`` says otherwise.
         batch_first: input, output and ``mask_pad`` are batch-major (state and memory stay time-major).
         layer_norm: pre-LayerNorm on every layer's transform input.
         highway_bias: initial bias of the reset (highway) gate.
@@ -54,8 +56,8 @@ class SRUpp(SRUStack):
     Example:
         >>> model = SRUpp(32, 32, 8, num_layers=2)
         >>> x = torch.randn(10, 4, 32)
-        >>> out, state = model(x, causal=True)
-        >>> out2, state = model(x, state, causal=True)  # attends to the previous segment
+        >>> out, state = model(x)  # causal: unidirectional
+        >>> out2, state = model(x, state)  # attends to the previous segment
         >>> out.shape, state.c.shape
         (torch.Size([10, 4, 32]), torch.Size([2, 4, 32]))
     """
@@ -182,7 +184,7 @@ class SRUpp(SRUStack):
         state: SRUppState | Tensor | None = None,
         *,
         mask_pad: Tensor | None = None,
-        causal: bool = False,
+        causal: bool | None = None,
         memory: list[Tensor | None] | None = None,
         attn_window: int | None = None,
     ) -> tuple[Tensor, SRUppState]:
@@ -196,7 +198,9 @@ class SRUpp(SRUStack):
             mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding: padded
                 positions are hidden from attention, carry c unchanged, output 0 and cannot affect real
                 outputs (even when they hold NaN).
-            causal: each position attends only to itself, earlier positions and the memory.
+            causal: each position attends only to itself, earlier positions and the memory. None (the default)
+                means causal for a unidirectional SRUpp and non-causal for a bidirectional one; pass
+                ``causal=False`` to let a unidirectional encoder see later positions.
             memory: per layer None or ``[M, B, d_layer_in]`` (time-major): the same as ``state.memory``, for
                 a state given as a tensor or without memory (an error when ``state.memory`` is set too).
                 Every memory position is attended to, but those ``state.key_pad`` marks as padding.
@@ -223,7 +227,7 @@ class SRUpp(SRUStack):
             c0,
             lambda i: {"memory": context[i][0], "cache": context[i][1], "memory_pad": key_pad},
             mask_pad=mask_pad,
-            causal=causal,
+            causal=resolve_causal(causal, self.bidirectional),
             attn_window=attn_window,
         )
         memory = [x if layer.has_attention else None for x, layer in zip(inputs, self.layers, strict=True)]

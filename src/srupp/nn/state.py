@@ -44,8 +44,8 @@ class SRUppState:
             the memory or cache: they stay hidden from every later token (left-padded batched decoding).
 
     Example:
-        >>> out, state = model(x1, causal=True)
-        >>> out, state = model(x2, state.detach(), causal=True)   # x2 attends to x1
+        >>> out, state = model(x1)
+        >>> out, state = model(x2, state.detach())   # x2 attends to x1
         >>> y, state = model.step(x3, state)                     # decoding continues from there
     """
 
