@@ -30,8 +30,7 @@ import torch
 
 from benchmarks.baselines import load_authors
 from benchmarks.common import RESULTS, authors_u, require_agreement, time_it, write_json
-from srupp.ops import cpu as cpu_backend
-from srupp.ops import sru_recurrence
+from srupp.ops import cpu, library, output_cache, sru_recurrence
 
 SHAPES = [(512, 16, 512), (256, 32, 1024), (1024, 4, 256)]
 QUICK_SHAPES = [(16, 2, 32)]
@@ -83,7 +82,8 @@ def no_output_cache():
 def kernel_steps(u, x, v, b, c0, grad_h):
     """The C kernels alone on buffers allocated once: what the op costs without torch's dispatch and
     without first-touching fresh output memory (which the public path pays on every call)."""
-    kernel, threads = cpu_backend._kernel(), torch.get_num_threads()
+    forward_pass, backward_pass = (cpu.kernel_function(name, torch.float32) for name in ("forward", "backward"))
+    threads = torch.get_num_threads()
     steps, batch, hidden = x.shape
     h, c_all, c_last, grad_u, grad_x = (torch.empty_like(t) for t in (x, x, c0, u, x))
     grad_vb, grad_c0 = x.new_empty(batch, 4, hidden), torch.empty_like(c0)
@@ -91,12 +91,11 @@ def kernel_steps(u, x, v, b, c0, grad_h):
     shape = (steps, batch, hidden, 0, threads)
 
     def forward():
-        kernel.forward[torch.float32](*p, None, None, h.data_ptr(), c_all.data_ptr(), c_last.data_ptr(), *shape)
+        forward_pass(*p, None, None, h.data_ptr(), c_all.data_ptr(), c_last.data_ptr(), *shape)
 
     def backward():
-        kernel.backward[torch.float32](*p, None, None, c_all.data_ptr(), grad_h.data_ptr(), c_last.data_ptr(),
-                                   grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-                                   *shape)  # fmt: skip
+        backward_pass(*p, None, None, c_all.data_ptr(), grad_h.data_ptr(), c_last.data_ptr(),
+                      grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(), *shape)  # fmt: skip
 
     return forward, backward
 
@@ -128,7 +127,7 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
         with no_output_cache():
             train_step("cpu")
 
-    info = cpu_backend.cpu_kernel_info()
+    info = library.cpu_kernel_info()
     row = {"T": steps, "B": batch, "D": hidden, "isa": info["isa"], "threading": info["threading"]}
     naive_repeats = max(2, repeats // 2)
     if with_naive:
@@ -141,7 +140,7 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
         "cpu_train_s": lambda: train_step("cpu"), "cpu_train_uncached_s": train_step_fresh,
         "kernel_forward_s": kernel_forward, "kernel_backward_s": kernel_backward,
     }, rounds=repeats, min_seconds=2.0)  # fmt: skip
-    cpu_backend.empty_cpu_cache()
+    output_cache.empty_cpu_cache()
     elements = steps * batch * hidden
     row["copy_GBps"] = copy_bytes / min(times["copy"]) / 1e9
     row.update({name: min(values) for name, values in times.items() if name != "copy"})
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else 7
     official = None if args.no_official else load_authors()
-    info = cpu_backend.cpu_kernel_info()
+    info = library.cpu_kernel_info()
     isas = info["available"][::-1] if args.isa == "all" else [args.isa or info["isa"]]
     print(f"threads={torch.get_num_threads()}  CPU kernel variants {info['available']}, timing {isas}")
     print("bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows = []
     for index, isa in enumerate(isas):
         os.environ["SRUPP_CPU_ISA"] = isa
-        cpu_backend._reset()
+        library.reset()
         for steps, batch, hidden in shapes:
             row = bench_shape(steps, batch, hidden, repeats, official, with_naive=index == 0,
                               copy_megabytes=16 if args.quick else 256)  # fmt: skip
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                   f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
                   f" | {official_cols}", flush=True)  # fmt: skip
     os.environ.pop("SRUPP_CPU_ISA", None)
-    cpu_backend._reset()
+    library.reset()
     print("times in ms (fastest run); copy in GB/s (read+write, fastest run, timed in turn with the op);")
     print("x = speed-up over naive; BW = achieved bandwidth / that of the copy run beside it, median over the")
     print("rounds, through the public op (allocation and first touch of the outputs included);")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from srupp import __version__
 from srupp.errors import ConfigError, DivergenceError, SRUppError
+from srupp.ops import BACKENDS
 
 EPILOG_OVERRIDES = (
     "Any config field can be overridden with --KEY VALUE: training fields (--lr 1e-3, --max_steps 500) and "
     "model fields (--hidden_size 256 or --model.hidden_size 256). Unknown keys are an error."
 )
-BACKENDS = ("auto", "naive", "cpu", "triton")
 
 
 def _number(kind: type, low: float, *, strict: bool = False, high: float | None = None):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from srupp.models import SRUppLM
 from srupp.nn import SRUpp
-from srupp.nn.layer import resolve_causal
+from srupp.nn.checks import resolve_causal
 from srupp.ops.onnx_translation import translation_table
 
 

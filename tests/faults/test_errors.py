@@ -27,15 +27,15 @@ def test_bad_training_options_are_one_line(train_args, tmp_path, capsys, extra, 
 
 
 def test_a_bad_cpu_isa_variable_is_one_line(train_args, tmp_path, capsys, monkeypatch):
-    from srupp.ops import cpu as cpu_backend
+    from srupp.ops import library
 
     monkeypatch.setenv("SRUPP_CPU_ISA", "sse9")
-    cpu_backend._reset()
+    library.reset()
     try:
         assert main(train_args("--backend", "cpu")) == 2
     finally:
         monkeypatch.delenv("SRUPP_CPU_ISA")
-        cpu_backend._reset()
+        library.reset()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "`SRUPP_CPU_ISA` must be one of" in err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -50,13 +50,13 @@ def test_compiled_lm_step_equals_its_torch_path(monkeypatch):
     out-of-range id fails without touching the run; an in-place update of the output layer shows from the next
     token; float64 keeps the torch path."""
     import srupp.nn.layer as layer_module
-    from srupp.ops import cpu as cpu_backend
+    from srupp.ops import decode_kernel, library
 
-    if not cpu_backend.is_available():
-        pytest.skip(cpu_backend.unavailable_reason())
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
     calls = []
-    original = cpu_backend.TokenRun.__call__
-    monkeypatch.setattr(cpu_backend.TokenRun, "__call__", lambda self, *a: calls.append(a[-1]) or original(self, *a))
+    original = decode_kernel.TokenRun.__call__
+    monkeypatch.setattr(decode_kernel.TokenRun, "__call__", lambda self, *a: calls.append(a[-1]) or original(self, *a))
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=200, hidden_size=24, proj_size=8, num_layers=3, num_heads=2, attention_every_n_layers=2)
     model = with_attention(SRUppLM(cfg)).eval()

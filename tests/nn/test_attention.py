@@ -124,7 +124,7 @@ def test_nan_at_padded_positions_cannot_reach_real_positions(causal):
 
 @pytest.mark.parametrize("transform", ["attention", "projected"])
 def test_u_projection_keeps_hooks_and_replacements(transform):
-    """Without autograd U's matmul may write into a reused buffer (``srupp.ops.cpu.cached_linear``), but only for a
+    """Without autograd U's matmul may write into a reused buffer (``srupp.ops.cached_linear``), but only for a
     plain ``nn.Linear``: hooks on it still run, and a module put in its place is called as it is."""
     module = SRUppAttention(16, 24, 8) if transform == "attention" else SRUppProjectedLinear(16, 24, 8)
     x = torch.randn(5, 2, 16)

@@ -733,16 +733,16 @@ def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch,
     over 30 steps that outgrow and move the buffers, with a left-padding mask or none; on this CPU's default
     instruction-set variant, and one case on every variant it can run."""
     import srupp.nn.layer as layer_module
-    from srupp.ops import cpu as cpu_backend
+    from srupp.ops import decode_kernel, library
 
-    if not cpu_backend.is_available():
-        pytest.skip(cpu_backend.unavailable_reason())
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
     if isa != "default":
-        if isa not in cpu_backend.cpu_kernel_info()["available"]:
+        if isa not in library.cpu_kernel_info()["available"]:
             pytest.skip(f"this CPU cannot run the {isa} variant")
         monkeypatch.setenv("SRUPP_CPU_ISA", isa)
-        monkeypatch.setattr(cpu_backend, "_KERNEL", None)  # monkeypatch restores the default kernel after
-        assert cpu_backend.cpu_kernel_info()["isa"] == isa
+        monkeypatch.setattr(library, "_KERNEL", None)  # monkeypatch restores the default kernel after
+        assert library.cpu_kernel_info()["isa"] == isa
     config = COMPILED_CONFIGS[config]
     config = dict(config)
     size = config.pop("input_size", 6)
@@ -758,13 +758,13 @@ def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch,
 
     def decode():
         calls = []
-        original = cpu_backend.TokenRun.__call__
+        original = decode_kernel.TokenRun.__call__
 
         def counting(self, *args):
             calls.append(1)
             return original(self, *args)
 
-        monkeypatch.setattr(cpu_backend.TokenRun, "__call__", counting)
+        monkeypatch.setattr(decode_kernel.TokenRun, "__call__", counting)
         with torch.no_grad():
             prompt = x[:, :prompt_len] if model.batch_first else x[:prompt_len]
             out, state = model.step(prompt, model.init_decode_state(batch), mask_pad=mask_pad)
@@ -793,13 +793,13 @@ def test_states_of_the_compiled_path_read_copy_and_change_like_any_state(assert_
     general path's, reading keeps the run on the compiled path, an older state's views keep their values while the
     run goes on, copies and pickles are plain states, and a state whose fields were replaced takes the general
     path."""
-    from srupp.ops import cpu as cpu_backend
+    from srupp.ops import decode_kernel, library
 
-    if not cpu_backend.is_available():
-        pytest.skip(cpu_backend.unavailable_reason())
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
     calls = []
-    original = cpu_backend.TokenRun.__call__
-    monkeypatch.setattr(cpu_backend.TokenRun, "__call__", lambda self, *args: calls.append(1) or original(self, *args))
+    original = decode_kernel.TokenRun.__call__
+    monkeypatch.setattr(decode_kernel.TokenRun, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
     model = make(**TOKEN_PATH_CONFIGS["every-second-layer-two-heads"])
     mask_pad = torch.tensor([[True, False], [False, False], [False, False]])
     x = torch.randn(9, 2, 6)

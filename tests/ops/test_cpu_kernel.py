@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from srupp.ops import cpu as cpu_backend
+from srupp.ops import library
 
 # Floating-point arithmetic: packed (..ps/..pd) against scalar (..ss/..sd) forms, SSE or VEX/EVEX.
 ARITH = re.compile(r"^v?(add|sub|mul|div|max|min|f[n]?m(add|sub)\d*)(ps|pd|ss|sd)$")
@@ -98,9 +98,9 @@ def vectorised(loops: list[collections.Counter], widest: str) -> bool:
 @pytest.fixture(scope="module")
 def library_text():
     """The built library's disassembly (objdump runs once for the module)."""
-    kernel = cpu_backend._kernel()
+    kernel = library.kernel()
     if kernel is None:
-        pytest.skip(cpu_backend.unavailable_reason())
+        pytest.skip(library.unavailable_reason())
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed")
     return disassembly(kernel.lib._name)
@@ -113,7 +113,7 @@ def functions(library_text):
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+@pytest.mark.parametrize("isa", library.ISAS)
 def test_hot_loops_are_vectorised(functions, isa, direction, dtype):
     name = f"srupp_sru_{direction}_items_{dtype}_{isa}"
     if name not in functions:

@@ -6,14 +6,13 @@ import torch
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-from srupp.ops import cpu as cpu_backend  # noqa: E402
-from srupp.ops import sru_recurrence_naive  # noqa: E402
+from srupp.ops import library, sru_recurrence_naive  # noqa: E402
 from srupp.ops.onnx_translation import translation_table  # noqa: E402
 from tests.ops.test_recurrence import make_inputs, make_mask_pad  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not cpu_backend.is_available(), reason="the fused CPU kernel is not built"),
+    pytest.mark.skipif(not library.is_available(), reason="the fused CPU kernel is not built"),
 ]
 D = 5
 CASES = [

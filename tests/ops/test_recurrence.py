@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srupp.ops import cpu as cpu_backend
-from srupp.ops import recurrence, sru_recurrence
+from srupp.ops import library, output_cache, recurrence, sru_recurrence
 from tests.helpers import assert_all_close, outputs_and_grads
 
 NAMES = ["h", "c_last", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"]
@@ -261,8 +260,8 @@ def test_bad_input_is_named(case):
 
 
 def test_missing_cpu_kernel_raises_with_instructions(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_KERNEL", None)
-    monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
+    monkeypatch.setattr(library, "_KERNEL", None)
+    monkeypatch.setattr(library, "_LOAD_ERROR", "the compiled kernel is missing")
     u, x, v, b, c0 = make_inputs(3, 1, 4)
     with pytest.raises(RuntimeError, match=r"'cpu' backend is unavailable.*pip install"):
         sru_recurrence(u, x, v, b, backend="cpu")
@@ -283,15 +282,15 @@ def force_isa(monkeypatch):
     """Switch the CPU kernel to one variant for a test, and back to the default after it."""
 
     def force(isa):
-        if isa not in cpu_backend.cpu_kernel_info()["available"]:
+        if isa not in library.cpu_kernel_info()["available"]:
             pytest.skip(f"this CPU cannot run the {isa} variant")
         monkeypatch.setenv("SRUPP_CPU_ISA", isa)
-        cpu_backend._reset()
-        assert cpu_backend.cpu_kernel_info()["isa"] == isa
+        library.reset()
+        assert library.cpu_kernel_info()["isa"] == isa
 
     yield force
     monkeypatch.delenv("SRUPP_CPU_ISA", raising=False)
-    cpu_backend._reset()
+    library.reset()
 
 
 # The full grid above runs on the variant this CPU picks by default (the widest); every variant it can
@@ -310,7 +309,7 @@ ISA_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(ISA_CASES), ids=list(ISA_CASES))
-@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+@pytest.mark.parametrize("isa", library.ISAS)
 def test_every_isa_variant_matches_naive(isa, case, dtype, force_isa):
     force_isa(isa)
     c = ISA_CASES[case]
@@ -320,7 +319,7 @@ def test_every_isa_variant_matches_naive(isa, case, dtype, force_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+@pytest.mark.parametrize("isa", library.ISAS)
 def test_every_isa_variant_saturates_like_naive(isa, dtype, force_isa):
     force_isa(isa)
     u, x, v, b, c0 = make_inputs(5, 3, 37, dtype=dtype)
@@ -338,7 +337,7 @@ def test_every_isa_variant_saturates_like_naive(isa, dtype, force_isa):
 
 
 @pytest.mark.parametrize("gate", ["forget", "reset"])
-@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+@pytest.mark.parametrize("isa", library.ISAS)
 def test_nan_in_real_input_propagates(isa, gate, force_isa):
     """A NaN pre-activation of a real step reaches the outputs and gradients the spec's does (the exp's clamp
     must not turn it into a number), in every variant, forward and backward."""
@@ -361,28 +360,28 @@ def test_nan_in_real_input_propagates(isa, gate, force_isa):
 
 def test_forced_isa_is_checked(monkeypatch, force_isa):
     monkeypatch.setenv("SRUPP_CPU_ISA", "sse9")
-    cpu_backend._reset()
+    library.reset()
     with pytest.raises(ValueError, match=r"`SRUPP_CPU_ISA` must be one of \('baseline', 'avx2', 'avx512'\).*'sse9'"):
-        cpu_backend.cpu_kernel_info()
+        library.cpu_kernel_info()
     # a CPU that can only run the baseline: asking for AVX-512 fails in one line, and by default it
     # gets the baseline
-    monkeypatch.setattr(cpu_backend, "_supported_mask", lambda lib: 1)
+    monkeypatch.setattr(library, "_supported_mask", lambda lib: 1)
     monkeypatch.setenv("SRUPP_CPU_ISA", "avx512")
-    cpu_backend._reset()
+    library.reset()
     u, x, v, b, _ = make_inputs(3, 1, 4)
     with pytest.raises(ValueError, match=r"asks for 'avx512', which this CPU cannot run; it can run \('baseline',\)"):
         sru_recurrence(u, x, v, b, backend="cpu")
     monkeypatch.delenv("SRUPP_CPU_ISA")
-    cpu_backend._reset()
-    info = cpu_backend.cpu_kernel_info()
+    library.reset()
+    info = library.cpu_kernel_info()
     assert info["isa"] == "baseline" and info["available"] == ["baseline"] and info["loaded"]
     assert info["threads"] == torch.get_num_threads() and info["reason"] is None
 
 
 def test_kernel_info_when_missing(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_KERNEL", None)
-    monkeypatch.setattr(cpu_backend, "_LOAD_ERROR", "the compiled kernel is missing")
-    info = cpu_backend.cpu_kernel_info()
+    monkeypatch.setattr(library, "_KERNEL", None)
+    monkeypatch.setattr(library, "_LOAD_ERROR", "the compiled kernel is missing")
+    info = library.cpu_kernel_info()
     info.pop("cache_bytes")
     assert info == {"loaded": False, "isa": None, "available": [], "threads": torch.get_num_threads(),
                     "threading": None, "reason": "the compiled kernel is missing"}  # fmt: skip
@@ -497,13 +496,13 @@ def test_raw_backward_checks_its_own_inputs(name):
 @pytest.fixture
 def cache(monkeypatch):
     """A fresh output cache (outputs of T=64 B=4 D=1024 are 1 MiB and more, so they go through it)."""
-    if not cpu_backend.is_available():
-        pytest.skip(cpu_backend.unavailable_reason())
-    if cpu_backend._OUTPUTS._use_count is None:
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    if output_cache._OUTPUTS._use_count is None:
         pytest.skip("this torch has no storage use count; the cache is off")
     monkeypatch.delenv("SRUPP_CPU_CACHE_MB", raising=False)
-    fresh = cpu_backend._OutputCache()
-    monkeypatch.setattr(cpu_backend, "_OUTPUTS", fresh)
+    fresh = output_cache._OutputCache()
+    monkeypatch.setattr(output_cache, "_OUTPUTS", fresh)
     return fresh
 
 
@@ -534,7 +533,7 @@ def test_outputs_reuse_storage_only_once_released(cache):
     h4, _ = sru_recurrence(*other, backend="cpu")
     h4.backward(torch.full_like(h4, 2.0))
     assert all(torch.equal(t.grad, g) for t, g in zip(inputs[:2], grads, strict=True))
-    assert cpu_backend.cpu_kernel_info()["cache_bytes"] == cache.held_bytes() > 0
+    assert library.cpu_kernel_info()["cache_bytes"] == cache.held_bytes() > 0
 
 
 def test_interleaved_steps_with_cached_outputs_match_naive(cache):
@@ -560,7 +559,7 @@ def test_cache_limit_and_release(cache, monkeypatch):
     with torch.no_grad():
         sru_recurrence(*big_case(), backend="cpu")
     assert cache.held_bytes() == 64 * 4 * 1024 * 4  # h only: no state is saved without grad
-    cpu_backend.empty_cpu_cache()
+    output_cache.empty_cpu_cache()
     assert cache.held_bytes() == 0
     monkeypatch.setenv("SRUPP_CPU_CACHE_MB", "0")
     h, _ = sru_recurrence(*big_case(), backend="cpu")
@@ -598,12 +597,12 @@ def test_cached_linear_is_linear_and_reuses_released_storage(cache):
     z, weight = linear_case()
     want = torch.nn.functional.linear(z, weight)
     with torch.no_grad():
-        first = cpu_backend.cached_linear(z, weight)
-        held = cpu_backend.cached_linear(z, weight)  # first is alive: another buffer
+        first = output_cache.cached_linear(z, weight)
+        held = output_cache.cached_linear(z, weight)  # first is alive: another buffer
         assert held.data_ptr() != first.data_ptr()
         ptr = first.data_ptr()
         del first
-        again = cpu_backend.cached_linear(z * 2, weight)
+        again = output_cache.cached_linear(z * 2, weight)
     assert again.data_ptr() == ptr and cache.held_bytes() == 2 * want.numel() * 4
     torch.testing.assert_close(held, want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(again, 2 * want, rtol=1e-6, atol=1e-4)
@@ -613,14 +612,14 @@ def test_cached_linear_is_linear_and_reuses_released_storage(cache):
 def test_cached_linear_leaves_autograd_autocast_and_smaller_outputs_to_torch(cache):
     z, weight = linear_case()
     weight.requires_grad_()
-    out = cpu_backend.cached_linear(z, weight)  # autograd needs this one
+    out = output_cache.cached_linear(z, weight)  # autograd needs this one
     assert out.grad_fn is not None and cache.held_bytes() == 0
     out.sum().backward()
     torch.testing.assert_close(weight.grad, z.sum((0, 1)).expand(4224, 64), rtol=1e-5, atol=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        assert cpu_backend.cached_linear(z, weight).dtype == torch.bfloat16
+        assert output_cache.cached_linear(z, weight).dtype == torch.bfloat16
     with torch.no_grad():
-        cpu_backend.cached_linear(z[:512], weight)  # 16.5 MiB: glibc reuses such blocks itself
+        output_cache.cached_linear(z[:512], weight)  # 16.5 MiB: glibc reuses such blocks itself
     assert cache.held_bytes() == 0
 
 
@@ -630,21 +629,21 @@ def test_work_split_over_threads_matches_naive(threads, threading, monkeypatch):
     """The kernel cuts the B*D lanes into blocks shared out over threads (a block may start mid-row): any
     thread count, on torch's OpenMP team or on threads of its own, gives the spec's results, with masks, c0
     and reverse."""
-    if not cpu_backend.is_available():
-        pytest.skip(cpu_backend.unavailable_reason())
-    if threading == "openmp" and cpu_backend._torch_openmp() is None:
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    if threading == "openmp" and library._torch_openmp() is None:
         pytest.skip("torch does not run on an OpenMP runtime here")
     monkeypatch.setenv("SRUPP_CPU_THREADS", threading)
-    cpu_backend._reset()
+    library.reset()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert cpu_backend.cpu_kernel_info()["threading"] == threading
+        assert library.cpu_kernel_info()["threading"] == threading
         fast, spec = compare_backends(130, 5, 1031, **OPTIONS["all"])
     finally:
         torch.set_num_threads(previous)
         monkeypatch.delenv("SRUPP_CPU_THREADS")
-        cpu_backend._reset()
+        library.reset()
     assert_all_close(NAMES, fast, spec, atol=2e-5, rtol=1e-4)
 
 
@@ -652,13 +651,13 @@ def test_threading_setting_is_checked(monkeypatch):
     """A bad ``SRUPP_CPU_THREADS`` is refused in one line naming it; unset, the kernel joins torch's OpenMP team
     where torch has one (Linux wheels do)."""
     monkeypatch.setenv("SRUPP_CPU_THREADS", "fibers")
-    cpu_backend._reset()
+    library.reset()
     try:
         with pytest.raises(ValueError, match=r"`SRUPP_CPU_THREADS` must be 'openmp' or 'pthreads' .*'fibers'"):
-            cpu_backend.cpu_kernel_info()
+            library.cpu_kernel_info()
     finally:
         monkeypatch.delenv("SRUPP_CPU_THREADS")
-        cpu_backend._reset()
-    if cpu_backend.is_available():
-        expected = "openmp" if cpu_backend._torch_openmp() is not None else "pthreads"
-        assert cpu_backend.cpu_kernel_info()["threading"] == expected
+        library.reset()
+    if library.is_available():
+        expected = "openmp" if library._torch_openmp() is not None else "pthreads"
+        assert library.cpu_kernel_info()["threading"] == expected

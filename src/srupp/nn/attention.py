@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from srupp.ops.cpu import cached_linear
+from srupp.nn.checks import zero_padding
+from srupp.ops import cached_linear
 
 
 def project(linear: nn.Module, input: Tensor) -> Tensor:
     """``linear(input)`` for the linear map that makes U: a plain bias-free ``nn.Linear`` with no hooks goes
-    through ``srupp.ops.cpu.cached_linear`` (in CPU inference its large output reuses cached storage); anything
+    through ``srupp.ops.cached_linear`` (in CPU inference its large output reuses cached storage); anything
     else (a subclass, a quantised or adapted replacement, a module with hooks) is called as it is."""
     if (
         type(linear) is nn.Linear
@@ -214,9 +215,8 @@ class SRUppAttention(nn.Module):
         Returns: ``U [T, B, output_size]``.
         """
         steps, batch, _ = input.shape
-        if mask_pad is not None:
-            # Masked scores alone are not enough: 0 * NaN = NaN in the probability-weighted sum of values.
-            input = input.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+        # Masked scores alone are not enough: 0 * NaN = NaN in the probability-weighted sum of values.
+        input = zero_padding(input, mask_pad)
         query = self.in_proj(input)
         keys, values = self.keys_values(query)
         if memory is not None:

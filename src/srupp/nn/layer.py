@@ -10,62 +10,20 @@ import torch
 from torch import Tensor, nn
 
 from srupp.nn.attention import SRUppAttention, project
+from srupp.nn.checks import (
+    check_mask_pad,
+    check_probability,
+    check_sequence,
+    check_state,
+    check_tensor,
+    resolve_causal,
+    zero_padding,
+)
 from srupp.ops import sru_recurrence
-from srupp.ops.cpu import TokenKernel, token_kernel
+from srupp.ops.decode_kernel import TokenKernel, token_kernel
 
 HIGHWAY_BIAS = -2.0
 """Default initial bias of the reset (highway) gate: the authors' ``highway_bias`` in their LM runs."""
-
-
-def check_tensor(name: str, value: object) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-def check_sequence(name: str, value: object, size: int, label: str = "input_size") -> Tensor:
-    tensor = check_tensor(name, value)
-    if tensor.dim() != 3 or tensor.shape[-1] != size:
-        raise ValueError(f"`{name}` must have shape [T, B, {label}] = [T, B, {size}], got {list(tensor.shape)}")
-    if tensor.shape[0] == 0:
-        raise ValueError(f"`{name}` must have at least one time step, got shape {list(tensor.shape)}")
-    return tensor
-
-
-def check_mask_pad(mask_pad: object, steps: int, batch: int, batch_first: bool = False) -> Tensor:
-    mask = check_tensor("mask_pad", mask_pad)
-    expected, labels = ([batch, steps], "[B, T]") if batch_first else ([steps, batch], "[T, B]")
-    if list(mask.shape) != expected:
-        raise ValueError(f"`mask_pad` must have shape {labels} = {expected}, got {list(mask.shape)}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"`mask_pad` must be a bool tensor (True = padding), got dtype {mask.dtype}")
-    return mask.t() if batch_first else mask
-
-
-def check_state(
-    name: str, value: object, expected: list[int], labels: str = "[num_layers*dirs, B, hidden_size]"
-) -> Tensor:
-    tensor = check_tensor(name, value)
-    if list(tensor.shape) != expected:
-        raise ValueError(f"`{name}` must have shape {labels} = {expected}, got {list(tensor.shape)}")
-    return tensor
-
-
-def check_probability(name: str, value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value}")
-    return float(value)
-
-
-def resolve_causal(causal: bool | None, bidirectional: bool) -> bool:
-    """The causality rule of SRU++ layers: ``causal=None`` means causal for a unidirectional layer (each position
-    attends only to itself, earlier positions and the memory, as a language model needs) and non-causal for a
-    bidirectional one (an encoder); True or False is the caller's explicit choice."""
-    if causal is None:
-        return not bidirectional
-    if not isinstance(causal, bool):
-        raise TypeError(f"`causal` must be a bool or None, got {type(causal).__name__}")
-    return causal
 
 
 def attention_layer_indices(
@@ -235,9 +193,8 @@ class SRULayer(nn.Module):
         ``memory_pad`` (see ``SRUppAttention``). Shapes are checked by the stacks.
 
         Returns: ``(h [T, B, dirs*hidden_size], c [dirs, B, hidden_size])``."""
-        if mask_pad is not None:
-            # A NaN or inf in a padded position must not reach real outputs through U or the skip.
-            input = input.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+        # A NaN or inf in a padded position must not reach real outputs through U or the skip.
+        input = zero_padding(input, mask_pad)
         normed = self._norm(input)
         if self.has_attention:
             memory = None if memory is None else self._norm(memory)
@@ -263,8 +220,7 @@ class SRULayer(nn.Module):
         """Causal step over a chunk ``[T, B, input_size]``, attending to the ``memory`` (layer inputs) or the
         ``cache`` of keys and values; ``mask_pad`` ``[T, B]`` marks padding in the chunk and ``key_pad``
         ``[B, S + T]`` the padded keys. Returns ``(h, c [1, B, hidden_size], extended cache or None)``."""
-        if mask_pad is not None:
-            input = input.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+        input = zero_padding(input, mask_pad)
         normed = self._norm(input)
         if self.has_attention:
             if memory is not None:
@@ -309,7 +265,7 @@ class SRULayer(nn.Module):
         return weights
 
     def _token_kernel(self, weights: TokenWeights) -> TokenKernel | None:
-        """The compiled one-token step (``srupp.ops.cpu.token_kernel``) on copies of ``weights``, for a
+        """The compiled one-token step (``srupp.ops.decode_kernel.token_kernel``) on copies of ``weights``, for a
         unidirectional float32 layer on the CPU whose backend is not the naive spec; else None."""
         reference = weights.in_proj_t
         if self.num_directions != 1 or self.backend == "naive" or reference.dtype != torch.float32:
@@ -477,7 +433,7 @@ class SRUStack(nn.Module):
         if mask_pad is not None:
             mask_pad = check_mask_pad(mask_pad, steps, batch, self.batch_first)
             # Clean padded positions once here too, as the first layer's input is also the next memory.
-            x = x.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+            x = zero_padding(x, mask_pad)
         return x, mask_pad
 
     def _run(

@@ -10,18 +10,16 @@ import torch
 from torch import Tensor
 
 from srupp.nn.attention import SRUppAttention, SRUppProjectedLinear
-from srupp.nn.layer import (
-    HIGHWAY_BIAS,
-    SRULayer,
-    SRUStack,
-    attention_layer_indices,
+from srupp.nn.checks import (
     check_mask_pad,
     check_probability,
     check_sequence,
     check_state,
     check_tensor,
     resolve_causal,
+    zero_padding,
 )
+from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, SRUStack, attention_layer_indices
 from srupp.nn.state import DecodeBuffers, SRUppState, param_versions
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
@@ -318,7 +316,7 @@ class SRUpp(SRUStack):
         key_pad, earlier = self._key_pad(state, context, batch)
         if mask_pad is not None:
             mask_pad = check_mask_pad(mask_pad, steps, batch, self.batch_first)
-            x = x.masked_fill(mask_pad.unsqueeze(-1), 0.0)
+            x = zero_padding(x, mask_pad)
         if (mask_pad is not None or key_pad is not None) and self.attention_layers:
             chunk = x.new_zeros(batch, steps, dtype=torch.bool) if mask_pad is None else mask_pad.t()
             key_pad = torch.cat([chunk.new_zeros(batch, earlier) if key_pad is None else key_pad, chunk], dim=1)

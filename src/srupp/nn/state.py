@@ -9,7 +9,7 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from srupp.ops.cpu import TokenRun
+from srupp.ops.decode_kernel import TokenRun
 
 _VERSION = attrgetter("_version")
 

@@ -25,7 +25,14 @@ def _check_shape(name: str, tensor: Tensor, expected: list[int], labels: str) ->
         raise ValueError(f"`{name}` must have shape {labels} = {expected}, got {_shape(tensor)}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+def resolve_backend(backend: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The recurrence function that backend ``backend`` runs for tensors on ``device``.
+
+    Raises:
+        ValueError: ``backend`` is not one of ``BACKENDS``, or ``"cpu"`` with tensors elsewhere.
+        RuntimeError: ``backend`` names a fused backend that is not available here, saying how to get it.
+    ``"auto"`` falls back to the naive spec where no fused backend runs, with one warning per process.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "naive":
@@ -145,7 +152,7 @@ def sru_recurrence(
     if not isinstance(reverse, bool):
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}")
 
-    run = _resolve_backend(backend, u.device)
+    run = resolve_backend(backend, u.device)
     if c0 is None:
         c0 = u.new_zeros(batch, hidden, dtype=compute)
     if mask_c is not None:

@@ -195,10 +195,10 @@ def build_model(config: LMConfig, *, backend: str = "auto", device: torch.device
     Raises:
         UnavailableError: ``backend`` names a recurrence backend this machine cannot run.
     """
-    from srupp.ops.recurrence import _resolve_backend
+    from srupp.ops import resolve_backend
 
     try:
-        _resolve_backend(backend, torch.device(device or "cpu"))  # fail before training, not at the first step
+        resolve_backend(backend, torch.device(device or "cpu"))  # fail before training, not at the first step
     except RuntimeError as err:
         raise UnavailableError(f"`backend` {backend!r} is not available: {err}") from err
     return SRUppLM(config, backend=backend, device=device)

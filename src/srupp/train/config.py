@@ -14,11 +14,11 @@ from typing import Any
 
 from srupp.errors import ConfigError
 from srupp.models import LMConfig
+from srupp.ops import BACKENDS
 
 OPTIMIZERS = ("radam", "adamw")
 PRECISIONS = ("fp32", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "naive", "cpu", "triton")
 CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS}
 # A resume continues the same stream of data and the same model: these cannot change on the way.
 FIXED_ON_RESUME = ("data", "batch_size", "unroll_size", "grad_accum", "seed")

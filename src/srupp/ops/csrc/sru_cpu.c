@@ -1,7 +1,7 @@
 /* Fused SRU recurrence for the CPU, forward and backward, in float32 and float64.
  *
  * Plain C with POSIX threads and no Python or torch headers: the package build compiles it to a
- * shared library that srupp/ops/cpu.py loads with ctypes and calls on tensor data pointers.
+ * shared library that srupp/ops/library.py loads with ctypes and calls on tensor data pointers.
  *
  * Threads: the library is not built with OpenMP, because torch ships its own OpenMP runtime and a
  * second one in the same process keeps its idle workers spinning while torch's run (on a 2-core machine
@@ -180,7 +180,7 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
  * library runs on any CPU of its architecture; Python picks the best variant the CPU has at load time
  * (srupp_isa_supported) or the one SRUPP_CPU_ISA names. */
 /* The weights of one layer for srupp_token_step_f32_<isa> (sru_token_impl.h), gathered once per decoding run;
- * srupp/ops/cpu.py mirrors this layout (TokenLayer). Norm weights and biases may be null (no affine). */
+ * srupp/ops/decode_kernel.py mirrors this layout (TokenLayer). Norm weights and biases may be null (no affine). */
 struct srupp_token_layer {
     const float *in_norm_w, *in_norm_b, *wq_t, *wkv_t, *alpha, *norm_w, *norm_b, *wo_t, *u_bias, *gate_v;
     float in_norm_eps, norm_eps;
@@ -193,7 +193,7 @@ struct srupp_token_layer {
  * elements (batch, key/value, head, position); the run's padding marks [B, pad_stride] (null when none).
  * Optionally a language model's ends: an embedding table [vocab_in, in] that turns token ids (int64) into
  * the first layer's input, and an output layer (weight stored [width, vocab_out], bias [vocab_out]) whose
- * log-softmax becomes the output. srupp/ops/cpu.py mirrors it (TokenRunArgs). */
+ * log-softmax becomes the output. srupp/ops/decode_kernel.py mirrors it (TokenRunArgs). */
 struct srupp_token_run {
     const struct srupp_token_layer *layers;
     float *const *windows;
