@@ -96,9 +96,9 @@ def test_export_onnx_runs_in_onnxruntime(trained_run, tmp_path, capsys):
     import numpy as np
 
     out = tmp_path / "model.onnx"
-    out.write_bytes(b"the user's file")
+    out.write_bytes(b"\x08 an earlier export")
     assert main(["export", "onnx", str(trained_run), str(out)]) == 2
-    assert out.read_bytes() == b"the user's file" and "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"\x08 an earlier export" and "--overwrite" in capsys.readouterr().err
     assert main(["export", "onnx", str(trained_run), str(out), "--overwrite"]) == 0
     session = ort.InferenceSession(str(out))
     for steps, batch in ((9, 2), (4, 3)):

@@ -107,8 +107,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_external_data_file_is_never_replaced_unasked(tmp_path, monkeypatch):
-    """A large model's weights go to a file beside the .onnx; without overwrite neither file of the user's is
-    touched, with it both are replaced together."""
+    """A large model's weights go to a file beside the .onnx; a file of the user's is never touched, and with
+    overwrite an earlier export's two files are moved aside together."""
     save = torch.onnx.ONNXProgram.save
     monkeypatch.setattr(torch.onnx.ONNXProgram, "save", lambda self, dest, **kw: save(self, dest, external_data=True))
     layer = SRUpp(8, 8, proj_size=4, num_layers=1).eval()
@@ -121,11 +121,18 @@ def test_external_data_file_is_never_replaced_unasked(tmp_path, monkeypatch):
     user.write_bytes(b"the user's weights")
     with pytest.raises(FileExistsError, match=r"m\.onnx\.data already exist"):
         export_onnx(layer, out, overwrite=False)
+    with pytest.raises(FileExistsError, match="not part of an earlier ONNX export"):  # no graph: not an export
+        export_onnx(layer, out, overwrite=True)
     assert user.read_bytes() == b"the user's weights" and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]  # no temporary folder left
-    export_onnx(layer, out, overwrite=True)
+    user.unlink()
+    export_onnx(layer, out)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    export_onnx(layer, out, overwrite=True)  # an earlier export is moved aside whole, both files
+    (moved,) = (tmp_path / "m.onnx.replaced").iterdir()
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == earlier
     x = torch.randn(5, 2, 8)
     with torch.no_grad():
         expected, _ = layer(x)
     (got,) = run(ort.InferenceSession(str(out)), input=x)
-    assert max_err(got, expected) < TOL and user.read_bytes() != b"the user's weights"
+    assert max_err(got, expected) < TOL

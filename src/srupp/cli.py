@@ -58,12 +58,16 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train import TrainConfig, apply_overrides, load_preset, train
     from srupp.train.checkpoint import read_checkpoint_config
+    from srupp.train.rundir import nothing_to_resume
 
     if args.backend:
         overrides["backend"] = args.backend
     if args.resume:
+        last = Path(args.resume) / "checkpoints" / "last.safetensors"
+        if not last.is_file():
+            raise nothing_to_resume(args.resume)
         # The header alone: train() loads and verifies the whole checkpoint once, when it resumes.
-        saved = read_checkpoint_config(Path(args.resume) / "checkpoints" / "last.safetensors")
+        saved = read_checkpoint_config(last)
         cfg = apply_overrides(TrainConfig.from_dict(saved), {**overrides, "out_dir": args.resume})
     else:
         cfg = apply_overrides(load_preset(args.config), overrides)
@@ -196,9 +200,11 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.errors import UnavailableError
+    from srupp.files import refuse_inside
     from srupp.train import load_model, resolve_checkpoint
 
     checkpoint, out = resolve_checkpoint(args.run), Path(args.out)
+    refuse_inside(out, checkpoint)
     extra = "hf" if args.format == "hf" else "onnx"
     try:
         if args.format == "hf":
@@ -298,19 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``srupp`` command line. Errors in the input (options, configs, files) and ``OSError`` print
-    one line and return 2 (3 for a diverged run, 130 for Ctrl-C); anything else is a bug and raises."""
+    one line and return 2 (3 for a diverged run, 128 + the signal number for SIGTERM (143) or Ctrl-C (130)); anything
+    else is a bug and raises."""
+    from srupp.signals import raising_on_signals
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args, _overrides(extra))
+        with raising_on_signals():  # temporary files are removed on the way out; training checkpoints first
+            return args.func(args, _overrides(extra))
     except DivergenceError as err:
         print(f"srupp {args.command}: {err}", file=sys.stderr)
         return 3
     except (SRUppError, OSError) as err:
         print(f"srupp {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"srupp {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # srupp.signals.Interrupted for SIGTERM; Ctrl-C outside any command
+        print(f"srupp {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)

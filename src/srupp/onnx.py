@@ -7,12 +7,14 @@ over time (``srupp.ops.onnx_translation``), so one exported file accepts any seq
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from srupp.files import make_temp_dir_beside, move_aside, remove_orphans
 from srupp.models import SRUppLM
 from srupp.nn import SRUpp
 from srupp.nn.checks import resolve_causal
@@ -39,6 +41,34 @@ class _LMGraph(nn.Module):
         hidden, new_state = self.model.rnn(self.model.embed(input_ids), state, causal=True)
         log_probs = self.model.log_probs(hidden)
         return (log_probs, new_state.c) if self.with_state else log_probs
+
+
+def _is_onnx(path: Path) -> bool:
+    """An ONNX model file: a protobuf ``ModelProto`` opens with field 1, ``ir_version`` (tag byte 0x08)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and not path.is_symlink() and f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
+def _make_room(path: Path, targets: list[Path], overwrite: bool) -> None:
+    """Move the files of an earlier export at ``targets`` (the graph ``path`` and its external-data files)
+    aside into ``<path>.replaced/<UTC time>/``; refuse anything else, and anything at all without ``overwrite``."""
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if not existing:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True to replace")
+    earlier = _is_onnx(path)  # the graph file itself, which makes the files beside it an export's
+    for target in existing:
+        if target.is_dir() or target.is_symlink() or not earlier:
+            raise FileExistsError(
+                f"{target} is not part of an earlier ONNX export at {path}, which an export never replaces (even "
+                f"with overwrite); choose another path"
+            )
+    moved = move_aside(existing, Path(f"{path}.replaced"))
+    print(f"srupp export: moved the previous export at {path} to {moved}", file=sys.stderr)
 
 
 def export_onnx(
@@ -75,8 +105,9 @@ def export_onnx(
         with_state: expose the recurrent state as an input and an output.
         example_length, example_batch: the sizes of the example traced (any others run).
         opset_version: ONNX opset (default: the exporter's).
-        overwrite: replace ``path`` and the external-data file beside it (large models) if they exist; with
-            False an existing one raises ``FileExistsError`` and nothing is written.
+        overwrite: move an earlier export at ``path`` (and the external-data file beside it, large models)
+            aside into ``<path>.replaced/<UTC time>/``; a file there that is not an ONNX model is never
+            replaced. With False an existing one raises ``FileExistsError`` and nothing is written.
 
     Returns:
         The path written.
@@ -129,6 +160,8 @@ def export_onnx(
         names, outputs = [*names, "state"], [*outputs, "state_out"]
 
     path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"`path` {path} is a folder; an ONNX export is a file: choose a new file name")
     was_training = model.training
     graph.eval()
     try:
@@ -140,12 +173,17 @@ def export_onnx(
     finally:
         model.train(was_training)
     # Written in a fresh folder beside the target (with any external-data file), then renamed into place.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        program.save(Path(tmp) / path.name)
-        written = sorted(Path(tmp).iterdir())
-        existing = [path.parent / item.name for item in written if (path.parent / item.name).exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); pass overwrite=True to replace")
+    remove_orphans(path.parent)
+    staging = make_temp_dir_beside(path)
+    try:
+        try:
+            program.save(staging / path.name)
+        except OSError as err:  # a full disk: name the user's file, not the staging one
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+        written = sorted(staging.iterdir())
+        _make_room(path, [path.parent / item.name for item in written], overwrite)
         for item in written:
             os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -92,11 +92,18 @@ def test_export_never_replaces_a_folder_unasked(tmp_path):
     out = tmp_path / "exported"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder that is not an earlier export is never replaced
+        with pytest.raises(FileExistsError, match="not an srupp export"):
+            export_model(lm, out, overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    export_model(lm, out)  # an empty folder is filled
+    first = (out / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_model(lm, out)
-    assert (out / "notes.txt").read_text() == "mine"
-    export_model(lm, out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no staging folder left behind
+    export_model(lm, out, overwrite=True)  # an earlier export is moved aside, not deleted
+    (moved,) = (tmp_path / "exported.replaced").iterdir()
+    assert (moved / "exported" / "model.safetensors").read_bytes() == first and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "exported.replaced"]  # no staging folder
     with pytest.raises(CheckpointError, match="no checkpoints"):
         export_checkpoint(tmp_path, tmp_path / "other")

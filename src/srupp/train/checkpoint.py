@@ -13,6 +13,7 @@ for ``train/`` (:func:`build_model`), so the runtime backend choice lives here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,10 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from srupp.errors import CheckpointError, UnavailableError, name_path
+from srupp.errors import CheckpointError, UnavailableError
+from srupp.files import replacing
 from srupp.models import LMConfig, SRUppLM
 from srupp.nn import SRUppState
-from srupp.train.rundir import create_temp_beside
 
 FORMAT = "srupp-checkpoint/2"
 _METADATA_KEYS = ("format", "config", "vocab", "trainer")
@@ -95,26 +96,16 @@ def save_checkpoint(
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in (("config", config), ("vocab", vocab),
                                                                   ("trainer", trainer))}}  # fmt: skip
     metadata["sha256"] = _digest(tensors, metadata)
-    try:
-        fd, tmp = create_temp_beside(path)
+    with replacing(path) as (fd, tmp):
         mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, as the system applied it
         os.close(fd)
-    except OSError as err:
-        raise name_path(err, path) from err
-    try:
         try:
             save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, mode)  # safetensors writes the file anew with mode 0600
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
         except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
-            raise OSError(f"cannot write checkpoint {path}: {err}") from err
-        except OSError as err:
-            raise name_path(err, path) from err
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            raise OSError(errno.EIO, f"cannot write checkpoint ({err})", str(path)) from err
+        os.chmod(tmp, mode)  # safetensors writes the file anew with mode 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     _fsync_dir(path.parent)
     return path
 

@@ -70,6 +70,14 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     return float(tensor.item())
 
 
+def max_over_ranks(value: float, info: DistInfo) -> float:
+    if not info.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

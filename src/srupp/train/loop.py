@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from srupp.data import Corpus, Segment, StreamBatcher, open_corpus, prepare_stdl
 from srupp.errors import CheckpointError, ConfigError, CorpusError, DivergenceError, RunDirError
 from srupp.models import LMConfig, SRUppLM
 from srupp.nn import SRUppState
+from srupp.signals import Interrupted, StopRequests
 from srupp.train import distributed
 from srupp.train.checkpoint import (
     Checkpoint,
@@ -117,7 +119,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     ``batch_size`` streams. With ``resume`` the run continues exactly from ``checkpoints/last.safetensors``
     (weights, optimizer, RNG, data position, carried state and memory). A folder holding another run is
     refused unless ``overwrite``, which moves its files into ``replaced/``; a folder in use by another
-    trainer is refused.
+    trainer is refused. A SIGTERM or SIGINT finishes the current update, writes the last checkpoint and raises
+    :class:`srupp.signals.Interrupted` (a second signal raises at once).
 
     Raises:
         RunDirError: the folder holds another run, is locked, or has nothing to resume.
@@ -127,12 +130,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     """
     dist = distributed.setup(cfg.device)
     try:
-        with claim_run_dir(cfg.out_dir, dist, resume=resume, overwrite=overwrite):
+        with claim_run_dir(cfg.out_dir, dist, resume=resume, overwrite=overwrite), StopRequests() as stops:
             run, state = setup(cfg, dist, resume)
             with run.bar:
                 while state.step < cfg.max_steps and not state.stopped:
                     one_update(run, state)
                     log_update(run, state)
+                    if signalled(run, stops):  # checkpoint this step at once: pre-emption leaves seconds
+                        break
                     state.stopped = out_of_time(run)
                     if evaluation_due(run, state):
                         evaluate_and_checkpoint(run, state)
@@ -140,6 +145,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         save(run, state, run.last_path, valid_loss=None)
                 if state.step > 0 and state.saved_step != state.step:
                     save(run, state, run.last_path, valid_loss=None)
+            stop_if_signalled(run, state, stops)
         return TrainResult(state.step, state.losses, state.valid, state.best, run.model, run.run_dir, dist.is_main)
     finally:
         distributed.teardown(dist)
@@ -294,6 +300,29 @@ def log_update(run: Run, state: RunState) -> None:
         train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
         run.log.write({"step": state.step, "loss": state.loss, f"train_{run.metric}": train_metric,
                        "lr": state.lr, "grad_norm": state.grad_norm, "tokens_per_s": state.tokens_per_s})  # fmt: skip
+
+
+def signalled(run: Run, stops: StopRequests) -> bool:
+    """Whether a SIGTERM or SIGINT reached this process (any rank's, under DDP: every rank stops at one step)."""
+    if not run.dist.enabled:
+        return stops.signum is not None
+    signum = distributed.max_over_ranks(float(stops.signum or 0), run.dist)
+    stops.signum = stops.signum or (int(signum) or None)
+    return stops.signum is not None
+
+
+def stop_if_signalled(run: Run, state: RunState, stops: StopRequests) -> None:
+    """Raise :class:`Interrupted` (exit code 128 + the signal number) after a signal stopped the run."""
+    if stops.signum is None:
+        return
+    name = signal.Signals(stops.signum).name
+    if state.saved_step is None:
+        raise Interrupted(stops.signum, f"stopped by {name} before the first update; nothing to save")
+    raise Interrupted(
+        stops.signum,
+        f"stopped by {name}: step {state.saved_step} saved in {run.last_path}; continue with "
+        f"`srupp train --resume {run.run_dir}`",
+    )
 
 
 def out_of_time(run: Run) -> bool:

@@ -3,53 +3,29 @@
 from __future__ import annotations
 
 import os
-import secrets
-import time
 from pathlib import Path
 
 import filelock
 
-from srupp.errors import RunDirError, name_path
+from srupp.errors import RunDirError
+from srupp.files import create_temp_beside, move_aside, remove_orphans, write_text_atomic
+
+__all__ = ["LOCK", "RUN_FILES", "RunFolder", "create_temp_beside", "nothing_to_resume", "write_text_atomic"]
 
 LOCK = ".srupp.lock"
 # What makes a folder "a run": any of these means another run's results live there.
 RUN_FILES = ("config.json", "metrics.jsonl", "learning_curve.png", "checkpoints")
 
 
-def create_temp_beside(path: Path) -> tuple[int, str]:
-    """A new, empty file of this process beside ``path`` to be renamed over it: ``(fd, name)``.
-
-    The pid in the name: another process's temporary files are never this one's to remove. Created with mode
-    0666, which the operating system narrows by the user's umask, so the renamed file gets the permissions
-    any new file of the user would (``tempfile.mkstemp`` makes 0600, and reading the umask means setting it,
-    process-wide)."""
-    while True:
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file of this process beside ``path`` and rename it over ``path``."""
+def nothing_to_resume(path: str | os.PathLike) -> RunDirError:
+    """The error for ``--resume`` of a folder without a last checkpoint, with a way forward."""
     path = Path(path)
-    try:
-        fd, tmp = create_temp_beside(path)
-    except OSError as err:
-        raise name_path(err, path) from err
-    try:
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise name_path(err, path) from err
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    last = path / "checkpoints" / "last.safetensors"
+    if any((path / name).exists() for name in RUN_FILES):
+        hint = "; the run stopped before its first checkpoint: start it again with --overwrite"
+    else:
+        hint = "; start a run there without --resume"
+    return RunDirError(f"cannot resume {path}: it has no checkpoint {last}{hint}")
 
 
 class RunFolder:
@@ -78,6 +54,9 @@ class RunFolder:
             ) from err
         self._lock = lock
         try:
+            for folder in (self.path, self.path / "checkpoints"):
+                if not folder.is_symlink():
+                    remove_orphans(folder)  # of runs killed while writing: the lock says none is writing now
             self._claim()
         except BaseException:
             self.__exit__(None, None, None)
@@ -86,27 +65,29 @@ class RunFolder:
 
     def _claim(self) -> None:
         last = self.path / "checkpoints" / "last.safetensors"
+        for name in ("data", "replaced"):
+            if (self.path / name).is_symlink():  # what it points to lies outside the run folder: not this run's
+                raise RunDirError(
+                    f"{self.path / name} is a symbolic link; a run folder's {name} must be a folder in it"
+                )
         if self.resume:
             if not last.is_file():
-                raise RunDirError(f"cannot resume {self.path}: it has no checkpoint {last}")
+                raise nothing_to_resume(self.path)
             return
         present = [name for name in RUN_FILES if (self.path / name).exists()]
         if not present:
             return
         if not self.overwrite:
-            raise RunDirError(
-                f"{self.path} holds another run ({', '.join(present)}); pass --resume {self.path} to continue it, "
-                f"--overwrite to move its files aside, or choose another --out_dir"
+            resume = (
+                f"pass --resume {self.path} to continue it, "
+                if last.is_file()
+                else "it has no checkpoint to resume; pass "
             )
-        target = self.path / "replaced" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        suffix = 0
-        while target.exists():
-            suffix += 1
-            target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
-        target.mkdir(parents=True)
-        for name in present:
-            os.replace(self.path / name, target / name)
-        self.moved_to = target
+            raise RunDirError(
+                f"{self.path} holds another run ({', '.join(present)}); {resume}--overwrite to move its files aside, "
+                f"or choose another --out_dir"
+            )
+        self.moved_to = move_aside([self.path / name for name in present], self.path / "replaced")
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
