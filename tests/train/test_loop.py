@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from srupp.models import SRUppLM, generate
 from srupp.train import evaluate, load_checkpoint, load_model, train
@@ -109,3 +111,90 @@ def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):
     model, _, vocab, _ = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert vocab.words == corpus.vocab.words
     assert len(list(generate(model, vocab.encode("the cat"), 5))) == 5
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Addresses of the optimizer's step counters: torch keeps them on the host on a GPU too (unless
+    ``capturable``), so reading them is no device sync."""
+    return {state["step"].data_ptr() for state in optimizer.state.values() if "step" in state}
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host, ``aten::_local_scalar_dense`` (what ``.item()``, ``float()``
+    and ``bool()`` of a tensor dispatch to), other than of the optimizer's step counters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += args[0].data_ptr() not in optimizer_steps(self.optimizer)
+        return func(*args, **(kwargs or {}))
+
+
+class ItemCounter(TorchFunctionMode):
+    """Counts ``.item()``, ``.tolist()``, ``float()``, ``int()`` and ``bool()`` of tensors, as called from Python."""
+
+    NAMES = {"item", "tolist", "__float__", "__int__", "__bool__"}
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += args[0].data_ptr() not in optimizer_steps(self.optimizer)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_no_host_sync_between_log_steps(tiny_cfg, monkeypatch, accum):
+    """Between log and eval intervals an update never waits for the device: the loss and the gradient norm stay
+    on it until a log step reads them. Counted per loop iteration (update, then logging)."""
+    from srupp.train import loop
+
+    per_step: list[tuple[int, int]] = []
+    original_update, original_log = loop.one_update, loop.log_update
+
+    def counted_update(run, state):
+        dispatch, function = HostSyncCounter(run.optimizer), ItemCounter(run.optimizer)
+        with dispatch, function:
+            original_update(run, state)
+            original_log(run, state)
+        per_step.append((dispatch.count, function.count))
+
+    monkeypatch.setattr(loop, "one_update", counted_update)
+    monkeypatch.setattr(loop, "log_update", lambda run, state: None)
+    train(tiny_cfg(max_steps=8, eval_every=100, log_every=4, grad_accum=accum, precision="mixed"))
+    quiet = [counts for step, counts in enumerate(per_step, 1) if step % 4]
+    logged = [counts for step, counts in enumerate(per_step, 1) if step % 4 == 0]
+    assert quiet == [(0, 0)] * 6, per_step
+    # A log step reads them all with one ``tolist()``, which the counters see.
+    assert all(dispatch + function > 0 for dispatch, function in logged), per_step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_train_as_eager_does(tiny_cfg, tmp_path):
+    """``compile_mode="reduce-overhead"`` (the forward and backward in CUDA graphs) follows eager training,
+    carried state and memory included, and resumes into the same run."""
+    common = {"device": "cuda", "max_steps": 4, "eval_every": 4, "backend": "triton", "precision": "fp32"}
+    eager = train(tiny_cfg(out_dir=tmp_path / "eager", **common))
+    graphed = train(tiny_cfg(out_dir=tmp_path / "graphed", compile_mode="reduce-overhead", **common))
+    assert graphed.losses == pytest.approx(eager.losses, rel=1e-3)
+    assert graphed.valid[-1]["valid_loss"] == pytest.approx(eager.valid[-1]["valid_loss"], rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_precision_on_a_recent_gpu_is_bf16_without_a_loss_scale(tiny_cfg):
+    from srupp.train.loop import mixed_dtype
+
+    device = torch.device("cuda")
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    assert mixed_dtype(device) == expected
+    result = train(tiny_cfg(device="cuda", max_steps=3, eval_every=3, precision="mixed"))
+    assert all(math.isfinite(x) for x in result.losses)

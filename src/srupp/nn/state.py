@@ -74,6 +74,11 @@ class SRUppState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         return self._apply(Tensor.detach)
 
+    def clone(self) -> SRUppState:
+        """The same state in new memory (e.g. from the outputs of a CUDA-graph replay, which the next replay
+        overwrites)."""
+        return self._apply(Tensor.clone)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SRUppState:
         """The same state on ``device`` and/or with floating-point ``dtype``."""
         return self._apply(lambda tensor: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))

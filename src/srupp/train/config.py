@@ -19,7 +19,9 @@ from srupp.ops import BACKENDS
 OPTIMIZERS = ("radam", "adamw")
 PRECISIONS = ("fp32", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
-CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS}
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS,
+           "compile_mode": COMPILE_MODES}  # fmt: skip
 # A resume continues the same stream of data and the same model: these cannot change on the way.
 FIXED_ON_RESUME = ("data", "batch_size", "unroll_size", "grad_accum", "seed")
 
@@ -65,7 +67,8 @@ class TrainConfig:
         anneal_by_time: the cosine follows ``max(step / schedule, elapsed / time_limit_s)`` so a time-limited run
             (the demo) ends its schedule on any machine; such a run is not exactly resumable.
         lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (the authors' LM scripts).
-        precision: ``"fp32"`` or ``"mixed"`` (fp16 + GradScaler on CUDA, bf16 autocast on CPU).
+        precision: ``"fp32"`` or ``"mixed"``: bf16 autocast on the CPU and on GPUs of compute capability 8.0+
+            (no loss scaling), fp16 autocast with a GradScaler on older GPUs.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         eval_every: evaluate on the valid split every N updates (and at the end), writing checkpoints.
         eval_batch_size, eval_unroll_size (None = unroll_size), eval_tokens (cap per evaluation, None = all).
@@ -74,6 +77,8 @@ class TrainConfig:
         num_threads: torch CPU threads (None leaves torch's default).
         backend: the recurrence backend (``"auto"``, ``"naive"``, ``"cpu"``, ``"triton"``), a runtime choice of
             this run: checkpoints do not carry it into evaluation.
+        compile_mode: ``"off"``, or run the model's forward and backward through ``torch.compile`` in this mode;
+            ``"reduce-overhead"`` captures them in CUDA graphs on a GPU (the optimizer step stays eager).
         description, paper: documentation only (a preset's purpose and the paper's reported numbers).
     """
 
@@ -105,6 +110,7 @@ class TrainConfig:
     progress: bool = True
     num_threads: int | None = None
     backend: str = "auto"
+    compile_mode: str = "off"
     description: str = ""
     paper: dict[str, Any] = field(default_factory=dict)
 

@@ -102,6 +102,10 @@ class RunState:
     best: float = math.inf
     carry: SRUppState | None = None
     saved_step: int | None = None  # the step of checkpoints/last.safetensors, once it is this run's
+    # Each update's (loss, gradient norm), left on the device until a log, eval or checkpoint step reads them
+    # all at once (``read_metrics``): reading a value from a GPU waits for all the work queued before it.
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    read_at: float = 0.0  # the clock when the values were last read (the span tokens_per_s is measured over)
     loss: float = math.nan
     grad_norm: float = math.nan
     lr: float = 0.0
@@ -143,6 +147,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         evaluate_and_checkpoint(run, state)
                     elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                         save(run, state, run.last_path, valid_loss=None)
+                read_metrics(run, state)
                 if state.step > 0 and state.saved_step != state.step:
                     save(run, state, run.last_path, valid_loss=None)
             stop_if_signalled(run, state, stops)
@@ -198,10 +203,13 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
     torch.manual_seed(cfg.seed)  # the same model init on every rank
     model = build_model(cfg.model, backend=cfg.backend, device=dist.device)
     optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "mixed" and dist.device.type == "cuda")
+    fp16 = cfg.precision == "mixed" and mixed_dtype(dist.device) == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     torch.manual_seed(cfg.seed + 1 + dist.rank)  # different dropout masks per rank
     # Adaptive-softmax clusters that no target hits in a batch get no gradient.
     net = DistributedDataParallel(model, find_unused_parameters=cfg.model.adaptive) if dist.enabled else model
+    if cfg.compile_mode != "off":
+        net = torch.compile(net, mode=cfg.compile_mode)
     metric = "ppl" if corpus.vocab.kind == "word" else "bpc"
     train_bpt = corpus.bytes_per_token("train") if metric == "bpc" else 1.0
     valid_bpt = corpus.bytes_per_token("valid", cfg.eval_tokens) if metric == "bpc" else 1.0
@@ -218,7 +226,7 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
     run.bar = tqdm(total=None if cfg.anneal_by_time else cfg.max_steps, initial=state.step, unit="step",
                    disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)  # fmt: skip
     run.model.train()
-    run.start = time.perf_counter()
+    run.start = state.read_at = time.perf_counter()
     return run, state
 
 
@@ -254,49 +262,86 @@ def restore(run: Run, ckpt: Checkpoint) -> RunState:
 def one_update(run: Run, state: RunState) -> None:
     """Forward/backward over ``grad_accum`` consecutive segments (carrying state and memory), clip, step.
 
-    Sets ``state.lr``, ``loss``, ``grad_norm``, ``carry``, ``tokens_per_s``; advances ``state.step``.
+    Sets ``state.lr`` and ``carry``, queues the update's loss and gradient norm (on the device) in
+    ``state.pending``, and advances ``state.step``. Nothing here waits for the device (except GradScaler's check
+    for infinite gradients under fp16).
     """
-    cfg, dist, device = run.cfg, run.dist, run.dist.device
-    tick = time.perf_counter()
-    elapsed = tick - run.start
+    cfg = run.cfg
+    elapsed = time.perf_counter() - run.start
     if cfg.anneal_by_time:
-        elapsed = distributed.broadcast_float(elapsed, dist)
+        elapsed = distributed.broadcast_float(elapsed, run.dist)
     state.lr = learning_rate(state.step, cfg, elapsed)
     for group in run.optimizer.param_groups:
         group["lr"] = state.lr
     run.optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(run, state)
+    # Clip the global gradient norm (unscaled first under fp16), step, update the loss scale.
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    state.step += 1
+    state.pending.append((distributed.mean_over_ranks(loss, run.dist), grad_norm.detach()))
+
+
+def accumulate_gradients(run: Run, state: RunState) -> torch.Tensor:
+    """Forward and backward over ``grad_accum`` segments, carrying ``state.carry``; returns the mean loss, on
+    the device."""
+    cfg, dist, device = run.cfg, run.dist, run.dist.device
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         segment = next(run.data)
         if segment.first:
             state.carry = None
         sync = micro == cfg.grad_accum - 1 or not dist.enabled
+        graphed = cfg.compile_mode == "reduce-overhead"
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs may now be overwritten
         with contextlib.nullcontext() if sync else run.net.no_sync(), autocast(cfg, device):
-            nll, state.carry = run.net(segment.input.to(device), state.carry, targets=segment.target.to(device))
+            inputs, targets = to_device(segment.input, device), to_device(segment.target, device)
+            nll, state.carry = run.net(inputs, state.carry, targets=targets)
             loss = nll.mean()
+        if graphed:
+            state.carry = state.carry.clone()  # carried past the next replay, which reuses the outputs' memory
         run.scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
-    state.loss = float(distributed.mean_over_ranks(loss_sum / cfg.grad_accum, dist))
-    require_finite(run, state, "loss", state.loss, state.step + 1)
-    # Clip the global gradient norm (unscaled first under fp16), step, update the loss scale.
-    run.scaler.unscale_(run.optimizer)
-    state.grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad))
-    if not run.scaler.is_enabled():  # under fp16 an infinite norm only makes the scaler skip this step
-        require_finite(run, state, "gradient norm", state.grad_norm, state.step + 1)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    state.step += 1
-    state.losses.append(state.loss)
-    rate = cfg.tokens_per_step / (time.perf_counter() - tick)
-    state.tokens_per_s = rate if state.tokens_per_s == 0 else 0.9 * state.tokens_per_s + 0.1 * rate
+    return loss_sum / cfg.grad_accum
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to a GPU through pinned memory, so the copy does not wait for the GPU's queue."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def read_metrics(run: Run, state: RunState) -> None:
+    """Read the pending losses and gradient norms from the device (one wait), append them to ``state.losses``,
+    set ``state.loss``, ``grad_norm`` and ``tokens_per_s``, and stop at the first that is not finite."""
+    if not state.pending:
+        return
+    values = torch.stack([torch.stack(pair).float() for pair in state.pending]).tolist()
+    first = state.step - len(values) + 1
+    now = time.perf_counter()
+    state.tokens_per_s = run.cfg.tokens_per_step * len(values) / max(now - state.read_at, 1e-9)
+    state.pending, state.read_at = [], now
+    for step, (loss, grad_norm) in enumerate(values, first):
+        require_finite(run, state, "loss", loss, step)
+        if not run.scaler.is_enabled():  # under fp16 an infinite norm only makes the scaler skip this step
+            require_finite(run, state, "gradient norm", grad_norm, step)
+        state.losses.append(loss)
+    state.loss, state.grad_norm = values[-1]
 
 
 def log_update(run: Run, state: RunState) -> None:
-    """The progress bar, and a ``metrics.jsonl`` record every ``log_every`` steps (rank 0)."""
+    """The progress bar, and every ``log_every`` steps its figures and a ``metrics.jsonl`` record (rank 0)."""
     run.bar.update(1)
+    if state.step % run.cfg.log_every and state.step != run.cfg.max_steps:
+        return
+    read_metrics(run, state)
     run.bar.set_postfix(loss=f"{state.loss:.3f}", tok_s=f"{state.tokens_per_s:,.0f}", lr=f"{state.lr:.2e}",
                         refresh=False)  # fmt: skip
-    if run.log is not None and (state.step % run.cfg.log_every == 0 or state.step == run.cfg.max_steps):
+    if run.log is not None:
         train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
         run.log.write({"step": state.step, "loss": state.loss, f"train_{run.metric}": train_metric,
                        "lr": state.lr, "grad_norm": state.grad_norm, "tokens_per_s": state.tokens_per_s})  # fmt: skip
@@ -339,6 +384,7 @@ def evaluation_due(run: Run, state: RunState) -> bool:
 def evaluate_and_checkpoint(run: Run, state: RunState) -> None:
     """Score the valid split (rank 0), log it, write ``best`` when it improved and ``last`` always."""
     cfg = run.cfg
+    read_metrics(run, state)
     valid_loss = math.nan
     if run.dist.is_main:
         valid_loss = evaluate(run.model, run.valid_tokens, batch_size=cfg.eval_batch_size,
@@ -359,6 +405,7 @@ def evaluate_and_checkpoint(run: Run, state: RunState) -> None:
         state.best = valid_loss
         save(run, state, run.best_path, valid_loss)
     save(run, state, run.last_path, valid_loss)
+    state.read_at = time.perf_counter()  # the next tokens/s measures training, not this evaluation
 
 
 def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> None:
@@ -369,6 +416,7 @@ def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> Non
     any point leaves a ``last`` whose rank files exist.
     """
     dist = run.dist
+    read_metrics(run, state)
     bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         require_finite(run, state, f"parameter {bad[0]}", math.nan, state.step)
@@ -446,8 +494,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
+def mixed_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``precision="mixed"``: bfloat16 on the CPU and on GPUs with bf16 tensor cores
+    (compute capability 8.0+), which needs no loss scaling; float16 with a GradScaler on older GPUs."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if cfg.precision != "mixed":
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=mixed_dtype(device))
