@@ -165,3 +165,85 @@ def test_inference_with_reused_u_buffers_matches_training_mode_forward(assert_cl
         second, _ = model(x, causal=True)
     assert_close(first, want.detach())
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3], ids=["one-query-per-block", "three-queries-per-block"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_queries_in_blocks_match_written_out_equations(assert_close, monkeypatch, case, block_rows):
+    """Long inputs attend a block of queries at a time (``MASK_ELEMENTS``); forced down to 1 or 3 queries per
+    block here (one block holds rows * keys * batch * heads elements)."""
+    from srupp.nn import attention
+
+    keys = 4 + case.get("memory", 0)
+    monkeypatch.setattr(attention, "MASK_ELEMENTS", block_rows * keys * 2 * case.get("num_heads", 1))
+    test_attention_matches_written_out_equations(assert_close, case)
+
+
+def masked_reference(module, x, memory, mask_pad, causal, window):
+    """The attention transform with one boolean mask over all queries and keys (the path before blocks and the
+    lower-right bias)."""
+    query = module.in_proj(x.masked_fill(mask_pad.unsqueeze(-1), 0.0) if mask_pad is not None else x)
+    keys, values = module.keys_values(query)
+    memory_len = 0 if memory is None else memory.shape[0]
+    if memory is not None:
+        old_keys, old_values = module.keys_values(module.in_proj(memory))
+        keys, values = torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
+    key_pad = None
+    if mask_pad is not None:
+        key_pad = torch.cat([torch.zeros(x.shape[1], memory_len, dtype=torch.bool), mask_pad.t()], dim=1)
+    mask = attention_mask(x.shape[0], keys.shape[2], causal=causal, window=window, key_pad=key_pad, device=x.device)
+    return module.attend(query, keys, values, mask)
+
+
+@pytest.mark.parametrize("block_rows", [None, 2], ids=["whole", "blocks-of-2"])
+@pytest.mark.parametrize(
+    "memory, padding, window",
+    [(5, False, None), (5, True, None), (5, False, 3), (0, True, None)],
+    ids=["memory", "memory-padding", "memory-window", "padding"],
+)
+def test_lower_right_bias_and_blocks_equal_the_masked_path_with_gradients(
+    assert_close, monkeypatch, memory, padding, window, block_rows
+):
+    from srupp.nn import attention
+
+    torch.manual_seed(1)
+    module = SRUppAttention(6, 7, 8, num_heads=2)
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+    steps, batch = 7, 3
+    if block_rows is not None:
+        monkeypatch.setattr(attention, "MASK_ELEMENTS", block_rows * (steps + memory) * batch * 2)
+    x, old = torch.randn(steps, batch, 6), torch.randn(memory, batch, 6) if memory else None
+    mask_pad = torch.zeros(steps, batch, dtype=torch.bool)
+    mask_pad[-2:, 1] = True
+    mask_pad = mask_pad if padding else None
+    upstream = torch.randn(steps, batch, 7)
+    results = []
+    for run in (lambda: module(x, mask_pad=mask_pad, causal=True, memory=old, attn_window=window),
+                lambda: masked_reference(module, x, old, mask_pad, True, window)):  # fmt: skip
+        module.zero_grad()
+        out = run()
+        out.backward(upstream)
+        results.append([out.detach(), *(p.grad.clone() for p in module.parameters())])
+    assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_causal_attention_over_memory_takes_the_lower_right_bias(monkeypatch):
+    """No boolean mask is built for causal attention over memory: SDPA gets a lower-right ``CausalBias``, which
+    its flash and memory-efficient GPU kernels apply without one."""
+    from torch.nn.attention.bias import CausalBias
+
+    from srupp.nn import attention
+
+    seen = []
+    original = attention.SRUppAttention.mix
+
+    def spy(self, query, keys, values, mask, is_causal=False):
+        seen.append(mask)
+        return original(self, query, keys, values, mask, is_causal)
+
+    monkeypatch.setattr(attention.SRUppAttention, "mix", spy)
+    module = SRUppAttention(4, 6, 8)
+    module(torch.randn(5, 2, 4), causal=True, memory=torch.randn(3, 2, 4))
+    assert len(seen) == 1 and isinstance(seen[0], CausalBias)
+    assert (seen[0].seq_len_q, seen[0].seq_len_kv) == (5, 8)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.modules import module as module_hooks
 
 from srupp.nn.checks import zero_padding
@@ -35,16 +36,18 @@ def attention_mask(
     window: int | None,
     key_pad: Tensor | None,
     device: torch.device,
+    first_position: int | None = None,
 ) -> Tensor | None:
     """A boolean mask (True = may attend) of shape ``[B or 1, 1, query_len, key_len]``, or None.
 
-    Query i sits at key position ``key_len - query_len + i`` (the keys are memory, then the queries).
-    ``causal`` hides later keys; ``window`` hides keys more than ``window`` positions away. A query
-    always sees its own key, so no row is empty even where padding covers the window (padded queries'
-    outputs are discarded by the recurrence anyway)."""
+    Query i sits at key position ``first_position + i``, by default ``key_len - query_len + i`` (the keys are
+    memory, then the queries). ``causal`` hides later keys; ``window`` hides keys more than ``window`` positions
+    away. A query always sees its own key, so no row is empty even where padding covers the window (padded
+    queries' outputs are discarded by the recurrence anyway)."""
     if not causal and window is None and key_pad is None:
         return None
-    position = torch.arange(query_len, device=device).unsqueeze(1) + (key_len - query_len)
+    first = key_len - query_len if first_position is None else first_position
+    position = torch.arange(query_len, device=device).unsqueeze(1) + first
     key = torch.arange(key_len, device=device).unsqueeze(0)
     allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=device)
     if causal:
@@ -58,6 +61,19 @@ def attention_mask(
         allowed = allowed & ~key_pad.unsqueeze(1)
     allowed = allowed | (key == position)
     return allowed.unsqueeze(1)
+
+
+# Queries are attended a block at a time where attention needs a mask: the block's mask (and the score matrix of
+# SDPA's math kernel, its fallback, e.g. for dropout on the CPU) stays near this many elements however long the
+# sequence (issue 24: memory that grew with the square of the length).
+MASK_ELEMENTS = 1 << 24
+
+
+def tracing() -> bool:
+    """Whether the call is being traced or compiled (torch.compile, torch.export, ONNX, TorchScript): one block
+    then, with the plain boolean mask, as graphs take neither Python loops over symbolic lengths nor
+    ``CausalBias``."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class SRUppProjectedLinear(nn.Module):
@@ -178,6 +194,15 @@ class SRUppAttention(nn.Module):
         self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, is_causal: bool = False
     ) -> Tensor:
         """``U`` ``[T, B, output_size]`` from queries ``[T, B, proj_size]`` and head-split keys and values."""
+        return self.output(query, self.mix(query, keys, values, mask, is_causal))
+
+    def output(self, query: Tensor, mixed: Tensor) -> Tensor:
+        """``U`` from queries and their attention result ``mixed``, both ``[T, B, proj_size]``."""
+        return project(self.out_proj, self.dropout(self.norm(query + self.alpha * mixed)))
+
+    def mix(self, query: Tensor, keys: Tensor, values: Tensor, mask, is_causal: bool = False) -> Tensor:
+        """Scaled dot-product attention ``[T, B, proj_size]`` of queries ``[T, B, proj_size]`` to head-split keys
+        and values, where ``mask`` (boolean, a ``CausalBias`` or None) allows."""
         steps, batch, _ = query.shape
         mixed = F.scaled_dot_product_attention(
             self._heads(query),
@@ -187,8 +212,33 @@ class SRUppAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
         )
-        mixed = mixed.permute(2, 0, 1, 3).reshape(steps, batch, self.proj_size)
-        return project(self.out_proj, self.dropout(self.norm(query + self.alpha * mixed)))
+        return mixed.permute(2, 0, 1, 3).reshape(steps, batch, self.proj_size)
+
+    def mix_blocks(
+        self, query: Tensor, keys: Tensor, values: Tensor, *, causal: bool, window: int | None, key_pad: Tensor | None
+    ) -> Tensor:
+        """``mix`` for the queries ``[T, B, proj_size]`` of the last T of the keys' positions, a block of queries
+        at a time (``MASK_ELEMENTS``). Causal attention over memory, without window or padding, takes a
+        lower-right causal bias: SDPA's flash and memory-efficient kernels apply it with no mask in memory
+        (the CPU's kernel materialises it, one block at a time)."""
+        steps, batch, _ = query.shape
+        key_len = keys.shape[2]
+        plain_causal = causal and window is None and key_pad is None
+        rows = steps if tracing() else max(1, MASK_ELEMENTS // (key_len * batch * self.num_heads))
+        blocks = []
+        for start in range(0, steps, rows):
+            end = min(steps, start + rows)
+            # Keys after the block's last query are hidden from all of it under causal attention: left out.
+            visible = key_len - steps + end if causal else key_len
+            first_position = key_len - steps + start
+            if plain_causal and not tracing():
+                mask = causal_lower_right(end - start, visible)
+            else:
+                pad = None if key_pad is None else key_pad[:, :visible]
+                mask = attention_mask(end - start, visible, causal=causal, window=window, key_pad=pad,
+                                      device=query.device, first_position=first_position)  # fmt: skip
+            blocks.append(self.mix(query[start:end], keys[:, :, :visible], values[:, :, :visible], mask))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def forward(
         self,
@@ -234,13 +284,14 @@ class SRUppAttention(nn.Module):
             if memory_len:
                 earlier = key_pad.new_zeros(batch, memory_len) if memory_pad is None else memory_pad
                 key_pad = torch.cat([earlier, key_pad], dim=1)
-        # Plain causal attention takes SDPA's own causal path (flash kernels on GPU).
+        # Plain causal attention takes SDPA's own causal path (flash kernels on GPU, blocked on the CPU).
         if causal and memory_len == 0 and key_pad is None and attn_window is None:
             return self.attend(query, keys, values, None, is_causal=True)
-        mask = attention_mask(
-            steps, memory_len + steps, causal=causal, window=attn_window, key_pad=key_pad, device=input.device
+        if not causal and attn_window is None and key_pad is None:
+            return self.attend(query, keys, values, None)
+        return self.output(
+            query, self.mix_blocks(query, keys, values, causal=causal, window=attn_window, key_pad=key_pad)
         )
-        return self.attend(query, keys, values, mask)
 
     def step(
         self,
