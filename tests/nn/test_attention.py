@@ -247,3 +247,18 @@ def test_causal_attention_over_memory_takes_the_lower_right_bias(monkeypatch):
     module(torch.randn(5, 2, 4), causal=True, memory=torch.randn(3, 2, 4))
     assert len(seen) == 1 and isinstance(seen[0], CausalBias)
     assert (seen[0].seq_len_q, seen[0].seq_len_kv) == (5, 8)
+
+
+def test_causal_attention_over_memory_under_a_dispatch_mode(assert_close):
+    """Under a dispatch mode (here torch's FLOP counter), where no tensor subclass can be made, the boolean mask
+    serves instead of the lower-right bias, with the same result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    module = SRUppAttention(4, 6, 8)
+    x, memory = torch.randn(5, 2, 4), torch.randn(3, 2, 4)
+    expected = module(x, causal=True, memory=memory)
+    with FlopCounterMode(display=False) as counter:
+        actual = module(x, causal=True, memory=memory)
+    assert counter.get_total_flops() > 0
+    assert_close(actual, expected)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.modules import module as module_hooks
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from srupp.nn.checks import zero_padding
 from srupp.ops import cached_linear
@@ -231,7 +232,8 @@ class SRUppAttention(nn.Module):
             # Keys after the block's last query are hidden from all of it under causal attention: left out.
             visible = key_len - steps + end if causal else key_len
             first_position = key_len - steps + start
-            if plain_causal and not tracing():
+            # A tensor subclass such as CausalBias cannot be made under a dispatch mode (e.g. FlopCounterMode).
+            if plain_causal and not tracing() and not is_in_torch_dispatch_mode():
                 mask = causal_lower_right(end - start, visible)
             else:
                 pad = None if key_pad is None else key_pad[:, :visible]
