@@ -107,3 +107,72 @@ def test_export_never_replaces_a_folder_unasked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "exported.replaced"]  # no staging folder
     with pytest.raises(CheckpointError, match="no checkpoints"):
         export_checkpoint(tmp_path, tmp_path / "other")
+
+
+# A process that never imports srupp.hf itself: the export's auto_map module does, under trust_remote_code.
+REMOTE_CODE_PROCESS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+try:
+    AutoModelForCausalLM.from_pretrained(folder)
+    refused = ""
+except (ValueError, OSError) as err:
+    refused = str(err)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+batch = tokenizer(["hello world", "hé"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**batch).logits
+result = {"refused": refused, "ids": batch.input_ids.tolist(), "logits": logits.tolist(),
+          "pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id}
+open(sys.argv[2], "w").write(json.dumps(result))
+"""
+
+
+def test_bpe_export_loads_with_trust_remote_code_in_a_fresh_process_and_pads(tmp_path):
+    from srupp.data.corpus import PAD
+    from srupp.data.tokenizer import EOD
+
+    vocab = Vocab("bpe", tokenizer=train_bpe("héllo wörld, hello world. " * 30, 290, special_tokens=(EOD, PAD)))
+    lm = write_checkpoint(tmp_path / "run/checkpoints/best.safetensors", "bytes", vocab)
+    out = export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == vocab.pad_id and config["eos_token_id"] == vocab.eod_id
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_srupp.SRUppForCausalLM"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", REMOTE_CODE_PROCESS, str(out), str(tmp_path / "result.json")],
+                          env=env, timeout=180, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "trust_remote_code=True" in result["refused"]
+    assert (result["pad"], result["eos"]) == (vocab.pad_id, vocab.eod_id)
+    short = vocab.encode("hé")
+    assert result["ids"][1] == [vocab.pad_id] * (len(result["ids"][0]) - len(short)) + short  # left padding
+    # The padded row gives, at its real positions, what the prompt gives alone (the in-process model).
+    with torch.no_grad():
+        alone = SRUppForCausalLM.from_lm(lm).eval()(torch.tensor([short])).logits
+    torch.testing.assert_close(torch.tensor(result["logits"])[1, -len(short) :], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_export_has_a_model_card_from_the_run(tmp_path):
+    write_checkpoint(tmp_path / "run/checkpoints/best.safetensors", "bytes", Vocab("byte"))
+    (tmp_path / "run/metrics.jsonl").write_text('{"step": 7, "train_bpc": 3.5}\n{"step": 8, "valid_bpc": 2.25}\n')
+    out = export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    card = (out / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained(" in card and "AutoTokenizer.from_pretrained(" in card
+    assert "trust_remote_code=True" in card and "srupp[hf]" in card
+    assert "byte-level SRU++" in card and "| max_steps | 1000 |" in card and "| valid_bpc | 2.2500 |" in card
+    assert "Not recorded" in (export_model(make_lm(**LM_CONFIGS["bytes"]), tmp_path / "bare") / "README.md").read_text()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_export_permissions_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = export_model(make_lm(**LM_CONFIGS["bytes"]), tmp_path / "exported", vocab=Vocab("byte"))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name

@@ -238,3 +238,78 @@ BAD_CALLS = {
 def test_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call(make()[1])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_resize_token_embeddings_resizes_both_ends_and_a_new_id_trains(tied):
+    torch.manual_seed(0)
+    model = SRUppForCausalLM(SRUppConfig(**TINY, vocab_size=40, tie_word_embeddings=tied)).train()
+    old_output = model.model.output.weight.detach().clone()
+    model.resize_token_embeddings(43, mean_resizing=False)
+    lm = model.model
+    assert model.config.vocab_size == lm.config.vocab_size == 43
+    assert lm.embedding.weight.shape == lm.output.weight.shape == (43, 32) and lm.output.bias.shape == (43,)
+    assert (lm.output.weight is lm.embedding.weight) == tied
+    if not tied:
+        assert torch.equal(lm.output.weight[:40], old_output)  # the old rows are kept
+    ids = torch.randint(0, 40, (2, 9))
+    ids[:, 4] = 42  # the new id, as input and as label
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model(ids, labels=ids, use_cache=False)
+    before.loss.backward()
+    assert lm.embedding.weight.grad[42].abs().sum() > 0 and lm.output.weight.grad[42].abs().sum() > 0
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(ids, use_cache=False).logits.log_softmax(-1)[:, 3, 42]
+        before_new = before.logits.log_softmax(-1)[:, 3, 42]
+    assert bool((after > before_new).all())  # the label 42 at position 4 made its log-probability rise
+
+
+def test_output_hidden_states_are_every_layers_output(assert_close):
+    lm, model = make("every-second-layer-two-heads-layer-norm")
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, use_cache=False)
+        # The reference: the embedding, then each layer applied in turn to the previous one's output.
+        x = lm.embedding.weight[ids.t()]
+        expected = [x]
+        for layer in lm.rnn.layers:
+            x, _ = layer(x)
+            expected.append(x)
+    assert len(out.hidden_states) == lm.config.num_layers + 1
+    for i, (got, want) in enumerate(zip(out.hidden_states, expected, strict=True)):
+        assert_close(got, want.transpose(0, 1), name=f"hidden_states[{i}]")
+    assert_close(out.logits, lm.output(out.hidden_states[-1]), name="logits of the last hidden state")
+    assert model(ids, use_cache=False).hidden_states is None
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        model(ids, output_hidden_states=True, use_cache=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    # Training mode with dropout: the recomputation must replay the same dropout masks.
+    config = SRUppConfig(**{**TINY, "dropout": 0.2, "attn_dropout": 0.2, "num_layers": 3})
+    torch.manual_seed(0)
+    model = SRUppForCausalLM(config).train()
+    with torch.no_grad():
+        for layer in model.model.rnn.layers:
+            layer.transform.alpha.fill_(0.6)
+    ids = torch.randint(0, 256, (2, 10))
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(ids, labels=ids, output_hidden_states=True, use_cache=False)
+        (out.loss + sum(h.square().mean() for h in out.hidden_states)).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    # (transformers 5 renamed the method; 4.x has only the old name.)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    recomputed = []
+    hook = model.model.rnn.layers[1].register_forward_pre_hook(lambda *args: recomputed.append(1))
+    checkpointed = gradients()
+    hook.remove()
+    assert model.model.rnn.gradient_checkpointing and len(recomputed) == 2  # forward, then again in backward
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0, msg=name)

@@ -1,7 +1,9 @@
 """srupp in Hugging Face ``transformers`` (the optional extra ``srupp[hf]``).
 
 Importing this package registers the SRU++ classes with ``AutoConfig``, ``AutoModelForCausalLM``,
-``AutoModelForSequenceClassification`` and ``AutoTokenizer`` (model type ``"srupp"``).
+``AutoModelForSequenceClassification`` and ``AutoTokenizer`` (model type ``"srupp"``). An exported folder also
+loads without that import through ``from_pretrained(folder, trust_remote_code=True)``: its ``config.json``
+names a two-line module that imports these classes from the installed srupp.
 
 Example:
     >>> import srupp.hf
@@ -16,7 +18,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("srupp.hf needs transformers and tokenizers: pip install 'srupp[hf]'") from err
 
 from srupp.hf.configuration import SRUppConfig
-from srupp.hf.export import export_checkpoint, export_model
+from srupp.hf.export import export_checkpoint, export_model, load_export, model_card
 from srupp.hf.modeling import (
     SRUppCache,
     SRUppForCausalLM,
@@ -41,6 +43,8 @@ __all__ = [
     "byte_tokenizer",
     "export_checkpoint",
     "export_model",
+    "load_export",
+    "model_card",
     "tokenizer_for_vocab",
     "word_tokenizer",
 ]

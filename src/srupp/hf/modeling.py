@@ -7,7 +7,7 @@ recurrence and, as keys, from attention, so a left-padded batch gives each row w
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassi
 
 from srupp.hf.configuration import SRUppConfig
 from srupp.models import SRUppLM, srupp_stack
+from srupp.models.lm import embedding_bound
 from srupp.nn import SRUppState
 from srupp.nn.layer import SRULayer
 
@@ -118,6 +119,8 @@ class SRUppPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["SRULayer"]
+    # Per layer (SRUStack.gradient_checkpointing): a layer's recurrence and attention are recomputed in backward.
+    supports_gradient_checkpointing = True
     # A recurrent state cannot be rewound: transformers then refuses assisted (speculative) decoding.
     _is_stateful = True
 
@@ -181,6 +184,9 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
         >>> tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0])
     """
 
+    # With `tie_word_embeddings` the output layer shares the input embedding's weight (its bias stays its own).
+    _tied_weights_keys = {"model.output.weight": "model.embedding.weight"}
+
     def __init__(self, config: SRUppConfig) -> None:
         super().__init__(config)
         self.model = SRUppLM(config.to_lm_config())
@@ -207,6 +213,21 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
             raise NotImplementedError("the adaptive input shares the adaptive softmax's weights: no separate embedding")
         self.model.embedding = value
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None if self.config.cutoffs is not None else self.model.output
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        if self.config.cutoffs is not None:
+            raise NotImplementedError("the adaptive softmax is not one output layer: it cannot be replaced")
+        self.model.output = value
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """``PreTrainedModel.resize_token_embeddings``, resizing the embedding and the output layer (tied or not)
+        and keeping the wrapped model's ``LMConfig.vocab_size`` equal to ``config.vocab_size``."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        self.model.config = dataclasses.replace(self.model.config, vocab_size=embeddings.weight.shape[0])
+        return embeddings
+
     def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         cache = inputs.get(CACHE_NAME)
@@ -226,6 +247,7 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         past_key_values: SRUppCache | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Run the model over new positions.
@@ -241,9 +263,11 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
             use_cache: return the cache (default: ``config.use_cache`` outside training, and always when a cache
                 is given).
             logits_to_keep: compute the logits of only the last k positions (0: all; ignored with ``labels``).
+            output_hidden_states: also return the embedding output and every layer's output, ``num_layers + 1``
+                tensors ``[B, T, hidden_size]`` (default ``config.output_hidden_states``; not with a cache).
 
         Returns:
-            ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, T, V]`` and the cache.
+            ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, T, V]``, the cache and ``hidden_states``.
         """
         _check_ids(input_ids, inputs_embeds)
         if cache is None:
@@ -257,27 +281,41 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
         if use_cache is None:
             use_cache = cache is not None or (self.config.use_cache and not self.training)
 
-        lm = self.model
-        embedded = lm.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, steps = embedded.shape[:2]
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+
+        lm, layers = self.model, None
+        ids = None if input_ids is None else input_ids.t()
+        embeds = None if inputs_embeds is None else inputs_embeds.transpose(0, 1)
+        steps, batch = (ids if ids is not None else embeds).shape[:2]
         pad = _padding(attention_mask, batch, steps)
-        x = lm.dropout(embedded).transpose(0, 1)
+        mask_pad = None if pad is None else pad.t()
         if use_cache or cache is not None:
+            if output_hidden_states:
+                raise NotImplementedError("`output_hidden_states` needs use_cache=False (a forward without a cache)")
             cache = SRUppCache() if cache is None else cache
+            x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
             state = lm.rnn.init_decode_state(batch) if cache.state is None else cache.state
-            hidden, state = lm.rnn.step(x, state, mask_pad=None if pad is None else pad.t())
+            hidden, state = lm.rnn.step(x, state, mask_pad=mask_pad)
+            hidden = lm.dropout(hidden)
             cache.state, cache.seen = state, cache.seen + steps
         else:
-            hidden, _ = lm.rnn(x, mask_pad=None if pad is None else pad.t(), causal=True)
-        hidden = lm.dropout(hidden).transpose(0, 1)
+            hidden, _, layers = lm.hidden_states(ids, mask_pad=mask_pad, inputs_embeds=embeds,
+                                                 all_layers=output_hidden_states)  # fmt: skip
+        hidden = hidden.transpose(0, 1)
 
         loss = None
         if labels is None and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = lm.log_probs(hidden) if lm.config.adaptive else lm.output(hidden).float()
+        logits = lm.scores(hidden)
         if labels is not None:
             loss = _shifted_cross_entropy(logits, labels, kwargs.get("num_items_in_batch"))
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache if use_cache else None})
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=None if layers is None else tuple(layer.transpose(0, 1) for layer in layers),
+            **{CACHE_NAME: cache if use_cache else None},
+        )
         return output if return_dict else output.to_tuple()
 
 
@@ -310,8 +348,7 @@ class SRUppEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # U(+-sqrt(3/d)) as SRUppLM's embedding.
-        bound = math.sqrt(3.0 / self.embedding.embedding_dim)
+        bound = embedding_bound(self.embedding.embedding_dim)  # as SRUppLM's embedding
         nn.init.uniform_(self.embedding.weight, -bound, bound)
 
     def forward(self, input_ids: Tensor, pad: Tensor | None) -> Tensor:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-UNK = "<unk>"
+from srupp.data.corpus import EOS, PAD, UNK
+from srupp.data.tokenizer import EOD
 
 
 def _byte_symbols() -> list[str]:
@@ -41,21 +42,30 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=symbols[0], padding_side="left")
 
 
+def _specials(tokenizer: Tokenizer) -> dict[str, str]:
+    """The special tokens of srupp's vocabularies that ``tokenizer`` has, as ``PreTrainedTokenizerFast`` kwargs."""
+    names = {"unk_token": UNK, "pad_token": PAD, "eos_token": EOS}
+    if tokenizer.token_to_id(EOD) is not None:
+        names["eos_token"] = EOD
+    return {name: token for name, token in names.items() if tokenizer.token_to_id(token) is not None}
+
+
 def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     """srupp's word vocabulary: whitespace-separated words, id = index in ``words`` (unknown words map to
-    ``<unk>`` when the vocabulary has it); decoding joins words with spaces."""
+    ``<unk>`` when the vocabulary has it); decoding joins words with spaces. ``<pad>`` and ``<eos>`` are the
+    padding and end tokens where the vocabulary has them (``srupp data prepare`` reserves ``<pad>``)."""
     vocab = {word: index for index, word in enumerate(words)}
     if len(vocab) != len(words):
         raise ValueError("`words` must not repeat a word")
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    special = {"unk_token": UNK} if UNK in vocab else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **special)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **_specials(tokenizer))
 
 
 def tokenizer_for_vocab(vocab: object) -> PreTrainedTokenizerFast:
     """The tokenizer of an srupp ``Vocab`` (as saved in checkpoints): a BPE vocabulary's own ``tokenizer.json``
-    (``vocab.tokenizer``; it has no padding token unless it defines one), else the byte or word tokenizer.
+    (``vocab.tokenizer``, with ``<pad>`` and ``<|endoftext|>`` as its padding and end tokens where it has them:
+    ``srupp data prepare`` reserves both), else the byte or word tokenizer.
 
     Example:
         >>> model, cfg, vocab, _ = srupp.train.load_model("runs/bpe/checkpoints/best.safetensors")
@@ -65,7 +75,8 @@ def tokenizer_for_vocab(vocab: object) -> PreTrainedTokenizerFast:
     kind = getattr(vocab, "kind", None)
     tokenizer_json = getattr(vocab, "tokenizer", None)
     if isinstance(tokenizer_json, str) and tokenizer_json:
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), padding_side="left")
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **_specials(tokenizer))
     if kind == "byte":
         return byte_tokenizer()
     if kind == "word":

@@ -25,6 +25,11 @@ def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str =
     )  # fmt: skip
 
 
+def embedding_bound(hidden_size: int) -> float:
+    """Embeddings and softmax rows start as U(-b, b) with b = sqrt(3 / d): the authors' LM scripts."""
+    return math.sqrt(3.0 / hidden_size)
+
+
 class SRUppLM(nn.Module):
     """A causal SRU++ language model (Lei 2021): byte-level with a plain embedding and output layer, or
     word-level with a tied adaptive input and ``nn.AdaptiveLogSoftmaxWithLoss`` when ``config.cutoffs`` is set.
@@ -79,7 +84,7 @@ class SRUppLM(nn.Module):
 
     def reset_parameters(self) -> None:
         # Embedding and softmax init U(+-sqrt(3/d)), projections xavier: the authors' LM scripts.
-        bound = math.sqrt(3.0 / self.config.hidden_size)
+        bound = embedding_bound(self.config.hidden_size)
         with torch.no_grad():
             if self.config.adaptive:
                 if self.projection is not None:
@@ -116,19 +121,54 @@ class SRUppLM(nn.Module):
             out[where] = vectors.to(out.dtype)
         return out if self.projection is None else out @ self.projection.weight
 
-    def _hidden(self, tokens: Tensor, state: SRUppState | None, attn_window: int | None) -> tuple[Tensor, SRUppState]:
-        if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
-            kind = tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise TypeError(f"`input` must be an integer tensor of token ids, got {kind}")
-        if tokens.dim() != 2:
-            raise ValueError(f"`input` must have shape [T, B] (2 dims), got {list(tokens.shape)}")
+    def hidden_states(
+        self,
+        input: Tensor | None,
+        state: SRUppState | None = None,
+        *,
+        mask_pad: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attn_window: int | None = None,
+        all_layers: bool = False,
+    ) -> tuple[Tensor, SRUppState, tuple[Tensor, ...] | None]:
+        """The body of ``forward``: embedding, dropout, the causal stack and dropout, before the output layer.
+
+        Args:
+            input: ``[T, B]`` token ids, or None with ``inputs_embeds`` ``[T, B, d]`` (vectors in place of
+                the embedding's).
+            state, attn_window: as in ``forward``.
+            mask_pad: ``[T, B]`` bool, True at padding (see ``SRUpp.forward``).
+            all_layers: also return the stack's input and every layer's output.
+
+        Returns:
+            ``(hidden [T, B, d], state (not detached), None or num_layers + 1 tensors [T, B, d])``.
+        """
+        if inputs_embeds is None:
+            if not isinstance(input, Tensor) or input.is_floating_point() or input.is_complex():
+                kind = input.dtype if isinstance(input, Tensor) else type(input).__name__
+                raise TypeError(f"`input` must be an integer tensor of token ids, got {kind}")
+            if input.dim() != 2:
+                raise ValueError(f"`input` must have shape [T, B] (2 dims), got {list(input.shape)}")
         if state is not None and not isinstance(state, SRUppState):
             raise TypeError(
                 f"`state` must be the SRUppState of the previous segment or None, got {type(state).__name__}"
             )
-        x = self.dropout(self.embed(tokens))
-        hidden, new_state = self.rnn(x, state, causal=True, attn_window=attn_window)
-        return self.dropout(hidden), new_state.detach()
+        x = self.dropout(self.embed(input) if inputs_embeds is None else inputs_embeds)
+        outputs = [x] if all_layers else None
+        # Forward hooks see each layer's output as the stack computes it (also under per-layer checkpointing).
+        hooks = [layer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+                 for layer in (self.rnn.layers if all_layers else ())]  # fmt: skip
+        try:
+            hidden, new_state = self.rnn(x, state, mask_pad=mask_pad, causal=True, attn_window=attn_window)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return self.dropout(hidden), new_state, None if outputs is None else tuple(outputs)
+
+    def scores(self, hidden: Tensor) -> Tensor:
+        """``[..., d]`` hidden states -> ``[..., V]`` float32 logits (log-probabilities for the adaptive softmax,
+        which has no logits of its own)."""
+        return self.log_probs(hidden) if self.config.adaptive else self.output(hidden).float()
 
     def _adaptive_input(self, hidden: Tensor) -> Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -171,7 +211,8 @@ class SRUppLM(nn.Module):
         Returns:
             ``(nll [T, B], state)`` with ``targets``, else ``(log_probs [T, B, V], state)``; the state is detached.
         """
-        hidden, new_state = self._hidden(input, state, attn_window)
+        hidden, new_state, _ = self.hidden_states(input, state, attn_window=attn_window)
+        new_state = new_state.detach()
         if targets is None:
             return self.log_probs(hidden), new_state
         if targets.shape != input.shape:

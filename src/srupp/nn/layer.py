@@ -4,9 +4,11 @@ both build on, and the checks and rules they share."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from srupp.nn.attention import SRUppAttention, project
@@ -369,6 +371,9 @@ class SRUStack(nn.Module):
     """
 
     _repr_defaults: dict[str, object] = {}
+    # Per-layer activation checkpointing in training (the name and the `_gradient_checkpointing_func` that
+    # transformers' `gradient_checkpointing_enable` sets on every module that has this attribute).
+    gradient_checkpointing: bool = False
 
     def __init__(
         self,
@@ -442,9 +447,17 @@ class SRUStack(nn.Module):
         """Every layer in turn; returns the output (batch-major with ``batch_first``), c of every layer and
         direction, and each layer's input."""
         dirs, inputs, states = self.num_directions, [], []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             inputs.append(x)
-            x, c = layer(x, None if c0 is None else c0[i * dirs : (i + 1) * dirs], **kwargs, **per_layer(i))
+            c_in = None if c0 is None else c0[i * dirs : (i + 1) * dirs]
+            if recompute:
+                # Non-reentrant: keyword inputs pass through and the layer's output keeps its graph (its hooks see
+                # it); the RNG state is replayed, so dropout masks and gradients equal those without.
+                run = getattr(self, "_gradient_checkpointing_func", torch.utils.checkpoint.checkpoint)
+                x, c = run(partial(layer, **kwargs, **per_layer(i)), x, c_in, use_reentrant=False)
+            else:
+                x, c = layer(x, c_in, **kwargs, **per_layer(i))
             states.append(c)
         output = x.transpose(0, 1) if self.batch_first else x
         return output, torch.cat(states), inputs
