@@ -85,3 +85,28 @@ def test_clear_errors_for_missing_or_empty_data(tmp_path, content, error, match)
 def test_open_unprepared_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="srupp data prepare"):
         open_corpus(tmp_path / "nothing")
+
+
+def test_word_vocabulary_reserves_pad_after_every_word(tmp_path):
+    root = tmp_path / "wikitext-103"
+    root.mkdir()
+    for split, text in (("train", " a b a \n c a \n"), ("valid", " a \n"), ("test", " b \n")):
+        (root / f"wiki.{split}.tokens").write_text(text)
+    corpus = prepare_wikitext103(tmp_path, tmp_path / "out")
+    words = corpus.vocab.words
+    assert words[-1] == "<pad>" and words[:-1] == ("a", "<eos>", "b", "c")  # frequency order kept
+    assert corpus.vocab.pad_id == len(words) - 1 and corpus.vocab.eod_id == 1
+    assert corpus.vocab.pad_id not in set(corpus.split("train").tolist())
+
+
+def test_a_split_that_would_be_empty_is_refused_at_prepare(tmp_path):
+    # Two files, each whole in one split by a hash of its name: a.txt and c.txt both draw "train" at 5% / 5%.
+    for name in ("a.txt", "c.txt"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_text("some text\n" * 20)
+    with pytest.raises(ValueError, match="the valid split of .* would be empty"):
+        prepare_text(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Asking for no valid or test text is not an error.
+    corpus = prepare_text(tmp_path / "src", tmp_path / "out", valid_ratio=0.0, test_ratio=0.0)
+    assert corpus.lengths["valid"] == corpus.lengths["test"] == 0

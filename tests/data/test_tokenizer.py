@@ -188,3 +188,22 @@ def test_cli_bpe_prepare_train_eval_generate(folder, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "naïve ", "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("naïve ") and "12 tokens" in captured.err
+
+
+def test_bpe_vocabularies_reserve_pad_and_end_of_document(folder, tmp_path):
+    from srupp.data.tokenizer import EOD, reserve_special_tokens, train_bpe
+
+    trained = prepare_text(folder, tmp_path / "trained", tokenizer="bpe:300", valid_ratio=0.2, test_ratio=0.2)
+    vocab = trained.vocab
+    assert vocab.size <= 300 and vocab.pad_id is not None and vocab.eod_id is not None
+    assert vocab.decode([vocab.eod_id]) == EOD and vocab.decode([vocab.pad_id]) == "<pad>"
+    assert not {vocab.pad_id, vocab.eod_id} & set(trained.split("train").tolist())  # reserved: never in the data
+    # A given tokenizer keeps its ids; the two reserved tokens come after them.
+    plain = train_bpe("some text, some more text. " * 20, 270)
+    (tmp_path / "given.json").write_text(plain)
+    given = prepare_text(folder, tmp_path / "given", tokenizer=str(tmp_path / "given.json"), valid_ratio=0.2,
+                         test_ratio=0.2).vocab  # fmt: skip
+    size = len(json.loads(plain)["model"]["vocab"])
+    assert (given.eod_id, given.pad_id, given.size) == (size, size + 1, size + 2)
+    assert given.encode("some text") == Vocab("bpe", tokenizer=plain).encode("some text")
+    assert reserve_special_tokens(given.tokenizer, (EOD, "<pad>")) == given.tokenizer  # nothing left to add

@@ -26,6 +26,8 @@ SPLITS = ("train", "valid", "test")
 META = "meta.json"
 EOS = "<eos>"
 UNK = "<unk>"
+PAD = "<pad>"
+"""Padding, reserved in word and BPE vocabularies at ``prepare`` (never in the data); bytes pad with NUL."""
 _ENWIK8_BYTES = 100_000_000
 # A zip member of unknown expected size is read whole into memory: refuse one larger than this (the largest
 # standard corpus file, WikiText-103's training split, is 0.54 GB).
@@ -47,6 +49,22 @@ class Vocab:
             raise ValueError(f"`kind` must be 'byte', 'word' or 'bpe', got {self.kind!r}")
         if (self.kind == "bpe") != bool(self.tokenizer):
             raise ValueError(f"`tokenizer` (tokenizer.json text) is given for kind 'bpe' only, got kind {self.kind!r}")
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding id: ``<pad>`` of word and BPE vocabularies (None if prepared without one), NUL for bytes."""
+        return 0 if self.kind == "byte" else self._special_id(PAD)
+
+    @property
+    def eod_id(self) -> int | None:
+        """The end-of-document id: ``<eos>`` of word vocabularies, ``<|endoftext|>`` of BPE ones, None for bytes
+        (and for vocabularies prepared without one)."""
+        return None if self.kind == "byte" else self._special_id(EOS if self.kind == "word" else bpe.EOD)
+
+    def _special_id(self, token: str) -> int | None:
+        if self.kind == "bpe":
+            return bpe.load(self.tokenizer).token_to_id(token)
+        return self.words.index(token) if token in self.words else None
 
     @property
     def size(self) -> int:
@@ -311,7 +329,8 @@ def prepare_wikitext103(source: str | os.PathLike, out: str | os.PathLike, *, ov
     if not counts:
         raise CorpusError(f"the training split of {source} is empty")
     words = tuple(w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    vocab = Vocab("word", words)
+    # <pad> last: it never occurs, and the frequency order is what adaptive softmax cutoffs assume.
+    vocab = Vocab("word", words if PAD in words else (*words, PAD))
     index = {w: i for i, w in enumerate(words)}
     unk = index.get(UNK)
     splits = {}
@@ -365,9 +384,15 @@ def prepare_text(
     """Any UTF-8 text file, or a folder of them (files with ``suffixes``, sorted), with a ratio split.
 
     ``tokenizer`` is ``"bytes"`` (uint8 bytes), ``"bpe:VOCAB"`` (a byte-level BPE of at most VOCAB ids trained
-    on the training split only) or the path of a byte-level ``tokenizer.json`` to use as is.
+    on the training split only) or the path of a byte-level ``tokenizer.json`` to use as is. BPE vocabularies
+    get an end-of-document token ``<|endoftext|>`` and a padding token ``<pad>`` (reserved: never in the data).
+
+    Raises:
+        ConfigError: a bad ``tokenizer``. CorpusError: no text, or a split that would be empty.
     """
     kind, arg = bpe.parse_spec(tokenizer)
+    # A given tokenizer keeps its ids; the reserved tokens it lacks are added after them. Checked before any text.
+    given = bpe.reserve_special_tokens(bpe.read_tokenizer(arg), (bpe.EOD, PAD)) if kind == "file" else None
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"corpus source {source} does not exist")
@@ -377,12 +402,18 @@ def prepare_text(
     if not chunks:
         raise CorpusError(f"no non-empty text with suffixes {suffixes} found at {source}")
     splits = _ratio_split(chunks, valid_ratio, test_ratio)
-    if len(splits["train"]) == 0:
-        raise CorpusError(f"the training split of {source} is empty")
+    ratios = {"valid": valid_ratio, "test": test_ratio}
+    for name, tokens in splits.items():
+        if len(tokens) == 0 and ratios.get(name, 1.0) > 0:
+            raise CorpusError(
+                f"the {name} split of {source} would be empty ({len(chunks)} file(s); each file goes whole to one "
+                f"split by a hash of its name): add files, raise --{name}-ratio, or give a single file, which is "
+                f"split by bytes"
+            )
     if kind == "bytes":
         return write_corpus(out, splits, Vocab("byte"), str(source), overwrite=overwrite)
     texts = bpe.split_texts(splits)
-    vocab = Vocab("bpe", tokenizer=bpe.train_bpe(texts["train"], arg) if kind == "bpe" else bpe.read_tokenizer(arg))
+    vocab = Vocab("bpe", tokenizer=given or bpe.train_bpe(texts["train"], arg, special_tokens=(bpe.EOD, PAD)))
     ids = {name: bpe.encode(text, vocab.tokenizer) for name, text in texts.items()}
     return write_corpus(out, ids, vocab, str(source), overwrite=overwrite)
 

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from srupp.errors import ConfigError, UnavailableError
+
 TOKENIZER_FILE = "tokenizer.json"
+EOD = "<|endoftext|>"
+"""The end-of-document token reserved in BPE vocabularies (GPT-2's name for it)."""
+MIN_BPE_VOCAB = 259  # the 256 bytes, the two reserved tokens (end of document, padding) and one merge
 _CHUNK_CHARS = 1 << 20
 _EXTRA = "pip install 'srupp[hf]'"
 
@@ -24,7 +29,7 @@ def _tokenizers():
     try:
         import tokenizers
     except ImportError as error:
-        raise RuntimeError(f"BPE corpora need the package `tokenizers`: {_EXTRA}") from error
+        raise UnavailableError(f"BPE corpora need the package `tokenizers`: {_EXTRA}") from error
     return tokenizers
 
 
@@ -37,14 +42,19 @@ def parse_spec(spec: str) -> tuple[str, int | Path | None]:
         return "bytes", None
     if spec.startswith("bpe:"):
         size = spec[4:]
-        if not size.isdigit() or not 257 <= int(size) <= 1 << 24:
-            raise ValueError(f"`tokenizer` bpe:VOCAB needs an integer VOCAB in [257, 16777216], got {spec!r}")
+        if not size.isdigit() or not MIN_BPE_VOCAB <= int(size) <= 1 << 24:
+            raise ConfigError(
+                f"`--tokenizer` bpe:VOCAB needs an integer VOCAB in [{MIN_BPE_VOCAB}, 16777216], got {spec!r}"
+            )
         return "bpe", int(size)
     path = Path(spec)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if path.suffix != ".json" or not path.is_file():
-        raise ValueError(f"`tokenizer` must be 'bytes', 'bpe:VOCAB' or an existing tokenizer.json file, got {spec!r}")
+        raise ConfigError(
+            f"`--tokenizer` must be 'bytes', 'bpe:VOCAB' or an existing tokenizer.json file, got {spec!r}"
+        )
+    _tokenizers()  # a missing package is reported before any corpus is read
     return "file", path
 
 
@@ -58,8 +68,9 @@ def _chunks(text: str) -> Iterator[str]:
         start = end
 
 
-def train_bpe(text: str, vocab_size: int) -> str:
-    """Train a byte-level BPE with at most ``vocab_size`` ids (256 bytes plus merges) on ``text``.
+def train_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()) -> str:
+    """Train a byte-level BPE with at most ``vocab_size`` ids (``special_tokens`` first, then the 256 bytes and
+    merges) on ``text``.
 
     Returns:
         The tokenizer as ``tokenizer.json`` text.
@@ -70,26 +81,48 @@ def train_bpe(text: str, vocab_size: int) -> str:
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=list(special_tokens),
     )
     tokenizer.train_from_iterator(_chunks(text), trainer)
     return tokenizer.to_str()
 
 
 def read_tokenizer(path: str | os.PathLike) -> str:
-    """The text of a ``tokenizer.json``, checked to be a byte-level tokenizer that ``tokenizers`` loads."""
-    text = Path(path).read_text(encoding="utf-8")
+    """The text of a ``tokenizer.json``, checked to be a byte-level tokenizer that ``tokenizers`` loads.
+
+    Raises:
+        ConfigError: the file is not such a tokenizer (unreadable text, not JSON, another decoder, rejected by
+            ``tokenizers``).
+    """
     try:
-        decoder = (json.loads(text).get("decoder") or {}).get("type")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not a tokenizer.json file: {error}") from None
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"`--tokenizer` {path} is not a tokenizer.json file: {error}") from None
+    decoder = (data.get("decoder") or {}).get("type") if isinstance(data, dict) else None
     if decoder != "ByteLevel":
-        raise ValueError(
-            f"tokenizer {path} must be byte-level (decoder 'ByteLevel', as GPT-2 style BPEs), got decoder {decoder!r}: "
-            "only byte-level tokenizers decode exactly and give bits per byte"
+        raise ConfigError(
+            f"`--tokenizer` {path} must be byte-level (decoder 'ByteLevel', as GPT-2 style BPEs), got decoder "
+            f"{decoder!r}: only byte-level tokenizers decode exactly and give bits per byte"
         )
-    load(text)
+    try:
+        load(text)
+    except Exception as error:  # tokenizers raises its own Exception subclass for a malformed file
+        raise ConfigError(f"`--tokenizer` {path} is not a tokenizer `tokenizers` can load: {error}") from None
     return text
+
+
+def reserve_special_tokens(tokenizer_json: str, tokens: tuple[str, ...]) -> str:
+    """``tokenizer_json`` with each of ``tokens`` it lacks added as a special token (a new id at the end)."""
+    tokenizer = _tokenizers().Tokenizer.from_str(tokenizer_json)
+    missing = [token for token in tokens if tokenizer.token_to_id(token) is None]
+    if not missing:
+        return tokenizer_json
+    tokenizer.add_special_tokens(missing)
+    return tokenizer.to_str()
 
 
 @functools.lru_cache(maxsize=8)
