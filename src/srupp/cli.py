@@ -12,10 +12,67 @@ from srupp import __version__
 from srupp.errors import ConfigError, DivergenceError, SRUppError
 from srupp.ops import BACKENDS
 
-EPILOG_OVERRIDES = (
-    "Any config field can be overridden with --KEY VALUE: training fields (--lr 1e-3, --max_steps 500) and "
-    "model fields (--hidden_size 256 or --model.hidden_size 256). Unknown keys are an error."
-)
+DEFAULT_CONTEXT = 512  # eval of a model whose training config is unknown (an export of a bare model)
+GRAMMAR = "Every option is spelled --a-b or --a_b alike; --KEY=VALUE works too."
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """One spelling for every option: ``--max_new_tokens`` and ``--max-new-tokens`` both become the latter
+    (config overrides turn dashes back into underscores); values and ``--key=value`` values are left alone."""
+    out = []
+    for item in argv:
+        if item.startswith("--") and len(item) > 2:
+            name, sep, value = item.partition("=")
+            item = name.replace("_", "-") + sep + value
+        out.append(item)
+    return out
+
+
+def _type_name(kind) -> str:
+    """``int | None`` -> ``INT|none``, ``list[float]`` -> ``LIST[FLOAT]``: how a field's type reads in help."""
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return "|".join("none" if a is type(None) else _type_name(a) for a in args)
+    if kind is bool:
+        return "true|false"
+    name = getattr(typing.get_origin(kind) or kind, "__name__", str(kind)).upper()
+    return f"{name}[{','.join(_type_name(a) for a in args)}]" if args else name
+
+
+def _fields_help(cls, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    hints, lines = typing.get_type_hints(cls), []
+    for item in dataclasses.fields(cls):
+        if item.name in ("model", "paper", "description"):
+            continue
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        default = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  --{prefix}{item.name} {_type_name(hints[item.name])}  (default {default})")
+    return lines
+
+
+def config_help() -> str:
+    """The epilog of ``train`` and ``demo``: every config field with its type and default, and the presets."""
+    from srupp.models import LMConfig
+    from srupp.train import TrainConfig, load_preset
+    from srupp.train.config import presets_dir
+
+    lines = [GRAMMAR, "", "training fields (--KEY VALUE overrides the preset's value; none = unset):"]
+    lines += _fields_help(TrainConfig)
+    lines += ["", "model fields (--KEY VALUE or --model.KEY VALUE):", *_fields_help(LMConfig)]
+    lines += ["", "presets (--config NAME, or a JSON file of these fields):"]
+    for path in sorted(presets_dir().glob("*.json")):
+        try:
+            description = load_preset(str(path)).description
+        except (SRUppError, OSError) as err:
+            description = f"(unreadable: {err})"
+        lines.append(f"  {path.stem}: {description}")
+    return "\n".join(lines)
 
 
 def _number(kind: type, low: float, *, strict: bool = False, high: float | None = None):
@@ -51,7 +108,7 @@ def _overrides(extra: list[str]) -> dict[str, str]:
                 raise ConfigError(f"override {item} needs a value")
             key, value = item[2:], extra[i + 1]
             i += 2
-        out[key] = value
+        out[key.replace("-", "_")] = value  # config fields are spelled with underscores
     return out
 
 
@@ -80,21 +137,38 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from srupp.train import load_model
+    """``(model, TrainConfig or None, Vocab, device, path)`` of MODEL: a run folder, a checkpoint file or an
+    ``srupp export hf`` folder (which has a config.json and no checkpoints/)."""
+    from srupp.errors import UnavailableError
+    from srupp.train import load_model, resolve_checkpoint
     from srupp.train.distributed import resolve_device
 
-    device = resolve_device(args.device)
-    model, cfg, vocab, _ = load_model(args.checkpoint, device, backend=args.backend)
-    return model, cfg, vocab, device
+    if args.model is not None and args.checkpoint is not None:
+        raise ConfigError("give the model once: MODEL or --checkpoint, not both")
+    if args.model is None and args.checkpoint is None:
+        raise ConfigError("MODEL is needed: a run folder, a .safetensors checkpoint or an `srupp export hf` folder")
+    path, device = Path(args.model or args.checkpoint), resolve_device(args.device)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        try:
+            from srupp.hf import load_export
+        except ImportError as err:
+            raise UnavailableError(f"reading the Hugging Face folder {path} needs `pip install 'srupp[hf]'`") from err
+        model, cfg, vocab = load_export(path, device, backend=args.backend)
+        return model, cfg, vocab, device, path
+    path = resolve_checkpoint(path)
+    model, cfg, vocab, _ = load_model(path, device, backend=args.backend)
+    return model, cfg, vocab, device, path
 
 
 def _cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train import bpc, evaluate, ppl
     from srupp.train.evaluate import evaluation_corpus
 
-    model, cfg, vocab, device = _load(args)
-    corpus = evaluation_corpus(args.checkpoint, cfg.data, vocab, args.data)
-    context = args.context or cfg.resolved_eval_unroll
+    model, cfg, vocab, device, path = _load(args)
+    if cfg is None and args.data is None:
+        raise ConfigError(f"{path} does not say which corpus it was trained on: pass --data DIR")
+    corpus = evaluation_corpus(path, None if cfg is None else cfg.data, vocab, args.data)
+    context = args.context or (cfg.resolved_eval_unroll if cfg is not None else DEFAULT_CONTEXT)
     tokens = corpus.split(args.split)
     start = time.perf_counter()
     nats = evaluate(
@@ -116,7 +190,7 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train.sample import sample_text
 
     torch.set_num_threads(args.threads)
-    model, cfg, vocab, device = _load(args)
+    model, _, vocab, device, _ = _load(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = sample_text(
         model, vocab, args.prompt, args.max_new_tokens, generator=generator, temperature=args.temperature,
@@ -171,21 +245,21 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp.train import apply_overrides, load_preset, train
     from srupp.train.sample import sample_text
 
-    overrides = {"out_dir": args.out, **overrides}
-    if args.time_limit is not None:
-        overrides["time_limit_s"] = str(args.time_limit)
-    cfg = apply_overrides(load_preset("demo"), overrides)
+    cfg = apply_overrides(load_preset("demo"), {"out_dir": args.out, **overrides})
     print(
         f"srupp demo: a byte-level SRU++ LM ({cfg.model.num_parameters / 1e6:.2f}M parameters, "
         f"{cfg.model.num_layers} layers, d={cfg.model.hidden_size}, d'={cfg.model.proj_size}) on the Python "
-        f"standard library's source, for {cfg.time_limit_s or float('inf'):.0f}s (at most {cfg.max_steps} steps)"
+        f"standard library's source, {f'for {cfg.time_limit_s:.0f}s (at most ' if cfg.time_limit_s else 'for '}"
+        f"{cfg.max_steps} steps{')' if cfg.time_limit_s else ''}"
     )
     start = time.perf_counter()
     result = train(cfg, overwrite=True)  # an earlier demo's files are moved into <out>/replaced/, not lost
     minutes = (time.perf_counter() - start) / 60
     best = min(r["valid_bpc"] for r in result.valid)
+    curve = Path(cfg.out_dir) / "learning_curve.png"
+    where = f"learning curve: {curve}" if curve.is_file() else f"metrics: {curve.parent / 'metrics.jsonl'}"
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; valid bpc {result.valid[-1]['valid_bpc']:.3f} "
-          f"(best {best:.3f}); learning curve: {Path(cfg.out_dir) / 'learning_curve.png'}")  # fmt: skip
+          f"(best {best:.3f}); {where}")  # fmt: skip
     print("sample (temperature 0.8, top-p 0.95):\n")
     torch.set_num_threads(1)  # sampling is latency-bound: see the --threads default of `srupp generate`
     from srupp.data import Vocab
@@ -225,7 +299,9 @@ def _cmd_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by srupp train")
+    where = "a run folder (its best, else last checkpoint), a .safetensors checkpoint or an `srupp export hf` folder"
+    p.add_argument("model", nargs="?", metavar="MODEL", help=where)
+    p.add_argument("--checkpoint", metavar="MODEL", help="the same as MODEL")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="recurrence backend (a runtime choice)")
 
@@ -233,12 +309,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and its options, in one flat list read top to bottom (long on purpose: it is the CLI's
     whole surface in one place)."""
-    parser = argparse.ArgumentParser(prog="srupp", description="Train, evaluate and sample SRU++ language models.")
+    parser = argparse.ArgumentParser(
+        prog="srupp", description="Train, evaluate and sample SRU++ language models.", epilog=GRAMMAR
+    )
     parser.add_argument("--version", action="version", version=f"srupp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    count, positive = _number(int, 1), _number(float, 0.0, strict=True)
+    count = _number(int, 1)
 
-    p = sub.add_parser("train", help="train a language model (DDP under torchrun)", epilog=EPILOG_OVERRIDES)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="train a language model (DDP under torchrun)", epilog=config_help(),
+                       formatter_class=raw)  # fmt: skip
     p.add_argument("--config", default="demo", help="a preset in configs/ (enwik8-base, ...) or a JSON file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="move the files of a run already in --out_dir aside")
@@ -258,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=_number(int, 0), default=300)
-    p.add_argument("--temperature", type=positive, default=0.8)
+    p.add_argument("--temperature", type=_number(float, 0.0), default=0.8, help="0: greedy (the most likely token)")
     p.add_argument("--top-k", type=count)
     p.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
     p.add_argument("--context", type=count, help="attention cache length (default: unlimited)")
@@ -294,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="onnx: recurrence backend to trace")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=EPILOG_OVERRIDES)
+    p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=config_help(),
+                       formatter_class=raw)  # fmt: skip
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--time-limit", type=positive, help="stop training after this many seconds")
     p.add_argument("--sample-bytes", type=_number(int, 0), default=400)
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -309,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     from srupp.signals import raising_on_signals
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
     if extra and args.command not in ("train", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -64,7 +64,7 @@ def test_bad_eval_options_exit_with_usage(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        pytest.param(["--temperature", "nan"], "argument --temperature: must be a finite float > 0.0", id="temp-nan"),
+        pytest.param(["--temperature", "nan"], "argument --temperature: must be a finite float >= 0.0", id="temp-nan"),
         pytest.param(["--top-p", "1.5"], "argument --top-p: must be a finite float > 0.0 and <= 1.0", id="top-p"),
         pytest.param(["--max-new-tokens", "-1"], "argument --max-new-tokens: must be a finite int >= 0", id="new"),
     ],

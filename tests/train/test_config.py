@@ -62,3 +62,13 @@ def test_schedule_warmup_then_cosine():
     assert learning_rate(50, cfg) == pytest.approx(0.5)
     assert learning_rate(100, cfg) == pytest.approx(0.0)
     assert learning_rate(10, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
+
+
+@pytest.mark.parametrize("value", ["0", "none", "None"])
+def test_time_limit_zero_or_none_means_no_limit(value):
+    cfg = apply_overrides(load_preset("demo"), {"time_limit_s": value})
+    assert cfg.time_limit_s is None and cfg.anneal_by_time is False  # one flag: the time annealing goes with it
+    assert learning_rate(10_000, cfg, elapsed_s=1e9) > 0.5 * cfg.lr  # the cosine follows steps, not the clock
+    assert apply_overrides(load_preset("demo"), {"time_limit_s": "60"}).anneal_by_time is True
+    with pytest.raises(ValueError, match="time_limit_s"):
+        apply_overrides(load_preset("demo"), {"time_limit_s": "-1"})

@@ -63,9 +63,10 @@ class TrainConfig:
         grad_accum: consecutive segments per update (tokens per update = batch_size * unroll_size * grad_accum).
         max_steps: updates to run; ``schedule_steps``: cosine length (None = max_steps), so a run can stop
             early and be resumed on the same schedule.
-        time_limit_s: also stop (saving a checkpoint) after this many seconds of training.
+        time_limit_s: also stop (saving a checkpoint) after this many seconds of training; None or 0: no limit.
         anneal_by_time: the cosine follows ``max(step / schedule, elapsed / time_limit_s)`` so a time-limited run
-            (the demo) ends its schedule on any machine; such a run is not exactly resumable.
+            (the demo) ends its schedule on any machine; such a run is not exactly resumable. Without a time limit
+            there is no time to follow: it is set to false and the cosine follows the steps.
         lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (the authors' LM scripts).
         precision: ``"fp32"`` or ``"mixed"``: bf16 autocast on the CPU and on GPUs of compute capability 8.0+
             (no loss scaling), fp16 autocast with a GradScaler on older GPUs.
@@ -131,7 +132,11 @@ class TrainConfig:
         _check_number("lr", self.lr, low=0.0, strict=True)
         _check_number("clip_grad", self.clip_grad, low=0.0, strict=True)
         _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("time_limit_s", self.time_limit_s, low=0.0, strict=True, optional=True)
+        _check_number("time_limit_s", self.time_limit_s, low=0.0, optional=True)
+        if self.time_limit_s == 0:
+            self.time_limit_s = None  # 0 reads as "no limit", as none does
+        if self.time_limit_s is None and isinstance(self.anneal_by_time, bool):
+            self.anneal_by_time = False
         if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
             raise ConfigError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
         for value in self.betas:
@@ -142,8 +147,6 @@ class TrainConfig:
         for name in ("anneal_by_time", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
-        if self.anneal_by_time and self.time_limit_s is None:
-            raise ConfigError("`anneal_by_time` needs `time_limit_s`")
 
     @property
     def total_schedule_steps(self) -> int:
