@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard src/srupp/ops/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,compare,hf,onnx]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,compare,hf,onnx,plot]"
 	touch $(STAMP)
 
 demo: $(STAMP)

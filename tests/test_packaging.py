@@ -84,8 +84,14 @@ def test_wheel_contents(installed):
     names = zipfile.ZipFile(wheel).namelist()
     for wanted in ("srupp/configs/demo.json", "srupp/configs/tiny.json", "srupp/py.typed", "srupp/ops/csrc/sru_cpu.c"):
         assert wanted in names, f"{wanted} is missing from {wheel.name}"
-    assert any(n.startswith("srupp/ops/_sru_cpu") and n.endswith(".so") for n in names), names
+    assert "srupp/ops/_sru_cpu.so" in names, names  # no CPython tag: a ctypes library has no Python ABI
     assert any(n.endswith("licenses/LICENSE") for n in names), names
+    # Any Python 3, this platform; matplotlib only with the `plot` extra.
+    assert wheel.name.startswith("srupp-0.1.0-py3-none-") and not wheel.name.endswith("-any.whl"), wheel.name
+    metadata = zipfile.ZipFile(wheel).read("srupp-0.1.0.dist-info/METADATA").decode()
+    matplotlib = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: matplotlib")]
+    assert matplotlib and all('extra == "' in line for line in matplotlib), matplotlib
+    assert 'extra == "plot"' in " ".join(matplotlib), matplotlib
 
 
 def test_installed_wheel_runs_outside_the_checkout(installed):
@@ -101,7 +107,7 @@ def test_installed_wheel_runs_outside_the_checkout(installed):
     assert version.strip() == "srupp 0.1.0", version
     run(venv, [srupp, "train", "--config", "tiny", "--max_steps", "4", "--eval_every", "2", "--out_dir", "run"], work)
     assert (work / "run" / "config.json").is_file()
-    demo_args = ["--time-limit", "10", "--out", "demo-run", "--sample-bytes", "40", "--eval_tokens", "4096"]
+    demo_args = ["--time_limit_s", "10", "--out", "demo-run", "--sample-bytes", "40", "--eval_tokens", "4096"]
     demo = run(venv, [srupp, "demo", *demo_args], work).stdout
     assert "trained" in demo and "sample" in demo, demo
 
@@ -109,6 +115,7 @@ def test_installed_wheel_runs_outside_the_checkout(installed):
 def test_install_without_a_compiler_falls_back_with_one_warning(tmp_path):
     wheel = build_wheel(tmp_path, CC="/bin/false")
     assert not any(n.endswith(".so") for n in zipfile.ZipFile(wheel).namelist())
+    assert wheel.name == "srupp-0.1.0-py3-none-any.whl"  # nothing platform-specific in it
     venv = install(tmp_path, wheel)
     script = (
         "import warnings, torch\n"

@@ -91,7 +91,8 @@ def _bind_threading(lib: ctypes.CDLL, use_openmp: bool) -> str:
 
 def _open() -> ctypes.CDLL:
     """The library file beside this module, loaded; OSError where it is missing, broken or stale."""
-    candidates = [
+    # `_sru_cpu.so` (no Python tag: the library has no Python ABI) first; then the names of earlier builds.
+    candidates = [_HERE / "_sru_cpu.so"] + [
         _HERE / f"_sru_cpu{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES if suffix.endswith(".so")
     ]
     found = [path for path in candidates if path.exists()]

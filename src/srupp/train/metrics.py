@@ -1,9 +1,11 @@
-"""Metrics as JSON lines and a learning-curve PNG (matplotlib, Agg backend)."""
+"""Metrics as JSON lines and a learning-curve PNG (matplotlib, Agg backend: the optional extra ``srupp[plot]``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,24 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric: str) -> None:
-    """Train loss and valid ``metric`` (``"bpc"`` or ``"ppl"``) against step, written atomically."""
-    import matplotlib
+PLOT_HINT = "no learning_curve.png: matplotlib is not installed (pip install 'srupp[plot]')"
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(f"srupp: {message}", file=sys.stderr)
+
+
+def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric: str) -> bool:
+    """Train loss and valid ``metric`` (``"bpc"`` or ``"ppl"``) against step, written atomically.
+
+    Returns False, having said once per process how to get it, where matplotlib (the ``plot`` extra) is missing.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        _say_once(PLOT_HINT)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,3 +78,4 @@ def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
