@@ -20,7 +20,7 @@ from srupp.ops import library
 
 # Floating-point arithmetic: packed (..ps/..pd) against scalar (..ss/..sd) forms, SSE or VEX/EVEX.
 ARITH = re.compile(r"^v?(add|sub|mul|div|max|min|f[n]?m(add|sub)\d*)(ps|pd|ss|sd)$")
-WIDEST = {"baseline": "xmm", "avx2": "ymm", "avx512": "zmm"}
+WIDEST = {"baseline": "xmm", "avx2": "ymm", "avx512": "zmm", "avx512bf16": "zmm"}
 # float64 on the baseline x86-64 keeps its exp loops scalar: its exp clamps through 64-bit integer compares,
 # which SSE2 lacks. The speed path is float32; float64 is there for gradcheck-grade reference runs.
 KNOWN_SCALAR = {("f64", "baseline")}
@@ -111,7 +111,7 @@ def functions(library_text):
     return hot_loops(library_text)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f64"])
+@pytest.mark.parametrize("dtype", ["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("isa", library.ISAS)
 def test_hot_loops_are_vectorised(functions, isa, direction, dtype):
@@ -126,7 +126,7 @@ def test_hot_loops_are_vectorised(functions, isa, direction, dtype):
         assert not any(loop["divides"] and loop["packed"] for loop in loops), f"{name}: {loops}"
         return
     assert vectorised(loops, WIDEST[isa]), f"{name} has scalar hot loops: {loops}"
-    if isa != "avx512":
+    if not isa.startswith("avx512"):
         assert registers["zmm"] == 0, f"{name} uses AVX-512 registers: {dict(registers)}"
     if isa == "baseline":
         assert registers["ymm"] == 0, f"{name} uses AVX registers: {dict(registers)}"
@@ -169,14 +169,15 @@ def test_library_is_built_for_any_cpu(library_text):
         if header:
             current = header.group(1)
             continue
-        if current and not current.endswith(("_avx2", "_avx512")) and re.search(r"\b[yz]mm\d", line):
+        if current and not current.endswith(("_avx2", "_avx512", "_avx512bf16")) and re.search(r"\b[yz]mm\d", line):
             offenders.add(current)
     assert not offenders, f"AVX code outside the AVX variants: {sorted(offenders)}"
 
 
 CHECK = Path(__file__).resolve().parent / "csrc" / "kernel_check.c"
 X86 = platform.machine() in ("x86_64", "AMD64")
-# target: (compiler, runner, the variants the emulated CPU must report: a mask of 1 baseline, 2 avx2, 4 avx512)
+# target: (compiler, runner, the variants the emulated CPU must report: a mask of 1 baseline, 2 avx2, 4 avx512,
+# 8 avx512bf16)
 TOOLCHAINS = {
     "native": ("cc", [], None),
     # aarch64 (NEON is its baseline), cross-compiled and run under qemu-user where both are installed
@@ -193,9 +194,11 @@ TOOLCHAINS = {
 @pytest.mark.parametrize("target", list(TOOLCHAINS))
 def test_c_kernel_matches_a_scalar_loop(target, tmp_path):
     """Every variant the (real or emulated) CPU runs against a scalar loop with libm's exp: forward, state and
-    all gradients, with padding and a dropout mask, and the one-token decoding step (outputs, state, the cached
-    key and value; heads, input layer norm, masked cache); under emulation, also which variants the CPU
-    reports."""
+    all gradients, with padding and a dropout mask, in float32 and in bfloat16 and float16 storage (against the
+    loop on the same rounded inputs, outputs within two units in the last place), every 16-bit value read and
+    float32 values written against round-to-nearest-even (ties, subnormals, overflow, NaN), and the one-token
+    decoding step (outputs, state, the cached key and value; heads, input layer norm, masked cache); under
+    emulation, also which variants the CPU reports."""
     compiler, runner, expected = TOOLCHAINS[target]
     if target.startswith("x86-64") and not X86:
         pytest.skip("an x86-64 target, checked on x86-64 hosts")
@@ -210,3 +213,4 @@ def test_c_kernel_matches_a_scalar_loop(target, tmp_path):
     result = subprocess.run([*runner, str(binary), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "variant baseline" in result.stdout and "token h" in result.stdout
+    assert "bf16 storage" in result.stdout and "f16 storage" in result.stdout

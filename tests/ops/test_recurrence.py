@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from srupp.ops import library, output_cache, recurrence, sru_recurrence
 from tests.helpers import assert_all_close, outputs_and_grads
@@ -175,8 +177,11 @@ def test_torch_compile_matches_eager():
     assert_all_close(NAMES, traced, eager, atol=1e-6, rtol=1e-5)
 
 
-def test_registered_ops_pass_opcheck():
-    u, x, v, b, c0 = (t.requires_grad_() for t in make_inputs(4, 2, 5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_registered_ops_pass_opcheck(dtype):
+    u, x, v, b, c0 = make_inputs(4, 2, 5)
+    u, x = (t.to(dtype).requires_grad_() for t in (u, x))
+    v, b, c0 = (t.requires_grad_() for t in (v, b, c0))
     mask_pad = make_mask_pad(4, 2)
     torch.library.opcheck(torch.ops.srupp.sru_cpu_forward.default, (u, x, v, b, c0, mask_pad, None, False, True))
 
@@ -358,10 +363,57 @@ def test_nan_in_real_input_propagates(isa, gate, force_isa):
         torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-5, rtol=1e-4, msg=name)
 
 
+# bfloat16 and float16 storage: u, x, h and their gradients in 16 bits, the state, the gates' parameters and every
+# sum in float32. The spec runs in float32 on the same rounded inputs and upstream gradients, so what is left is the
+# kernel's one rounding of each 16-bit result, at most half a unit in the last place (2^-9 of the value for
+# bfloat16, 2^-12 for float16); the tolerance is a whole unit (2^-8, 2^-11) over float32's. The outputs from 8 MiB
+# up (the streamed case's, here in 16 bits) go out through non-temporal stores.
+HALF_RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+HALF_CASES = {**ISA_CASES, "streamed_all_T257_D1031": dict(steps=257, batch=16, hidden=1031, option="all")}
+
+
+@functools.cache
+def half_case(case: str, dtype: torch.dtype, backend: str) -> list[Tensor]:
+    """Outputs and gradients of one HALF_CASES case, its inputs rounded to ``dtype``: the kernel's (on the variant
+    in use) with 16-bit u, x and upstream gradients, or the float32 spec's (once for all variants) on their values."""
+    c = HALF_CASES[case]
+    steps, batch, hidden, option = c["steps"], c["batch"], c["hidden"], OPTIONS[c["option"]]
+    u, x, v, b, c0 = make_inputs(steps, batch, hidden)
+    mask_pad = make_mask_pad(steps, batch) if option["pad"] else None
+    mask_c = make_mask_c(batch, hidden) if option["drop"] else None
+    gen = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(steps, batch, hidden, generator=gen), torch.randn(batch, hidden, generator=gen)]
+    storage = dtype if backend == "cpu" else torch.float32
+    u, x, *upstream = (t.to(dtype).to(storage) for t in (u, x, *upstream))  # c_last comes back in u's dtype
+
+    def fn(u, x, v, b, c0):
+        return sru_recurrence(u, x, v, b, c0 if option["use_c0"] else None, mask_pad=mask_pad, mask_c=mask_c,
+                              reverse=option["reverse"], backend=backend)  # fmt: skip
+
+    return outputs_and_grads(fn, [u, x, v, b, c0], upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", list(HALF_CASES), ids=list(HALF_CASES))
+@pytest.mark.parametrize("isa", library.ISAS)
+def test_every_isa_variant_stores_half_precision(isa, case, dtype, force_isa):
+    force_isa(isa)
+    fast = half_case.__wrapped__(case, dtype, "cpu")
+    spec = half_case(case, dtype, "naive")
+    assert [t.dtype for t in fast] == [dtype] * 4 + [torch.float32] * 3  # h, c_last, grad_u, grad_x; the rest
+    stored, summed = [0, 1, 2, 3], [4, 5, 6]
+    assert_all_close([NAMES[i] for i in stored], [fast[i] for i in stored], [spec[i] for i in stored],
+                     atol=2e-5, rtol=HALF_RTOL[dtype])  # fmt: skip
+    assert_all_close([NAMES[i] for i in summed], [fast[i] for i in summed], [spec[i] for i in summed],
+                     atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
 def test_forced_isa_is_checked(monkeypatch, force_isa):
     monkeypatch.setenv("SRUPP_CPU_ISA", "sse9")
     library.reset()
-    with pytest.raises(ValueError, match=r"`SRUPP_CPU_ISA` must be one of \('baseline', 'avx2', 'avx512'\).*'sse9'"):
+    with pytest.raises(
+        ValueError, match=r"`SRUPP_CPU_ISA` must be one of \('baseline', 'avx2', 'avx512', 'avx512bf16'\).*'sse9'"
+    ):
         library.cpu_kernel_info()
     # a CPU that can only run the baseline: asking for AVX-512 fails in one line, and by default it
     # gets the baseline
@@ -456,7 +508,21 @@ RAW_BAD = {
     ),
     "mask_c_short": (dict(mask_c=torch.ones(B, D - 1)), ValueError, r"`mask_c` must have shape \[2, 6\], got \[2, 5\]"),
     "c0_float64": (dict(c0=torch.zeros(B, D, dtype=torch.float64)), TypeError, r"`c0` must have dtype torch.float32"),
-    "x_int": (dict(x=torch.zeros(T, B, D, dtype=torch.int32)), TypeError, r"`x` must have dtype float32 or float64"),
+    "x_int": (
+        dict(x=torch.zeros(T, B, D, dtype=torch.int32)),
+        TypeError,
+        r"`x` must have dtype float32, float64, bfloat16 or float16",
+    ),
+    # 16-bit activations take float32 state and parameters, not their own dtype
+    "c0_bf16": (
+        dict(
+            u=torch.zeros(T, B, 3 * D, dtype=torch.bfloat16),
+            x=torch.zeros(T, B, D, dtype=torch.bfloat16),
+            c0=torch.zeros(B, D, dtype=torch.bfloat16),
+        ),
+        TypeError,
+        r"`v` must have dtype torch.float32|`c0` must have dtype torch.float32",
+    ),
     "x_noncontiguous": (dict(x=noncontiguous(torch.zeros(T, B, D))), ValueError, r"`x` must be contiguous"),
     "u_noncontiguous": (dict(u=noncontiguous(torch.zeros(T, B, 3 * D))), ValueError, r"`u` must be contiguous"),
 }

@@ -20,11 +20,19 @@ _INT = ctypes.c_int
 _FORWARD_ARGS = [_P] * 10 + [_I64, _I64, _I64, _INT, _INT]
 _BACKWARD_ARGS = [_P] * 14 + [_I64, _I64, _I64, _INT, _INT]
 _ARGS = {"forward": _FORWARD_ARGS, "backward": _BACKWARD_ARGS}
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# The storage types of u, x, h and their gradients the kernels take; beside the 16-bit ones, the state, the gates'
+# parameters and every sum stay float32.
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the state, the gates' parameters and the sums beside u and x of ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def kernel_function(direction: str, dtype: torch.dtype):
-    """The C kernel's ``"forward"`` or ``"backward"`` pass for ``dtype`` (float32 or float64), bound from the
+    """The C kernel's ``"forward"`` or ``"backward"`` pass for u and x of ``dtype``, bound from the
     loaded library (RuntimeError where it is not available): it trusts every pointer and size it is given."""
     return require_kernel().function(f"srupp_sru_{direction}_{_SUFFIX[dtype]}", _ARGS[direction])
 
@@ -57,16 +65,17 @@ def _check_inputs(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int, int, int]:
     steps, batch, hidden = x.shape
     dtype = x.dtype
     if dtype not in _SUFFIX:
-        raise TypeError(f"`x` must have dtype float32 or float64, got {dtype}")
+        raise TypeError(f"`x` must have dtype float32, float64, bfloat16 or float16, got {dtype}")
+    state = state_dtype(dtype)
     _check("x", x, (steps, batch, hidden), dtype)
     _check("u", u, (steps, batch, 3 * hidden), dtype)
-    _check("v", v, (2, hidden), dtype)
-    _check("b", b, (2, hidden), dtype)
-    _check("c0", c0, (batch, hidden), dtype)
+    _check("v", v, (2, hidden), state)
+    _check("b", b, (2, hidden), state)
+    _check("c0", c0, (batch, hidden), state)
     if mask_pad is not None:
         _check("mask_pad", mask_pad, (steps, batch), torch.bool)
     if mask_c is not None:
-        _check("mask_c", mask_c, (batch, hidden), dtype)
+        _check("mask_c", mask_c, (batch, hidden), state)
     return steps, batch, hidden
 
 
@@ -86,7 +95,7 @@ def sru_cpu_forward(
     forward = kernel_function("forward", x.dtype)
     h = new_output(x)
     c_last = torch.empty_like(c0)
-    c_all = new_output(x) if save_c else x.new_empty(0)
+    c_all = new_output(c0, x.shape) if save_c else c0.new_empty(0)
     forward(
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
         h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
@@ -97,7 +106,7 @@ def sru_cpu_forward(
 
 @sru_cpu_forward.register_fake
 def _(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
-    return torch.empty_like(x), torch.empty_like(c0), torch.empty_like(x) if save_c else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(c0), c0.new_empty(x.shape if save_c else (0,))
 
 
 @torch.library.custom_op("srupp::sru_cpu_backward", mutates_args=(), device_types="cpu")
@@ -116,12 +125,12 @@ def sru_cpu_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
     backward = kernel_function("backward", x.dtype)
-    _check("c_all", c_all, x.shape, x.dtype)
+    _check("c_all", c_all, x.shape, c0.dtype)
     _check("grad_h", grad_h, x.shape, x.dtype)
-    _check("grad_c_last", grad_c_last, c0.shape, x.dtype)
+    _check("grad_c_last", grad_c_last, c0.shape, c0.dtype)
     grad_u = new_output(u)
     grad_x = new_output(x)
-    grad_vb = x.new_empty(batch, 4, hidden)
+    grad_vb = c0.new_empty(batch, 4, hidden)
     grad_c0 = torch.empty_like(c0)
     backward(
         u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
@@ -146,5 +155,9 @@ def sru_recurrence_cpu(
     mask_c: Tensor | None = None,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Host wrapper: float32/float64 tensors of one dtype in, (h, c_last) out."""
+    """Host wrapper: u and x in float32, float64, bfloat16 or float16, the rest in ``state_dtype`` of theirs;
+    returns (h in their dtype, c_last in the state's)."""
     return run_forward(sru_cpu_forward, u, x, v, b, c0, mask_pad, mask_c, reverse)
+
+
+sru_recurrence_cpu.native_half = True  # takes 16-bit u and x as they are (see srupp.ops.recurrence)

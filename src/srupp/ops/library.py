@@ -18,10 +18,11 @@ from srupp.ops.output_cache import held_bytes
 _HERE = Path(__file__).resolve().parent
 _P = ctypes.c_void_p
 _INT = ctypes.c_int
-_ABI_VERSION = 6
-# Instruction-set variants compiled into the library, best last; the bit each has in its masks.
-ISAS = ("baseline", "avx2", "avx512")
-_ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4}
+_ABI_VERSION = 7
+# Instruction-set variants compiled into the library, best last; the bit each has in its masks. avx512bf16 is
+# avx512 with the AVX-512 BF16 instructions converting its bfloat16 outputs.
+ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
+_ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4, "avx512bf16": 8}
 
 
 @dataclass

@@ -1,5 +1,6 @@
-/* Every kernel variant this CPU runs (the recurrence forward and backward, and the one-token decoding step)
- * against a straightforward scalar loop with libm's exp, in C alone: for
+/* Every kernel variant this CPU runs (the recurrence forward and backward in float32, and in bfloat16 and float16
+ * storage; the 16-bit conversions; the one-token decoding step) against a straightforward scalar loop with libm's
+ * exp, in C alone: for
  * architectures where torch is not at hand (built with a cross compiler, run under qemu-user), and for CPUs
  * this machine is not (qemu-user emulating an x86-64 without AVX-512, or without AVX).
  * Usage: kernel_check [EXPECTED_MASK]: also fails unless srupp_isa_supported() equals EXPECTED_MASK.
@@ -203,23 +204,158 @@ typedef void (*backward_fn)(const float *, const float *, const float *, const f
                             const uint8_t *, const float *, const float *, const float *, const float *, float *,
                             float *, float *, float *, int64_t, int64_t, int64_t, int, int);
 
+typedef void (*forward16_fn)(const uint16_t *, const uint16_t *, const float *, const float *, const float *,
+                             const uint8_t *, const float *, uint16_t *, float *, float *, int64_t, int64_t, int64_t,
+                             int, int);
+typedef void (*backward16_fn)(const uint16_t *, const uint16_t *, const float *, const float *, const float *,
+                              const uint8_t *, const float *, const float *, const uint16_t *, const float *,
+                              uint16_t *, uint16_t *, float *, float *, int64_t, int64_t, int64_t, int, int);
+typedef float (*load_fn)(uint16_t);
+typedef void (*pack_fn)(uint16_t *, const float *, int64_t);
+
+/* A 16-bit storage format: its kernels, conversions, significant bits, smallest normal exponent and largest
+ * exponent. */
+struct format {
+    const char *name;
+    forward16_fn forward;
+    backward16_fn backward;
+    load_fn load;
+    pack_fn pack;
+    int digits, emin, emax;
+};
+
 struct variant {
     const char *name;
     int bit;
     forward_fn forward;
     backward_fn backward;
     token_fn token;
+    struct format half[2];
 };
 
+#define FORMATS(isa)                                                                                                \
+    {{"bf16", srupp_sru_forward_bf16_##isa, srupp_sru_backward_bf16_##isa, srupp_from_bf16_##isa,                    \
+      srupp_pack_bf16_##isa, 8, -126, 127},                                                                         \
+     {"f16", srupp_sru_forward_f16_##isa, srupp_sru_backward_f16_##isa, srupp_from_f16_##isa, srupp_pack_f16_##isa, \
+      11, -14, 15}}
+#define VARIANT(isa, bit) \
+    {#isa, bit, srupp_sru_forward_f32_##isa, srupp_sru_backward_f32_##isa, srupp_token_run_f32_##isa, FORMATS(isa)}
+
 static const struct variant VARIANTS[] = {
-    {"baseline", SRUPP_ISA_BASELINE, srupp_sru_forward_f32_baseline, srupp_sru_backward_f32_baseline,
-     srupp_token_run_f32_baseline},
+    VARIANT(baseline, SRUPP_ISA_BASELINE),
 #ifdef SRUPP_X86_VARIANTS
-    {"avx2", SRUPP_ISA_AVX2, srupp_sru_forward_f32_avx2, srupp_sru_backward_f32_avx2, srupp_token_run_f32_avx2},
-    {"avx512", SRUPP_ISA_AVX512, srupp_sru_forward_f32_avx512, srupp_sru_backward_f32_avx512,
-     srupp_token_run_f32_avx512},
+    VARIANT(avx2, SRUPP_ISA_AVX2),
+    VARIANT(avx512, SRUPP_ISA_AVX512),
+    VARIANT(avx512bf16, SRUPP_ISA_AVX512BF16),
 #endif
 };
+
+/* `value` rounded to nearest even in a binary format of `digits` significant bits, exponents emin..emax and
+ * subnormals, in double: the conversions' reference. */
+static double round_to(double value, const struct format *fmt) {
+    if (isnan(value) || isinf(value)) return value;
+    int e;
+    frexp(fabs(value), &e); /* |value| = m 2^e, m in [0.5, 1) */
+    const int lead = e - 1 > fmt->emin ? e - 1 : fmt->emin;
+    const double quantum = ldexp(1.0, lead - (fmt->digits - 1));
+    const double rounded = rint(value / quantum) * quantum;
+    return fabs(rounded) >= ldexp(1.0, fmt->emax + 1) ? copysign(INFINITY, value) : rounded;
+}
+
+/* Equal values of equal sign, or both NaN. */
+static int same(double got, double want) {
+    return isnan(want) ? isnan(got) : got == want && !signbit(got) == !signbit(want);
+}
+
+/* Every 16-bit pattern read against its value, and floats (every exponent, random mantissas, ties, the edges of
+ * overflow and of the subnormals, infinities, NaN) written against round_to. Returns the number of failures. */
+static int check_conversions(const struct format *fmt, int hardware_bf16) {
+    int bad = 0;
+    const int shift = fmt->digits - 1; /* mantissa bits */
+    for (uint32_t bits = 0; bits < 65536; ++bits) {
+        const int exponent = (int)(bits >> shift) & ((1 << (15 - shift)) - 1), mantissa = bits & ((1u << shift) - 1);
+        const int bias = fmt->emax, top = (1 << (15 - shift)) - 1;
+        double want = exponent == 0 ? ldexp(mantissa, fmt->emin - shift)
+                                    : ldexp((double)(mantissa | (1u << shift)), exponent - bias - shift);
+        if (exponent == top) want = mantissa ? NAN : INFINITY;
+        want = bits & 0x8000u ? -want : want;
+        const float got = fmt->load((uint16_t)bits);
+        bad += !same(got, want);
+    }
+    enum { N = 4096 };
+    static float values[N];
+    static uint16_t packed[N];
+    unsigned s = 3;
+    for (int i = 0; i < N; ++i) {
+        uint32_t bits = (uint32_t)(uniform(&s) * 8388608.0f) * 512u ^ (uint32_t)(uniform(&s) * 8388608.0f);
+        memcpy(&values[i], &bits, sizeof bits);
+    }
+    const float edges[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 65504.0f, 65519.0f, 65520.0f, -65520.0f,
+                           6.1035156e-05f, 6.1035153e-05f, 5.9604645e-08f, 2.9802322e-08f, 2.9802326e-08f,
+                           1.0f + 0x1p-8f, 1.0f + 0x1p-9f, 1.0f + 3 * 0x1p-9f, 1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f,
+                           3.3895314e38f, 3.4028235e38f, 1e-40f, -1e-45f};
+    memcpy(values, edges, sizeof edges);
+    fmt->pack(packed, values, N - 3); /* an odd count: the vector loops' tails */
+    for (int i = 0; i < N - 3; ++i) {
+        const double want = round_to(values[i], fmt), got = fmt->load(packed[i]);
+        const int flushed = hardware_bf16 && fabsf(values[i]) < 0x1p-126f && got == 0; /* see srupp_pack_bf16_ */
+        bad += !flushed && !same(got, want);
+    }
+    if (bad) printf("%s conversions: %d wrong\n", fmt->name, bad);
+    return bad;
+}
+
+static void widen(float *out, const uint16_t *in, int n, load_fn load) {
+    for (int i = 0; i < n; ++i) out[i] = load(in[i]);
+}
+
+static void sum_gvb(float *gv, float *gb, const float *gvb) {
+    for (int i = 0; i < D; ++i) {
+        gv[i] = gv[D + i] = gb[i] = gb[D + i] = 0;
+        for (int b = 0; b < B; ++b) {
+            gv[i] += gvb[b * 4 * D + i], gv[D + i] += gvb[b * 4 * D + D + i];
+            gb[i] += gvb[b * 4 * D + 2 * D + i], gb[D + i] += gvb[b * 4 * D + 3 * D + i];
+        }
+    }
+}
+
+/* One format's kernels on u, x and grad_h rounded to it, against the reference on those rounded values: h,
+ * grad_u and grad_x are rounded once more when stored (within 2^-digits of the reference, relative), the rest
+ * is float32. Returns the largest error as a multiple of what each output may be off by. */
+static double check_half(const struct format *fmt, const float *u, const float *x, const float *v,
+                         const float *bias, const float *c0, const uint8_t *pad, const float *mask_c, const float *gh,
+                         const float *gc_last) {
+    static uint16_t u16[T * B * 3 * D], x16[T * B * D], gh16[T * B * D], h16[T * B * D], gu16[T * B * 3 * D];
+    static uint16_t gx16[T * B * D];
+    static float ur[T * B * 3 * D], xr[T * B * D], ghr[T * B * D], h[T * B * D], gu[T * B * 3 * D], gx[T * B * D];
+    static float c_all[T * B * D], c_last[B * D], gvb[B * 4 * D], gc0[B * D], gv[2 * D], gb[2 * D];
+    static double rh[T * B * D], rc_last[B * D], rgu[T * B * 3 * D], rgx[T * B * D], rgv[2 * D], rgb[2 * D];
+    static double rgc0[B * D], rgv_mag[2 * D], rgb_mag[2 * D];
+    for (int i = 0; i < T * B * 3 * D; i += 64) fmt->pack(u16 + i, u + i, T * B * 3 * D - i < 64 ? T * B * 3 * D - i : 64);
+    for (int i = 0; i < T * B * D; i += 64) {
+        const int n = T * B * D - i < 64 ? T * B * D - i : 64;
+        fmt->pack(x16 + i, x + i, n), fmt->pack(gh16 + i, gh + i, n);
+    }
+    widen(ur, u16, T * B * 3 * D, fmt->load), widen(xr, x16, T * B * D, fmt->load);
+    widen(ghr, gh16, T * B * D, fmt->load);
+    reference(ur, xr, v, bias, c0, pad, mask_c, ghr, gc_last, rh, rc_last, rgu, rgx, rgv, rgb, rgc0, rgv_mag,
+              rgb_mag);
+    fmt->forward(u16, x16, v, bias, c0, pad, mask_c, h16, c_all, c_last, T, B, D, 0, 2);
+    fmt->backward(u16, x16, v, bias, c0, pad, mask_c, c_all, gh16, gc_last, gu16, gx16, gvb, gc0, T, B, D, 0, 2);
+    widen(h, h16, T * B * D, fmt->load), widen(gu, gu16, T * B * 3 * D, fmt->load);
+    widen(gx, gx16, T * B * D, fmt->load);
+    sum_gvb(gv, gb, gvb);
+    printf("%s storage:\n", fmt->name);
+    /* 16-bit outputs: half a unit in the last place of rounding, 2^-digits relative, plus float32's error */
+    const double stored = 2.0 * ldexp(1.0, -fmt->digits) / 1e-4;
+    double err = worst("h", h, rh, 0, T * B * D) / stored;
+    err = fmax(err, worst("grad_u", gu, rgu, 0, T * B * 3 * D) / stored);
+    err = fmax(err, worst("grad_x", gx, rgx, 0, T * B * D) / stored);
+    err = fmax(err, worst("c_last", c_last, rc_last, 0, B * D));
+    err = fmax(err, worst("grad_v", gv, rgv, rgv_mag, 2 * D));
+    err = fmax(err, worst("grad_b", gb, rgb, rgb_mag, 2 * D));
+    return fmax(err, worst("grad_c0", gc0, rgc0, 0, B * D));
+}
 
 int main(int argc, char **argv) {
     static float u[T * B * 3 * D], x[T * B * D], gh[T * B * D], v[2 * D], bias[2 * D], c0[B * D], mask_c[B * D];
@@ -244,13 +380,7 @@ int main(int argc, char **argv) {
         printf("variant %s\n", var->name);
         var->forward(u, x, v, bias, c0, pad, mask_c, h, c_all, c_last, T, B, D, 0, 2);
         var->backward(u, x, v, bias, c0, pad, mask_c, c_all, gh, gc_last, gu, gx, gvb, gc0, T, B, D, 0, 2);
-        for (int i = 0; i < D; ++i) {
-            gv[i] = gv[D + i] = gb[i] = gb[D + i] = 0;
-            for (int b = 0; b < B; ++b) {
-                gv[i] += gvb[b * 4 * D + i], gv[D + i] += gvb[b * 4 * D + D + i];
-                gb[i] += gvb[b * 4 * D + 2 * D + i], gb[D + i] += gvb[b * 4 * D + 3 * D + i];
-            }
-        }
+        sum_gvb(gv, gb, gvb);
         err = fmax(err, worst("h", h, rh, 0, T * B * D));
         err = fmax(err, worst("c_last", c_last, rc_last, 0, B * D));
         err = fmax(err, worst("grad_u", gu, rgu, 0, T * B * 3 * D));
@@ -259,6 +389,11 @@ int main(int argc, char **argv) {
         err = fmax(err, worst("grad_b", gb, rgb, rgb_mag, 2 * D));
         err = fmax(err, worst("grad_c0", gc0, rgc0, 0, B * D));
         err = fmax(err, check_token_step(var->token));
+        for (int f = 0; f < 2; ++f) {
+            const struct format *fmt = &var->half[f];
+            if (check_conversions(fmt, f == 0 && var->bit == SRUPP_ISA_AVX512BF16)) err = 1e9;
+            err = fmax(err, check_half(fmt, u, x, v, bias, c0, pad, mask_c, gh, gc_last));
+        }
     }
     if (argc > 1 && atoi(argv[1]) != supported) {
         printf("expected runnable variants %s, got %d\n", argv[1], supported);

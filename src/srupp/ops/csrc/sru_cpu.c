@@ -1,15 +1,15 @@
-/* Fused SRU recurrence for the CPU, forward and backward, in float32 and float64.
+/* Fused SRU recurrence for the CPU, forward and backward: float32 and float64, and bfloat16 and float16 storage
+ * with float32 arithmetic.
  *
  * Plain C with POSIX threads and no Python or torch headers: the package build compiles it to a
  * shared library that srupp/ops/library.py loads with ctypes and calls on tensor data pointers.
  *
- * Threads: the library is not built with OpenMP, because torch ships its own OpenMP runtime and a
- * second one in the same process keeps its idle workers spinning while torch's run (on a 2-core machine
- * every op around the kernel slowed down ~10x, measured). Torch's own workers spin too, for a few
- * milliseconds after each of its parallel ops, and threads of ours started beside them share the cores
- * with them (a kernel call right after a torch op ran ~30% slower, measured). So where torch runs on
- * libgomp, cpu.py hands this library that runtime's entry points (srupp_use_openmp) and the kernels run
- * on torch's own thread team; elsewhere, threads made per call and joined before returning.
+ * Threads: the library is not built with OpenMP, because torch ships its own OpenMP runtime and a second one in
+ * the same process keeps its idle workers spinning while torch's run, slowing every op around the kernel. Torch's
+ * own workers spin too, for a while after each of its parallel ops, and threads of ours started beside them would
+ * share the cores with them. So where torch runs on libgomp, cpu.py hands this library that runtime's entry
+ * points (srupp_use_openmp) and the kernels run on torch's own thread team; elsewhere, threads made per call and
+ * joined before returning. (Measurements: BENCHMARKS.md, "The recurrence op".)
  */
 #define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
@@ -31,25 +31,17 @@
 #endif
 /* A block's time step reads one span of every input per batch row, and the next step's spans lie B*D
  * elements further on, in other 4 KiB pages: the hardware prefetchers, which follow a stream within a page,
- * start over at every step and the first lines of each span wait for memory. So the kernels fetch the next
- * step's spans themselves, one cache line per input for every line's worth of lanes they compute, in groups
- * of PREFETCH_LANES lanes. Zen 4, T=512 B=16 D=512, one thread: forward +17-20% (AVX2 and AVX-512),
- * backward +0-15%; two threads through the public op (T=512 B=16 D=512 and T=256 B=32 D=1024): forward
- * 10-15% faster, forward + backward 2-8%. The lines go to L2 (locality hint 2, x86 prefetcht1), which
- * gained another 7-13% forward and 3-8% backward over fetching into L1 (hint 3), whose few miss buffers the
- * loop's own loads need. Fetching two steps ahead, chunks of 32 or 128 lanes, or the backward's outputs for
- * writing, gained nothing. */
+ * start over at every step and the first lines of each span would wait for memory. So the kernels fetch the
+ * next step's spans themselves, one cache line per input for every line's worth of lanes they compute, in
+ * groups of PREFETCH_LANES lanes. The lines go to L2 (locality hint 2, x86 prefetcht1) rather than L1, whose few
+ * miss buffers the loop's own loads need. */
 #define PREFETCH_LANES 64
-/* The backward pass's loop body is long (two exps, two divisions and some thirty other operations per
- * lane), and the out-of-order core, which can hold only so many operations waiting on their inputs, then
- * overlaps few of its iterations. With SRUPP_SPLIT_GATES, each chunk's gates are computed first, in two
- * short loops of their own (the exps' arguments, then the sigmoids, through a buffer in L1), and the
- * gradients after. Zen 4, T=512 B=16 D=512: AVX2 backward +18-20% in cache, one thread, and +10% out of
- * cache, two threads; baseline +19% in cache; AVX-512, whose vectors do twice the work per operation, ran
- * 5-15% slower in cache with it, so its variant keeps the one loop. (The forward pass's shorter loop gained
- * nothing.) With the shorter clamp of the exp (sru_cpu_isa.h), forward + backward through the public op
- * took 8-9% less time on AVX2 (T=512 B=16 D=512 and T=256 B=32 D=1024, two threads, four A/B runs), 7-8%
- * less on the baseline, and the same to 7% less on AVX-512. Each variant below sets it. */
+/* The backward pass's loop body is long (two exps, two divisions and some thirty other operations per lane),
+ * and the out-of-order core, which can hold only so many operations waiting on their inputs, then overlaps few
+ * of its iterations. With SRUPP_SPLIT_GATES, each chunk's gates are computed first, in two short loops of their
+ * own (the exps' arguments, then the sigmoids, through a buffer in L1), and the gradients after. That pays where
+ * a vector holds few lanes (baseline, AVX2); AVX-512's vectors do twice the work per operation, so its variant
+ * keeps the one loop. Each variant below sets it. */
 #define LINE_LANES (64 / (int64_t)sizeof(real))
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH(address) __builtin_prefetch(address, 0, 2)
@@ -58,25 +50,21 @@
 #endif
 #define MAX_THREADS 256
 #define WORKER_STACK (1 << 20)
-/* Both passes write outputs of at least this many bytes per [T, B, D] tensor with non-temporal stores: they
- * go to memory without first being read into the cache (a normal store reads the line it writes, so
- * streaming outputs cost 1.5-2x their bytes), and they are far larger than the caches anyway. Smaller
- * outputs stay in the cache for whatever reads them next. (The backward pass gained nothing from them until
- * its reads were prefetched (PREFETCH_LANES); since then its kernel runs 8-10% faster with them, AVX2 and
- * AVX-512 on Zen 4, two threads.) Each pass computes a chunk of PREFETCH_LANES lanes into a small buffer and
- * streams it out while it is in L1: the forward ran 15-25% faster (AVX-512; AVX2 3-10%) than when it staged a
- * whole row span of up to BLOCK lanes. */
+/* Both passes write outputs of at least this many bytes per [T, B, D] tensor with non-temporal stores: they go
+ * to memory without first being read into the cache (a normal store reads the line it writes, so streamed
+ * outputs would cost more than their bytes), and they are far larger than the caches anyway. Smaller outputs
+ * stay in the cache for whatever reads them next. Each pass computes a chunk of PREFETCH_LANES lanes into a
+ * small buffer and streams it out while it is in L1, rather than staging a whole row span. */
 #ifndef SRUPP_STREAM_MIN_BYTES
 #define SRUPP_STREAM_MIN_BYTES (8 << 20)
 #endif
 /* Below this many elements (T*B*D) a thread costs more to start than it saves. */
 #define MIN_WORK_PER_THREAD 65536
 
-/* The outputs are fresh allocations that glibc maps anew for every call, and first touching them
- * costs a page fault per 4 KiB: for a training step of T=512 B=16 D=512 that was more time than the
- * kernel itself. Asking for huge pages on the 2 MiB-aligned interior of each large output (which is
- * ours alone) cuts the faults 512-fold where the kernel allows it (THP "madvise"); elsewhere the
- * call fails harmlessly. */
+/* Outputs the caller allocated afresh are mapped anew by the C library, and first touching them costs a page
+ * fault per 4 KiB, which for a training step can be more time than the kernel itself. Asking for huge pages on
+ * the 2 MiB-aligned interior of each large output (which is ours alone) cuts the faults 512-fold where the
+ * kernel allows it (THP "madvise"); elsewhere the call fails harmlessly. */
 static void hint_huge_pages(void *start, int64_t bytes) {
 #ifdef MADV_HUGEPAGE
     const uintptr_t huge = (uintptr_t)1 << 21;
@@ -87,6 +75,19 @@ static void hint_huge_pages(void *start, int64_t bytes) {
     (void)start;
     (void)bytes;
 #endif
+}
+
+/* A float32's bits and back (memcpy: the defined way, compiled to nothing). */
+static inline uint32_t srupp_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+static inline float srupp_float(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
 }
 
 typedef void (*srupp_work_fn)(const void *args, int64_t begin, int64_t end);
@@ -176,7 +177,8 @@ static void srupp_parallel_for(int64_t items, int64_t work, int nthreads, srupp_
 }
 
 /* The kernels proper, compiled once per instruction set: baseline (SSE2 on x86-64, NEON on aarch64),
- * AVX2+FMA and AVX-512, each under its own symbol suffix. The build flags stay at the baseline, so the
+ * AVX2+FMA, AVX-512, and AVX-512 with the BF16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4),
+ * each under its own symbol suffix. The build flags stay at the baseline, so the
  * library runs on any CPU of its architecture; Python picks the best variant the CPU has at load time
  * (srupp_isa_supported) or the one SRUPP_CPU_ISA names. */
 /* The weights of one layer for srupp_token_step_f32_<isa> (sru_token_impl.h), gathered once per decoding run;
@@ -214,6 +216,7 @@ struct srupp_token_run {
 #define SRUPP_STREAM_WIDTH 0 /* no portable non-temporal store: plain copies */
 #define SRUPP_FENCE() ((void)0)
 #endif
+#define SRUPP_AVX512BF16 0 /* the AVX-512 BF16 conversion, in its own variant */
 #define SRUPP_SPLIT_GATES 1
 #define SRUPP_ISA baseline
 #include "sru_cpu_isa.h"
@@ -224,6 +227,7 @@ struct srupp_token_run {
 #define SRUPP_ISA_BASELINE 1
 #define SRUPP_ISA_AVX2 2
 #define SRUPP_ISA_AVX512 4
+#define SRUPP_ISA_AVX512BF16 8
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SRUPP_X86_VARIANTS 1
@@ -267,12 +271,36 @@ struct srupp_token_run {
 #else
 #pragma GCC pop_options
 #endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")
+#endif
+#define SRUPP_STREAM_WIDTH 64
+#define SRUPP_SPLIT_GATES 0
+#undef SRUPP_AVX512BF16
+#define SRUPP_AVX512BF16 1
+#define SRUPP_ISA avx512bf16
+#include "sru_cpu_isa.h"
+#undef SRUPP_ISA
+#undef SRUPP_STREAM_WIDTH
+#undef SRUPP_SPLIT_GATES
+#undef SRUPP_AVX512BF16
+#define SRUPP_AVX512BF16 0
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
 /* Bit mask of the variants compiled into this library. */
 int srupp_isa_compiled(void) {
 #ifdef SRUPP_X86_VARIANTS
-    return SRUPP_ISA_BASELINE | SRUPP_ISA_AVX2 | SRUPP_ISA_AVX512;
+    return SRUPP_ISA_BASELINE | SRUPP_ISA_AVX2 | SRUPP_ISA_AVX512 | SRUPP_ISA_AVX512BF16;
 #else
     return SRUPP_ISA_BASELINE;
 #endif
@@ -287,8 +315,9 @@ int srupp_isa_supported(void) {
     if ((isa & SRUPP_ISA_AVX2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
         isa |= SRUPP_ISA_AVX512;
+    if ((isa & SRUPP_ISA_AVX512) && __builtin_cpu_supports("avx512bf16")) isa |= SRUPP_ISA_AVX512BF16;
 #endif
     return isa;
 }
 
-int srupp_abi_version(void) { return 6; }
+int srupp_abi_version(void) { return 7; }

@@ -1,5 +1,7 @@
-/* One precision of the fused SRU recurrence; included once per `real` type and instruction set by
- * sru_cpu_isa.h.
+/* One precision of the fused SRU recurrence; included once per storage type and instruction set by
+ * sru_cpu_isa.h. `elem` is the type u, x, h and their gradients are stored in, read through LOAD; `real` that of
+ * the state c, the gates' parameters and every sum, and the type all arithmetic runs in. With SRUPP_HALF, elem
+ * is a 16-bit format: each chunk of outputs is computed in real and written out by PACK.
  *
  * The B*D lanes (batch row, feature) are independent. They are cut into blocks of contiguous lanes, and
  * each block runs the whole time loop with its state in local arrays, so blocks are independent and are
@@ -11,29 +13,47 @@
  */
 
 /* Prefetch lanes [j0, j1) of each span, a cache line at a time (see PREFETCH_LANES). */
-static inline void SRUPP_FN(fetch_lines)(const real *const *spans, int count, int64_t j0, int64_t j1) {
-    for (int64_t q = j0; q < j1; q += LINE_LANES)
+static inline void SRUPP_FN(fetch_lines)(const elem *const *spans, int count, int64_t j0, int64_t j1) {
+    for (int64_t q = j0; q < j1; q += 64 / (int64_t)sizeof(elem))
         for (int i = 0; i < count; ++i) PREFETCH(spans[i] + q);
 }
 
+#if SRUPP_HALF
+/* Round a chunk of n <= PREFETCH_LANES computed values to the storage format and write it (streamed when
+ * `stream`). */
+static inline void SRUPP_FN(put)(elem *dst, const real *src, int64_t n, int stream) {
+    if (!stream) {
+        PACK(dst, src, n);
+        return;
+    }
+    elem packed[PREFETCH_LANES];
+    PACK(packed, src, n);
+    STREAM(dst, packed, n * (int64_t)sizeof(elem));
+}
+#endif
+
 struct SRUPP_FN(forward_args) {
-    const real *u, *x, *v, *bias, *c0;
+    const elem *u, *x;
+    const real *v, *bias, *c0;
     const uint8_t *mask_pad;
     const real *mask_c;
-    real *h, *c_all, *c_last;
+    elem *h;
+    real *c_all, *c_last;
     int64_t T, B, D, block;
     int reverse, stream;
 };
 
 static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end) {
     const struct SRUPP_FN(forward_args) *a = args;
-    const real *restrict u = a->u, *restrict x = a->x, *restrict v = a->v, *restrict bias = a->bias;
+    const elem *restrict u = a->u, *restrict x = a->x;
+    const real *restrict v = a->v, *restrict bias = a->bias;
     const real *restrict c0 = a->c0, *restrict mask_c = a->mask_c;
     const uint8_t *restrict mask_pad = a->mask_pad;
-    real *restrict h = a->h, *restrict c_all = a->c_all, *restrict c_last = a->c_last;
+    elem *restrict h = a->h;
+    real *restrict c_all = a->c_all, *restrict c_last = a->c_last;
     const int64_t T = a->T, B = a->B, D = a->D, lanes = B * D;
     const int reverse = a->reverse, stream = a->stream;
-    real c[BLOCK], m[BLOCK], staged[PREFETCH_LANES]; /* a chunk of h, when streaming */
+    real c[BLOCK], m[BLOCK], staged[PREFETCH_LANES]; /* a chunk of h, when streamed or packed */
     for (int64_t item = begin; item < end; ++item) {
         const int64_t lo = item * a->block;
         const int64_t hi = lo + a->block < lanes ? lo + a->block : lanes;
@@ -49,42 +69,51 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
                 const int64_t at = (t * B + row) * D + d0;
                 real *restrict cs = c + (k - lo);
                 const real *restrict ms = m + (k - lo);
-                real *restrict ht = h + at;
+                elem *restrict ht = h + at;
                 k += n;
                 if (mask_pad && mask_pad[t * B + row]) {
                     for (int64_t j = 0; j < n; ++j) ht[j] = 0;
                     if (c_all) memcpy(c_all + at, cs, (size_t)n * sizeof(real));
                     continue;
                 }
-                const real *restrict uc = u + (t * B + row) * 3 * D + d0;
-                const real *restrict uf = uc + D;
-                const real *restrict ur = uc + 2 * D;
-                const real *restrict xt = x + at;
+                const elem *restrict uc = u + (t * B + row) * 3 * D + d0;
+                const elem *restrict uf = uc + D;
+                const elem *restrict ur = uc + 2 * D;
+                const elem *restrict xt = x + at;
                 const real *restrict vf = v + d0, *restrict vr = v + D + d0;
                 const real *restrict bf = bias + d0, *restrict br = bias + D + d0;
                 /* this row's inputs at the next step (this step's again at the last), a line fetched per line
                  * computed (see PREFETCH_LANES) */
                 const int64_t tn = s + 1 == T ? t : reverse ? t - 1 : t + 1;
-                const real *next_u = u + (tn * B + row) * 3 * D + d0;
-                const real *const next[] = {next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0};
+                const elem *next_u = u + (tn * B + row) * 3 * D + d0;
+                const elem *const next[] = {next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0};
                 for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
                     const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
                     SRUPP_FN(fetch_lines)(next, 4, j0, j1);
+#if SRUPP_HALF
+                    real *restrict out_h = staged;
+#else
                     real *restrict out_h = stream ? staged : ht + j0;
+#endif
 #pragma omp simd
                     for (int64_t j = j0; j < j1; ++j) {
                         const real cp = cs[j];
-                        const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
-                        const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                        const real f = (real)1 / ((real)1 + EXP(-(LOAD(uf[j]) + vf[j] * cp + bf[j])));
+                        const real r = (real)1 / ((real)1 + EXP(-(LOAD(ur[j]) + vr[j] * cp + br[j])));
                         /* the spec's form, not uc + f * (cp - uc): that loses cp when |uc| is huge */
-                        const real cn = f * cp + ((real)1 - f) * uc[j];
-                        const real xv = xt[j];
+                        const real cn = f * cp + ((real)1 - f) * LOAD(uc[j]);
+                        const real xv = LOAD(xt[j]);
                         out_h[j - j0] = xv + ms[j] * r * (cn - xv);
                         cs[j] = cn;
                     }
+#if SRUPP_HALF
+                    SRUPP_FN(put)(ht + j0, staged, j1 - j0, stream);
+#endif
                     if (stream) {
                         const int64_t bytes = (j1 - j0) * (int64_t)sizeof(real);
+#if !SRUPP_HALF
                         STREAM(ht + j0, staged, bytes);
+#endif
                         if (c_all) STREAM(c_all + at + j0, cs + j0, bytes);
                     }
                 }
@@ -97,25 +126,31 @@ static void SRUPP_FN(forward_items)(const void *args, int64_t begin, int64_t end
 }
 
 struct SRUPP_FN(backward_args) {
-    const real *u, *x, *v, *bias, *c0;
+    const elem *u, *x;
+    const real *v, *bias, *c0;
     const uint8_t *mask_pad;
-    const real *mask_c, *c_all, *gh, *gc_last;
-    real *gu, *gx, *gvb, *gc0;
+    const real *mask_c, *c_all;
+    const elem *gh;
+    const real *gc_last;
+    elem *gu, *gx;
+    real *gvb, *gc0;
     int64_t T, B, D, block;
     int reverse, stream;
 };
 
 static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t end) {
     const struct SRUPP_FN(backward_args) *a = args;
-    const real *restrict u = a->u, *restrict x = a->x, *restrict v = a->v, *restrict bias = a->bias;
+    const elem *restrict u = a->u, *restrict x = a->x, *restrict gh = a->gh;
+    const real *restrict v = a->v, *restrict bias = a->bias;
     const real *restrict c0 = a->c0, *restrict mask_c = a->mask_c, *restrict c_all = a->c_all;
-    const real *restrict gh = a->gh, *restrict gc_last = a->gc_last;
+    const real *restrict gc_last = a->gc_last;
     const uint8_t *restrict mask_pad = a->mask_pad;
-    real *restrict gu = a->gu, *restrict gx = a->gx, *restrict gvb = a->gvb, *restrict gc0 = a->gc0;
+    elem *restrict gu = a->gu, *restrict gx = a->gx;
+    real *restrict gvb = a->gvb, *restrict gc0 = a->gc0;
     const int64_t T = a->T, B = a->B, D = a->D, lanes = B * D;
     const int reverse = a->reverse, stream = a->stream;
     real gc[BLOCK], m[BLOCK], gvf[BLOCK], gvr[BLOCK], gbf[BLOCK], gbr[BLOCK];
-    real staged[4][PREFETCH_LANES]; /* a chunk of grad_u's three spans and grad_x's, when streaming */
+    real staged[4][PREFETCH_LANES]; /* a chunk of grad_u's three spans and grad_x's, when streamed or packed */
 #if SRUPP_SPLIT_GATES
     real gate[2 * PREFETCH_LANES]; /* a chunk's forget and reset gates */
 #endif
@@ -138,21 +173,21 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                 const int64_t at = (t * B + row) * D + d0;
                 const int64_t uat = (t * B + row) * 3 * D + d0;
                 const int64_t i = k - lo;
-                real *restrict guc = gu + uat;
-                real *restrict guf = guc + D;
-                real *restrict gur = guc + 2 * D;
-                real *restrict gxt = gx + at;
+                elem *restrict guc = gu + uat;
+                elem *restrict guf = guc + D;
+                elem *restrict gur = guc + 2 * D;
+                elem *restrict gxt = gx + at;
                 k += n;
                 if (mask_pad && mask_pad[t * B + row]) {
                     for (int64_t j = 0; j < n; ++j) guc[j] = guf[j] = gur[j] = gxt[j] = 0;
                     continue;
                 }
-                const real *restrict uc = u + uat;
-                const real *restrict uf = uc + D;
-                const real *restrict ur = uc + 2 * D;
-                const real *restrict xt = x + at;
+                const elem *restrict uc = u + uat;
+                const elem *restrict uf = uc + D;
+                const elem *restrict ur = uc + 2 * D;
+                const elem *restrict xt = x + at;
                 const real *restrict ct = c_all + at;
-                const real *restrict ghtt = gh + at;
+                const elem *restrict ghtt = gh + at;
                 const real *restrict cprev =
                     first ? c0 + row * D + d0 : c_all + ((reverse ? t + 1 : t - 1) * B + row) * D + d0;
                 const real *restrict vf = v + d0, *restrict vr = v + D + d0;
@@ -163,25 +198,31 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                 /* this row's inputs at the next step (this step's again at the last); the next step's c_all
                  * is this step's cprev, already read */
                 const int64_t tn = first ? t : reverse ? t + 1 : t - 1;
-                const real *next_u = u + (tn * B + row) * 3 * D + d0;
-                const real *const next[] = {
-                    next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0, gh + (tn * B + row) * D + d0,
-                    s + 2 >= T ? cprev : c_all + ((reverse ? tn + 1 : tn - 1) * B + row) * D + d0};
+                const elem *next_u = u + (tn * B + row) * 3 * D + d0;
+                const elem *const next[] = {next_u, next_u + D, next_u + 2 * D, x + (tn * B + row) * D + d0,
+                                            gh + (tn * B + row) * D + d0};
+                const real *next_c = s + 2 >= T ? cprev : c_all + ((reverse ? tn + 1 : tn - 1) * B + row) * D + d0;
                 for (int64_t j0 = 0; j0 < n; j0 += PREFETCH_LANES) {
                     const int64_t j1 = j0 + PREFETCH_LANES < n ? j0 + PREFETCH_LANES : n;
-                    SRUPP_FN(fetch_lines)(next, 6, j0, j1);
+                    SRUPP_FN(fetch_lines)(next, 5, j0, j1);
+                    for (int64_t q = j0; q < j1; q += LINE_LANES) PREFETCH(next_c + q);
+#if SRUPP_HALF
+                    real *restrict out_c = staged[0], *restrict out_f = staged[1];
+                    real *restrict out_r = staged[2], *restrict out_x = staged[3];
+#else
                     real *restrict out_c = stream ? staged[0] : guc + j0;
                     real *restrict out_f = stream ? staged[1] : guf + j0;
                     real *restrict out_r = stream ? staged[2] : gur + j0;
                     real *restrict out_x = stream ? staged[3] : gxt + j0;
+#endif
 #if SRUPP_SPLIT_GATES
                     /* the gates first, in loops of their own (see SRUPP_SPLIT_GATES) */
                     const int64_t len = j1 - j0;
 #pragma omp simd
                     for (int64_t j = j0; j < j1; ++j) {
                         const real cp = cprev[j];
-                        gate[j - j0] = -(uf[j] + vf[j] * cp + bf[j]);
-                        gate[len + j - j0] = -(ur[j] + vr[j] * cp + br[j]);
+                        gate[j - j0] = -(LOAD(uf[j]) + vf[j] * cp + bf[j]);
+                        gate[len + j - j0] = -(LOAD(ur[j]) + vr[j] * cp + br[j]);
                     }
 #pragma omp simd
                     for (int64_t q = 0; q < 2 * len; ++q) gate[q] = (real)1 / ((real)1 + EXP(gate[q]));
@@ -193,14 +234,14 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                         const real f = gate[j - j0];
                         const real r = gate[len + j - j0];
 #else
-                        const real f = (real)1 / ((real)1 + EXP(-(uf[j] + vf[j] * cp + bf[j])));
-                        const real r = (real)1 / ((real)1 + EXP(-(ur[j] + vr[j] * cp + br[j])));
+                        const real f = (real)1 / ((real)1 + EXP(-(LOAD(uf[j]) + vf[j] * cp + bf[j])));
+                        const real r = (real)1 / ((real)1 + EXP(-(LOAD(ur[j]) + vr[j] * cp + br[j])));
 #endif
-                        const real g = ghtt[j];
-                        const real xv = xt[j];
+                        const real g = LOAD(ghtt[j]);
+                        const real xv = LOAD(xt[j]);
                         const real gct = gcs[j] + g * ms[j] * r;
                         const real dr = g * ms[j] * (ct[j] - xv) * r * ((real)1 - r);
-                        const real df = gct * (cp - uc[j]) * f * ((real)1 - f);
+                        const real df = gct * (cp - LOAD(uc[j])) * f * ((real)1 - f);
                         out_x[j - j0] = g * ((real)1 - ms[j] * r);
                         out_c[j - j0] = gct * ((real)1 - f);
                         out_f[j - j0] = df;
@@ -211,6 +252,12 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                         gvrs[j] += dr * cp;
                         gcs[j] = gct * f + df * vf[j] + dr * vr[j];
                     }
+#if SRUPP_HALF
+                    SRUPP_FN(put)(guc + j0, staged[0], j1 - j0, stream);
+                    SRUPP_FN(put)(guf + j0, staged[1], j1 - j0, stream);
+                    SRUPP_FN(put)(gur + j0, staged[2], j1 - j0, stream);
+                    SRUPP_FN(put)(gxt + j0, staged[3], j1 - j0, stream);
+#else
                     if (stream) {
                         const int64_t bytes = (j1 - j0) * (int64_t)sizeof(real);
                         STREAM(guc + j0, staged[0], bytes);
@@ -218,6 +265,7 @@ static void SRUPP_FN(backward_items)(const void *args, int64_t begin, int64_t en
                         STREAM(gur + j0, staged[2], bytes);
                         STREAM(gxt + j0, staged[3], bytes);
                     }
+#endif
                 }
             }
         }
@@ -246,12 +294,12 @@ static int64_t SRUPP_FN(block_lanes)(int64_t lanes, int nthreads) {
     return block > BLOCK ? BLOCK : block < 64 ? 64 : block;
 }
 
-void SRUPP_FN(forward)(const real *u, const real *x, const real *v, const real *bias, const real *c0,
-                       const uint8_t *mask_pad, const real *mask_c, real *h, real *c_all, real *c_last, int64_t T,
+void SRUPP_FN(forward)(const elem *u, const elem *x, const real *v, const real *bias, const real *c0,
+                       const uint8_t *mask_pad, const real *mask_c, elem *h, real *c_all, real *c_last, int64_t T,
                        int64_t B, int64_t D, int reverse, int nthreads) {
     const int64_t block = SRUPP_FN(block_lanes)(B * D, nthreads);
     const int64_t bytes = T * B * D * (int64_t)sizeof(real);
-    hint_huge_pages(h, bytes);
+    hint_huge_pages(h, T * B * D * (int64_t)sizeof(elem));
     if (c_all) hint_huge_pages(c_all, bytes);
     const struct SRUPP_FN(forward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, h, c_all, c_last,
                                                 T, B, D, block, reverse, bytes >= SRUPP_STREAM_MIN_BYTES};
@@ -260,12 +308,12 @@ void SRUPP_FN(forward)(const real *u, const real *x, const real *v, const real *
 
 /* gvb is [B, 4, D]: per batch row the partial sums of (grad v_f, grad v_r, grad b_f, grad b_r);
  * the caller sums over B, so no two threads ever write the same address. */
-void SRUPP_FN(backward)(const real *u, const real *x, const real *v, const real *bias, const real *c0,
-                        const uint8_t *mask_pad, const real *mask_c, const real *c_all, const real *gh,
-                        const real *gc_last, real *gu, real *gx, real *gvb, real *gc0, int64_t T, int64_t B,
+void SRUPP_FN(backward)(const elem *u, const elem *x, const real *v, const real *bias, const real *c0,
+                        const uint8_t *mask_pad, const real *mask_c, const real *c_all, const elem *gh,
+                        const real *gc_last, elem *gu, elem *gx, real *gvb, real *gc0, int64_t T, int64_t B,
                         int64_t D, int reverse, int nthreads) {
     const int64_t block = SRUPP_FN(block_lanes)(B * D, nthreads);
-    const int64_t bytes = T * B * D * (int64_t)sizeof(real);
+    const int64_t bytes = T * B * D * (int64_t)sizeof(elem);
     hint_huge_pages(gu, 3 * bytes);
     hint_huge_pages(gx, bytes);
     const struct SRUPP_FN(backward_args) args = {u, x, v, bias, c0, mask_pad, mask_c, c_all, gh, gc_last,
