@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     # One token at a time is a chain of tiny ops: extra CPU threads only add synchronisation
     # (demo model, 2 cores, 1000 tokens: 318 tokens/s with 2 threads, 353 with 1).
-    p.add_argument("--threads", type=count, default=1, help="torch CPU threads (default 1: fastest for sampling)")
+    p.add_argument("--threads", type=_number(int, 1, high=os.cpu_count() or 1), default=1,
+                   help="torch CPU threads, at most the CPU count (default 1: fastest for sampling)")  # fmt: skip
     p.set_defaults(func=_cmd_generate)
 
     data = sub.add_parser("data", help="corpus preparation").add_subparsers(dest="data_command", required=True)

@@ -17,6 +17,10 @@ class ConfigError(SRUppError, ValueError):
     """An option, config file or argument has a wrong value."""
 
 
+class ConfigTypeError(SRUppError, TypeError):
+    """An option, config file or argument has a value of the wrong type (a string for a number or a bool)."""
+
+
 class CheckpointError(SRUppError, ValueError):
     """A checkpoint is damaged, of another format, or does not match the model it should rebuild."""
 
@@ -44,6 +48,7 @@ class DivergenceError(SRUppError, FloatingPointError):
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConfigTypeError",
     "CorpusError",
     "DivergenceError",
     "DownloadError",

@@ -168,7 +168,7 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
             vocab = Vocab(kind, words, tokenizer)
         else:
             vocab = Vocab(kind, words)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
         raise CorpusError(f"corpus {path} has an invalid {META} ({err!r})") from err
     for name, length in lengths.items():
         file = path / f"{name}.bin"

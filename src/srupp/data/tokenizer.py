@@ -100,7 +100,7 @@ def read_tokenizer(path: str | os.PathLike) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise ConfigError(f"`--tokenizer` {path} is not a tokenizer.json file: {error}") from None
     decoder = (data.get("decoder") or {}).get("type") if isinstance(data, dict) else None
     if decoder != "ByteLevel":

@@ -4,10 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from srupp.errors import ConfigError, ConfigTypeError
 from srupp.nn.layer import HIGHWAY_BIAS, attention_layer_indices
+
+# Far above any model this library trains (the paper's largest: 10 layers, d=6016), low enough that a crafted or
+# mistyped size is refused before a module is built: building 10**7 layers, even on the meta device, never ends.
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 16
+MAX_VOCAB = 1 << 24
+
+
+def check_number(
+    name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
+    strict: bool = False, at_most: float | None = None, optional: bool = False,
+) -> None:  # fmt: skip
+    """Raise unless ``value`` is a finite number (an int if ``integer``; never a bool or a string) within
+    ``[low, high)`` (``(low, high)`` with ``strict``) and ``<= at_most``: ConfigTypeError (a TypeError) for the
+    wrong type, ConfigError (a ValueError) for a non-finite or out-of-range value."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an int" if integer else "a finite number"
+        raise ConfigTypeError(f"`{name}` must be {kind}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be a finite number, got {value!r}")
+    if low is not None and (value < low or (strict and value == low)):
+        raise ConfigError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value!r}")
+    if high is not None and value >= high:
+        raise ConfigError(f"`{name}` must be < {high}, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"`{name}` must be <= {at_most:,}, got {value!r}")
+
+
+def _check_int_list(name: str, value: Any, *, at_most: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list | tuple) or len(value) > at_most:
+        raise ConfigTypeError(f"`{name}` must be a list of at most {at_most:,} ints or None, got {value!r:.80}")
+    for item in value:
+        check_number(name, item, integer=True)
 
 
 @dataclass
@@ -53,20 +92,22 @@ class LMConfig:
     div_value: float = 4.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "proj_size", "num_layers", "num_heads", "attention_every_n_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}")
-        if self.vocab_size < 2:
-            raise ValueError(f"`vocab_size` must be >= 2, got {self.vocab_size}")
+        check_number("num_layers", self.num_layers, integer=True, low=1, at_most=MAX_LAYERS)
+        check_number("vocab_size", self.vocab_size, integer=True, low=2, at_most=MAX_VOCAB)
+        for name in ("hidden_size", "proj_size", "num_heads"):
+            check_number(name, getattr(self, name), integer=True, low=1, at_most=MAX_WIDTH)
+        check_number("attention_every_n_layers", self.attention_every_n_layers, integer=True, low=1)
+        check_number("embed_size", self.embed_size, integer=True, low=1, at_most=MAX_WIDTH, optional=True)
         if self.proj_size % self.num_heads:
             raise ValueError(f"`proj_size` ({self.proj_size}) must be divisible by `num_heads` ({self.num_heads})")
         for name in ("dropout", "attn_dropout", "emb_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+            check_number(name, getattr(self, name), low=0.0, high=1.0)
+        check_number("highway_bias", self.highway_bias)
+        check_number("div_value", self.div_value)
+        if not isinstance(self.layer_norm, bool):
+            raise ConfigTypeError(f"`layer_norm` must be true or false, got {self.layer_norm!r}")
+        _check_int_list("attention_layers", self.attention_layers, at_most=MAX_LAYERS)
+        _check_int_list("cutoffs", self.cutoffs, at_most=MAX_LAYERS)
         attention_layer_indices(self.num_layers, self.attention_every_n_layers, self.attention_layers)
         if self.cutoffs is not None:
             edges = [0, *self.cutoffs, self.vocab_size]
@@ -75,8 +116,6 @@ class LMConfig:
                     f"`cutoffs` must be strictly increasing within (0, vocab_size={self.vocab_size}), "
                     f"got {self.cutoffs}"
                 )
-            if self.embed_size is not None and self.embed_size < 1:
-                raise ValueError(f"`embed_size` must be >= 1 or None, got {self.embed_size}")
             if self.div_value <= 1.0 or self.adaptive_size // self.div_value ** len(self.cutoffs) < 1:
                 raise ValueError(
                     f"`div_value` must be > 1 and leave every cluster >= 1 dim "
@@ -138,4 +177,4 @@ class LMConfig:
         return cls.from_dict(json.loads(text))
 
 
-__all__ = ["LMConfig"]
+__all__ = ["MAX_LAYERS", "MAX_VOCAB", "MAX_WIDTH", "LMConfig", "check_number"]

@@ -150,7 +150,7 @@ def _read(path: Path, *, with_tensors: bool) -> tuple[dict[str, str], dict[str, 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict, dict, dict]:
     try:
         config, vocab, trainer = (json.loads(metadata[k]) for k in ("config", "vocab", "trainer"))
-    except (KeyError, json.JSONDecodeError) as err:
+    except (KeyError, ValueError, RecursionError) as err:
         raise CheckpointError(f"checkpoint {path} has corrupted metadata ({err})") from err
     if not all(isinstance(part, dict) for part in (config, vocab, trainer)):
         raise CheckpointError(f"checkpoint {path} has corrupted metadata (config, vocab and trainer must be objects)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
@@ -12,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from srupp.errors import ConfigError
-from srupp.models import LMConfig
+from srupp.errors import ConfigError, ConfigTypeError
+from srupp.models.config import LMConfig, check_number
 from srupp.ops import BACKENDS
 
 OPTIMIZERS = ("radam", "adamw")
@@ -22,26 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS,
            "compile_mode": COMPILE_MODES}  # fmt: skip
-# A resume continues the same stream of data and the same model: these cannot change on the way.
-FIXED_ON_RESUME = ("data", "batch_size", "unroll_size", "grad_accum", "seed")
-
-
-def _check_number(
-    name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
-    strict: bool = False, optional: bool = False,
-) -> None:  # fmt: skip
-    """Raise ConfigError unless ``value`` is a finite number (an int if ``integer``) in the given range:
-    ``[low, high)``, or ``(low, high)`` with ``strict``."""
-    if value is None and optional:
-        return
-    kinds = int if integer else (int, float)
-    kind = "an integer" if integer else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-        raise ConfigError(f"`{name}` must be {kind}, got {value!r}")
-    if low is not None and (value < low or (strict and value == low)):
-        raise ConfigError(f"`{name}` must be {'>' if strict else '>='} {low}, got {value!r}")
-    if high is not None and value >= high:
-        raise ConfigError(f"`{name}` must be < {high}, got {value!r}")
+# A resume continues the same stream of data and the same model: these cannot change on the way (nor the
+# optimizer, whose saved state another one cannot read). Its hyper-parameters (betas, weight_decay) may change:
+# the resumed optimizer takes the new values (see srupp.train.loop.optimizer_settings).
+FIXED_ON_RESUME = ("data", "batch_size", "unroll_size", "grad_accum", "seed", "optimizer")
 
 
 def presets_dir() -> Path:
@@ -119,20 +102,22 @@ class TrainConfig:
         if isinstance(self.model, dict):
             try:
                 self.model = LMConfig.from_dict(self.model)
+            except ConfigTypeError as err:
+                raise ConfigTypeError(f"`model`: {err}") from err
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"`model`: {err}") from err
         if not isinstance(self.model, LMConfig):
             raise ConfigError(f"`model` must be an LMConfig or a dict, got {type(self.model).__name__}")
         for name in ("batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
-            _check_number(name, getattr(self, name), integer=True, low=1)
+            check_number(name, getattr(self, name), integer=True, low=1)
         for name in ("schedule_steps", "eval_unroll_size", "eval_tokens", "checkpoint_every", "num_threads"):
-            _check_number(name, getattr(self, name), integer=True, low=1, optional=True)
+            check_number(name, getattr(self, name), integer=True, low=1, optional=True)
         for name in ("max_steps", "warmup_steps", "seed"):
-            _check_number(name, getattr(self, name), integer=True, low=0)
-        _check_number("lr", self.lr, low=0.0, strict=True)
-        _check_number("clip_grad", self.clip_grad, low=0.0, strict=True)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("time_limit_s", self.time_limit_s, low=0.0, optional=True)
+            check_number(name, getattr(self, name), integer=True, low=0)
+        check_number("lr", self.lr, low=0.0, strict=True)
+        check_number("clip_grad", self.clip_grad, low=0.0, strict=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("time_limit_s", self.time_limit_s, low=0.0, optional=True)
         if self.time_limit_s == 0:
             self.time_limit_s = None  # 0 reads as "no limit", as none does
         if self.time_limit_s is None and isinstance(self.anneal_by_time, bool):
@@ -140,13 +125,18 @@ class TrainConfig:
         if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
             raise ConfigError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
         for value in self.betas:
-            _check_number("betas", value, low=0.0, high=1.0)
+            check_number("betas", value, low=0.0, high=1.0)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("anneal_by_time", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+                raise ConfigTypeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        for name in ("data", "out_dir", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigTypeError(f"`{name}` must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.paper, dict):
+            raise ConfigTypeError(f"`paper` must be an object, got {self.paper!r}")
 
     @property
     def total_schedule_steps(self) -> int:
@@ -178,7 +168,7 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         try:
             values = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than the parser goes
             raise ConfigError(f"invalid JSON ({err})") from err
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(values).__name__}")
@@ -195,7 +185,7 @@ def load_preset(name_or_path: str) -> TrainConfig:
         raise FileNotFoundError(f"no config file or preset named {name_or_path!r}; presets: {available}")
     try:
         return TrainConfig.from_json(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ConfigError) as err:
+    except (UnicodeDecodeError, ConfigError, ConfigTypeError) as err:
         raise ConfigError(f"config file {path}: {err}") from err
 
 
@@ -228,7 +218,7 @@ def _coerce(key: str, text: str, kind: Any) -> Any:
             if not isinstance(value, origin):
                 raise ValueError(text)
             return value
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ConfigError(f"`--{key}` must be a {getattr(kind, '__name__', kind)}, got {text!r}") from err
     raise NotImplementedError(f"`--{key}`: overriding fields of type {kind} is not supported")
 
@@ -257,6 +247,14 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
             raise ConfigError(f"unknown config key {raw_key!r}; known keys: {known}")
     train_values["model"] = model_values
     return TrainConfig.from_dict(train_values)
+
+
+def check_threads(name: str, count: int) -> int:
+    """``count`` if it is a thread count this machine can run (1 to its CPU count), else ConfigError: torch's
+    thread pool crashes the process on absurd counts."""
+    cpus = os.cpu_count() or 1
+    check_number(name, count, integer=True, low=1, at_most=cpus)
+    return count
 
 
 def check_resume(cfg: TrainConfig, saved: dict[str, Any], source: str | os.PathLike) -> None:

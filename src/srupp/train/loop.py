@@ -24,6 +24,7 @@ from tqdm import tqdm
 from srupp.data import Corpus, Segment, StreamBatcher, open_corpus, prepare_stdlib
 from srupp.errors import CheckpointError, ConfigError, CorpusError, DivergenceError, RunDirError
 from srupp.models import LMConfig, SRUppLM
+from srupp.models.config import check_number
 from srupp.nn import SRUppState
 from srupp.signals import Interrupted, StopRequests
 from srupp.train import distributed
@@ -38,7 +39,7 @@ from srupp.train.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
-from srupp.train.config import TrainConfig, check_resume
+from srupp.train.config import TrainConfig, check_resume, check_threads
 from srupp.train.evaluate import bpc, evaluate, ppl
 from srupp.train.metrics import MetricsLog, plot_curve
 from srupp.train.rundir import RunFolder, write_text_atomic
@@ -178,7 +179,7 @@ def claim_run_dir(out_dir: str, dist: distributed.DistInfo, *, resume: bool, ove
 def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[Run, RunState]:
     """Data, model, optimizer and outputs for ``cfg``; the state restored from the last checkpoint on resume."""
     if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(check_threads("num_threads", cfg.num_threads))
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"`batch_size` ({cfg.batch_size}) must be divisible by the world size ({dist.world_size})")
     saved = None
@@ -243,19 +244,24 @@ def restore(run: Run, ckpt: Checkpoint) -> RunState:
         )
     try:
         optimizer_from_tensors(run.optimizer, ckpt.prefixed("optim/"), trainer["optimizer"])
+        for group in run.optimizer.param_groups:  # the rule for changed hyper-parameters: the new ones apply
+            group.update(optimizer_settings(run.cfg))
         if run.scaler.is_enabled():
             run.scaler.load_state_dict(trainer["scaler"])
         run.batcher.load_state_dict(trainer["data"])
-        step, best, rank_file = int(trainer["step"]), float(trainer["best_valid_loss"]), trainer["rank_file"]
-        mine = load_checkpoint(path.parent / rank_file.format(rank=dist.rank))
-    except (KeyError, TypeError, AttributeError) as err:
+        step, best = trainer["step"], trainer["best_valid_loss"]
+        check_number("step", step, integer=True, low=0)
+        if not isinstance(best, int | float) or isinstance(best, bool):
+            raise TypeError(f"best_valid_loss {best!r}")
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has incomplete trainer state ({err!r})") from err
+    mine = load_checkpoint(path.parent / rank_file(step, dist.rank))
     if mine.trainer.get("step") != step:
         raise CheckpointError(f"{mine.path} is from step {mine.trainer.get('step')}, but {path} from step {step}")
     torch.set_rng_state(mine.tensors["rng/cpu"])
     if dist.device.type == "cuda" and "rng/cuda" in mine.tensors:
         torch.cuda.set_rng_state(mine.tensors["rng/cuda"], dist.device)
-    return RunState(step=step, best=best, carry=carry_from_tensors(mine.prefixed("carry/"), dist.device),
+    return RunState(step=step, best=float(best), carry=carry_from_tensors(mine.prefixed("carry/"), dist.device),
                     saved_step=step)  # fmt: skip
 
 
@@ -420,15 +426,15 @@ def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> Non
     bad = [name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         require_finite(run, state, f"parameter {bad[0]}", math.nan, state.step)
-    rank_file = None
+    pattern = None
     if path == run.last_path:
-        rank_file = f"last.step{state.step}.rank{{rank}}.safetensors"
+        pattern = f"last.step{state.step}.rank{{rank}}.safetensors"  # read by srupp <= 0.2; now always this name
         mine = {"rng/cpu": torch.get_rng_state()}
         if dist.device.type == "cuda":
             mine["rng/cuda"] = torch.cuda.get_rng_state(dist.device)
         mine.update({f"carry/{k}": v for k, v in carry_to_tensors(state.carry).items()})
         trainer = {"step": state.step, "rank": dist.rank}
-        save_checkpoint(path.parent / rank_file.format(rank=dist.rank), mine, config={}, vocab={}, trainer=trainer)
+        save_checkpoint(path.parent / rank_file(state.step, dist.rank), mine, config={}, vocab={}, trainer=trainer)
         distributed.barrier(dist)
     if dist.is_main:
         tensors = {f"model/{k}": v for k, v in run.model.state_dict().items()}
@@ -437,16 +443,22 @@ def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> Non
         trainer = {
             "step": state.step, "best_valid_loss": state.best, "valid_loss": valid_loss,
             "data": run.batcher.state_dict(), "world_size": dist.world_size, "optimizer": optim_json,
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "rank_file": rank_file,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "rank_file": pattern,
         }  # fmt: skip
         save_checkpoint(path, tensors, config=run.cfg.to_dict(), vocab=run.vocab, trainer=trainer)
-    if rank_file is not None:
+    if pattern is not None:
         distributed.barrier(dist)
-        current = rank_file.format(rank=dist.rank)
+        current = rank_file(state.step, dist.rank)
         for old in path.parent.glob(f"last.step*.rank{dist.rank}.safetensors"):
             if old.name != current:
                 old.unlink(missing_ok=True)
         state.saved_step = state.step
+
+
+def rank_file(step: int, rank: int) -> str:
+    """The name of rank ``rank``'s file beside ``last.safetensors`` of step ``step``: a fixed pattern (a name
+    read from a file could be any format string)."""
+    return f"last.step{int(step)}.rank{int(rank)}.safetensors"
 
 
 def require_finite(run: Run, state: RunState, what: str, value: float, step: int) -> None:
@@ -486,9 +498,15 @@ def resolve_corpus(data: str, out_dir: str | Path, is_main: bool = True) -> Corp
     return open_corpus(target)
 
 
+def optimizer_settings(cfg: TrainConfig) -> dict:
+    """The optimizer's hyper-parameters from ``cfg``: at construction, and again after a resume loads the saved
+    state, so a resume with a new ``--betas`` or ``--weight_decay`` trains with it (``lr`` follows the schedule)."""
+    return {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay on all parameters, decoupled, as the authors' RAdam runs do.
-    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+    kwargs = optimizer_settings(cfg)
     if cfg.optimizer == "radam":
         return torch.optim.RAdam(model.parameters(), decoupled_weight_decay=True, **kwargs)
     return torch.optim.AdamW(model.parameters(), **kwargs)

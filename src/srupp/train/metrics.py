@@ -23,9 +23,11 @@ class MetricsLog:
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     continue
-                if record.get("step", 0) <= resume_step:
+                # A line of another shape (edited by hand, cut by a crash) is dropped, not fatal.
+                step = record.get("step") if isinstance(record, dict) else None
+                if isinstance(step, int) and not isinstance(step, bool) and step <= resume_step:
                     self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
