@@ -161,6 +161,197 @@ def _sru_backward_kernel(
     tl.store(out + 3 * D, grad_b_r, mask=keep)
 
 
+# The lean kernels ("lean" variant): the same recurrence with less work per time step. Loops advance int32
+# offsets instead of recomputing 64-bit addresses; K steps are unrolled per pipelined iteration, so the
+# wait and the barriers of the software pipeline are paid once per K steps; exp(-z) is exp2 of a
+# pre-scaled argument; the backward's chain on grad_c is two fused operations per step. The time loop runs
+# in two parts from one source: whole blocks of K steps with no per-step bounds checks, then the remaining
+# steps one at a time (the backward keeps at least one there: the forward's first step reads c0).
+# FAST (16-bit activations on a GPU only) takes the sigmoid's reciprocal from rcp.approx.ftz.f32.
+
+
+def _sru_lean_forward_kernel(
+    u_ptr, x_ptr, v_ptr, b_ptr, c0_ptr, mask_pad_ptr, mask_c_ptr, h_ptr, c_all_ptr, c_last_ptr,
+    T, B, D,
+    HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, SAVE_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    keep = cols < D
+    c = tl.load(c0_ptr + row * D + cols, mask=keep, other=0)
+    # In the state's dtype: a Python float would be a float32 constant, off by 1e-8 for float64.
+    scale = tl.full([BLOCK_D], -1.4426950408889634, c.dtype)  # -log2(e)
+    # z * -log2(e) = u * -log2(e) + (b * -log2(e)) + (v * -log2(e)) * c: one FFMA per gate on the c chain.
+    v_f = tl.load(v_ptr + cols, mask=keep, other=0) * scale
+    v_r = tl.load(v_ptr + D + cols, mask=keep, other=0) * scale
+    b_f = tl.load(b_ptr + cols, mask=keep, other=0) * scale
+    b_r = tl.load(b_ptr + D + cols, mask=keep, other=0) * scale
+    if HAS_MASK_C:
+        m = tl.load(mask_c_ptr + row * D + cols, mask=keep, other=0)
+    first = T - 1 if REVERSE else 0
+    step_x = -B * D if REVERSE else B * D
+    step_f = -B if REVERSE else B
+    o_x = (first * B + row) * D + cols
+    o_u = (first * B + row) * 3 * D + cols
+    # The padding flag as a vector (every lane reads the same int32) so the pipeliner can copy it asynchronously.
+    o_f = (first * B + row) + cols * 0
+    u_f_ptr = u_ptr + D
+    u_r_ptr = u_ptr + 2 * D
+    t_main = T - T % K
+    for part in tl.static_range(2):
+        for _s in tl.range(0 if part == 0 else t_main, t_main if part == 0 else T, K if part == 0 else 1,
+                          num_stages=STAGES):  # fmt: skip
+            for _k in tl.static_range(K if part == 0 else 1):
+                u_c = tl.load(u_ptr + o_u, mask=keep, other=0).to(c.dtype)
+                u_f = tl.load(u_f_ptr + o_u, mask=keep, other=0).to(c.dtype)
+                u_r = tl.load(u_r_ptr + o_u, mask=keep, other=0).to(c.dtype)
+                x = tl.load(x_ptr + o_x, mask=keep, other=0).to(c.dtype)
+                e_f = 1.0 + tl.exp2(u_f * scale + b_f + v_f * c)
+                e_r = 1.0 + tl.exp2(u_r * scale + b_r + v_r * c)
+                if FAST:
+                    f = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_f], tl.float32, True, 1)
+                    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_r], tl.float32, True, 1)
+                else:
+                    f = 1.0 / e_f
+                    r = 1.0 / e_r
+                c_new = u_c + f * (c - u_c)
+                gate = r * m if HAS_MASK_C else r
+                h = x + gate * (c_new - x)
+                if HAS_MASK_PAD:
+                    pad = tl.load(mask_pad_ptr + o_f) != 0
+                    h = tl.where(pad, 0.0, h)
+                    c = tl.where(pad, c, c_new)
+                else:
+                    c = c_new
+                tl.store(h_ptr + o_x, h.to(h_ptr.dtype.element_ty), mask=keep)
+                if SAVE_C:
+                    tl.store(c_all_ptr + o_x, c, mask=keep)
+                o_x += step_x
+                o_u += 3 * step_x
+                o_f += step_f
+    tl.store(c_last_ptr + row * D + cols, c, mask=keep)
+
+
+def _sru_lean_backward_kernel(
+    u_ptr, x_ptr, v_ptr, b_ptr, c0_ptr, mask_pad_ptr, mask_c_ptr, c_all_ptr, grad_h_ptr, grad_c_last_ptr,
+    grad_u_ptr, grad_x_ptr, grad_vb_ptr, grad_c0_ptr,
+    T, B, D,
+    HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """Walks the forward's order backwards. Per step, with F = (c_prev - u_c) f (1 - f) and A = f + F v_f
+    (neither depends on grad_c): grad_c <- (grad_c + grad_h gate) A + grad_u_r v_r."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    keep = cols < D
+    c0 = tl.load(c0_ptr + row * D + cols, mask=keep, other=0)
+    scale = tl.full([BLOCK_D], -1.4426950408889634, c0.dtype)  # -log2(e), see the forward
+    v_f = tl.load(v_ptr + cols, mask=keep, other=0)
+    v_r = tl.load(v_ptr + D + cols, mask=keep, other=0)
+    vs_f = v_f * scale
+    vs_r = v_r * scale
+    bs_f = tl.load(b_ptr + cols, mask=keep, other=0) * scale
+    bs_r = tl.load(b_ptr + D + cols, mask=keep, other=0) * scale
+    if HAS_MASK_C:
+        m = tl.load(mask_c_ptr + row * D + cols, mask=keep, other=0)
+    grad_c = tl.load(grad_c_last_ptr + row * D + cols, mask=keep, other=0).to(c0.dtype)
+    # tl.full rather than tl.zeros: see _sru_backward_kernel.
+    grad_v_f = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_v_r = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_b_f = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_b_r = tl.full([BLOCK_D], 0, c0.dtype)
+    last = 0 if REVERSE else T - 1
+    step_x = B * D if REVERSE else -B * D
+    step_f = B if REVERSE else -B
+    o_x = (last * B + row) * D + cols
+    o_u = (last * B + row) * 3 * D + cols
+    o_f = (last * B + row) + cols * 0
+    u_f_ptr = u_ptr + D
+    u_r_ptr = u_ptr + 2 * D
+    grad_u_f_ptr = grad_u_ptr + D
+    grad_u_r_ptr = grad_u_ptr + 2 * D
+    # The state after the step being undone; the state before it is c_all one step back in the forward's order.
+    c = tl.load(c_all_ptr + o_x, mask=keep, other=0)
+    t_main = (T - 1) - (T - 1) % K
+    for part in tl.static_range(2):
+        for s in tl.range(0 if part == 0 else t_main, t_main if part == 0 else T, K if part == 0 else 1,
+                          num_stages=STAGES):  # fmt: skip
+            for _k in tl.static_range(K if part == 0 else 1):
+                u_c = tl.load(u_ptr + o_u, mask=keep, other=0).to(c0.dtype)
+                u_f = tl.load(u_f_ptr + o_u, mask=keep, other=0).to(c0.dtype)
+                u_r = tl.load(u_r_ptr + o_u, mask=keep, other=0).to(c0.dtype)
+                x = tl.load(x_ptr + o_x, mask=keep, other=0).to(c0.dtype)
+                grad_h = tl.load(grad_h_ptr + o_x, mask=keep, other=0).to(c0.dtype)
+                if part == 0:
+                    c_prev = tl.load(c_all_ptr + o_x + step_x, mask=keep, other=0)
+                else:
+                    # Only this part reaches the forward's first step, whose state before is c0.
+                    later = (cols * 0 + s) < T - 1
+                    c_prev = tl.load(c_all_ptr + o_x + step_x, mask=keep & later, other=0)
+                    c_prev = tl.where(later, c_prev, c0)
+                e_f = 1.0 + tl.exp2(u_f * scale + bs_f + vs_f * c_prev)
+                e_r = 1.0 + tl.exp2(u_r * scale + bs_r + vs_r * c_prev)
+                if FAST:
+                    f = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_f], tl.float32, True, 1)
+                    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_r], tl.float32, True, 1)
+                else:
+                    f = 1.0 / e_f
+                    r = 1.0 / e_r
+                gate = r * m if HAS_MASK_C else r
+                grad_h_gate = grad_h * gate
+                grad_x = grad_h - grad_h_gate
+                grad_ur = (grad_h_gate - grad_h_gate * r) * (c - x)
+                slope = (c_prev - u_c) * (f - f * f)
+                grad_c_t = grad_c + grad_h_gate
+                grad_uf = grad_c_t * slope
+                grad_uc = grad_c_t - grad_c_t * f
+                grad_c_new = grad_c_t * (f + slope * v_f) + grad_ur * v_r
+                if HAS_MASK_PAD:
+                    # A padded step passed c through and wrote h = 0: zero gradient for what it holds (selects,
+                    # so a NaN there cannot leak), and grad_c passes through unchanged.
+                    pad = tl.load(mask_pad_ptr + o_f) != 0
+                    grad_uf = tl.where(pad, 0.0, grad_uf)
+                    grad_uc = tl.where(pad, 0.0, grad_uc)
+                    grad_ur = tl.where(pad, 0.0, grad_ur)
+                    grad_x = tl.where(pad, 0.0, grad_x)
+                    grad_c = tl.where(pad, grad_c, grad_c_new)
+                else:
+                    grad_c = grad_c_new
+                grad_v_f += grad_uf * c_prev
+                grad_v_r += grad_ur * c_prev
+                grad_b_f += grad_uf
+                grad_b_r += grad_ur
+                grad_u_dtype = grad_u_ptr.dtype.element_ty
+                tl.store(grad_u_ptr + o_u, grad_uc.to(grad_u_dtype), mask=keep)
+                tl.store(grad_u_f_ptr + o_u, grad_uf.to(grad_u_dtype), mask=keep)
+                tl.store(grad_u_r_ptr + o_u, grad_ur.to(grad_u_dtype), mask=keep)
+                tl.store(grad_x_ptr + o_x, grad_x.to(grad_x_ptr.dtype.element_ty), mask=keep)
+                c = c_prev
+                o_x += step_x
+                o_u += 3 * step_x
+                o_f += step_f
+    tl.store(grad_c0_ptr + row * D + cols, grad_c, mask=keep)
+    out = grad_vb_ptr + row * 4 * D + cols
+    tl.store(out, grad_v_f, mask=keep)
+    tl.store(out + D, grad_v_r, mask=keep)
+    tl.store(out + 2 * D, grad_b_f, mask=keep)
+    tl.store(out + 3 * D, grad_b_r, mask=keep)
+
+
+def _sum_rows_kernel(partial_ptr, grad_v_ptr, grad_b_ptr, B, W, BLOCK: tl.constexpr):
+    """grad_v, grad_b = the sums over B of the backward's [B, 4, D] partial sums, cast to their dtypes: one
+    launch where torch needs a sum and a cast for each."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < W
+    total = tl.load(partial_ptr + cols, mask=keep, other=0)
+    for i in range(1, B):
+        total += tl.load(partial_ptr + i * W + cols, mask=keep, other=0)
+    half = W // 2
+    tl.store(grad_v_ptr + cols, total.to(grad_v_ptr.dtype.element_ty), mask=cols < half)
+    tl.store(grad_b_ptr + cols - half, total.to(grad_b_ptr.dtype.element_ty), mask=keep & (cols >= half))
+
+
 def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -226,18 +417,28 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Pipeline depth: how many steps ahead the loads are issued. Benchmarks may override any launch parameter
-# for a while with `launch_overrides`.
+# Launch parameters. STAGES: the legacy loop's pipeline depth in steps. The lean loop runs STEPS time steps
+# per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. Benchmarks may override any of them,
+# and the variant, for a while with `launch_overrides`.
 STAGES = 8
-_OVERRIDES: dict[str, int] = {}
+STEPS = 8
+LEAN_STAGES = 3
+VARIANTS = ("lean", "legacy")
+VARIANT = "lean"
+_OVERRIDES: dict[str, int | str] = {}
+_OVERRIDABLE = ("stages", "block_d", "num_warps", "steps", "variant")
 
 
 @contextlib.contextmanager
-def launch_overrides(**values: int):
-    """Temporarily fix launch parameters (``stages``, ``block_d``, ``num_warps``) for tuning benchmarks."""
-    unknown = set(values) - {"stages", "block_d", "num_warps"}
+def launch_overrides(**values: int | str | None):
+    """Temporarily fix launch parameters for tuning and A/B benchmarks: ``variant`` ("lean" or "legacy"),
+    ``stages`` (the loop's ``num_stages``: steps ahead for legacy, iterations of ``steps`` steps for lean),
+    ``steps`` (lean only), ``block_d``, ``num_warps``. None leaves a parameter as it is."""
+    unknown = set(values) - set(_OVERRIDABLE)
     if unknown:
-        raise ValueError(f"`launch_overrides` takes stages, block_d, num_warps; got {sorted(unknown)}")
+        raise ValueError(f"`launch_overrides` takes {', '.join(_OVERRIDABLE)}; got {sorted(unknown)}")
+    if values.get("variant") not in (None, *VARIANTS):
+        raise ValueError(f"`variant` must be one of {VARIANTS}, got {values['variant']!r}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update({name: value for name, value in values.items() if value is not None})
     try:
@@ -248,7 +449,7 @@ def launch_overrides(**values: int):
 
 
 def _launch_config(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_D, num_warps, STAGES) for activations of ``element_size`` bytes."""
+    """(BLOCK_D, num_warps, STAGES) for activations of ``element_size`` bytes (STAGES of the legacy loop)."""
     if device.type == "cpu":
         # The interpreter runs programs one after another, so fewer and wider programs are faster.
         block, warps = min(triton.next_power_of_2(hidden), 1024), 1
@@ -269,6 +470,23 @@ def _launch_config(batch: int, hidden: int, element_size: int, device: torch.dev
     return block, warps, _OVERRIDES.get("stages", STAGES)
 
 
+def _variant(u: Tensor, variant: str | None) -> str:
+    """The variant a launch runs: the argument, else the override, else VARIANT; lean only while its int32
+    offsets (which run up to STEPS * LEAN_STAGES steps past the end) cannot overflow."""
+    chosen = variant or _OVERRIDES.get("variant", VARIANT)
+    if chosen not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}, got {chosen!r}")
+    steps, batch, width = u.shape
+    reach = (steps + 2 * _OVERRIDES.get("steps", STEPS) * _OVERRIDES.get("stages", LEAN_STAGES)) * batch * width
+    return "legacy" if chosen == "lean" and reach >= 2**31 else chosen
+
+
+def _lean_options(u: Tensor) -> dict:
+    # The fast reciprocal is PTX: 16-bit activations on a GPU only; fp32, fp64 and the interpreter divide.
+    fast = u.is_cuda and u.dtype in (torch.float16, torch.bfloat16)
+    return {"K": _OVERRIDES.get("steps", STEPS), "FAST": fast}
+
+
 def _flag_pointer(mask_pad: Tensor | None, fallback: Tensor) -> Tensor:
     # int32 so that each lane's copy of a step's flag is 4 bytes, the smallest asynchronous copy.
     return fallback if mask_pad is None else mask_pad.to(torch.int32)
@@ -277,6 +495,76 @@ def _flag_pointer(mask_pad: Tensor | None, fallback: Tensor) -> Tensor:
 def _on_device(tensor: Tensor):
     # Launches go to the current device; tensors on another GPU would be read at illegal addresses.
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch_forward(
+    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
+    reverse: bool, save_c: bool, *, variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The forward kernel on contiguous inputs: ``(h, c_last, c_all)``, c_all empty unless ``save_c``.
+    ``variant`` picks the kernels ("lean" or "legacy"; None: the default, or `launch_overrides`)."""
+    steps, batch, hidden = x.shape
+    h = torch.empty(x.shape, dtype=u.dtype, device=u.device)
+    c_last = torch.empty_like(c0)
+    c_all = torch.empty(x.shape, dtype=c0.dtype, device=u.device) if save_c else c0.new_empty(0)
+    if h.numel() == 0:
+        c_last.copy_(c0)
+        return h, c_last, c_all
+    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+    if _variant(u, variant) == "lean":
+        fn, extra, stages = _sru_lean_forward_kernel, _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
+    else:
+        fn, extra = _sru_forward_kernel, {}
+    with _on_device(u):
+        _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
+            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, h,
+            c_all if save_c else h, c_last, steps, batch, hidden,
+            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse, SAVE_C=save_c,
+            BLOCK_D=block, STAGES=stages, num_warps=warps, **extra,
+        )  # fmt: skip
+    return h, c_last, c_all
+
+
+def launch_backward(
+    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
+    c_all: Tensor, grad_h: Tensor, grad_c_last: Tensor, reverse: bool, *, variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean variant sums
+    the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch."""
+    steps, batch, hidden = x.shape
+    grad_u = torch.empty_like(u)
+    grad_x = torch.empty_like(x)
+    grad_c0 = torch.empty_like(c0)
+    # One row of partial sums per batch row, summed over B after: no two programs write one address.
+    grad_vb = c0.new_empty(batch, 4, hidden)
+    if grad_x.numel() == 0:
+        grad_u.zero_()
+        grad_x.zero_()
+        grad_c0.copy_(grad_c_last)
+        return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
+    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+    lean = _variant(u, variant) == "lean"
+    if lean:
+        fn, extra, stages = _sru_lean_backward_kernel, _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
+    else:
+        fn, extra = _sru_backward_kernel, {}
+    with _on_device(u):
+        _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
+            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, c_all, grad_h,
+            grad_c_last, grad_u, grad_x, grad_vb, grad_c0, steps, batch, hidden,
+            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse,
+            BLOCK_D=block, STAGES=stages, num_warps=warps, **extra,
+        )  # fmt: skip
+        if not lean:
+            return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
+        grad_v = torch.empty_like(v)
+        grad_b = torch.empty_like(b)
+        width = 4 * hidden
+        block = min(triton.next_power_of_2(width), 1024 if u.device.type == "cpu" else 256)
+        _kernel(_sum_rows_kernel, u.device)[(triton.cdiv(width, block),)](
+            grad_vb, grad_v, grad_b, batch, width, BLOCK=block, num_warps=max(1, block // 128)
+        )
+    return grad_u, grad_x, grad_v, grad_b, grad_c0
 
 
 @torch.library.custom_op("srupp::sru_triton_forward", mutates_args=())
@@ -291,22 +579,7 @@ def sru_triton_forward(
     reverse: bool,
     save_c: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    steps, batch, hidden = x.shape
-    h = torch.empty(x.shape, dtype=u.dtype, device=u.device)
-    c_last = torch.empty_like(c0)
-    c_all = torch.empty(x.shape, dtype=c0.dtype, device=u.device) if save_c else c0.new_empty(0)
-    if h.numel() == 0:
-        c_last.copy_(c0)
-        return h, c_last, c_all
-    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
-    with _on_device(u):
-        _kernel(_sru_forward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
-            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, h,
-            c_all if save_c else h, c_last, steps, batch, hidden,
-            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse, SAVE_C=save_c,
-            BLOCK_D=block, STAGES=stages, num_warps=warps,
-        )  # fmt: skip
-    return h, c_last, c_all
+    return launch_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)
 
 
 @sru_triton_forward.register_fake
@@ -330,26 +603,7 @@ def sru_triton_backward(
     grad_c_last: Tensor,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    steps, batch, hidden = x.shape
-    grad_u = torch.empty_like(u)
-    grad_x = torch.empty_like(x)
-    grad_c0 = torch.empty_like(c0)
-    # One row of partial sums per batch row, summed over B below: no two programs write one address.
-    grad_vb = c0.new_empty(batch, 4, hidden)
-    if grad_x.numel() == 0:
-        grad_u.zero_()
-        grad_x.zero_()
-        grad_c0.copy_(grad_c_last)
-    else:
-        block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
-        with _on_device(u):
-            _kernel(_sru_backward_kernel, u.device)[(batch, triton.cdiv(hidden, block))](
-                u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, c_all, grad_h,
-                grad_c_last, grad_u, grad_x, grad_vb, grad_c0, steps, batch, hidden,
-                HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse,
-                BLOCK_D=block, STAGES=stages, num_warps=warps,
-            )  # fmt: skip
-    return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
+    return launch_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse)
 
 
 sru_triton_backward.register_fake(fake_backward)
