@@ -173,10 +173,45 @@ def test_half_inputs_match_naive_in_float32(device, dtype, param_dtype, reverse)
     assert grad_v.dtype == grad_b.dtype == grad_c0.dtype == param_dtype
 
 
+# The lean kernels run whole blocks of `steps` time steps, then the rest one at a time; the backward always
+# keeps the forward's first step for the rest. T around multiples of `steps` exercises both parts and the seam.
+VARIANT_CASES = [
+    pytest.param(variant, steps, shape, options, id=f"{variant}-K{steps}-T{shape[0]}-B{shape[1]}-D{shape[2]}-{name}")
+    for variant, steps in (("legacy", None), ("lean", 2), ("lean", 3), ("lean", 8))
+    for shape in ((1, 1, 1), (6, 3, 5), (9, 2, 33))
+    for name, options in OPTIONS.items()
+]
+
+
+@pytest.mark.parametrize("variant, steps, shape, options", VARIANT_CASES)
+def test_variants_match_naive_in_float64(device, variant, steps, shape, options):
+    """Each kernel variant against the spec in float64: outputs, final state and every gradient, to 1e-12."""
+    case = make_case(*shape, device=device, dtype=torch.float64, **options)
+    with triton_kernel.launch_overrides(variant=variant, steps=steps):
+        check(case, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
+def test_variant_argument_selects_the_kernels(device, variant):
+    """launch_forward/launch_backward(variant=...) run that variant whatever the default, and the two agree."""
+    case = make_case(9, 2, 5, device=device, with_c0=True, with_pad=True, with_mask_c=True, reverse=True)
+    args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
+    other = "legacy" if variant == "lean" else "lean"
+    with triton_kernel.launch_overrides(variant=other):
+        h, c_last, c_all = triton_kernel.launch_forward(*args, True, True, variant=variant)
+        grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], True, variant=variant)
+    expected = run(case, backend="naive")
+    assert_all_close(NAMES, [h, c_last, *grads], expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="`variant` must be one of"):
+        triton_kernel.launch_forward(*args, True, True, variant="fast")
+
+
+@pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_gradcheck_float64(device, reverse):
+def test_gradcheck_float64(device, reverse, variant):
     # Small enough for the full Jacobian in the interpreter; B=3 gives a partly and an all padded row.
-    shape = (2, 3, 1) if device.type == "cpu" else (4, 3, 5)
+    # T=3 with steps=2: the lean kernels run one whole block and one step on their own.
+    shape = ((3 if variant == "lean" else 2), 3, 1) if device.type == "cpu" else (4, 3, 5)
     case = make_case(*shape, device=device, dtype=torch.float64, with_c0=True, with_pad=True, with_mask_c=True)
     inputs = tuple(case[name].requires_grad_() for name in ("u", "x", "v", "b", "c0"))
 
@@ -185,7 +220,8 @@ def test_gradcheck_float64(device, reverse):
             u, x, v, b, c0, mask_pad=case["mask_pad"], mask_c=case["mask_c"], reverse=reverse, backend="triton"
         )
 
-    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7)
+    with triton_kernel.launch_overrides(variant=variant, steps=2):
+        assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7)
 
 
 def test_no_grad_forward_equals_grad_forward(device):
@@ -266,6 +302,8 @@ def test_padded_steps_ignore_what_they_hold(device, poison, dtype, reverse):
 
 def test_launch_overrides_names_unknown_parameters():
     with pytest.raises(ValueError, match="block_size"), triton_kernel.launch_overrides(block_size=64):
+        pass
+    with pytest.raises(ValueError, match="`variant` must be one of"), triton_kernel.launch_overrides(variant="old"):
         pass
 
 
