@@ -346,3 +346,24 @@ def test_cuda_larger_shapes(shape, dtype):
     case = make_case(*shape, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True)
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
     check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_fast_sigmoid_error_is_bounded(dtype):
+    """16-bit activations take the sigmoid's reciprocal from rcp.approx.ftz.f32 (1 ulp of float32, against 2 for
+    the division it replaces): the lean kernels' error against the spec in float64 stays within one rounding of
+    the 16-bit output, and they agree with the legacy kernels (exact division) to two roundings."""
+    case = make_case(256, 4, 96, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True,
+                     with_mask_c=True)  # fmt: skip
+    expected = run(case, backend="naive", dtype=torch.float64)
+    results = {}
+    for variant in triton_kernel.VARIANTS:
+        with triton_kernel.launch_overrides(variant=variant):
+            results[variant] = run(case, backend="triton")
+    unit = torch.finfo(dtype).eps  # one rounding of a value in [1, 2)
+    for name, lean, legacy, exact in zip(NAMES, results["lean"], results["legacy"], expected, strict=True):
+        scale = exact.abs().max().item() + 1.0
+        assert (lean.double() - exact).abs().max().item() <= unit * scale, name
+        assert (lean.double() - legacy.double()).abs().max().item() <= 2 * unit * scale, name
