@@ -145,8 +145,8 @@ def model_card(config: SRUppConfig, vocab: Any = None, training: dict[str, Any] 
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # pip install "srupp[hf]"',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
         "```", "",
-        "`trust_remote_code=True` runs `modeling_srupp.py`, whose only code is `from srupp.hf import ...`; "
-        "without it, `import srupp.hf` first.",
+        "PATH is this folder (or its Hub id). `trust_remote_code=True` runs `modeling_srupp.py`, whose only code "
+        "is `from srupp.hf import ...`; without it, `import srupp.hf` first.",
     ]  # fmt: skip
     lines += _training_lines(training or {})
     return "\n".join(lines) + "\n"
