@@ -179,10 +179,10 @@ class SRUppBody(nn.Module):
         return self.rnn(x, state, causal=True, attn_window=attn_window)
 
     def init_decode(self, batch: int):
-        return self.rnn.init_decode_state(batch)
+        return self.rnn.decoder(batch)
 
     def step(self, x: Tensor, cache):
-        return self.rnn.step(x, cache)
+        return cache.step(x), cache
 
 
 class RecurrentBody(nn.Module):

@@ -7,10 +7,10 @@ printed as a ratio to a baseline measured in the same run.
 
 1. train (forward + cross-entropy + backward) and inference (forward) tokens/s at each size;
    ratios: srupp over each other model.
-2. decoding tokens/s and ms/token, one token per step with the cache (SRUpp.step; Transformer key/value
+2. decoding tokens/s and ms/token, one token per step with the cache (a decoding session; Transformer key/value
    cache; LSTM carrying its state), batch 1 and 8, best of the repeats with the models taking turns;
    ratios: srupp over each other model. Also the cost of
-   one SRUpp.step call through one layer (T=1, B=1) at the decoding width and at width 8, where the
+   one decoding-session step through one layer (T=1, B=1) at the decoding width and at width 8, where the
    matmuls are negligible and what remains is per-call overhead.
 3. forward (inference) cost per token as T grows at a fixed number of tokens per batch, SRUpp (plain
    causal attention, no memory) against the Transformer; ratios: each T over T=256, srupp over transformer.
@@ -165,9 +165,9 @@ def bench_decoding(plan: dict, repeats: int) -> list[dict]:
 
 
 def bench_layer_step(plan: dict, repeats: int) -> list[dict]:
-    """Microseconds per one-token call through one layer (B=1, after a 16-token prefill): ``SRUpp.step`` on a
-    vector, and ``SRUppLM.step`` on a byte id (the layer plus the embedding lookup, the 256-way output layer and
-    its log-softmax); the best of the repeats' medians over ``decode_tokens`` calls."""
+    """Microseconds per one-token call through one layer (B=1, after a 16-token prefill) of a decoding session:
+    ``SRUpp.decoder``'s on a vector, and ``SRUppLM.decoder``'s on a byte id (the layer plus the embedding lookup,
+    the 256-way output layer and its log-softmax); the best of the repeats' medians over ``decode_tokens`` calls."""
     rows = []
     for width in sorted({8, plan["decode_width"]}):
         torch.manual_seed(0)
@@ -175,18 +175,19 @@ def bench_layer_step(plan: dict, repeats: int) -> list[dict]:
         layer = SRUpp(width, width, proj, num_layers=1).eval()
         lm = SRUppLM(LMConfig(hidden_size=width, proj_size=proj, num_layers=1)).eval()
         cases = {
-            "SRUpp.step": (layer, torch.randn(16, 1, width), torch.randn(1, 1, width)),
-            "SRUppLM.step": (lm, torch.randint(0, 256, (16, 1)), torch.randint(0, 256, (1, 1))),
+            "SRUpp.decoder": (layer, torch.randn(16, 1, width), torch.randn(1, 1, width)),
+            "SRUppLM.decoder": (lm, torch.randint(0, 256, (16, 1)), torch.randint(0, 256, (1, 1))),
         }
         for call, (model, prefill, token) in cases.items():
             medians = []
             with torch.no_grad():
                 for _ in range(max(repeats, 5)):
-                    _, state = model.step(prefill, model.init_decode_state(1))
+                    session = model.decoder(1)
+                    session.step(prefill)
                     times = []
                     for _ in range(plan["decode_tokens"]):
                         start = time.perf_counter()
-                        _, state = model.step(token, state)
+                        session.step(token)
                         times.append(time.perf_counter() - start)
                     medians.append(statistics.median(times))
             rows.append({"call": call, "width": width, "proj_size": proj, "us_per_call": 1e6 * min(medians)})
@@ -248,7 +249,7 @@ def markdown(report: dict) -> str:
             for name, r in block["results"].items():
                 lines.append(f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
                              f"{r['decode_ms_per_token']:.3f} | {ours / r['decode_tokens_per_s']:.2f} |")  # fmt: skip
-        lines += ["", "One layer, one token per call (B=1, after a 16-token prefill; `SRUppLM.step` adds the byte",
+        lines += ["", "One layer, one token per call (B=1, after a 16-token prefill; `SRUppLM.decoder` adds the byte",
                   "embedding, the 256-way output layer and its log-softmax):", "",
                   "| call | d | d' | us per call |", "|---|---:|---:|---:|"]  # fmt: skip
         lines += [f"| `{row['call']}` | {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |"

@@ -12,7 +12,7 @@ def test_speed_benchmark_quick_run_writes_json_and_table(tmp_path):
     assert [d["batch"] for d in report["decoding"]] == [1, 2]
     assert all(r["decode_ms_per_token"] > 0 for d in report["decoding"] for r in d["results"].values())
     steps = [(row["call"], row["width"]) for row in report["layer_step"]]
-    assert steps == [("SRUpp.step", 8), ("SRUppLM.step", 8), ("SRUpp.step", 32), ("SRUppLM.step", 32)]
+    assert steps == [("SRUpp.decoder", 8), ("SRUppLM.decoder", 8), ("SRUpp.decoder", 32), ("SRUppLM.decoder", 32)]
     assert all(row["us_per_call"] > 0 for row in report["layer_step"])
     assert all(row["srupp_over_transformer_cost"] > 0 for row in report["lengths"]["rows"])
     assert (tmp_path / "speed.md").read_text().startswith("# Speed")

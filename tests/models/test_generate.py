@@ -63,25 +63,20 @@ def test_greedy_generation_equals_full_forward(max_context):
 
 
 def test_lm_one_token_steps_equal_forward_in_a_batch(monkeypatch):
-    from srupp.nn import SRUpp
-    from srupp.nn.state import DecodeBuffers
+    from srupp.nn.decode import SRUppDecoder
 
-    calls = []  # the one-token path: SRUpp's (torch ops), or the whole model as one compiled call
-    original = SRUpp._step_token
-    monkeypatch.setattr(SRUpp, "_step_token", lambda self, *args: calls.append(1) or original(self, *args))
-    native = DecodeBuffers.step_native
-    monkeypatch.setattr(DecodeBuffers, "step_native", lambda self, *a, **kw: calls.append(1) or native(self, *a, **kw))
+    calls = []  # the session's one-token path: torch ops, or the whole model as one compiled call
+    original = SRUppDecoder._step_token
+    monkeypatch.setattr(SRUppDecoder, "_step_token", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
     torch.manual_seed(0)
     model = SRUppLM(LMConfig(hidden_size=32, proj_size=8, num_layers=3, attention_every_n_layers=2)).eval()
     with torch.no_grad():
         model.rnn.layers[1].transform.alpha.fill_(0.7)
         tokens = torch.randint(0, 256, (30, 3))
         full, _ = model(tokens, attn_window=6)
-        state = model.init_decode_state(3, max_context=6)
-        last, state = model.step(tokens[:5], state)
-        stepped = [last]
+        session = model.decoder(3, max_context=6)
+        stepped = [session.step(tokens[:5])]
         for t in range(5, 30):
-            last, state = model.step(tokens[t : t + 1], state)
-            stepped.append(last)
+            stepped.append(session.step(tokens[t : t + 1]))
     assert len(calls) == 25
     torch.testing.assert_close(torch.stack(stepped), full[4:], atol=1e-5, rtol=1e-4)

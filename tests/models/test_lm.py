@@ -44,12 +44,11 @@ def test_step_decoding_equals_forward(cfg):
     assert_all_close(["prefill+steps"], [torch.stack(stepped)], [full[3:]], atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_lm_step_equals_its_torch_path(monkeypatch):
-    """``SRUppLM.step`` as one compiled call (embedding, stack, output layer and log-softmax) against the same
-    steps through torch ops: a batch of 3 over 30 tokens that outgrow the buffers and slide a window; an
-    out-of-range id fails without touching the run; an in-place update of the output layer shows from the next
-    token; float64 keeps the torch path."""
-    import srupp.nn.layer as layer_module
+def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
+    """``SRUppLM.decoder``'s one compiled call per token (embedding, stack, output layer and log-softmax) against
+    the same session through torch ops, and both against the functional ``SRUppLM.step``: a batch of 3 over 30
+    tokens that outgrow the buffers and slide a window; an out-of-range id fails without touching the session;
+    float64 keeps the torch path."""
     from srupp.ops import decode_kernel, library
 
     if not library.is_available():
@@ -62,37 +61,44 @@ def test_compiled_lm_step_equals_its_torch_path(monkeypatch):
     model = with_attention(SRUppLM(cfg)).eval()
     tokens = torch.randint(0, 200, (34, 3))
 
-    def decode():
+    def decode(compiled: bool):
         with torch.no_grad():
-            last, state = model.step(tokens[:4], model.init_decode_state(3, max_context=7))
-            outputs = [last]
+            session = model.decoder(3, max_context=7)
+            if not compiled:
+                session.stack.kernel = None
+            outputs = [session.step(tokens[:4])]
             for t in range(4, 34):
                 if t == 20:
                     with pytest.raises(IndexError, match="out of range"):  # torch's message or the kernel's
-                        model.step(torch.tensor([[1, 200, 2]]), state)
-                    model.output.bias.add_(0.5)  # in place: the next token sees it
-                last, state = model.step(tokens[t : t + 1], state)
-                outputs.append(last)
-            model.output.bias.sub_(0.5)
-        return torch.stack(outputs), state
+                        session.step(torch.tensor([[1, 200, 2]]))
+                outputs.append(session.step(tokens[t : t + 1]))
+        return torch.stack(outputs), session.state
 
-    compiled, compiled_state = decode()
+    compiled, compiled_state = decode(True)
     assert calls == [True] * 31  # the failed id included: it was refused before anything was written
-    monkeypatch.setattr(layer_module, "token_kernel", lambda **kwargs: None)
     calls.clear()
-    reference, reference_state = decode()
+    reference, reference_state = decode(False)
     assert not calls
-    assert_all_close(["log_probs", "c"], [compiled, compiled_state.c], [reference, reference_state.c],
-                     atol=1e-5, rtol=1e-4)  # fmt: skip
-    for got, want in zip(compiled_state.keys, reference_state.keys, strict=True):
-        assert (got is None) == (want is None) and (got is None or torch.allclose(got, want, atol=1e-5))
-    monkeypatch.undo()
+    with torch.no_grad():
+        last, state = model.step(tokens[:4], model.init_decode_state(3, max_context=7))
+        functional = [last]
+        for t in range(4, 34):
+            last, state = model.step(tokens[t : t + 1], state)
+            functional.append(last)
+    for name, (got, got_state) in {
+        "compiled": (compiled, compiled_state),
+        "torch": (reference, reference_state),
+    }.items():
+        assert_all_close([f"{name} log_probs", f"{name} c"], [got, got_state.c], [torch.stack(functional), state.c],
+                         atol=1e-5, rtol=1e-4)  # fmt: skip
+        for have, want in zip(got_state.keys, state.keys, strict=True):
+            assert (have is None) == (want is None) and (have is None or torch.allclose(have, want, atol=1e-5))
     calls.clear()
     with torch.no_grad():
-        double = model.double()
-        _, state = double.step(tokens[:4], double.init_decode_state(3))
-        double.step(tokens[4:5], state)
-    assert not calls
+        session = model.double().decoder(3)
+        session.step(tokens[:4])
+        session.step(tokens[4:5])
+    assert not calls and session.stack.kernel is None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)

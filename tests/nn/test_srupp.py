@@ -1,7 +1,3 @@
-import copy
-import pickle
-from dataclasses import replace
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -420,230 +416,11 @@ def test_set_backend_reaches_every_layer(assert_close):
         model.set_backend(None)
 
 
-@pytest.fixture
-def token_path_calls(monkeypatch):
-    """Counts the one-token steps that took ``SRUpp._step_token`` (the fast path)."""
-    calls = []
-    original = SRUpp._step_token
-
-    def counting(self, *args):
-        calls.append(1)
-        return original(self, *args)
-
-    monkeypatch.setattr(SRUpp, "_step_token", counting)
-    return calls
-
-
-TOKEN_PATH_CONFIGS = {
-    "two-layers": dict(num_layers=2),
-    "every-second-layer-two-heads": dict(num_layers=3, attention_every_n_layers=2, num_heads=2),
-    "layer-norm-projected-skip-odd": dict(num_layers=2, layer_norm=True, hidden_size=9),
-    "batch-first": dict(num_layers=2, batch_first=True),
-}
-
-
-@pytest.mark.parametrize("max_context", [None, 0, 3], ids=["all", "window-0", "window-3"])
-@pytest.mark.parametrize("config", TOKEN_PATH_CONFIGS.values(), ids=TOKEN_PATH_CONFIGS.keys())
-def test_one_token_path_after_prefill_equals_causal_forward(assert_close, token_path_calls, config, max_context):
-    # 40 tokens after a prefill of 4: the buffers (16 positions at first) fill and move several times.
-    model = make(**config)
-    steps, batch = 44, 3
-    x = torch.randn(steps, batch, 6)
-
-    def layout(tensor):  # time-major <-> the model's layout
-        return tensor.transpose(0, 1) if model.batch_first else tensor
-
-    with torch.no_grad():
-        expected, _ = model(layout(x), causal=True, attn_window=max_context)
-        expected_state = model.step(layout(x[:4]), model.init_decode_state(batch, max_context))[1]
-        for t in range(4, steps):  # the general path: replace() drops the buffers, so no step appends in place
-            expected_state = model.step(layout(x[t : t + 1]), replace(expected_state))[1]
-        outputs, state = [], model.init_decode_state(batch, max_context)
-        for start, size in [(0, 4)] + [(t, 1) for t in range(4, steps)]:
-            out, state = model.step(layout(x[start : start + size]), state)
-            outputs.append(layout(out))
-    assert len(token_path_calls) == steps - 4
-    assert_close(torch.cat(outputs), layout(expected), name="output")
-    assert_close(state.c, expected_state.c, name="c")
-    for name in ("keys", "values"):
-        for i, (actual, reference) in enumerate(zip(getattr(state, name), getattr(expected_state, name), strict=True)):
-            assert (actual is None) == (reference is None)
-            if actual is not None:
-                assert actual.shape[2] == (steps if max_context is None else max_context)
-                assert_close(actual, reference, name=f"{name}[{i}]")
-
-
-def test_one_token_path_keeps_older_states_and_branches(assert_close, token_path_calls):
-    model = make(num_layers=2)
-    x, a, b = torch.randn(5, 2, 6), torch.randn(1, 2, 6), torch.randn(1, 2, 6)
-    with torch.no_grad():
-        _, state = model.step(x, model.init_decode_state(2))
-        keys_before = [k.clone() for k in state.keys]
-        out_a, after_a = model.step(a, state)  # appends in place
-        out_b, after_b = model.step(b, state)  # state is no longer the newest: the general path, which copies
-        for before, now in zip(keys_before, state.keys, strict=True):
-            assert_close(now, before, name="older state's keys")
-        out_a2, _ = model.step(x[:1], after_a)  # the first branch still appends in place
-        out_b2, _ = model.step(x[:1], after_b)
-    assert len(token_path_calls) == 3
-    for prefix, outs in ((a, (out_a, out_a2)), (b, (out_b, out_b2))):
-        expected, _ = model(torch.cat([x, prefix, x[:1]]), causal=True)
-        assert_close(torch.cat(outs), expected[5:], name="branch")
-
-
-def test_one_token_path_falls_back_whenever_the_run_changes(assert_close, token_path_calls):
-    model = make(num_layers=2)
-    x = torch.randn(6, 2, 6)
-    expected, _ = model(x, causal=True)
-    with torch.no_grad():
-        _, state = model.step(x[:3], model.init_decode_state(2))
-        with pytest.raises(ValueError, match=r"\[T, B, input_size\]"):
-            model.step(torch.randn(1, 2, 5), state)  # a bad input is still checked
-        with pytest.raises(ValueError, match="state.c"):
-            model.step(torch.randn(1, 3, 6), state)
-        state_c = SRUppState(state.c.clone(), keys=list(state.keys), values=list(state.values))
-        out3, _ = model.step(x[3:4], state_c)  # a state built by the user: checked, general path
-        model.train()  # dropout could be on: the general path
-        out3_train, _ = model.step(x[3:4], state)
-        model.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model.step(x[3:4], state)
-        out3_fast, state = model.step(x[3:4], state)
-    assert token_path_calls == [1]
-    for out in (out3, out3_train, out3_fast):
-        assert_close(out, expected[3:4])
-
-
-def test_one_token_step_with_gradients_is_correct(assert_close, token_path_calls):
-    model = make(num_layers=2)
-    x = torch.randn(6, 2, 6, requires_grad=True)
-    expected, _ = model(x, causal=True)
-    with torch.no_grad():
-        _, state = model.step(x[:3], model.init_decode_state(2))
-    outputs = [model(x[:3], causal=True)[0]]
-    for t in range(3, 6):  # with grad enabled a step takes the general path, whose cache is out of place
-        out, state = model.step(x[t : t + 1], state)
-        outputs.append(out)
-    assert not token_path_calls
-    output = torch.cat(outputs)
-    assert_close(output, expected)
-    # The prefill ran without gradients; the stepped tokens' inputs get theirs through the steps.
-    (grad,) = torch.autograd.grad(output[3:].square().sum(), x)
-    (grad_expected,) = torch.autograd.grad(expected[3:].square().sum(), x)
-    assert_close(grad[3:], grad_expected[3:], name="grad of the stepped inputs")
-
-
-def test_inference_mode_run_continues_outside_it(assert_close, token_path_calls):
-    model = make(num_layers=2)
-    x = torch.randn(6, 2, 6)
-    expected, _ = model(x, causal=True)
-    with torch.inference_mode():
-        _, state = model.step(x[:3], model.init_decode_state(2))
-        out3, state = model.step(x[3:4], state)
-    with torch.no_grad():  # inference tensors cannot be written outside inference mode: the general path copies
-        out4, state = model.step(x[4:5], state)
-        out5, state = model.step(x[5:6], state)
-    assert len(token_path_calls) == 2
-    assert_close(torch.cat([out3, out4, out5]), expected[3:])
-    with torch.no_grad():
-        state = model.init_decode_state(2)
-    with torch.inference_mode():  # and buffers made outside it are written inside it
-        outputs = []
-        for t in range(6):
-            out, state = model.step(x[t : t + 1], state)
-            outputs.append(out)
-    assert len(token_path_calls) == 8
-    assert_close(torch.cat(outputs), expected)
-
-
-def test_copies_of_a_state_leave_the_buffers_behind(assert_close, token_path_calls):
-    model = make(num_layers=2)
-    x = torch.randn(5, 2, 6)
-    expected, _ = model(x, causal=True)
-    with torch.no_grad():
-        _, state = model.step(x[:3], model.init_decode_state(2))
-        for copied in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
-            assert copied._buffers is None
-            out, after = model.step(x[3:4], copied)
-            assert_close(out, expected[3:4])
-            out, _ = model.step(x[4:5], after)  # the general path gave the copy buffers of its own
-            assert_close(out, expected[4:5])
-    assert len(token_path_calls) == 3
-
-
-def test_bidirectional_decoding_is_refused_clearly():
-    model = SRUpp(8, 4, 4, bidirectional=True)
-    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
-        model.init_decode_state(1)
-    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
-        model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))
-
-
-@pytest.mark.parametrize("update", ["out_proj", "gate-bias", "kv_proj"])
-def test_one_token_path_sees_parameters_updated_in_place(assert_close, token_path_calls, update):
-    model = make(num_layers=2)
-    x = torch.randn(5, 2, 6)
-    with torch.no_grad():
-        _, state = model.step(x[:3], model.init_decode_state(2))
-        _, state = model.step(x[3:4], state)
-        layer = model.layers[1]
-        {"out_proj": layer.transform.out_proj.weight, "gate-bias": layer.gates.bias,
-         "kv_proj": layer.transform.kv_proj.weight}[update].mul_(-1.5)  # fmt: skip
-        expected, general = model.step(x[4:5], replace(state))  # the general path reads the parameters afresh
-        out, state = model.step(x[4:5], state)
-        assert_close(out, expected)
-        # The next token takes the one-token path on weights gathered again (the layer's copy was stale).
-        expected, _ = model.step(x[:1], replace(general))
-        out, _ = model.step(x[:1], state)
-    assert len(token_path_calls) == 2
-    assert_close(out, expected)
-
-
-@pytest.mark.parametrize("how", ["data", "replaced"])
-def test_a_new_decoding_run_sees_weights_changed_without_a_version_bump(assert_close, token_path_calls, how):
-    model = make(num_layers=2)
-    keys = model.state_dict().keys()
-    x = torch.randn(4, 2, 6)
-    with torch.no_grad():
-        state = model.init_decode_state(2)
-        for t in range(2):
-            _, state = model.step(x[t : t + 1], state)
-        layer = model.layers[1].transform
-        if how == "data":  # e.g. an EMA update: no version counter moves
-            layer.out_proj.weight.data.mul_(-1.5)
-        else:
-            layer.out_proj.weight = torch.nn.Parameter(layer.out_proj.weight * -1.5)
-        expected, _ = model(x, causal=True)
-        state, outputs = model.init_decode_state(2), []
-        for t in range(4):
-            out, state = model.step(x[t : t + 1], state)
-            outputs.append(out)
-    assert len(token_path_calls) == 2 + 4
-    assert_close(torch.cat(outputs), expected)
-    assert model.state_dict().keys() == keys  # the gathered copies are no parameters or buffers
-
-
-def test_first_token_from_an_empty_state_takes_the_one_token_path(assert_close, token_path_calls):
-    model = make(num_layers=3, attention_every_n_layers=2)
-    x = torch.randn(4, 2, 6)
-    expected, _ = model(x, causal=True)
-    with torch.no_grad():
-        state = model.init_decode_state(2)
-        assert [None if k is None else k.shape[2] for k in state.keys] == [None, 0, None]
-        outputs = []
-        for t in range(4):
-            out, state = model.step(x[t : t + 1], state)
-            outputs.append(out)
-    assert len(token_path_calls) == 4
-    assert_close(torch.cat(outputs), expected)
-    assert model.init_decode_state(2, dtype=torch.float64).keys is None  # not the parameters' dtype: no buffers
-
-
 LEFT_PADDED = {"step-chunks": "step", "forward-then-step": "forward"}
 
 
 @pytest.mark.parametrize("prefill", LEFT_PADDED.values(), ids=LEFT_PADDED.keys())
-def test_left_padded_decoding_equals_each_sequence_alone(assert_close, token_path_calls, prefill):
+def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
     # Batched prompts padded on the left, then decoding: padding must neither move c nor be attended to later.
     model = make(**CONFIGS["every-second-layer-two-heads"])
     lengths, steps = [5, 2, 4], 5
@@ -663,8 +440,6 @@ def test_left_padded_decoding_equals_each_sequence_alone(assert_close, token_pat
         for t in range(3):
             out, state = model.step(more[t : t + 1], state)
             outputs.append(out)
-    # After a step prefill every token takes the one-token path; a forward's memory first becomes a cache.
-    assert len(token_path_calls) == (3 if prefill == "step" else 2)
     padded = torch.cat(outputs)
     for b, length in enumerate(lengths):
         alone, _ = model(torch.cat([prompt[steps - length :, b : b + 1], more[:, b : b + 1]]), causal=True)
@@ -672,6 +447,24 @@ def test_left_padded_decoding_equals_each_sequence_alone(assert_close, token_pat
         assert_close(continued[:, b : b + 1], alone[length:], name=f"forward after the cache, sequence {b}")
     assert padded[: steps - 2, 1].abs().max() == 0
     assert torch.isfinite(padded).all()
+
+
+@pytest.mark.parametrize("max_context", [None, 5], ids=["all", "window-5"])
+def test_step_runs_long_inputs_in_pieces_equal_to_one(assert_close, monkeypatch, max_context):
+    """``step`` feeds an input longer than ``PREFILL_CHUNK`` in pieces (so that memory grows linearly with it):
+    the result equals the causal forward, with left padding across the pieces' borders."""
+    import srupp.nn.srupp as srupp_module
+
+    monkeypatch.setattr(srupp_module, "PREFILL_CHUNK", 4)
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    x = torch.randn(15, 2, 6)
+    mask_pad = torch.arange(15).unsqueeze(1) < torch.tensor([6, 0])
+    with torch.no_grad():
+        expected, _ = model(x, mask_pad=mask_pad, causal=True, attn_window=max_context)
+        out, state = model.step(x, model.init_decode_state(2, max_context), mask_pad=mask_pad)
+    assert_close(out[6:, :1], expected[6:, :1])
+    assert_close(out[:, 1:], expected[:, 1:])
+    assert state.keys[1].shape[2] == (15 if max_context is None else max_context)
 
 
 def test_forward_hides_padded_memory_from_the_next_segment(assert_close):
@@ -697,158 +490,6 @@ def test_state_keeps_key_pad_through_tensors_and_to():
     assert torch.equal(restored.key_pad, mask_pad.t())
     moved = state.to("cpu", torch.float64)
     assert moved.key_pad.dtype == torch.bool and moved.c.dtype == torch.float64
-
-
-def test_one_token_path_with_key_pad_and_a_window_equals_the_general_path(assert_close, token_path_calls):
-    model = make(**CONFIGS["every-second-layer-two-heads"])
-    mask_pad = torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3])
-    prompt, more = torch.randn(4, 3, 6), torch.randn(30, 3, 6)
-    with torch.no_grad():
-        _, fast = model.step(prompt, model.init_decode_state(3, max_context=3), mask_pad=mask_pad)
-        general, outputs, expected = fast, [], []
-        for t in range(30):
-            out, fast = model.step(more[t : t + 1], fast)
-            outputs.append(out)
-            out, general = model.step(more[t : t + 1], replace(general))  # replace() drops the buffers
-            expected.append(out)
-    assert len(token_path_calls) == 30
-    assert_close(torch.cat(outputs), torch.cat(expected))
-    assert torch.equal(fast.key_pad, general.key_pad) and fast.key_pad.shape == (3, 3)
-
-
-COMPILED_CONFIGS = {
-    **TOKEN_PATH_CONFIGS,
-    "no-attention-layer": dict(num_layers=2, attention_every_n_layers=3),
-    "four-heads-wide": dict(input_size=16, hidden_size=16, proj_size=8, num_layers=2, num_heads=4),
-}
-
-
-ISA_CHECKS = [(name, "every-second-layer-two-heads", True) for name in ("baseline", "avx2", "avx512")]
-COMPILED_CASES = [("default", name, padded) for name in COMPILED_CONFIGS for padded in (False, True)] + ISA_CHECKS
-
-
-@pytest.mark.parametrize("isa, config, padded", COMPILED_CASES, ids=["-".join(map(str, c)) for c in COMPILED_CASES])
-def test_compiled_one_token_step_equals_its_torch_ops(assert_close, monkeypatch, isa, config, padded):
-    """The CPU kernel's one-token layer step against the torch ops it replaces (``step_token`` with no kernel),
-    over 30 steps that outgrow and move the buffers, with a left-padding mask or none; on this CPU's default
-    instruction-set variant, and one case on every variant it can run."""
-    import srupp.nn.layer as layer_module
-    from srupp.ops import decode_kernel, library
-
-    if not library.is_available():
-        pytest.skip(library.unavailable_reason())
-    if isa != "default":
-        if isa not in library.cpu_kernel_info()["available"]:
-            pytest.skip(f"this CPU cannot run the {isa} variant")
-        monkeypatch.setenv("SRUPP_CPU_ISA", isa)
-        monkeypatch.setattr(library, "_KERNEL", None)  # monkeypatch restores the default kernel after
-        assert library.cpu_kernel_info()["isa"] == isa
-    config = COMPILED_CONFIGS[config]
-    config = dict(config)
-    size = config.pop("input_size", 6)
-    model = make(input_size=size, **config)
-    batch, prompt_len = 3, 4
-    mask_pad = None
-    if padded:
-        mask_pad = torch.arange(prompt_len).unsqueeze(1) < prompt_len - torch.tensor([4, 1, 3])
-    x = torch.randn(prompt_len + 30, batch, size)
-    if model.batch_first:
-        x = x.transpose(0, 1)
-        mask_pad = None if mask_pad is None else mask_pad.t()
-
-    def decode():
-        calls = []
-        original = decode_kernel.TokenRun.__call__
-
-        def counting(self, *args):
-            calls.append(1)
-            return original(self, *args)
-
-        monkeypatch.setattr(decode_kernel.TokenRun, "__call__", counting)
-        with torch.no_grad():
-            prompt = x[:, :prompt_len] if model.batch_first else x[:prompt_len]
-            out, state = model.step(prompt, model.init_decode_state(batch), mask_pad=mask_pad)
-            outputs = [out]
-            for t in range(prompt_len, prompt_len + 30):
-                out, state = model.step(x[:, t : t + 1] if model.batch_first else x[t : t + 1], state)
-                outputs.append(out)
-        return torch.cat(outputs, 1 if model.batch_first else 0), state, len(calls)
-
-    compiled, compiled_state, calls = decode()
-    assert calls == 30  # one call per token for the whole stack
-    monkeypatch.setattr(layer_module, "token_kernel", lambda **kwargs: None)
-    reference, reference_state, calls = decode()
-    assert calls == 0
-    assert_close(compiled, reference, name="output")
-    assert_close(compiled_state.c, reference_state.c, name="c")
-    for name in ("keys", "values"):
-        for actual, expected in zip(getattr(compiled_state, name), getattr(reference_state, name), strict=True):
-            assert (actual is None) == (expected is None)
-            if actual is not None:
-                assert_close(actual, expected, name=name)
-
-
-def test_states_of_the_compiled_path_read_copy_and_change_like_any_state(assert_close, monkeypatch):
-    """The compiled path's states make their keys, values and key_pad when first read: what they read equals the
-    general path's, reading keeps the run on the compiled path, an older state's views keep their values while the
-    run goes on, copies and pickles are plain states, and a state whose fields were replaced takes the general
-    path."""
-    from srupp.ops import decode_kernel, library
-
-    if not library.is_available():
-        pytest.skip(library.unavailable_reason())
-    calls = []
-    original = decode_kernel.TokenRun.__call__
-    monkeypatch.setattr(decode_kernel.TokenRun, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
-    model = make(**TOKEN_PATH_CONFIGS["every-second-layer-two-heads"])
-    mask_pad = torch.tensor([[True, False], [False, False], [False, False]])
-    x = torch.randn(9, 2, 6)
-
-    def general(prefix_len, upto):  # the general path from a prefill of prefix_len, stepped to upto
-        _, state = model.step(x[:prefix_len], model.init_decode_state(2, max_context=4), mask_pad=mask_pad)
-        for t in range(prefix_len, upto):
-            out, state = model.step(x[t : t + 1], replace(state))  # replace() drops the buffers
-        return out, state
-
-    with torch.no_grad():
-        _, state = model.step(x[:3], model.init_decode_state(2, max_context=4), mask_pad=mask_pad)
-        _, s4 = model.step(x[3:4], state)
-        _, s5 = model.step(x[4:5], s4)
-        assert len(calls) == 2 and type(s5) is not SRUppState and isinstance(s5, SRUppState)
-        s4_keys = [None if k is None else k.clone() for k in s4.keys]  # read while s5 exists: made now
-        out6, s6 = model.step(x[5:6], s5)
-        assert len(calls) == 3
-        _, s5_key_pad = s5.values, s5.key_pad  # read, not changed: s6 is newest, s5 general
-        out7, s7 = model.step(x[6:7], s6)
-        assert len(calls) == 4  # reading s6's fields after the step did not change them
-        _ = s7.keys
-        out8, s8 = model.step(x[7:8], s7)  # read before stepping: still the compiled path
-        assert len(calls) == 5
-        ref8, ref_state = general(3, 8)
-        assert_close(out8, ref8)
-        for name in ("keys", "values"):
-            for got, want in zip(getattr(s8, name), getattr(ref_state, name), strict=True):
-                assert (got is None) == (want is None)
-                if got is not None:
-                    assert_close(got, want, name=name)
-        assert torch.equal(s8.key_pad, ref_state.key_pad) and torch.equal(s5_key_pad, general(3, 5)[1].key_pad)
-        for before, now in zip(s4_keys, s4.keys, strict=True):
-            assert (before is None and now is None) or torch.equal(before, now)
-        for copied in (copy.copy(s8), copy.deepcopy(s8), pickle.loads(pickle.dumps(s8))):
-            assert type(copied) is SRUppState and copied._buffers is None
-            assert torch.equal(copied.c, s8.c) and torch.equal(copied.key_pad, s8.key_pad)
-            assert all(a is b is None or torch.equal(a, b) for a, b in zip(copied.keys, s8.keys, strict=True))
-        s8.keys = list(s8.keys)  # replaced (the same views in a new list): no longer trusted to append in place
-        out9, _ = model.step(x[8:9], s8)
-        assert len(calls) == 5
-        assert_close(out9, general(3, 9)[0])
-        assert_close(model.step(x[8:9], replace(s8))[0], out9)
-
-
-def test_compiled_one_token_step_is_not_used_for_the_naive_backend_or_float64():
-    for model in (make(num_layers=2, backend="naive"), make(num_layers=2).double()):
-        weights = model.layers[0].token_weights()
-        assert weights.kernel is None
 
 
 CAUSALITY = {

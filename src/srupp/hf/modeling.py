@@ -26,10 +26,11 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 
 
 class SRUppCache(Cache):
-    """The decoding state of an SRU++ model for ``generate``: one :class:`SRUppState` (each layer's c, attention
-    keys and values, and which earlier positions were padding) and the number of positions fed so far.
+    """The decoding state of an SRU++ model for ``generate``: a decoding session of its stack
+    (:class:`srupp.nn.decode.SRUppDecoder`: each layer's c, attention keys and values in buffers it extends in
+    place, and which earlier positions were padding) and the number of positions fed so far.
 
-    ``forward`` updates it in place and returns it. It cannot be cropped: a recurrent state does not roll back.
+    ``forward`` feeds it and returns it. It cannot be cropped: a recurrent state does not roll back.
 
     Args:
         state: the state to continue from (None: nothing fed yet).
@@ -38,11 +39,25 @@ class SRUppCache(Cache):
 
     def __init__(self, state: SRUppState | None = None, seen: int = 0) -> None:
         super().__init__(layers=[])
-        self.state = state
+        self.session = None
+        self._start = state
         self.seen = seen
 
     def __repr__(self) -> str:
         return f"SRUppCache(seen={self.seen}, batch_size={self.batch_size})"
+
+    @property
+    def state(self) -> SRUppState | None:
+        """The state fed so far, as an ``SRUppState`` (a copy), or None before anything was fed."""
+        return self._start if self.session is None else self.session.state
+
+    def feed(self, stack: nn.Module, input: Tensor, mask_pad: Tensor | None) -> Tensor:
+        """``stack``'s output for ``input`` ``[T, B, hidden_size]`` (padding ``mask_pad`` ``[T, B]``), continuing
+        the state fed so far (the session starts here, on the first call)."""
+        if self.session is None:
+            self.session = stack.decoder(input.shape[1], state=self._start)
+        self.seen += input.shape[0]
+        return self.session.step(input, mask_pad)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -55,7 +70,9 @@ class SRUppCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return -1 if self.state is None else self.state.c.shape[1]
+        if self.session is not None:
+            return self.session.batch_size
+        return -1 if self._start is None else self._start.c.shape[1]
 
     @property
     def is_compileable(self) -> bool:
@@ -67,7 +84,7 @@ class SRUppCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return self.state is not None
+        return self.session is not None or self._start is not None
 
     @property
     def is_sliding(self) -> list[bool]:
@@ -79,18 +96,20 @@ class SRUppCache(Cache):
         return [False]
 
     def _select(self, fn) -> None:
-        if self.state is None:
-            return
         state = self.state
+        if state is None:
+            return
 
         def pick(items):
             return None if items is None else [None if item is None else fn(item, 0) for item in items]
 
         memory = None if state.memory is None else [None if m is None else fn(m, 1) for m in state.memory]
         key_pad = None if state.key_pad is None else fn(state.key_pad, 0)
-        self.state = SRUppState(
-            fn(state.c, 1), memory, pick(state.keys), pick(state.values), state.max_context, key_pad
-        )
+        state = SRUppState(fn(state.c, 1), memory, pick(state.keys), pick(state.values), state.max_context, key_pad)
+        if self.session is None:
+            self._start = state
+        else:
+            self.session.load(state)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda tensor, dim: tensor.index_select(dim, beam_idx.to(tensor.device)))
@@ -109,7 +128,7 @@ class SRUppCache(Cache):
         pass
 
     def reset(self) -> None:
-        self.state, self.seen = None, 0
+        self.session, self._start, self.seen = None, None, 0
 
 
 class SRUppPreTrainedModel(PreTrainedModel):
@@ -295,10 +314,7 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
                 raise NotImplementedError("`output_hidden_states` needs use_cache=False (a forward without a cache)")
             cache = SRUppCache() if cache is None else cache
             x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
-            state = lm.rnn.init_decode_state(batch) if cache.state is None else cache.state
-            hidden, state = lm.rnn.step(x, state, mask_pad=mask_pad)
-            hidden = lm.dropout(hidden)
-            cache.state, cache.seen = state, cache.seen + steps
+            hidden = lm.dropout(cache.feed(lm.rnn, x, mask_pad))
         else:
             hidden, _, layers = lm.hidden_states(ids, mask_pad=mask_pad, inputs_embeds=embeds,
                                                  all_layers=output_hidden_states)  # fmt: skip

@@ -59,15 +59,16 @@ def generate(
 ) -> Iterator[int]:
     """Continue ``prompt`` token by token, yielding each new id as soon as it is drawn.
 
-    The prompt is fed once through ``model.step`` (the recurrent state and attention cache then hold it);
-    each new token costs one cached step on the fast one-token path (under ``torch.inference_mode``).
+    The prompt is fed once through a decoding session (``model.decoder``; the recurrent state and attention cache
+    then hold it, and it runs in pieces, so memory grows linearly with its length); each new token costs one
+    cached step on the session's one-token path (under ``torch.inference_mode``).
 
     Args:
         model: the language model (put in eval mode here).
         prompt: ``[P]`` token ids, P >= 1.
         max_new_tokens: how many ids to draw.
         temperature, top_k, top_p: see :func:`sample_next`.
-        max_context: attention cache length (None keeps everything).
+        max_context: attention cache length (None keeps everything); it bounds the session's memory.
         generator: for reproducible sampling.
 
     Example:
@@ -82,11 +83,12 @@ def generate(
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         raise ValueError(f"`prompt` ids must be in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]")
     model.eval()
+    if max_new_tokens == 0:
+        return
     device = next(model.parameters()).device
-    state = model.init_decode_state(1, max_context=max_context)
-    chunk = ids.to(device)[:, None]
+    session = model.decoder(1, max_context=max_context)
+    log_probs = session.step(ids.to(device)[:, None])
     for _ in range(max_new_tokens):
-        log_probs, state = model.step(chunk, state)
         token = sample_next(log_probs, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield int(token[0])
-        chunk = token[None, :]
+        log_probs = session.step(token[None, :])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from srupp.models.config import LMConfig
+from srupp.models.decode import SRUppLMDecoder, check_token_ids
 from srupp.nn import SRUpp, SRUppState
-from srupp.nn.state import param_versions
 
 
 def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str = "auto", device=None, dtype=None):
@@ -144,11 +144,7 @@ class SRUppLM(nn.Module):
             ``(hidden [T, B, d], state (not detached), None or num_layers + 1 tensors [T, B, d])``.
         """
         if inputs_embeds is None:
-            if not isinstance(input, Tensor) or input.is_floating_point() or input.is_complex():
-                kind = input.dtype if isinstance(input, Tensor) else type(input).__name__
-                raise TypeError(f"`input` must be an integer tensor of token ids, got {kind}")
-            if input.dim() != 2:
-                raise ValueError(f"`input` must have shape [T, B] (2 dims), got {list(input.shape)}")
+            check_token_ids(input)
         if state is not None and not isinstance(state, SRUppState):
             raise TypeError(
                 f"`state` must be the SRUppState of the previous segment or None, got {type(state).__name__}"
@@ -223,14 +219,21 @@ class SRUppLM(nn.Module):
         """An empty state for ``batch_size`` streams (``step`` keeps at most ``max_context`` cached positions)."""
         return self.rnn.init_decode_state(batch_size, max_context=max_context)
 
-    def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
-        """Feed ``[T_chunk, B]`` tokens through the cached decoding path.
+    def decoder(self, batch_size: int, max_context: int | None = None, state: SRUppState | None = None):
+        """A decoding session (:class:`srupp.models.decode.SRUppLMDecoder`): token ids in, log-probabilities out,
+        one token per call without copying the caches (see ``SRUpp.decoder``).
 
-        Without gradients and in eval mode, one token at a time takes a fast path: the attention caches grow in
-        place in preallocated buffers and the shapes are not checked again (see ``SRUpp.step``). Where the stack
-        runs as one compiled call (float32 on the CPU) and the softmax is plain, that call also looks up the
-        token's embedding and ends with the output layer's log-softmax, on copies of their weights made on a
-        run's first token (in-place updates show, as in ``SRUpp.step``).
+        Example:
+            >>> session = model.eval().decoder(batch_size=1, max_context=512)
+            >>> with torch.no_grad():
+            ...     log_probs = session.step(prompt[:, None])  # prefill, [P, 1] ids
+            ...     log_probs = session.step(log_probs.argmax(-1)[None])  # one token
+        """
+        return SRUppLMDecoder(self, batch_size, max_context, state)
+
+    def step(self, tokens: Tensor, state: SRUppState) -> tuple[Tensor, SRUppState]:
+        """Feed ``[T_chunk, B]`` tokens through the cached decoding path (``SRUpp.step``: general and functional;
+        a decoding loop is faster with a session, ``decoder()``).
 
         Args:
             tokens: ``[T_chunk, B]`` token ids.
@@ -239,37 +242,9 @@ class SRUppLM(nn.Module):
         Returns:
             ``(log_probs [B, V] for the chunk's last position, state)``; equal to the causal forward.
         """
-        buffers = state._buffers if isinstance(state, SRUppState) else None
-        if buffers is not None and buffers.native is not None and self._compiled_step_applies(tokens, state, buffers):
-            return buffers.step_native(tokens, state.c, ends=True)
+        check_token_ids(tokens)
         hidden, state = self.rnn.step(self.embed(tokens), state)
         return self.log_probs(hidden[-1]), state
-
-    def _compiled_step_applies(self, tokens: object, state: SRUppState, buffers) -> bool:
-        """Whether ``step`` may run the whole model as one compiled call: one token per row of a trusted run
-        (``SRUpp.step``'s conditions), int64 ids on its device, a plain softmax, and float32 ends, whose copies
-        the run's kernel gets here on first use (and again after an in-place update)."""
-        if not (
-            isinstance(tokens, Tensor)
-            and tokens.shape == buffers.input_shape[:2]
-            and tokens.dtype == torch.int64
-            and tokens.device == buffers.device
-            and not self.training
-            and not self.config.adaptive
-            and self._modules["rnn"]._run_continues(state, buffers)  # (not self.rnn: Module.__getattr__ is slow)
-        ):
-            return False
-        ends = buffers.ends
-        if ends is None or ends[0] is not self or param_versions(ends[1]) != ends[2]:
-            params = tuple(p for p in (self.embedding.weight, self.output.weight, self.output.bias) if p is not None)
-            if any(p.dtype != torch.float32 for p in params):
-                return False
-            with torch.no_grad():
-                bias = None if self.output.bias is None else self.output.bias.detach().clone()
-                head_t = self.output.weight.t().contiguous()
-                buffers.native.set_ends(self.embedding.weight.detach().clone(), head_t, bias)
-            buffers.ends = (self, params, param_versions(params))
-        return True
 
     def extra_repr(self) -> str:
         kind = f"adaptive cutoffs={self.config.cutoffs}" if self.config.adaptive else "byte/plain softmax"

@@ -2,6 +2,7 @@
 
 from srupp.nn.attention import SRUppAttention, SRUppProjectedLinear
 from srupp.nn.convert import c_from_sru, srupp_from_sru
+from srupp.nn.decode import SRUppDecoder
 from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, attention_layer_indices
 from srupp.nn.sru import SRU
 from srupp.nn.srupp import SRUpp
@@ -13,6 +14,7 @@ __all__ = [
     "SRULayer",
     "SRUpp",
     "SRUppAttention",
+    "SRUppDecoder",
     "SRUppProjectedLinear",
     "SRUppState",
     "attention_layer_indices",

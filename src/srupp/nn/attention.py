@@ -143,6 +143,8 @@ class SRUppAttention(nn.Module):
         torch.Size([5, 2, 24])
     """
 
+    attends = True  # takes earlier positions (a memory, a key/value cache): ``SRULayer`` passes them on
+
     def __init__(
         self,
         input_size: int,
@@ -301,12 +303,16 @@ class SRUppAttention(nn.Module):
         cache: tuple[Tensor, Tensor] | None,
         max_context: int | None,
         key_pad: Tensor | None = None,
+        memory: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Causal attention of a chunk ``[T, B, input_size]`` over the cached keys and values
-        ``[B, heads, S, head_size]`` (None: no earlier positions); returns ``U`` and the cache extended by the
+        ``[B, heads, S, head_size]`` (None: no earlier positions), or over those of ``memory`` ``[S, B,
+        input_size]`` (earlier inputs, normalised like ``input``); returns ``U`` and the cache extended by the
         chunk, keeping its last ``max_context`` positions (all when None). ``key_pad`` ``[B, S + T]`` bool hides
         padded keys (cache, then chunk)."""
         steps = input.shape[0]
+        if memory is not None:
+            cache = self.keys_values(self.in_proj(memory))
         query = self.in_proj(input)
         keys, values = self.keys_values(query)
         if cache is not None:
@@ -319,21 +325,6 @@ class SRUppAttention(nn.Module):
             keep = min(max_context, key_len)
             keys, values = keys[:, :, key_len - keep :], values[:, :, key_len - keep :]
         return u, (keys, values)
-
-    def step_token(
-        self, input: Tensor, weights, window: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None
-    ) -> Tensor:
-        """``step`` for one token ``[B, input_size]``, unchecked and in eval mode, reading the parameters from
-        ``weights`` (``srupp.nn.layer.TokenWeights``): writes its key and value into the last position of
-        ``window`` ``[B, 2, heads, L, head_size]`` (keys, values), attends to ``keys`` and ``values`` (its views
-        ``[B, heads, L, head_size]``) where ``mask`` ``[B, 1, 1, L]`` allows (everywhere when None) and returns
-        ``U + weights.u_bias`` ``[B, output_size]``."""
-        batch, heads, head_size = input.shape[0], self.num_heads, self.head_size
-        query = torch.mm(input, weights.in_proj_t)
-        window.select(3, -1).copy_(torch.mm(query, weights.kv_proj_t).view(batch, 2, heads, head_size))
-        mixed = F.scaled_dot_product_attention(query.view(batch, heads, 1, head_size), keys, values, attn_mask=mask)
-        mixed = torch.addcmul(query, weights.alpha, mixed.view(batch, self.proj_size))
-        return torch.addmm(weights.u_bias, torch.layer_norm(mixed, *weights.norm), weights.out_proj_t)
 
     def extra_repr(self) -> str:
         return (

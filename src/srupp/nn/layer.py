@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from srupp.nn.attention import SRUppAttention, project
+from srupp.nn.attention import project
 from srupp.nn.checks import (
     check_mask_pad,
     check_probability,
@@ -22,7 +21,6 @@ from srupp.nn.checks import (
     zero_padding,
 )
 from srupp.ops import sru_recurrence
-from srupp.ops.decode_kernel import TokenKernel, token_kernel
 
 HIGHWAY_BIAS = -2.0
 """Default initial bias of the reset (highway) gate: the authors' ``highway_bias`` in their LM runs."""
@@ -71,31 +69,6 @@ def reset_linear_transform(transform: nn.Module) -> None:
     for module in transform.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
-
-
-class TokenWeights(NamedTuple):
-    """What ``SRULayer.step_token`` reads, gathered when a decoding run starts and held by the run's buffers: a
-    module attribute lookup costs about half a microsecond and a one-token step would make a dozen per layer, and
-    a matrix-vector product is up to a third faster on a weight stored ``[in, out]``. Layer norms are
-    ``(normalized_shape, weight, bias, eps)``; ``kv_proj`` and ``alpha`` are None without attention; ``u_bias``
-    puts the gate biases b_f, b_r in U's layout. ``derived`` pairs each parameter copied here with its version
-    counter at the time, so that an in-place update during the run (an optimizer step, ``load_state_dict``) sends
-    the next step to the general path, which gathers them again."""
-
-    input_norm: tuple | None
-    in_proj_t: Tensor
-    kv_proj_t: Tensor | None
-    alpha: Tensor | None
-    norm: tuple
-    out_proj_t: Tensor
-    u_bias: Tensor
-    gate_weight: Tensor
-    derived: tuple[tuple[Tensor, int], ...]
-    kernel: TokenKernel | None = None  # the compiled one-token step on copies of all of these, where it applies
-
-
-def layer_norm_arguments(norm: nn.LayerNorm) -> tuple:
-    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 class RecurrentGates(nn.Module):
@@ -160,7 +133,8 @@ class SRULayer(nn.Module):
         self.backend = backend
         self.project_skip = input_size != self.output_size
         self.transform = transform(input_size, self.output_size * (4 if self.project_skip else 3))
-        self.has_attention = isinstance(self.transform, SRUppAttention)
+        # A transform that attends to earlier positions (SRU++'s attention) gets the memory or cache.
+        self.has_attention = bool(getattr(self.transform, "attends", False))
         self.input_norm = nn.LayerNorm(input_size, **factory) if layer_norm else None
         # Every part initialises itself on construction.
         self.gates = RecurrentGates(hidden_size, self.num_directions, highway_bias, **factory)
@@ -225,104 +199,12 @@ class SRULayer(nn.Module):
         input = zero_padding(input, mask_pad)
         normed = self._norm(input)
         if self.has_attention:
-            if memory is not None:
-                cache = self.transform.keys_values(self.transform.in_proj(self._norm(memory)))
-            u, cache = self.transform.step(normed, cache, max_context, key_pad)
+            memory = None if memory is None else self._norm(memory)
+            u, cache = self.transform.step(normed, cache, max_context, key_pad, memory)
         else:
             u = project(self.transform, normed)
         h, c = self._recur(input, u, c0, mask_pad)
         return h, c, cache
-
-    def _token_sources(self) -> list[Tensor]:
-        """The parameters ``TokenWeights`` holds copies of (the others it reads are the parameters themselves;
-        the compiled step copies those too, so all of them are tracked)."""
-        transform = self.transform
-        copied = [transform.in_proj.weight, transform.out_proj.weight, self.gates.bias, self.gates.weight,
-                  *transform.norm.parameters()]  # fmt: skip
-        if self.has_attention:
-            copied += [transform.kv_proj.weight, transform.alpha]
-        if self.input_norm is not None:
-            copied += list(self.input_norm.parameters())
-        return copied
-
-    def token_weights(self) -> TokenWeights:
-        """The parameters ``step_token`` reads (see ``TokenWeights``), gathered now: once per decoding run."""
-        copied = self._token_sources()
-        transform, hidden = self.transform, self.hidden_size
-        with torch.no_grad():
-            u_bias = self.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
-            u_bias[hidden : 3 * hidden] = self.gates.bias.reshape(-1)
-            weights = TokenWeights(
-                None if self.input_norm is None else layer_norm_arguments(self.input_norm),
-                transform.in_proj.weight.t().contiguous(),
-                transform.kv_proj.weight.t().contiguous() if self.has_attention else None,
-                transform.alpha if self.has_attention else None,
-                layer_norm_arguments(transform.norm),
-                transform.out_proj.weight.t().contiguous(),
-                u_bias,
-                self.gates.weight,
-                tuple((param, param._version) for param in copied),
-            )
-            weights = weights._replace(kernel=self._token_kernel(weights))
-        return weights
-
-    def _token_kernel(self, weights: TokenWeights) -> TokenKernel | None:
-        """The compiled one-token step (``srupp.ops.decode_kernel.token_kernel``) on copies of ``weights``, for a
-        unidirectional float32 layer on the CPU whose backend is not the naive spec; else None."""
-        reference = weights.in_proj_t
-        if self.num_directions != 1 or self.backend == "naive" or reference.dtype != torch.float32:
-            return None
-        if reference.device.type != "cpu":  # (token_kernel checks every tensor; this skips copying for nothing)
-            return None
-
-        def own(norm: tuple | None) -> tuple | None:
-            if norm is None:
-                return None
-            shape, weight, bias, eps = norm
-            return (
-                shape,
-                None if weight is None else weight.detach().clone(),
-                None if bias is None else bias.detach().clone(),
-                eps,
-            )
-
-        alpha = None if weights.alpha is None else weights.alpha.detach().reshape(1).clone()
-        return token_kernel(
-            in_norm=own(weights.input_norm), wq_t=weights.in_proj_t, wkv_t=weights.kv_proj_t, alpha=alpha,
-            norm=own(weights.norm), wo_t=weights.out_proj_t, u_bias=weights.u_bias,
-            gate_v=weights.gate_weight.detach().clone(),
-            heads=self.transform.num_heads if self.has_attention else 1, project_skip=self.project_skip,
-        )  # fmt: skip
-
-    def step_token(
-        self,
-        input: Tensor,
-        c0: Tensor,
-        c_out: Tensor,
-        weights: TokenWeights,
-        window: tuple[Tensor, ...] | None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """One causal step of one token, unchecked (``SRUpp.step`` checked the run once; eval, no grad,
-        unidirectional): input ``[B, input_size]``, c0 ``[B, hidden_size]``, ``weights`` from ``token_weights``;
-        writes the next c into ``c_out`` and returns h ``[B, hidden_size]``. An attention layer writes its key
-        and value into the last position of its ``window`` (see ``SRUppAttention.step_token``) and attends to all
-        of it that ``mask`` ``[B, 1, 1, L]`` allows (all when None). These torch ops are the spec of the compiled
-        step (``weights.kernel``), which ``SRUpp.step`` runs for the whole stack at once where every layer has it."""
-        normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
-        if window is not None:
-            u = self.transform.step_token(normed, weights, *window, mask)  # U + b_f, b_r in place
-        else:
-            projected = torch.layer_norm(torch.mm(normed, weights.in_proj_t), *weights.norm)
-            u = torch.addmm(weights.u_bias, projected, weights.out_proj_t)
-        batch, hidden = input.shape[0], self.hidden_size
-        # The op's equations for one step (srupp.ops.naive) with the biases already in u, and
-        # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python indexing costs microseconds a call.)
-        gates = torch.addcmul(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight,
-                              c0.view(batch, 1, hidden))  # fmt: skip
-        forget, reset = gates.sigmoid_().unbind(1)
-        torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
-        return torch.lerp(u.narrow(1, 3 * hidden, hidden) if self.project_skip else input, c_out, reset)
 
     def _recur(self, input: Tensor, u: Tensor, c0: Tensor | None, mask_pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each direction's recurrence over its planar block of ``U``."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import fields
 from functools import partial
 
 import torch
@@ -19,13 +18,14 @@ from srupp.nn.checks import (
     resolve_causal,
     zero_padding,
 )
+from srupp.nn.decode import SRUppDecoder
 from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, SRUStack, attention_layer_indices
-from srupp.nn.state import DecodeBuffers, SRUppState, param_versions
+from srupp.nn.state import SRUppState
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
-# State fields the one-token path knows; any other (set, i.e. not None) sends a step to the general path.
-_TOKEN_PATH_FIELDS = {"c", "memory", "keys", "values", "max_context", "key_pad", "_buffers"}
-_OTHER_STATE_FIELDS = tuple(item.name for item in fields(SRUppState) if item.name not in _TOKEN_PATH_FIELDS)
+# ``step`` runs longer inputs in pieces of this many positions: attention's scores and mask grow with the piece
+# times the positions it attends to, so memory grows linearly with the input's length rather than with its square.
+PREFILL_CHUNK = 256
 
 
 class SRUpp(SRUStack):
@@ -256,37 +256,37 @@ class SRUpp(SRUStack):
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
         c = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
-        # Empty caches in preallocated buffers: the first token can take the one-token path of ``step``.
         head_size = self.proj_size // self.num_heads
         empty = [c.new_empty(batch_size, self.num_heads, 0, head_size) if layer.has_attention else None
                  for layer in self.layers]  # fmt: skip
-        state = SRUppState(c, keys=empty, values=list(empty), max_context=max_context)
-        if not self._attach_buffers(state, batch_size):
-            state.keys = state.values = None
-        return state
+        return SRUppState(c, keys=empty, values=list(empty), max_context=max_context)
+
+    def decoder(self, batch_size: int, max_context: int | None = None, state: SRUppState | None = None):
+        """A decoding session (:class:`srupp.nn.decode.SRUppDecoder`) of ``batch_size`` streams: it keeps the
+        caches in preallocated buffers and decodes one token per call without copying them (the compiled CPU
+        kernel, where it applies). ``max_context`` bounds the cache (a sliding window); ``state`` continues an
+        ``SRUppState`` (from ``forward``, ``step`` or ``init_decode_state``).
+
+        Example:
+            >>> session = model.eval().decoder(batch_size=2)
+            >>> out = session.step(torch.randn(5, 2, model.input_size))  # prefill
+            >>> out = session.step(torch.randn(1, 2, model.input_size))  # one token
+        """
+        return SRUppDecoder(self, batch_size, max_context, state)
 
     def step(self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None) -> tuple[Tensor, SRUppState]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
 
         The result equals ``forward(..., causal=True, attn_window=max_context)`` over everything fed
         so far, i.e. the full causal forward when the total length is at most ``max_context + 1``. A state
-        from ``forward`` continues too: its memory becomes the cache.
-
-        Fast path: without gradients (``torch.no_grad``/``inference_mode``) a step checks its inputs and
-        moves the caches (and ``key_pad``) into preallocated buffers (``init_decode_state`` starts with empty
-        ones); the next one-token steps without ``mask_pad`` from the state it returned (in
-        eval mode, same shape, dtype and device) skip the checks, append their keys and values in place and
-        run the whole stack as one call into the compiled CPU kernel (float32 on the CPU, any backend but
-        ``"naive"``) or each layer as a few torch ops. The parameters are gathered when a run's buffers are made
-        (``init_decode_state``, or a general-path step); in-place updates during a run show, while parameters
-        replaced by new objects or written through ``.data`` during a run are seen from the next run. Stepping
-        again from an older state, or with gradients, takes the general path, which copies the cache; the
-        results are the same.
+        from ``forward`` continues too: its memory becomes the cache. This is the general, functional path:
+        it copies the cache into the state it returns. Long inputs run in pieces of ``PREFILL_CHUNK`` positions,
+        so that memory grows linearly with their length (and stays bounded with ``max_context``); a decoding
+        loop is faster with a session, ``decoder()``.
 
         Args:
             input: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), T >= 1.
-            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified (its views of the
-                cache keep their values).
+            state: from ``init_decode_state``, ``step`` or ``forward``; it is not modified.
             mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding (e.g. the left padding
                 of batched prompts): as in ``forward`` it carries c unchanged and outputs 0, and the state's
                 ``key_pad`` keeps it hidden from every later token.
@@ -300,9 +300,6 @@ class SRUpp(SRUStack):
             >>> out, state = model.step(torch.randn(3, 2, 16), state)
             >>> out, state = model.step(torch.randn(1, 2, 16), state)
         """
-        buffers = state._buffers if isinstance(state, SRUppState) else None
-        if buffers is not None and mask_pad is None and self._token_path_applies(input, state, buffers):
-            return self._step_token(input, state, buffers)
         if self.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
         if not isinstance(state, SRUppState):
@@ -312,11 +309,23 @@ class SRUpp(SRUStack):
         x = check_sequence("input", x, self.input_size)
         steps, batch = x.shape[:2]
         check_state("state.c", state.c, [self.num_layers, batch, self.hidden_size], "[num_layers, B, hidden_size]")
-        context = self._context(state, None, batch)
-        key_pad, earlier = self._key_pad(state, context, batch)
         if mask_pad is not None:
             mask_pad = check_mask_pad(mask_pad, steps, batch, self.batch_first)
             x = zero_padding(x, mask_pad)
+        outputs = []
+        for start in range(0, steps, PREFILL_CHUNK):
+            piece = x[start : start + PREFILL_CHUNK]
+            pad = None if mask_pad is None else mask_pad[start : start + PREFILL_CHUNK]
+            output, state = self._step_piece(piece, state, pad)
+            outputs.append(output)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return (output.transpose(0, 1) if self.batch_first else output), state
+
+    def _step_piece(self, x: Tensor, state: SRUppState, mask_pad: Tensor | None) -> tuple[Tensor, SRUppState]:
+        """``step`` over checked time-major input ``[T, B, input_size]`` and its padding ``[T, B]``."""
+        steps, batch = x.shape[:2]
+        context = self._context(state, None, batch)
+        key_pad, earlier = self._key_pad(state, context, batch)
         if (mask_pad is not None or key_pad is not None) and self.attention_layers:
             chunk = x.new_zeros(batch, steps, dtype=torch.bool) if mask_pad is None else mask_pad.t()
             key_pad = torch.cat([chunk.new_zeros(batch, earlier) if key_pad is None else key_pad, chunk], dim=1)
@@ -328,82 +337,8 @@ class SRUpp(SRUStack):
             values.append(None if cache is None else cache[1])
         if key_pad is not None and state.max_context is not None:
             key_pad = key_pad[:, key_pad.shape[1] - min(state.max_context, key_pad.shape[1]) :]
-        output = x.transpose(0, 1) if self.batch_first else x
-        new_state = SRUppState(
-            torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
-        )
-        if not torch.is_grad_enabled():
-            self._attach_buffers(new_state, batch)
-        return output, new_state
-
-    def _attach_buffers(self, state: SRUppState, batch: int) -> bool:
-        """Move the caches of a checked ``state`` into preallocated buffers, so that the next one-token steps
-        append in place (``_step_token``); False (and ``state`` unchanged) where the one-token path cannot take
-        it: caches of unequal lengths (or a ``key_pad`` of another), or a dtype or device other than the
-        parameters'."""
-        lengths = {keys.shape[2] for keys in state.keys if keys is not None}
-        reference = self.layers[0].gates.weight
-        dtype = reference.dtype
-        if (
-            len(lengths) > 1
-            or state.c.dtype != dtype
-            or state.c.device != reference.device
-            or any(item.dtype != dtype for item in state.keys + state.values if item is not None)
-            or (state.key_pad is not None and list(state.key_pad.shape) != [batch, *lengths])
-        ):
-            return False
-        shape = (batch, 1) if self.batch_first else (1, batch)
-        buffers = DecodeBuffers(
-            self, [layer.token_weights() for layer in self.layers], state.keys, state.values, state.key_pad,
-            lengths.pop() if lengths else 0, state.max_context, (*shape, self.input_size), (*shape, self.hidden_size),
-            dtype, state.c.device,
-        )  # fmt: skip
-        state.keys, state.values, state.key_pad = buffers.views()
-        buffers.adopt(state)
-        return True
-
-    def _token_path_applies(self, input: object, state: SRUppState, buffers: DecodeBuffers) -> bool:
-        """Whether ``step`` may take the one-token path: ``state`` is, unchanged, the newest state of a run
-        whose shapes ``step`` checked on its first call, ``input`` is one token of the same shape, dtype and
-        device, and nothing needs the general path (gradients, dropout, autocast, other state fields, parameters
-        updated in place since the run's weights were gathered)."""
-        return (
-            isinstance(input, Tensor)
-            and input.shape == buffers.input_shape
-            and input.dtype == buffers.dtype
-            and input.device == buffers.device
-            and self._run_continues(state, buffers)
-        )
-
-    def _run_continues(self, state: SRUppState, buffers: DecodeBuffers) -> bool:
-        """The input-independent half of ``_token_path_applies`` (``SRUppLM.step`` checks its token ids itself)."""
-        return (
-            buffers.model is self
-            and not self.training
-            and not torch.is_grad_enabled()
-            and (not buffers.inference or torch.is_inference_mode_enabled())
-            and not torch.is_autocast_enabled(buffers.device_type)
-            and buffers.is_newest(state)
-            and (not _OTHER_STATE_FIELDS or all(getattr(state, name) is None for name in _OTHER_STATE_FIELDS))
-            and param_versions(buffers.params) == buffers.versions
-        )
-
-    def _step_token(self, input: Tensor, state: SRUppState, buffers: DecodeBuffers) -> tuple[Tensor, SRUppState]:
-        """``step`` for one token on a trusted state: each layer appends its key and value in place and runs
-        the recurrence as a few elementwise ops on ``[B, hidden_size]``, or the whole stack is one call into the
-        compiled CPU kernel."""
-        if buffers.native is not None:
-            return buffers.step_native(input, state.c)
-        batch = buffers.input_shape[0] * buffers.input_shape[1]
-        x = input.reshape(batch, self.input_size)
-        c = state.c
-        c_next = torch.empty_like(c)
-        windows, mask = buffers.open_position()
-        for layer, c_in, c_out, weights, window in zip(
-            self.layers, c.unbind(0), c_next.unbind(0), buffers.weights, windows, strict=True
-        ):
-            x = layer.step_token(x, c_in, c_out, weights, window, mask)
-        return x.view(buffers.output_shape), buffers.commit(c_next, windows)
+        return x, SRUppState(torch.cat(states), keys=keys, values=values, max_context=state.max_context,
+                             key_pad=key_pad)  # fmt: skip
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -1,5 +1,5 @@
 /* One token through one unidirectional SRU++ layer in eval mode, float32: the decoding fast path behind
- * srupp.nn's SRULayer.step_token, which it replaces call for call (the torch ops there are its spec, and the
+ * srupp.nn.decode.token_step, which it replaces call for call (the torch ops there are its spec, and the
  * tests hold the two to each other). Included once per instruction set by sru_cpu_isa.h.
  *
  * Per batch row: x' = LayerNorm_in(x) (if the layer has one); q = x' Wq; an attention layer writes its key and

@@ -1,0 +1,334 @@
+"""A decoding session of an ``SRUpp`` stack: its caches in preallocated buffers, extended a token at a time.
+
+``SRUpp.step`` is the general, functional path: it takes a state and returns the next one, copying the caches.
+A session (``SRUpp.decoder``) is the fast one, and openly mutable: it owns the key/value buffers of every
+attention layer and the weights a one-token step reads, gathered once, and each ``step`` extends them in place.
+A one-token step runs either ``token_step`` below, per layer (the reference, in torch ops), or the whole stack as
+one call into the compiled CPU kernel (``srupp.ops.decode_kernel``), which computes the same.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from srupp.nn.state import SRUppState
+from srupp.ops.decode_kernel import TokenKernel, TokenRun, token_kernel
+
+
+class LayerWeights(NamedTuple):
+    """What ``token_step`` reads of one layer, gathered when a session starts: a module attribute lookup costs
+    about half a microsecond, a one-token step would make a dozen per layer, and a matrix-vector product is
+    faster on a weight stored ``[in, out]``. Layer norms are ``(normalized_shape, weight, bias, eps)``; ``kv_proj_t``
+    and ``alpha`` are None without attention; ``u_bias`` puts the gate biases b_f, b_r in U's layout."""
+
+    input_norm: tuple | None
+    in_proj_t: Tensor
+    kv_proj_t: Tensor | None
+    alpha: Tensor | None
+    norm: tuple
+    out_proj_t: Tensor
+    u_bias: Tensor
+    gate_weight: Tensor
+    heads: int
+    project_skip: bool
+
+
+def _norm_arguments(norm: nn.LayerNorm | None) -> tuple | None:
+    return None if norm is None else (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def gather_weights(layer: nn.Module) -> LayerWeights:
+    """The weights of one unidirectional SRU++ layer (``SRULayer`` with ``SRUppAttention`` or
+    ``SRUppProjectedLinear``) in the form ``token_step`` reads."""
+    transform, hidden = layer.transform, layer.hidden_size
+    with torch.no_grad():
+        u_bias = layer.gates.bias.new_zeros(transform.out_proj.weight.shape[0])
+        u_bias[hidden : 3 * hidden] = layer.gates.bias.reshape(-1)
+        return LayerWeights(
+            _norm_arguments(layer.input_norm),
+            transform.in_proj.weight.t().contiguous(),
+            transform.kv_proj.weight.t().contiguous() if layer.has_attention else None,
+            transform.alpha.detach() if layer.has_attention else None,
+            _norm_arguments(transform.norm),
+            transform.out_proj.weight.t().contiguous(),
+            u_bias,
+            layer.gates.weight.detach(),
+            transform.num_heads if layer.has_attention else 1,
+            layer.project_skip,
+        )
+
+
+def token_step(input: Tensor, c0: Tensor, c_out: Tensor, weights: LayerWeights, window: Tensor | None,
+               mask: Tensor | None) -> Tensor:  # fmt: skip
+    """One causal step of one layer for one token: the reference of the compiled kernel, equal to
+    ``SRULayer.step`` on a one-token chunk (eval mode, no gradients).
+
+    Args:
+        input: ``[B, input_size]``; c0: ``[B, hidden_size]``; c_out: ``[B, hidden_size]``, receives the next c.
+        weights: the layer's ``gather_weights``.
+        window: with attention, the cache positions this token attends to, ``[B, 2 (keys, values), heads, L,
+            head_size]``, whose last position receives the token's own key and value; None without.
+        mask: ``[B, 1, 1, L]`` bool, True where the token may attend (None: everywhere).
+
+    Returns: h ``[B, hidden_size]``.
+    """
+    batch, hidden = input.shape[0], c0.shape[1]
+    normed = input if weights.input_norm is None else torch.layer_norm(input, *weights.input_norm)
+    query = torch.mm(normed, weights.in_proj_t)
+    mixed = query
+    if window is not None:
+        proj = query.shape[1]
+        window.select(3, -1).copy_(torch.mm(query, weights.kv_proj_t).view(batch, 2, weights.heads, -1))
+        keys, values = window.unbind(1)
+        attended = F.scaled_dot_product_attention(query.view(batch, weights.heads, 1, -1), keys, values,
+                                                  attn_mask=mask)  # fmt: skip
+        mixed = torch.addcmul(query, weights.alpha, attended.view(batch, proj))
+    u = torch.addmm(weights.u_bias, torch.layer_norm(mixed, *weights.norm), weights.out_proj_t)
+    # The op's equations for one step (srupp.ops.naive) with the biases already in u, and
+    # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python indexing costs microseconds a call.)
+    gates = torch.addcmul(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight,
+                          c0.view(batch, 1, hidden))  # fmt: skip
+    forget, reset = gates.sigmoid_().unbind(1)
+    torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
+    return torch.lerp(u.narrow(1, 3 * hidden, hidden) if weights.project_skip else input, c_out, reset)
+
+
+def _kernel_weights(layer: nn.Module, weights: LayerWeights) -> TokenKernel | None:
+    """The compiled one-token step's binding of ``weights`` (on copies it owns), for a float32 CPU layer whose
+    backend is not the naive spec; else None."""
+    if layer.backend == "naive" or weights.in_proj_t.dtype != torch.float32 or weights.in_proj_t.device.type != "cpu":
+        return None
+
+    def own(norm: tuple | None) -> tuple | None:
+        if norm is None:
+            return None
+        shape, weight, bias, eps = norm
+        return shape, *(None if t is None else t.detach().clone() for t in (weight, bias)), eps
+
+    alpha = None if weights.alpha is None else weights.alpha.reshape(1).clone()
+    return token_kernel(
+        in_norm=own(weights.input_norm), wq_t=weights.in_proj_t, wkv_t=weights.kv_proj_t, alpha=alpha,
+        norm=own(weights.norm), wo_t=weights.out_proj_t, u_bias=weights.u_bias, gate_v=weights.gate_weight.clone(),
+        heads=weights.heads, project_skip=weights.project_skip,
+    )  # fmt: skip
+
+
+class SRUppDecoder:
+    """A decoding session of a unidirectional ``SRUpp`` over ``batch_size`` streams (see ``SRUpp.decoder``).
+
+    ``step`` feeds the next token(s) and returns the stack's output for them, equal to ``SRUpp.step`` (and so to
+    the causal forward, windowed by ``max_context``). A one-token step without ``mask_pad``, in eval mode and
+    without gradients, appends in place and runs ``token_step`` per layer, or the whole stack as one call into
+    the compiled CPU kernel where ``kernel`` is set (float32 on the CPU, any backend but ``"naive"``; set it to
+    None to run the torch ops). Any other step (a chunk, a padding mask, gradients) takes ``SRUpp.step`` on the
+    session's caches and stores what it returns. ``state`` is a copy of the session as an ``SRUppState``; ``load``
+    continues one.
+
+    The weights are gathered when the session starts: parameters changed afterwards are seen by a new session.
+    The caches never hold more than ``max_context`` positions (a sliding window; all when None).
+
+    Attributes:
+        model: the ``SRUpp``. batch_size, max_context: as given. c: ``[num_layers, B, hidden_size]`` the state.
+        weights: per layer its ``LayerWeights``. kernel: the compiled step of the whole stack, or None.
+        start, end: the live cache positions ``start..end-1`` of ``buffers`` (per layer ``[B, 2, heads,
+        capacity, head_size]`` or None) and of ``pad`` (``[B, capacity]`` bool, True = padding, or None).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_context: int | None = None,
+                 state: SRUppState | None = None) -> None:  # fmt: skip
+        if model.bidirectional:
+            raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.max_context = max_context
+        reference = model.layers[0].gates.weight
+        self.dtype, self.device = reference.dtype, reference.device
+        self.weights = [gather_weights(layer) for layer in model.layers]
+        self._kernels = [_kernel_weights(layer, w) for layer, w in zip(model.layers, self.weights, strict=True)]
+        self.kernel: TokenRun | None = None
+        self.batch_size = 0
+        self.buffers: list[Tensor | None] = []
+        self.pad: Tensor | None = None
+        self.capacity = self.start = self.end = 0
+        self._pending: SRUppState | None = None
+        self._inference = False
+        if state is None:  # empty caches: the first token may take the one-token path
+            self._store(model.init_decode_state(batch_size, max_context))
+        else:
+            self.load(state)
+
+    def load(self, state: SRUppState) -> None:
+        """Continue from ``state`` (its ``max_context`` replaces the session's); the next step checks it."""
+        if not isinstance(state, SRUppState):
+            raise TypeError(f"`state` must be an SRUppState, got {type(state).__name__}")
+        self.max_context = state.max_context
+        self._pending = state
+        self._resize(state.c.shape[1] if state.c.dim() == 3 else self.batch_size)
+
+    def _resize(self, batch_size: int) -> None:
+        if batch_size == self.batch_size:
+            return
+        self.batch_size = batch_size
+        shape = (batch_size, 1) if self.model.batch_first else (1, batch_size)
+        self.input_shape = (*shape, self.model.input_size)
+        self.output_shape = (*shape, self.model.hidden_size)
+        kernels = self._kernels
+        self.kernel = None if not kernels or None in kernels else TokenRun(kernels, batch_size, self.model.hidden_size)
+        self.capacity = 0  # new buffers at the next store
+
+    @property
+    def state(self) -> SRUppState:
+        """The session's state as an ``SRUppState`` (copies: the session keeps writing its buffers)."""
+        if self._pending is not None:
+            return self._pending
+        keys, values, key_pad = self._views()
+        keys, values = ([None if item is None else item.clone() for item in items] for items in (keys, values))
+        key_pad = None if key_pad is None else key_pad.clone()
+        return SRUppState(self.c.clone(), keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
+
+    def _views(self) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None]:
+        """Per layer the live keys and values ``[B, heads, end - start, head_size]`` (None without attention),
+        and the live ``key_pad`` ``[B, end - start]`` (None when no position was padding)."""
+        length = self.end - self.start
+        keys, values = [], []
+        for buffer in self.buffers:
+            pair = (None, None) if buffer is None else buffer.narrow(3, self.start, length).unbind(1)
+            keys.append(pair[0])
+            values.append(pair[1])
+        return keys, values, None if self.pad is None else self.pad.narrow(1, self.start, length)
+
+    def step(self, input: Tensor, mask_pad: Tensor | None = None) -> Tensor:
+        """Feed ``input`` ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``) and, optionally, its
+        padding ``mask_pad`` ``[T, B]`` (``[B, T]``); returns the output ``[T, B, hidden_size]`` (``[B, T, ...]``)."""
+        if mask_pad is None and self._token_path_applies(input):
+            return self._step_token(input)
+        state = self._pending
+        if state is None:
+            keys, values, key_pad = self._views()
+            state = SRUppState(self.c, keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
+        output, state = self.model.step(input, state, mask_pad=mask_pad)
+        self._store(state)
+        return output
+
+    def _token_path_applies(self, input: object) -> bool:
+        return (
+            isinstance(input, Tensor)
+            and input.shape == self.input_shape
+            and input.dtype == self.dtype
+            and input.device == self.device
+            and self.ready_for_token()
+        )
+
+    def ready_for_token(self) -> bool:
+        """Whether a one-token step may take the one-token path, whatever its input: the session holds no state
+        still to be checked, and the model runs in eval mode without gradients or autocast."""
+        return (
+            self._pending is None
+            and not torch.is_grad_enabled()
+            and not self.model.training
+            and (not self._inference or torch.is_inference_mode_enabled())
+            and not torch.is_autocast_enabled(self.device.type)
+        )
+
+    def step_ids(self, ids: Tensor) -> Tensor:
+        """One token per stream through ``kernel`` with a language model's ends set on it (``TokenRun.set_ends``):
+        ``ids`` ``[1, B]`` int64 in, log-probabilities ``[B, vocab]`` out. The caller checked that ``kernel`` is
+        set and ``ready_for_token()``."""
+        return self._step_token(ids, ends=True)
+
+    def _step_token(self, input: Tensor, ends: bool = False) -> Tensor:
+        if self.end == self.capacity:
+            self._make_room()
+        c = self.c
+        c_next = torch.empty_like(c)
+        if self.kernel is not None:
+            shape = (self.batch_size, self.kernel.vocab_out) if ends else self.output_shape
+            output = c.new_empty(shape)
+            self.kernel(input.contiguous(), c, c_next, output, self.start, self.end, ends)
+        else:
+            output = self._token_ops(input, c, c_next).view(self.output_shape)
+        self.c = c_next
+        self.end += 1
+        if self.max_context is not None and self.end - self.start > self.max_context:
+            self.start = self.end - self.max_context
+        return output
+
+    def _token_ops(self, input: Tensor, c: Tensor, c_next: Tensor) -> Tensor:
+        """``token_step`` through every layer, on positions ``start..end`` of the buffers (``end`` written now)."""
+        start, length = self.start, self.end + 1 - self.start
+        mask = None
+        if self.pad is not None:
+            self.pad.select(1, self.end).fill_(False)
+            mask = self.pad.narrow(1, start, length).logical_not().view(-1, 1, 1, length)
+        x = input.reshape(self.batch_size, -1)
+        for weights, buffer, c_in, c_out in zip(self.weights, self.buffers, c.unbind(0), c_next.unbind(0), strict=True):
+            window = None if buffer is None else buffer.narrow(3, start, length)
+            x = token_step(x, c_in, c_out, weights, window, mask)
+        return x
+
+    def _store(self, state: SRUppState) -> None:
+        """Take over a checked ``state`` (``SRUpp.step``'s result): its caches are copied into the buffers."""
+        self._pending = None
+        self._resize(state.c.shape[1])
+        keys = state.keys or [None] * len(self.buffers or self.model.layers)
+        values = state.values or keys
+        length = next((item.shape[2] for item in keys if item is not None), 0)
+        # (buffers made in inference mode cannot be written outside it)
+        if length + 1 > self.capacity or (self._inference and not torch.is_inference_mode_enabled()):
+            self._allocate(length)
+        with torch.no_grad():
+            for buffer, layer_keys, layer_values in zip(self.buffers, keys, values, strict=True):
+                if buffer is not None:
+                    buffer[:, 0, :, :length] = layer_keys
+                    buffer[:, 1, :, :length] = layer_values
+            if state.key_pad is not None and self.pad is None:
+                self.pad = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=self.device)
+                self._bind()
+            if self.pad is not None:
+                self.pad[:, :length] = False if state.key_pad is None else state.key_pad
+            self.c = state.c.detach().to(self.dtype).contiguous().clone()
+        self.start, self.end = 0, length
+
+    def _allocate(self, length: int) -> None:
+        """Fresh buffers for ``length`` live positions and room to grow: ``2 * (max_context + 1)`` positions with
+        a window (then ``_make_room`` only ever moves the live ones back to the start), else twice ``length + 1``."""
+        wanted = length if self.max_context is None else max(length, self.max_context)
+        self.capacity = max(16, 2 * (wanted + 1))
+        self._inference = torch.is_inference_mode_enabled()
+        head_size = self.model.proj_size // self.model.num_heads
+        shape = (self.batch_size, 2, self.model.num_heads, self.capacity, head_size)
+        self.buffers = [torch.empty(shape, dtype=self.dtype, device=self.device) if layer.has_attention else None
+                        for layer in self.model.layers]  # fmt: skip
+        if self.pad is not None:
+            self.pad = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=self.device)
+        self._bind()
+
+    def _bind(self) -> None:
+        if self.kernel is not None:
+            self.kernel.bind(self.buffers, self.pad)
+
+    def _make_room(self) -> None:
+        """Room for one more position at ``end``: the live positions move to the buffers' start where they fill at
+        most half of them (a sliding window), else to buffers twice their count."""
+        live = self.end - self.start
+        if 2 * live > self.capacity:
+            old = self._views()
+            self._allocate(live)
+            for buffer, keys, values in zip(self.buffers, *old[:2], strict=True):
+                if buffer is not None:
+                    buffer[:, 0, :, :live] = keys
+                    buffer[:, 1, :, :live] = values
+            if old[2] is not None:
+                self.pad[:, :live] = old[2]
+        else:  # the live positions start at or after position ``live``: the copies do not overlap
+            for buffer in self.buffers:
+                if buffer is not None:
+                    buffer.narrow(3, 0, live).copy_(buffer.narrow(3, self.start, live))
+            if self.pad is not None:
+                self.pad.narrow(1, 0, live).copy_(self.pad.narrow(1, self.start, live))
+        self.start, self.end = 0, live

@@ -1,0 +1,212 @@
+"""Decoding sessions (``SRUpp.decoder``): the compiled kernel and the torch ops of ``token_step`` against each
+other, and both against the full causal forward and the functional ``SRUpp.step``."""
+
+import copy
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from srupp.nn import SRUpp, SRUppState
+from srupp.nn.decode import SRUppDecoder
+from srupp.ops import library
+from tests.nn.test_srupp import make
+
+CONFIGS = {
+    "two-layers": dict(num_layers=2),
+    "every-second-layer-two-heads": dict(num_layers=3, attention_every_n_layers=2, num_heads=2),
+    "layer-norm-projected-skip-odd": dict(num_layers=2, layer_norm=True, hidden_size=9),
+    "batch-first": dict(num_layers=2, batch_first=True),
+    "no-attention-layer": dict(num_layers=2, attention_every_n_layers=3),
+    "four-heads-wide": dict(input_size=16, hidden_size=16, proj_size=8, num_layers=2, num_heads=4),
+}
+PATHS = ["kernel", "torch-ops"]
+
+
+@pytest.fixture
+def token_calls(monkeypatch):
+    """Counts the steps that took the session's one-token path."""
+    calls = []
+    original = SRUppDecoder._step_token
+    monkeypatch.setattr(SRUppDecoder, "_step_token", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    return calls
+
+
+def session(model, batch, max_context=None, path="kernel", state=None):
+    decoder = model.decoder(batch, max_context, state)
+    if path == "kernel" and decoder.kernel is None:
+        pytest.skip(library.unavailable_reason() if not library.is_available() else "no kernel for this model")
+    if path == "torch-ops":
+        decoder.kernel = None
+    return decoder
+
+
+def layout(model, tensor):
+    """Time-major <-> the model's layout."""
+    return tensor.transpose(0, 1) if model.batch_first else tensor
+
+
+def assert_states_close(assert_close, actual: SRUppState, expected: SRUppState):
+    assert_close(actual.c, expected.c, name="c")
+    assert actual.max_context == expected.max_context
+    for name in ("keys", "values"):
+        for i, (got, want) in enumerate(zip(getattr(actual, name), getattr(expected, name), strict=True)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert_close(got, want, name=f"{name}[{i}]")
+    assert (actual.key_pad is None) == (expected.key_pad is None)
+    if actual.key_pad is not None:
+        assert torch.equal(actual.key_pad, expected.key_pad)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("max_context", [None, 0, 3], ids=["all", "window-0", "window-3"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_session_equals_causal_forward_and_step(assert_close, token_calls, config, max_context, path):
+    # 40 tokens after a prefill of 4: the buffers (16 positions at first) fill and grow or move several times.
+    model = make(**config)
+    size = config.get("input_size", 6)
+    steps, batch = 44, 3
+    x = torch.randn(steps, batch, size)
+    with torch.no_grad():
+        expected, _ = model(layout(model, x), causal=True, attn_window=max_context)
+        _, expected_state = model.step(layout(model, x), model.init_decode_state(batch, max_context))
+        decoder = session(model, batch, max_context, path)
+        outputs = [decoder.step(layout(model, x[:4]))]
+        outputs += [decoder.step(layout(model, x[t : t + 1])) for t in range(4, steps)]
+    assert len(token_calls) == steps - 4
+    assert_close(layout(model, torch.cat(outputs, 1 if model.batch_first else 0)), layout(model, expected))
+    assert_states_close(assert_close, decoder.state, expected_state)
+    if max_context is not None:
+        assert decoder.capacity == max(16, 2 * (max_context + 1))  # the buffers never grew: only moved back
+
+
+COMPILED_CASES = [("default", name, padded) for name in CONFIGS for padded in (False, True)]
+COMPILED_CASES += [(isa, "every-second-layer-two-heads", True) for isa in ("baseline", "avx2", "avx512")]
+
+
+@pytest.mark.parametrize("isa, config, padded", COMPILED_CASES, ids=["-".join(map(str, c)) for c in COMPILED_CASES])
+def test_compiled_kernel_equals_token_ops(assert_close, monkeypatch, isa, config, padded):
+    """The compiled one-token step of the whole stack against ``token_step`` per layer, over 30 tokens that
+    outgrow the buffers and slide a window of 7, after a prefill with a left-padding mask or none; on this CPU's
+    default instruction-set variant, and one case on every variant it can run."""
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    if isa != "default":
+        if isa not in library.cpu_kernel_info()["available"]:
+            pytest.skip(f"this CPU cannot run the {isa} variant")
+        monkeypatch.setenv("SRUPP_CPU_ISA", isa)
+        monkeypatch.setattr(library, "_KERNEL", None)  # monkeypatch restores the default kernel after
+    config = dict(CONFIGS[config])
+    size = config.pop("input_size", 6)
+    model = make(input_size=size, **config)
+    batch, prompt_len = 3, 4
+    mask_pad = torch.arange(prompt_len).unsqueeze(1) < prompt_len - torch.tensor([4, 1, 3]) if padded else None
+    x = torch.randn(prompt_len + 30, batch, size)
+    results = {}
+    for path in PATHS:
+        with torch.no_grad():
+            decoder = session(model, batch, 7, path)
+            mask = None if mask_pad is None else layout(model, mask_pad)
+            outputs = [decoder.step(layout(model, x[:prompt_len]), mask)]
+            outputs += [decoder.step(layout(model, x[t : t + 1])) for t in range(prompt_len, prompt_len + 30)]
+        results[path] = (torch.cat(outputs, 1 if model.batch_first else 0), decoder.state)
+    assert_close(results["kernel"][0], results["torch-ops"][0], name="output")
+    assert_states_close(assert_close, results["kernel"][1], results["torch-ops"][1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_left_padded_prefill_chunks_equal_each_sequence_alone(assert_close, token_calls, path):
+    # Batched prompts padded on the left, fed in two chunks, then tokens: padding neither moves c nor is attended.
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    lengths, steps = [5, 2, 4], 5
+    mask_pad = torch.arange(steps).unsqueeze(1) < steps - torch.tensor(lengths)
+    prompt = torch.randn(steps, 3, 6).masked_fill(mask_pad.unsqueeze(-1), float("nan"))
+    more = torch.randn(20, 3, 6)
+    with torch.no_grad():
+        decoder = session(model, 3, None, path)
+        outputs = [decoder.step(prompt[:2], mask_pad[:2]), decoder.step(prompt[2:], mask_pad[2:])]
+        assert decoder.state.key_pad.tolist() == mask_pad.t().tolist()
+        outputs += [decoder.step(more[t : t + 1]) for t in range(20)]
+    assert len(token_calls) == 20
+    padded = torch.cat(outputs)
+    for b, length in enumerate(lengths):
+        alone, _ = model(torch.cat([prompt[steps - length :, b : b + 1], more[:, b : b + 1]]), causal=True)
+        assert_close(padded[steps - length :, b : b + 1], alone, name=f"sequence {b}")
+    assert padded[: steps - 2, 1].abs().max() == 0 and torch.isfinite(padded).all()
+
+
+def test_session_continues_a_state_and_its_state_is_a_plain_copy(assert_close):
+    """A session continues a forward's state (memory) or a step's; its ``state`` is a plain ``SRUppState`` whose
+    tensors later steps do not change, and which copies, pickles and ``replace`` as any dataclass."""
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    x = torch.randn(12, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+        _, memory_state = model(x[:5], causal=True)
+        decoder = model.decoder(2, state=memory_state)
+        outputs = [decoder.step(x[t : t + 1]) for t in range(5, 9)]
+        snapshot = decoder.state
+        kept = copy.deepcopy(snapshot)
+        outputs += [decoder.step(x[t : t + 1]) for t in range(9, 12)]
+        assert_states_close(assert_close, snapshot, kept)  # unchanged by the steps after it
+        for twin in (copy.copy(snapshot), pickle.loads(pickle.dumps(snapshot)), replace(snapshot)):
+            assert type(twin) is SRUppState
+            assert_states_close(assert_close, twin, snapshot)
+        again = model.decoder(2, state=snapshot)
+        resumed = [again.step(x[t : t + 1]) for t in range(9, 12)]
+        decoder.load(snapshot)
+        reloaded = [decoder.step(x[t : t + 1]) for t in range(9, 12)]
+    assert_close(torch.cat(outputs), expected[5:])
+    assert_close(torch.cat(resumed), expected[9:], name="a new session from the state")
+    assert_close(torch.cat(reloaded), expected[9:], name="load")
+
+
+def test_gradients_training_and_autocast_take_the_general_path(assert_close, token_calls):
+    model = make(num_layers=2)
+    x = torch.randn(6, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+    decoder = model.decoder(2)
+    decoder.step(x[:3])
+    out = decoder.step(x[3:4])  # gradients on: SRUpp.step, differentiable
+    assert out.grad_fn is not None and not token_calls
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.layers[0].transform.in_proj.parameters())
+    model.train()
+    with torch.no_grad():
+        train_out = decoder.step(x[4:5])
+        model.eval()
+        eval_out = decoder.step(x[5:6])
+    assert len(token_calls) == 1
+    assert_close(torch.cat([out.detach(), train_out, eval_out]), expected[3:])  # dropout 0: train equals eval
+
+
+def test_inference_mode_session_continues_outside_it(assert_close, token_calls):
+    model = make(num_layers=2)
+    x = torch.randn(40, 2, 6)
+    with torch.no_grad():
+        expected, _ = model(x, causal=True)
+    with torch.inference_mode():
+        decoder = model.decoder(2)
+        outputs = [decoder.step(x[:3]), decoder.step(x[3:4])]
+    with torch.no_grad():  # buffers made in inference mode cannot be written outside it: the session moves them
+        outputs += [decoder.step(x[t : t + 1]) for t in range(4, 40)]
+    assert len(token_calls) == 36
+    assert_close(torch.cat(outputs), expected)
+
+
+def test_naive_backend_and_float64_use_the_torch_ops():
+    for model in (make(num_layers=2, backend="naive"), make(num_layers=2).double()):
+        assert model.decoder(1).kernel is None
+
+
+def test_bidirectional_decoding_is_refused_clearly():
+    model = SRUpp(8, 4, 4, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.init_decode_state(1)
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))
+    with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
+        model.decoder(1)
