@@ -208,6 +208,26 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> Path:
+    """Fetch the corpus of ``prepare --download`` into ``<out>/download/``; returns what to prepare from."""
+    from srupp import data
+    from srupp.data.download import WT103_REPO
+
+    folder = Path(args.out) / "download"
+    if args.corpus == "wt103" and not args.url:
+        print(f"downloading WikiText-103 from the Hugging Face Hub ({WT103_REPO}) -> {folder}")
+        return data.download_wikitext103(folder / "wikitext-103")
+    if args.corpus not in data.ARCHIVES and not args.url:
+        raise ConfigError(f"--download needs --url for corpus {args.corpus!r}")
+    known = data.ARCHIVES.get(args.corpus) if not args.url else None
+    url = args.url or known.url
+    archive = folder / Path(url).name
+    print(f"downloading {url} -> {archive}")
+    data.download(url, archive, sha256=args.sha256, size=known.size if known else None)
+    print(f"sha256 {data.sha256_file(archive)} (recorded in {archive}.sha256 and checked on every later use)")
+    return archive
+
+
 def _cmd_data_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from srupp import data
 
@@ -215,14 +235,7 @@ def _cmd_data_prepare(args: argparse.Namespace, overrides: dict[str, str]) -> in
     if args.tokenizer != "bytes" and args.corpus != "text":
         raise ConfigError(f"--tokenizer applies to corpus 'text' only, got corpus {args.corpus!r}")
     if args.download:
-        if args.corpus not in data.URLS and not args.url:
-            raise ConfigError(f"--download needs --url for corpus {args.corpus!r}")
-        url = args.url or data.URLS[args.corpus]
-        archive = Path(out) / "download" / Path(url).name
-        print(f"downloading {url} -> {archive}")
-        data.download(url, archive, sha256=args.sha256)
-        print(f"sha256 {data.sha256_file(archive)}")
-        source = archive
+        source = _download(args)
     if source is None and args.corpus != "stdlib":
         raise ConfigError(f"`--source` (a file or folder) or --download is needed for corpus {args.corpus!r}")
     if args.corpus in ("enwik8", "text8"):

@@ -12,15 +12,17 @@ from srupp.data.corpus import (
     prepare_wikitext103,
     stdlib_source,
 )
-from srupp.data.download import URLS, download, sha256_file
+from srupp.data.download import ARCHIVES, URLS, download, download_wikitext103, sha256_file
 
 __all__ = [
+    "ARCHIVES",
     "URLS",
     "Corpus",
     "Segment",
     "StreamBatcher",
     "Vocab",
     "download",
+    "download_wikitext103",
     "open_corpus",
     "prepare_enwik8",
     "prepare_stdlib",

@@ -32,6 +32,8 @@ _ENWIK8_BYTES = 100_000_000
 # A zip member of unknown expected size is read whole into memory: refuse one larger than this (the largest
 # standard corpus file, WikiText-103's training split, is 0.54 GB).
 MAX_MEMBER_BYTES = 1 << 30
+# The SHA-1 of the 100,000,000 bytes of enwik8 as its author publishes it (the Hutter Prize's readme).
+CONTENT_SHA1 = {"enwik8": "57b8363b814821dc9d47aa4d41f58733519076b2"}
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,11 @@ def _prepare_100m_bytes(
 ) -> Corpus:
     refuse_existing(out, overwrite)  # before reading 100 MB
     data = _read_bytes(Path(source), name, _ENWIK8_BYTES if check_size else None)
+    if check_size and name in CONTENT_SHA1 and hashlib.sha1(data).hexdigest() != CONTENT_SHA1[name]:
+        raise CorpusError(
+            f"{source} is not the standard {name}: its SHA-1 is {hashlib.sha1(data).hexdigest()}, the published one "
+            f"{CONTENT_SHA1[name]} (pass --no-size-check to use it anyway)"
+        )
     return write_corpus(out, _split_90_5_5(data), Vocab("byte"), name, overwrite=overwrite)
 
 
