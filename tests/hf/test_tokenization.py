@@ -58,3 +58,17 @@ def test_auto_tokenizer_loads_the_saved_byte_tokenizer(tmp_path):
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert loaded("héllo").input_ids == list("héllo".encode())
     assert loaded.pad_token_id == 0 and loaded.padding_side == "left"
+
+
+def test_reserved_pad_and_end_tokens_become_the_tokenizers():
+    words = Vocab("word", ("the", "<eos>", "cat", "<unk>", "<pad>"))
+    tokenizer = tokenizer_for_vocab(words)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (words.pad_id, words.eod_id) == (4, 1)
+    batch = tokenizer(["the cat the", "cat"], padding=True)
+    assert batch["input_ids"][1] == [4, 4, 2] and batch["attention_mask"][1] == [0, 0, 1]
+    reserved = ("<|endoftext|>", "<pad>")
+    bpe = Vocab("bpe", tokenizer=train_bpe("héllo wörld, hello world. " * 30, 280, special_tokens=reserved))
+    tokenizer = tokenizer_for_vocab(bpe)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (bpe.pad_id, bpe.eod_id) == (1, 0)
+    # A vocabulary prepared before the reserved tokens keeps working, without padding.
+    assert tokenizer_for_vocab(Vocab("word", ("the", "cat"))).pad_token is None
