@@ -139,7 +139,7 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 def _load(args: argparse.Namespace):
     """``(model, TrainConfig or None, Vocab, device, path)`` of MODEL: a run folder, a checkpoint file or an
-    ``srupp export hf`` folder (which has a config.json and no checkpoints/)."""
+    ``srupp export hf`` folder (a config.json beside a model.safetensors)."""
     from srupp.errors import UnavailableError
     from srupp.train import load_model, resolve_checkpoint
     from srupp.train.distributed import resolve_device
@@ -149,7 +149,7 @@ def _load(args: argparse.Namespace):
     if args.model is None and args.checkpoint is None:
         raise ConfigError("MODEL is needed: a run folder, a .safetensors checkpoint or an `srupp export hf` folder")
     path, device = Path(args.model or args.checkpoint), resolve_device(args.device)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         try:
             from srupp.hf import load_export
         except ImportError as err:
