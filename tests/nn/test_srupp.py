@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from srupp.nn import SRUpp, SRUppState
 from srupp.ops.naive import sru_recurrence_naive
@@ -198,6 +201,48 @@ def test_autocast_bfloat16_runs_in_low_precision_with_fp32_params(assert_close):
             actual, state = model(x, causal=True)
     assert actual.dtype == torch.bfloat16
     assert_close(actual.float(), expected, atol=0.1, rtol=0.1)
+
+
+class DtypeConversions(TorchDispatchMode):
+    """Records every dtype conversion (``aten::_to_copy``, and ``aten::copy_`` between dtypes) an op makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.converted: list[tuple[tuple[int, ...], torch.dtype, torch.dtype]] = []  # (shape, from, to)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_"):
+            source, target = (args[0], out) if name == "_to_copy" else (args[1], args[0])
+            if source.dtype != target.dtype:
+                self.converted.append((tuple(source.shape), source.dtype, target.dtype))
+        return out
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32], ids=["bf16-input", "fp32-input"])
+def test_bfloat16_autocast_step_converts_no_activation(input_dtype):
+    """A training step (forward and backward) of a 2-layer SRUpp under bf16 autocast converts the weights (each
+    to bf16 on the way in, its gradient back to float32) and nothing else: no activation between dtypes around
+    the recurrence, the attention or the skip, whose kernels read and write bf16 themselves. Bytes counted on
+    the 16-bit side: 2 + 2 per parameter, the weights' float32 size. A float32 input is converted once, at the
+    stack's entry (and its gradient once back)."""
+    model = make(input_size=64, hidden_size=64, proj_size=16, num_layers=2, num_heads=2).train()
+    x = torch.randn(32, 4, 64).to(input_dtype).requires_grad_()
+    upstream = torch.randn(32, 4, 64).bfloat16()
+    with DtypeConversions() as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, state = model(x, causal=True)
+        output.backward(upstream)
+    assert output.dtype == torch.bfloat16 and x.grad.dtype == input_dtype
+    # each layer's final state c [B, hidden] (float32 in the kernel) comes back in the input's dtype too
+    small = {tuple(p.shape) for p in model.parameters()} | {(4, 64)}
+    activations = [entry for entry in mode.converted if entry[0] not in small]
+    entry = [((32, 4, 64), torch.float32, torch.bfloat16), ((32, 4, 64), torch.bfloat16, torch.float32)]  # grad
+    assert activations == ([] if input_dtype == torch.bfloat16 else entry)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    converted = sum(math.prod(shape) * 2 for shape, *_ in mode.converted if shape in small)
+    assert 0 < converted <= weight_bytes
 
 
 def test_torch_compile_equals_eager(assert_close):

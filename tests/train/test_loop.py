@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from srupp.models import SRUppLM, generate
-from srupp.train import evaluate, load_checkpoint, load_model, train
+from srupp.train import evaluate, load_checkpoint, load_model, loop, train
 
 
 def test_end_to_end_train_eval_generate(tiny_cfg, tmp_path):
@@ -91,9 +91,20 @@ def test_empty_split_is_a_clear_error(tiny_corpus, tiny_cfg, tmp_path):
         train(tiny_cfg(data=data.path, max_steps=2, eval_every=1))
 
 
-def test_mixed_precision_bf16_on_cpu(tiny_cfg):
-    result = train(tiny_cfg(max_steps=2, eval_every=2, precision="mixed"))
+@pytest.mark.parametrize("precision", ["mixed", "bf16", "auto"])
+def test_mixed_precision_bf16_on_cpu(tiny_cfg, precision):
+    result = train(tiny_cfg(max_steps=2, eval_every=2, precision=precision))
     assert all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize(("found", "expected"), [("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16),
+                                                 (None, None)])  # fmt: skip
+def test_precision_auto_is_bf16_where_the_cpu_multiplies_in_bf16(monkeypatch, found, expected):
+    monkeypatch.setattr(loop, "bf16_matmul", lambda: found)
+    cpu = torch.device("cpu")
+    assert loop.autocast_dtype("auto", cpu) == expected
+    assert (loop.autocast_dtype("fp32", cpu), loop.autocast_dtype("bf16", cpu)) == (None, torch.bfloat16)
+    assert loop.autocast_dtype("mixed", cpu) == torch.bfloat16
 
 
 def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):

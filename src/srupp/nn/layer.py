@@ -71,6 +71,16 @@ def reset_linear_transform(transform: nn.Module) -> None:
             nn.init.xavier_uniform_(module.weight)
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """A float32 input in autocast's dtype where autocast is on for its device, else as it is: converted once
+    here, where the first layer would convert it twice (autocast for its transform's matmul, the recurrence for
+    its skip), and every layer after reads the one before's 16-bit output as it is."""
+    device = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return x
+    return x.to(torch.get_autocast_dtype(device))
+
+
 class RecurrentGates(nn.Module):
     """The recurrence parameters of one layer: v and b of each direction."""
 
@@ -329,6 +339,7 @@ class SRUStack(nn.Module):
         """Every layer in turn; returns the output (batch-major with ``batch_first``), c of every layer and
         direction, and each layer's input."""
         dirs, inputs, states = self.num_directions, [], []
+        x = autocast_input(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             inputs.append(x)

@@ -6,13 +6,14 @@ library), ``output_cache`` (reused storage for large CPU outputs), ``decode_kern
 decoding step) and ``onnx_translation``.
 """
 
-from srupp.ops.library import cpu_kernel_info
+from srupp.ops.library import bf16_matmul, cpu_kernel_info
 from srupp.ops.naive import sru_recurrence_naive
 from srupp.ops.output_cache import cached_linear, empty_cpu_cache
 from srupp.ops.recurrence import BACKENDS, resolve_backend, sru_recurrence
 
 __all__ = [
     "BACKENDS",
+    "bf16_matmul",
     "cached_linear",
     "cpu_kernel_info",
     "empty_cpu_cache",

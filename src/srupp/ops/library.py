@@ -169,18 +169,31 @@ def unavailable_reason() -> str:
     )
 
 
+def bf16_matmul() -> str | None:
+    """What runs bfloat16 matrix products faster than float32 on this CPU, for torch (oneDNN): ``"amx"`` (AMX
+    tiles), ``"avx512_bf16"`` (AVX-512 BF16 dot products), or None (bfloat16 then computes through float32, and
+    mixed precision saves memory traffic at best)."""
+    for name, kind in (("_is_amx_tile_supported", "amx"), ("_is_avx512_bf16_supported", "avx512_bf16")):
+        probe = getattr(torch.cpu, name, None)  # private in torch: probe, not assume
+        if probe is not None and probe():
+            return kind
+    return None
+
+
 def cpu_kernel_info() -> dict[str, object]:
     """What the fused CPU kernel runs with.
 
     Returns:
         ``{"loaded": bool, "isa": str | None, "available": [str], "threads": int, "threading": str | None,
-        "reason": str | None, "cache_bytes": int}``: the instruction-set variant in use
-        (``SRUPP_CPU_ISA=baseline|avx2|avx512`` forces one), the variants this CPU can run, the thread count the
+        "reason": str | None, "cache_bytes": int, "bf16_matmul": str | None}``: the instruction-set variant in use
+        (``SRUPP_CPU_ISA=baseline|avx2|avx512|avx512bf16`` forces one; every variant reads and writes bfloat16 and
+        float16 itself), the variants this CPU can run, the thread count the
         kernel uses (``torch.get_num_threads()``), how it runs them (``"openmp"``: on the team of torch's own
         OpenMP runtime; ``"pthreads"``: threads started per call, where torch does not run on OpenMP or
         ``SRUPP_CPU_THREADS=pthreads``), why the kernel did not load, if it did not, and the bytes of the output
         buffers it keeps for reuse, in use or free (at most ``SRUPP_CPU_CACHE_MB`` MiB; ``empty_cpu_cache()``
-        releases the free ones).
+        releases the free ones), and what speeds bfloat16 matrix products here (``bf16_matmul()``: ``"amx"``,
+        ``"avx512_bf16"`` or None), which ``srupp train --precision auto`` reads.
 
     Example:
         >>> cpu_kernel_info()["isa"]  # doctest: +SKIP
@@ -195,4 +208,5 @@ def cpu_kernel_info() -> dict[str, object]:
         "threading": None if loaded is None else loaded.threading,
         "reason": None if loaded is not None else _LOAD_ERROR,
         "cache_bytes": held_bytes(),
+        "bf16_matmul": bf16_matmul(),
     }

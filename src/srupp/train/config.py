@@ -16,7 +16,7 @@ from srupp.models.config import LMConfig, check_number
 from srupp.ops import BACKENDS
 
 OPTIMIZERS = ("radam", "adamw")
-PRECISIONS = ("fp32", "mixed")
+PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS,
@@ -51,8 +51,10 @@ class TrainConfig:
             (the demo) ends its schedule on any machine; such a run is not exactly resumable. Without a time limit
             there is no time to follow: it is set to false and the cosine follows the steps.
         lr, warmup_steps, weight_decay, optimizer, betas, clip_grad: the optimisation recipe (the authors' LM scripts).
-        precision: ``"fp32"`` or ``"mixed"``: bf16 autocast on the CPU and on GPUs of compute capability 8.0+
-            (no loss scaling), fp16 autocast with a GradScaler on older GPUs.
+        precision: ``"fp32"``; ``"bf16"`` (bf16 autocast, no loss scaling); ``"mixed"``: bf16 autocast on the CPU
+            and on GPUs of compute capability 8.0+, fp16 autocast with a GradScaler on older GPUs; ``"auto"``:
+            on the CPU bf16 where it has AMX-BF16 or AVX512-BF16 (``srupp.ops.cpu_kernel_info()["bf16_matmul"]``)
+            and fp32 elsewhere, on a GPU ``"mixed"``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         eval_every: evaluate on the valid split every N updates (and at the end), writing checkpoints.
         eval_batch_size, eval_unroll_size (None = unroll_size), eval_tokens (cap per evaluation, None = all).
