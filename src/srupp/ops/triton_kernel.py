@@ -163,11 +163,12 @@ def _sru_backward_kernel(
 
 # The lean kernels ("lean" variant): the same recurrence with less work per time step. Loops advance int32
 # offsets instead of recomputing 64-bit addresses; K steps are unrolled per pipelined iteration, so the
-# wait and the barriers of the software pipeline are paid once per K steps; exp(-z) is exp2 of a
-# pre-scaled argument; the backward's chain on grad_c is two fused operations per step. The time loop runs
-# in two parts from one source: whole blocks of K steps with no per-step bounds checks, then the remaining
-# steps one at a time (the backward keeps at least one there: the forward's first step reads c0).
-# FAST (16-bit activations on a GPU only) takes the sigmoid's reciprocal from rcp.approx.ftz.f32.
+# wait and the barriers of the software pipeline are paid once per K steps; u_c, u_f, u_r and x come in one
+# load (one commit group) through a [4, BLOCK_D] tile of pointers; exp(-z) is exp2 of a pre-scaled argument;
+# the backward's chain on grad_c is two fused operations per step. The time loop runs in two parts from one
+# source: whole blocks of K steps with no per-step bounds checks, then the remaining steps one at a time (the
+# backward keeps at least one there: the forward's first step reads c0). FAST (16-bit activations on a GPU
+# only) takes the sigmoid's reciprocal from rcp.approx.ftz.f32. BENCHMARKS.md has the SASS counts.
 
 
 def _sru_lean_forward_kernel(
@@ -196,17 +197,18 @@ def _sru_lean_forward_kernel(
     o_u = (first * B + row) * 3 * D + cols
     # The padding flag as a vector (every lane reads the same int32) so the pipeliner can copy it asynchronously.
     o_f = (first * B + row) + cols * 0
-    u_f_ptr = u_ptr + D
-    u_r_ptr = u_ptr + 2 * D
+    rows = tl.arange(0, 4)[:, None]
+    keep4 = keep[None, :] & (rows < 4)
     t_main = T - T % K
     for part in tl.static_range(2):
         for _s in tl.range(0 if part == 0 else t_main, t_main if part == 0 else T, K if part == 0 else 1,
                           num_stages=STAGES):  # fmt: skip
             for _k in tl.static_range(K if part == 0 else 1):
-                u_c = tl.load(u_ptr + o_u, mask=keep, other=0).to(c.dtype)
-                u_f = tl.load(u_f_ptr + o_u, mask=keep, other=0).to(c.dtype)
-                u_r = tl.load(u_r_ptr + o_u, mask=keep, other=0).to(c.dtype)
-                x = tl.load(x_ptr + o_x, mask=keep, other=0).to(c.dtype)
+                # Rows u_c, u_f, u_r, x of one [4, BLOCK_D] load, taken apart in registers.
+                ptrs = tl.where(rows == 3, x_ptr + o_x[None, :], u_ptr + o_u[None, :] + rows * D)
+                pair_a, pair_b = tl.split(tl.reshape(tl.trans(tl.load(ptrs, mask=keep4, other=0)), [BLOCK_D, 2, 2]))
+                u_c, u_r = tl.split(pair_a.to(c.dtype))
+                u_f, x = tl.split(pair_b.to(c.dtype))
                 e_f = 1.0 + tl.exp2(u_f * scale + b_f + v_f * c)
                 e_r = 1.0 + tl.exp2(u_r * scale + b_r + v_r * c)
                 if FAST:
@@ -267,8 +269,8 @@ def _sru_lean_backward_kernel(
     o_x = (last * B + row) * D + cols
     o_u = (last * B + row) * 3 * D + cols
     o_f = (last * B + row) + cols * 0
-    u_f_ptr = u_ptr + D
-    u_r_ptr = u_ptr + 2 * D
+    rows = tl.arange(0, 4)[:, None]
+    keep4 = keep[None, :] & (rows < 4)
     grad_u_f_ptr = grad_u_ptr + D
     grad_u_r_ptr = grad_u_ptr + 2 * D
     # The state after the step being undone; the state before it is c_all one step back in the forward's order.
@@ -278,10 +280,10 @@ def _sru_lean_backward_kernel(
         for s in tl.range(0 if part == 0 else t_main, t_main if part == 0 else T, K if part == 0 else 1,
                           num_stages=STAGES):  # fmt: skip
             for _k in tl.static_range(K if part == 0 else 1):
-                u_c = tl.load(u_ptr + o_u, mask=keep, other=0).to(c0.dtype)
-                u_f = tl.load(u_f_ptr + o_u, mask=keep, other=0).to(c0.dtype)
-                u_r = tl.load(u_r_ptr + o_u, mask=keep, other=0).to(c0.dtype)
-                x = tl.load(x_ptr + o_x, mask=keep, other=0).to(c0.dtype)
+                ptrs = tl.where(rows == 3, x_ptr + o_x[None, :], u_ptr + o_u[None, :] + rows * D)  # as forward
+                pair_a, pair_b = tl.split(tl.reshape(tl.trans(tl.load(ptrs, mask=keep4, other=0)), [BLOCK_D, 2, 2]))
+                u_c, u_r = tl.split(pair_a.to(c0.dtype))
+                u_f, x = tl.split(pair_b.to(c0.dtype))
                 grad_h = tl.load(grad_h_ptr + o_x, mask=keep, other=0).to(c0.dtype)
                 if part == 0:
                     c_prev = tl.load(c_all_ptr + o_x + step_x, mask=keep, other=0)
