@@ -12,6 +12,8 @@ import collections
 import hashlib
 import json
 import os
+import re
+import secrets
 import sysconfig
 import zipfile
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import numpy as np
 
 from srupp.data import tokenizer as bpe
 from srupp.errors import CorpusError, name_path
+from srupp.files import remove_orphans, temp_path_beside, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 META = "meta.json"
@@ -129,6 +132,7 @@ class Corpus:
     vocab: Vocab
     lengths: dict[str, int]
     dtype: str
+    files: dict[str, str] = field(default_factory=dict)  # split -> token file name (default <split>.bin)
 
     def split(self, name: str) -> np.ndarray:
         """The token ids of split ``name`` as a read-only ``np.memmap`` of shape ``[N]``."""
@@ -136,7 +140,8 @@ class Corpus:
             raise CorpusError(f"`split` must be one of {sorted(self.lengths)}, got {name!r}")
         if self.lengths[name] == 0:
             raise CorpusError(f"split {name!r} of corpus {self.path} is empty")
-        return np.memmap(self.path / f"{name}.bin", dtype=self.dtype, mode="r", shape=(self.lengths[name],))
+        file = self.files.get(name, f"{name}.bin")
+        return np.memmap(self.path / file, dtype=self.dtype, mode="r", shape=(self.lengths[name],))
 
     def bytes_per_token(self, name: str, num_tokens: int | None = None) -> float:
         """Mean UTF-8 bytes per scored token of split ``name``: the targets ``tokens[1 : num_tokens + 1]`` (all
@@ -162,22 +167,29 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
         lengths, dtype = {str(k): int(v) for k, v in meta["lengths"].items()}, np.dtype(meta["dtype"])
         kind, words = meta["kind"], tuple(meta.get("words", ()))
+        files = meta.get("files") or {name: f"{name}.bin" for name in lengths}  # no "files": srupp <= 0.2
+        if set(files) != set(lengths) or not all(isinstance(f, str) and _TOKEN_FILE.match(f) for f in files.values()):
+            raise ValueError(f"`files` must name a <split>.bin file in the folder for each split, got {files!r:.200}")
         if kind == "bpe":
-            try:
-                tokenizer = (path / bpe.TOKENIZER_FILE).read_text(encoding="utf-8")
-            except OSError as err:
-                raise name_path(err, path / bpe.TOKENIZER_FILE) from err
+            tokenizer = meta.get("tokenizer") or _read_text(path / bpe.TOKENIZER_FILE)
             vocab = Vocab(kind, words, tokenizer)
         else:
             vocab = Vocab(kind, words)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
         raise CorpusError(f"corpus {path} has an invalid {META} ({err!r})") from err
     for name, length in lengths.items():
-        file = path / f"{name}.bin"
+        file = path / files[name]
         expected = length * dtype.itemsize
         if not file.is_file() or file.stat().st_size != expected:
             raise CorpusError(f"corpus file {file} is missing or has the wrong size (expected {expected} bytes)")
-    return Corpus(path, vocab, lengths, dtype.name)
+    return Corpus(path, vocab, lengths, dtype.name, files)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise name_path(err, path) from err
 
 
 def _write_file(path: Path, data: bytes | memoryview) -> None:
@@ -191,11 +203,14 @@ def _write_file(path: Path, data: bytes | memoryview) -> None:
 def write_corpus(
     out: str | os.PathLike, splits: dict[str, np.ndarray], vocab: Vocab, source: str, *, overwrite: bool = False
 ) -> Corpus:
-    """Write token arrays as ``<split>.bin`` files and ``meta.json`` into ``out``, atomically per file.
+    """Write token arrays as ``<split>.bin`` files and ``meta.json`` into ``out``; replacing a corpus is atomic.
 
-    Every file is first written in full to a temporary name of this process, then renamed into place (the
-    ``.bin`` files, then ``meta.json``): a trainer reading the old corpus keeps its files, and any failure
-    while writing (a full disk) leaves the old corpus whole and removes the temporary files.
+    Every file is first written in full under a temporary name of this process. The token files then take names
+    no current file has (``<split>.bin``, or ``<split>.<random>.bin`` while the old corpus holds that name), and
+    renaming ``meta.json``, which names them (and holds a BPE corpus's tokenizer), commits the new corpus in one
+    step: a crash at any point leaves either the old corpus or the new one, never a mix. The old token files
+    are removed after that (a trainer reading them keeps them open); any failure while writing (a full disk)
+    leaves the old corpus whole and removes the temporary files.
 
     Raises:
         CorpusError: ``out`` already holds a corpus and ``overwrite`` is False, or the training split is empty.
@@ -208,29 +223,52 @@ def write_corpus(
         raise CorpusError(f"{out} already holds a corpus ({', '.join(existing)}); pass --overwrite to replace it")
     if "train" not in splits or len(splits["train"]) == 0:
         raise CorpusError(f"the training split of {source} is empty")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
     dtype = "uint8" if vocab.kind == "byte" else "int32"
-    meta = {"kind": vocab.kind, "vocab_size": vocab.size, "dtype": dtype, "source": source}
+    files = {name: _free_name(out, name) for name in splits}
+    meta = {"kind": vocab.kind, "vocab_size": vocab.size, "dtype": dtype, "source": source, "files": files}
     meta["lengths"] = {name: int(len(tokens)) for name, tokens in splits.items()}
     if vocab.kind == "word":
         meta["words"] = list(vocab.words)
-    contents = {f"{name}.bin": np.ascontiguousarray(tokens, dtype=dtype).data for name, tokens in splits.items()}
     if vocab.kind == "bpe":
-        contents[bpe.TOKENIZER_FILE] = vocab.tokenizer.encode("utf-8")
+        meta["tokenizer"] = vocab.tokenizer
+    contents = {files[name]: np.ascontiguousarray(tokens, dtype=dtype).data for name, tokens in splits.items()}
     contents[META] = json.dumps(meta, indent=1).encode()
-    out.mkdir(parents=True, exist_ok=True)
-    staged = {name: out / f".{name}.{os.getpid()}.tmp" for name in contents}
+    staged = {name: temp_path_beside(out / name) for name in contents}
     try:
         for name, data in contents.items():
             try:
                 _write_file(staged[name], data)
             except OSError as err:
                 raise name_path(err, out / name) from err
-        for name in sorted(contents, key=lambda name: name == META):  # meta.json last: never new meta, old data
+        for name in sorted(contents, key=lambda name: name == META):  # meta.json last: it commits the rest
             os.replace(staged[name], out / name)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+    _remove_unnamed_token_files(out, set(files.values()))
+    if vocab.kind == "bpe":  # a copy for `--tokenizer <folder>`; the corpus reads the one in meta.json
+        write_text_atomic(out / bpe.TOKENIZER_FILE, vocab.tokenizer)
     return open_corpus(out)
+
+
+_TOKEN_FILE = re.compile(r"^(train|valid|test)(\.[0-9a-f]{8})?\.bin$")
+
+
+def _free_name(out: Path, split: str) -> str:
+    """``<split>.bin`` unless a file has that name (the corpus being replaced), else ``<split>.<random>.bin``."""
+    name = f"{split}.bin"
+    while (out / name).exists():
+        name = f"{split}.{secrets.token_hex(4)}.bin"
+    return name
+
+
+def _remove_unnamed_token_files(out: Path, named: set[str]) -> None:
+    """Remove the token files of the replaced corpus (and of a re-prepare that crashed before committing)."""
+    for entry in os.scandir(out):
+        if _TOKEN_FILE.match(entry.name) and entry.name not in named and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
 
 
 def _read_zip_member(archive: Path, name: str, expected_size: int | None) -> bytes:

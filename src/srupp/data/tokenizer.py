@@ -10,18 +10,20 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from srupp.errors import ConfigError, UnavailableError
+from srupp.errors import ConfigError, CorpusError, UnavailableError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOD = "<|endoftext|>"
 """The end-of-document token reserved in BPE vocabularies (GPT-2's name for it)."""
 MIN_BPE_VOCAB = 259  # the 256 bytes, the two reserved tokens (end of document, padding) and one merge
 _CHUNK_CHARS = 1 << 20
+MAX_TOKENS = 1 << 24  # the largest vocabulary srupp builds a model for (srupp.models.config.MAX_VOCAB)
 _EXTRA = "pip install 'srupp[hf]'"
 
 
@@ -58,14 +60,33 @@ def parse_spec(spec: str) -> tuple[str, int | Path | None]:
     return "file", path
 
 
+_WORD_GAP = re.compile(r"(?<=\S) (?=\S)")
+
+
 def _chunks(text: str) -> Iterator[str]:
-    """About 1M characters at a time, cut after a line break (encoding per chunk keeps memory bounded)."""
+    """At most ``2 * _CHUNK_CHARS`` characters at a time (memory stays bounded on text without line breaks),
+    cut where the byte-level pre-tokenizer cuts anyway, so encoding by chunks equals encoding the whole: after
+    a line break, else before a single space between two words, else (one word that long) anywhere."""
     start = 0
     while start < len(text):
-        end = text.find("\n", start + _CHUNK_CHARS)
-        end = len(text) if end < 0 else end + 1
+        end = start + 2 * _CHUNK_CHARS
+        if end < len(text):
+            window = text[start + _CHUNK_CHARS : end]
+            newline = window.rfind("\n")
+            gap = None if newline >= 0 else _last_match(_WORD_GAP, window)
+            if newline >= 0:
+                end = start + _CHUNK_CHARS + newline + 1
+            elif gap is not None:
+                end = start + _CHUNK_CHARS + gap
         yield text[start:end]
         start = end
+
+
+def _last_match(pattern: re.Pattern, text: str) -> int | None:
+    last = None
+    for match in pattern.finditer(text):
+        last = match.start()
+    return last
 
 
 def train_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()) -> str:
@@ -127,8 +148,41 @@ def reserve_special_tokens(tokenizer_json: str, tokens: tuple[str, ...]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load(text: str):
-    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` text (cached: vocabularies are compared and reused)."""
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` text (cached: vocabularies are compared and reused),
+    after :func:`check_untrusted`."""
+    check_untrusted(text)
     return _tokenizers().Tokenizer.from_str(text)
+
+
+def check_untrusted(text: str) -> None:
+    """Raise ConfigError for what a crafted ``tokenizer.json`` could do to this process: run a regular
+    expression of its choosing (one that backtracks takes hours on a line), or claim ids that size an array
+    beyond any vocabulary. Byte-level BPEs need neither (their ByteLevel pre-tokenizer has its pattern built in)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ConfigError(f"a tokenizer must be tokenizer.json text ({error})") from None
+    stack, ids = [data], []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "Regex" in item:
+                raise ConfigError(
+                    f"the tokenizer uses a regular expression of its own ({str(item['Regex'])!r:.60}), which srupp "
+                    "does not run (a crafted one can take hours on a line); use a ByteLevel pre-tokenizer"
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    ids += (
+        [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)] if isinstance(data, dict) else []
+    )
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_TOKENS]
+    if bad:
+        raise ConfigError(f"the tokenizer's token ids must be integers in [0, {MAX_TOKENS:,}), got {bad[0]!r}")
 
 
 def encode(text: str, tokenizer_json: str) -> np.ndarray:
@@ -174,5 +228,5 @@ def split_texts(splits: dict[str, np.ndarray]) -> dict[str, str]:
         try:
             texts[name] = data[name].decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"split {name!r} is not valid UTF-8 text ({error}); BPE corpora need UTF-8") from None
+            raise CorpusError(f"split {name!r} is not valid UTF-8 text ({error}); BPE corpora need UTF-8") from None
     return texts

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from srupp.errors import name_path
+from srupp.files import replacing
 from srupp.train.rundir import write_text_atomic
 
 
@@ -34,8 +36,11 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk says so without naming the file
+            raise name_path(err, self.path) from err
 
 
 PLOT_HINT = "no learning_curve.png: matplotlib is not installed (pip install 'srupp[plot]')"
@@ -76,8 +81,9 @@ def plot_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, metric
     ax.set_title("SRU++ learning curve")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:  # an orphan of a killed run is found by pid
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return True
