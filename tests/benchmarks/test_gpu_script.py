@@ -1,13 +1,12 @@
-"""benchmarks/gpu.py on CPU (--dry-run): its paths, result files and error handling, without a GPU.
+"""benchmarks/gpu.py on CPU (--dry-run): its stages, result files and error handling, without a GPU.
 
-One subprocess run goes the way the GPU machine runs it (``python -m benchmarks.gpu`` with PYTHONPATH=src,
-the GPU tests in a pytest subprocess first); the failure cases call ``main`` in this process.
+One subprocess run goes the way the GPU machine runs it (``python -m benchmarks.gpu`` with PYTHONPATH=src); the
+other cases call ``main`` in this process on a few stages.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ pytest.importorskip("triton")
 from benchmarks import gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+STAGES = list(gpu.STAGE_CAPS)
 
 
 @pytest.fixture
@@ -32,83 +32,92 @@ def read(out: Path) -> dict:
     return json.loads((out / "gpu.json").read_text())
 
 
+def rows(results: dict, stage: str) -> list[dict]:
+    return results["stages"][stage].get("rows", [])
+
+
 @pytest.mark.slow
 def test_dry_run_as_on_the_gpu_machine(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     command = [sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = read(tmp_path)
-    assert results["summary"] == {
-        "tests": "ok", "copy": "ok", "check": "ok", "kernels": "ok", "official": "skipped", "training": "ok",
-        "tuning": "ok",
-    }  # fmt: skip
-    tests = results["sections"]["tests"]["result"]
+    assert list(results["summary"]) == STAGES and set(results["summary"].values()) == {"ok"}
+    assert all(row["ok"] for row in rows(results, "spec"))
+    assert {(row["variant"], row["dtype"]) for row in rows(results, "spec")} == {
+        (variant, dtype) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES
+    }
+    assert all(row["forward_backward_raw_ms"] > 0 for row in rows(results, "raw"))
+    assert {(row["T"], row["B"], row["D"]) for row in rows(results, "autograd")} == {(1, 1, 8), *gpu.DRY_SHAPES}
+    sdpa = {row["case"]: row for row in rows(results, "sdpa")}
+    assert sdpa["lower-right, 1 head"]["max_abs_diff_to_mask"] < 1e-5
+    assert all(row["ops"] for row in sdpa.values())  # which kernel served each is recorded
+    for stage in ("paper", "small"):
+        timed = [row for row in rows(results, stage) if "tokens_per_s" in row]
+        assert [row["model"] for row in timed] == ["srupp", "transformer"]
+        assert all(row["skipped"] == "CUDA graphs need a GPU" for row in rows(results, stage) if "skipped" in row)
+    assert "parts_ms" in rows(results, "paper")[0]["profile"]
+    assert "reason" in results["stages"]["authors"]["result"]  # why the authors' kernel did not run here
+    assert [row["model"] for row in rows(results, "race")] == ["srupp", "transformer"]
+    tests = results["stages"]["tests"]["result"]
     assert tests["returncode"] == 0 and "skipped" in tests["summary"]  # the GPU tests collect and skip on CPU
-    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
-    assert all(row["ok"] for row in results["sections"]["check"]["result"])
-    rows = results["rows"]
-    assert {(row["dtype"], row["stages"]) for row in rows} == {(d, s) for d in gpu.DTYPES for s in gpu.DRY_STAGES}
-    for row in rows:
-        for name in ("forward_inference", "forward_keep_states", "backward", "forward_backward_raw",
-                     "forward_backward_autograd"):  # fmt: skip
-            assert row[f"{name}_ms"] > 0 and math.isfinite(row[f"{name}_bw_fraction"])
-    assert [row["model"] for row in results["training"]] == ["srupp", "transformer"]
-    assert results["srupp_over_transformer_tokens_per_s"] > 0
-    assert {(row["dtype"], row["block_d"]) for row in results["tuning_rows"]} == {
-        ("fp32", 32), ("fp32", 64), ("fp32", 128), ("bf16", 64), ("bf16", 128), ("bf16", 256)
-    }  # fmt: skip
     assert "done in" in (tmp_path / "gpu.log").read_text()
 
 
-def test_a_failing_section_is_recorded_and_the_rest_still_runs(tmp_path, interpreter_env):
-    code = gpu.main(["--dry-run", "--skip-tests", "--fail", "kernels", "--out", str(tmp_path)])
+def test_a_failing_stage_is_recorded_and_the_rest_still_runs(tmp_path, interpreter_env):
+    code = gpu.main(["--dry-run", "--only", "spec,raw,autograd", "--fail", "raw", "--out", str(tmp_path)])
     assert code == 1
     results = read(tmp_path)
-    kernels = results["sections"]["kernels"]
-    assert kernels["status"] == "failed" and "on purpose" in kernels["error"]
-    assert results["sections"]["check"]["status"] == "ok"  # the section before it kept its result
-    assert results["sections"]["training"]["status"] == "ok"  # and the one after it ran
+    assert results["stages"]["raw"]["status"] == "failed" and "on purpose" in results["stages"]["raw"]["error"]
+    assert results["stages"]["spec"]["status"] == "ok" and rows(results, "spec")  # the stage before kept its rows
+    assert results["stages"]["autograd"]["status"] == "ok" and rows(results, "autograd")  # the one after ran
+    assert results["stages"]["paper"] == {"status": "skipped", "reason": "not in --only"}
     assert "FAILED" in (tmp_path / "gpu.log").read_text()
 
 
-def test_failing_gpu_tests_stop_the_script_with_their_summary(tmp_path, interpreter_env):
-    code = gpu.main(["--dry-run", "--fail", "tests", "--out", str(tmp_path)])
-    assert code == 2
-    results = read(tmp_path)
-    assert results["stopped"].startswith("GPU tests failed")
-    assert results["sections"]["tests"]["result"]["returncode"] not in (0, None)
-    assert "kernels" not in results["sections"]
+def test_failing_gpu_tests_fail_their_stage_with_a_summary(tmp_path, interpreter_env):
+    code = gpu.main(["--dry-run", "--only", "tests", "--fail", "tests", "--out", str(tmp_path)])
+    assert code == 1
+    tests = read(tmp_path)["stages"]["tests"]
+    assert tests["status"] == "failed" and "GPU tests failed" in tests["error"]
     assert (tmp_path / "gpu_tests.log").exists()
 
 
-def test_keep_going_runs_the_benchmarks_after_failing_tests(tmp_path, interpreter_env):
-    code = gpu.main(["--dry-run", "--fail", "tests", "--keep-going", "--no-training", "--out", str(tmp_path)])
-    assert code == 1
-    results = read(tmp_path)
-    assert results["sections"]["tests"]["status"] == "failed"
-    assert results["sections"]["kernels"]["status"] == "ok" and results["rows"]
+def test_the_results_file_is_rewritten_after_every_row(tmp_path, interpreter_env, monkeypatch):
+    snapshots = []
+    original = gpu.write_atomic
+
+    def recording(path, text):
+        original(path, text)
+        snapshots.append(json.loads(Path(path).read_text()))
+
+    monkeypatch.setattr(gpu, "write_atomic", recording)
+    assert gpu.main(["--dry-run", "--only", "autograd", "--out", str(tmp_path)]) == 0
+    counts = [len(snapshot["stages"].get("autograd", {}).get("rows", [])) for snapshot in snapshots]
+    assert counts[-1] == 2 * (1 + len(gpu.DRY_SHAPES)) and set(range(1, counts[-1] + 1)) <= set(counts)
 
 
 def test_the_time_limit_skips_what_does_not_fit(tmp_path, interpreter_env):
-    code = gpu.main(["--dry-run", "--skip-tests", "--time-limit", "0", "--out", str(tmp_path)])
+    code = gpu.main(["--dry-run", "--time-limit", "0", "--out", str(tmp_path)])
     assert code == 0
     results = read(tmp_path)
-    assert results["rows"] == []
-    assert {name: section["status"] for name, section in results["sections"].items()} == dict.fromkeys(
-        ("tests", "copy", "check", "kernels", "official", "training", "tuning"), "skipped"
-    )
-    assert "time limit" in results["sections"]["kernels"]["reason"]
+    assert {name: stage["status"] for name, stage in results["stages"].items()} == dict.fromkeys(STAGES, "skipped")
+    assert "time limit" in results["stages"]["raw"]["reason"]
 
 
-def test_results_go_to_out_from_the_environment(monkeypatch, tmp_path):
+def test_arguments(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu.parse_args([]).out == str(tmp_path)
     monkeypatch.delenv("OUT")
     assert gpu.parse_args([]).out == str(ROOT / "benchmarks" / "results")
-    assert gpu.parse_args([]).official is False
+    assert gpu.parse_args(["--only", "raw,paper"]).only == ["raw", "paper"]
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--only", "raw,nope"])
+    assert "unknown stages ['nope']" in capsys.readouterr().err
 
 
-def test_the_gpu_tests_it_runs_include_the_triton_ones():
-    assert "tests/ops/test_triton_kernel.py" in gpu.gpu_test_files()
+def test_the_gpu_tests_it_runs_include_the_triton_and_training_ones():
+    files = gpu.gpu_test_files()
+    assert "tests/ops/test_triton_kernel.py" in files and "tests/train/test_loop.py" in files
