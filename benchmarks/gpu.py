@@ -182,27 +182,18 @@ def environment(device: torch.device) -> dict[str, object]:
     return info
 
 
-# Kernel variants. The Triton backend may offer several (the kernels as first written, "old", and leaner ones);
-# it names them in ``VARIANTS`` and selects one with the context manager ``use_variant(name)``. A backend
-# without them has the one variant, "old".
 def kernel_variants() -> tuple[str, ...]:
+    """The Triton backend's kernel variants: the lean kernels and the legacy ones they replace."""
     from srupp.ops import triton_kernel
 
-    return tuple(getattr(triton_kernel, "VARIANTS", ("old",)))
+    return triton_kernel.VARIANTS
 
 
-@contextlib.contextmanager
-def kernel_variant(name: str):
+def kernel_variant(name: str) -> contextlib.AbstractContextManager:
+    """Every launch inside runs kernel variant ``name``."""
     from srupp.ops import triton_kernel
 
-    select = getattr(triton_kernel, "use_variant", None)
-    if select is None:
-        if name != "old":
-            raise ValueError(f"the Triton backend has no kernel variant {name!r}")
-        yield
-        return
-    with select(name):
-        yield
+    return triton_kernel.launch_overrides(variant=name)
 
 
 def make_inputs(steps: int, batch: int, hidden: int, dtype: torch.dtype, device: torch.device, *, padded: bool):
@@ -287,13 +278,13 @@ def copy_bandwidth(run: Run) -> float:
 
 
 def raw_row(run: Run, shape, variant: str, dtype_name: str, copy: float) -> dict[str, object]:
-    """Times of the raw ops of one kernel variant at one shape and dtype, launched back to back."""
+    """Times of the raw launchers of one kernel variant at one shape and dtype, launched back to back."""
     from srupp.ops import triton_kernel
 
     steps, batch, hidden = shape
     inputs = make_inputs(steps, batch, hidden, DTYPES[dtype_name], run.device, padded=False)
     u, x, v, b, c0, grad_h, grad_c = (inputs[k] for k in ("u", "x", "v", "b", "c0", "grad_h", "grad_c"))
-    forward, backward = triton_kernel.sru_triton_forward, triton_kernel.sru_triton_backward
+    forward, backward = triton_kernel.launch_forward, triton_kernel.launch_backward
     repeats = 20
     with kernel_variant(variant):
         c_all = forward(u, x, v, b, c0, None, None, False, True)[2]
@@ -334,13 +325,13 @@ def stage_raw(run: Run) -> dict[str, object]:
 
 
 def autograd_row(run: Run, shape, dtype_name: str) -> dict[str, object]:
-    """Forward+backward of the public op through autograd (host path included) against the raw kernels."""
+    """Forward+backward of the public op through autograd (host path included) against the raw launchers."""
     from srupp.ops import sru_recurrence, triton_kernel
 
     steps, batch, hidden = shape
     inputs = make_inputs(steps, batch, hidden, DTYPES[dtype_name], run.device, padded=False)
     u, x, v, b, c0, grad_h, grad_c = (inputs[k] for k in ("u", "x", "v", "b", "c0", "grad_h", "grad_c"))
-    forward, backward = triton_kernel.sru_triton_forward, triton_kernel.sru_triton_backward
+    forward, backward = triton_kernel.launch_forward, triton_kernel.launch_backward
     leaves = [t.detach().requires_grad_() for t in (u, x, v, b, c0)]
 
     def raw():

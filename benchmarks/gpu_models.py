@@ -240,9 +240,18 @@ def stage_authors(run) -> dict[str, object]:
     wheels = sorted((ROOT / "vendor").glob("sru-*.whl"))
     if not wheels:
         return {"available": False, "reason": "no vendor/sru-*.whl in the working tree (carry: ['vendor'])"}
-    package = Path(tempfile.mkdtemp(prefix="srupp-authors-"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        wheel.extractall(package)
+    with tempfile.TemporaryDirectory(prefix="srupp-authors-") as package:
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extractall(package)
+        outcome = run_authors_child(run, Path(package))
+    child = json.loads(outcome.pop("rows_path").read_text()) if outcome["rows_path"].exists() else {"rows": []}
+    for row in child["rows"]:
+        run.row("authors", row)
+    return {"wheel": wheels[-1].name, **{k: v for k, v in child.items() if k != "rows"}, **outcome}
+
+
+def run_authors_child(run, package: Path) -> dict[str, object]:
+    """``authors_child`` in a subprocess with the unpacked ``package`` first on its path, killed at the cap."""
     rows_path = run.out / "authors_rows.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), str(ROOT / "src"), str(ROOT)])}
     command = [sys.executable, "-m", "benchmarks.gpu_models", "--authors-child", str(rows_path)]
@@ -254,10 +263,7 @@ def stage_authors(run) -> dict[str, object]:
         outcome = {"returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-2000:]}
     except subprocess.TimeoutExpired:
         outcome = {"returncode": None, "reason": f"stopped at the stage's cap, {timeout:.0f} s (building?)"}
-    child = json.loads(rows_path.read_text()) if rows_path.exists() else {"rows": []}
-    for row in child["rows"]:
-        run.row("authors", row)
-    return {"wheel": wheels[-1].name, **{k: v for k, v in child.items() if k != "rows"}, **outcome}
+    return {**outcome, "rows_path": rows_path}
 
 
 def authors_child(rows_path: Path, dry: bool) -> int:
@@ -332,7 +338,8 @@ def stage_race(run) -> dict[str, object]:
                                          "--lr", "1e-3", "--warmup-steps", "50", "--valid-bytes", "131072"]  # fmt: skip
     args = quality.parse(common + sizes)
     widths = quality.sizes(args)
-    splits, source = quality.load_corpus("stdlib", tempfile.mkdtemp(prefix="srupp-race-"))
+    with tempfile.TemporaryDirectory(prefix="srupp-race-") as work:
+        splits, source = quality.load_corpus("stdlib", work)
     per_model = 1.0 if run.dry else max(5.0, (run.remaining() - 10) / 2 - 6)  # minus each model's evaluations
     results = {}
     for kind in ("srupp", "transformer"):

@@ -1,5 +1,6 @@
 """The fused CPU backend of the recurrence: the C kernel's forward and backward (csrc/sru_cpu.c, loaded by
-``library.py``), registered with torch.library as custom ops with autograd."""
+``library.py``): launchers that trust their inputs, registered with torch.library as custom ops (which check
+them) with autograd; eager calls run the launchers through ``fused.FusedRecurrence``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import fake_backward, register_autograd, run_forward
+from srupp.ops.fused import Launchers, fake_backward, register_autograd, run_forward
 from srupp.ops.library import is_available, require_kernel, unavailable_reason
 from srupp.ops.output_cache import new_output
 
@@ -31,10 +32,13 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+_NAMES = {(way, dtype): f"srupp_sru_{way}_{suffix}" for way in _ARGS for dtype, suffix in _SUFFIX.items()}
+
+
 def kernel_function(direction: str, dtype: torch.dtype):
     """The C kernel's ``"forward"`` or ``"backward"`` pass for u and x of ``dtype``, bound from the
     loaded library (RuntimeError where it is not available): it trusts every pointer and size it is given."""
-    return require_kernel().function(f"srupp_sru_{direction}_{_SUFFIX[dtype]}", _ARGS[direction])
+    return require_kernel().function(_NAMES[direction, dtype], _ARGS[direction])
 
 
 def _ptr(tensor: Tensor | None) -> int | None:
@@ -47,6 +51,8 @@ def _threads() -> int:
 
 
 def _check(name: str, tensor: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tensor.shape == shape and tensor.dtype is dtype and tensor.is_cpu and tensor.is_contiguous():
+        return  # the common case in one test: this runs on every eager call
     if tensor.shape != shape:
         raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(tensor.shape)}")
     if tensor.dtype != dtype:
@@ -79,19 +85,12 @@ def _check_inputs(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int, int, int]:
     return steps, batch, hidden
 
 
-@torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu")
-def sru_cpu_forward(
-    u: Tensor,
-    x: Tensor,
-    v: Tensor,
-    b: Tensor,
-    c0: Tensor,
-    mask_pad: Tensor | None,
-    mask_c: Tensor | None,
-    reverse: bool,
-    save_c: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
+def launch_forward(
+    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
+    reverse: bool, save_c: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The forward kernel on inputs ``_check_inputs`` accepts (unchecked here): ``(h, c_last, c_all)``."""
+    steps, batch, hidden = x.shape
     forward = kernel_function("forward", x.dtype)
     h = new_output(x)
     c_last = torch.empty_like(c0)
@@ -104,9 +103,48 @@ def sru_cpu_forward(
     return h, c_last, c_all
 
 
+@torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu")
+def sru_cpu_forward(
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None,
+    mask_c: Tensor | None,
+    reverse: bool,
+    save_c: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
+    return launch_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)
+
+
 @sru_cpu_forward.register_fake
 def _(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
     return torch.empty_like(x), torch.empty_like(c0), c0.new_empty(x.shape if save_c else (0,))
+
+
+def launch_backward(
+    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
+    c_all: Tensor, grad_h: Tensor, grad_c_last: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward kernel on the forward's checked inputs, its ``c_all``, and contiguous gradients of h and c_last
+    of their shapes and dtypes (unchecked here): the gradients of ``(u, x, v, b, c0)``."""
+    steps, batch, hidden = x.shape
+    backward = kernel_function("backward", x.dtype)
+    grad_u = new_output(u)
+    grad_x = new_output(x)
+    grad_vb = c0.new_empty(batch, 4, hidden)
+    grad_c0 = torch.empty_like(c0)
+    backward(
+        u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
+        c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
+        grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
+        steps, batch, hidden, int(reverse), _threads(),
+    )  # fmt: skip
+    # One reduction over the batch's partial sums (none for one row); v's and b's gradients are views of it.
+    grad_vb = grad_vb[0] if batch == 1 else grad_vb.sum(0)
+    return grad_u, grad_x, grad_vb[:2], grad_vb[2:], grad_c0
 
 
 @torch.library.custom_op("srupp::sru_cpu_backward", mutates_args=(), device_types="cpu")
@@ -123,26 +161,19 @@ def sru_cpu_backward(
     grad_c_last: Tensor,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    steps, batch, hidden = _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
-    backward = kernel_function("backward", x.dtype)
+    _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
     _check("c_all", c_all, x.shape, c0.dtype)
     _check("grad_h", grad_h, x.shape, x.dtype)
     _check("grad_c_last", grad_c_last, c0.shape, c0.dtype)
-    grad_u = new_output(u)
-    grad_x = new_output(x)
-    grad_vb = c0.new_empty(batch, 4, hidden)
-    grad_c0 = torch.empty_like(c0)
-    backward(
-        u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
-        c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
-        grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(),
-    )  # fmt: skip
-    return grad_u, grad_x, grad_vb[:, :2].sum(0), grad_vb[:, 2:].sum(0), grad_c0
+    grad_u, grad_x, grad_v, grad_b, grad_c0 = launch_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h,
+                                                              grad_c_last, reverse)  # fmt: skip
+    # A custom op's outputs may not alias each other.
+    return grad_u, grad_x, grad_v.clone(), grad_b.clone(), grad_c0
 
 
 sru_cpu_backward.register_fake(fake_backward)
 register_autograd(sru_cpu_forward, sru_cpu_backward)
+LAUNCHERS = Launchers(launch_forward, launch_backward, _check_inputs)
 
 
 def sru_recurrence_cpu(
@@ -157,7 +188,7 @@ def sru_recurrence_cpu(
 ) -> tuple[Tensor, Tensor]:
     """Host wrapper: u and x in float32, float64, bfloat16 or float16, the rest in ``state_dtype`` of theirs;
     returns (h in their dtype, c_last in the state's)."""
-    return run_forward(sru_cpu_forward, u, x, v, b, c0, mask_pad, mask_c, reverse)
+    return run_forward(sru_cpu_forward, u, x, v, b, c0, mask_pad, mask_c, reverse, LAUNCHERS)
 
 
 sru_recurrence_cpu.native_half = True  # takes 16-bit u and x as they are (see srupp.ops.recurrence)

@@ -1,15 +1,24 @@
-"""What the fused backends share: the autograd glue around a (forward, backward) pair of custom ops.
+"""What the fused backends share: the autograd glue around a (forward, backward) pair of kernels, in two forms.
 
-A backend's forward op takes ``(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)`` and returns
+A backend's forward takes ``(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)`` and returns
 ``(h, c_last, c_all)``, where ``c_all`` holds every step's state when ``save_c`` (else it is empty);
-its backward op takes ``(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse)`` and
+its backward takes ``(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse)`` and
 returns the gradients of ``(u, x, v, b, c0)``.
+
+Each backend registers the pair as custom ops (``torch.library``), which torch.compile, torch.export and ONNX
+see and trace. An eager call goes around them: ``FusedRecurrence``, a plain ``autograd.Function``, calls the
+same launchers with none of the custom-op machinery (dispatch, schema checks, a second autograd layer), which
+cost a call several times the kernels' own time at small sizes. ``run_forward`` picks the form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def fake_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
@@ -39,6 +48,54 @@ def register_autograd(forward_op, backward_op) -> None:
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
+@dataclass(frozen=True)
+class Launchers:
+    """A fused backend's kernels as plain functions: ``forward`` and ``backward`` as described above, on
+    contiguous inputs of matching sizes (what ``check`` verifies where the launchers trust them)."""
+
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
+    check: Callable[..., object] | None = None
+
+
+class FusedRecurrence(torch.autograd.Function):
+    """The eager form: one autograd node around a backend's launchers.
+
+    ``apply(launchers, reverse, u, x, v, b, c0, mask_pad, mask_c)`` returns ``(h, c_last)``."""
+
+    @staticmethod
+    def forward(ctx, launchers: Launchers, reverse: bool, u, x, v, b, c0, mask_pad, mask_c):
+        h, c_last, c_all = launchers.forward(u, x, v, b, c0, mask_pad, mask_c, reverse, True)
+        ctx.launchers, ctx.reverse = launchers, reverse
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(u, x, v, b, c0, mask_pad, mask_c, c_all)
+        return h, c_last
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c_last):
+        u, x, v, b, c0, mask_pad, mask_c, c_all = ctx.saved_tensors
+        grad_h = torch.zeros(x.shape, dtype=u.dtype, device=u.device) if grad_h is None else grad_h.contiguous()
+        if grad_c_last is None:
+            grad_c_last = torch.zeros_like(c0)
+        elif grad_c_last.dtype is not c0.dtype:
+            grad_c_last = grad_c_last.to(c0.dtype)
+        grads = ctx.launchers.backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last.contiguous(),
+                                       ctx.reverse)  # fmt: skip
+        return None, None, *grads, None, None
+
+
+def traced(tensors) -> bool:
+    """Whether this call is being traced or transformed (torch.compile, torch.export, ONNX or TorchScript
+    tracing, fake tensors, a dispatch mode, torch.func), where the custom ops must stand in the graph."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or is_in_torch_dispatch_mode()
+        or torch._C._are_functorch_transforms_active()
+        or any(type(tensor) not in (Tensor, torch.nn.Parameter) for tensor in tensors if tensor is not None)
+    )
+
+
 def run_forward(
     forward_op,
     u: Tensor,
@@ -49,14 +106,22 @@ def run_forward(
     mask_pad: Tensor | None,
     mask_c: Tensor | None,
     reverse: bool,
+    launchers: Launchers | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Host side of a fused backend: contiguous inputs in, ``(h, c_last)`` out; states are kept for
-    the backward pass only when a gradient will be asked for."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x, v, b, c0))
-    h, c_last, _ = forward_op(
-        u.contiguous(), x.contiguous(), v.contiguous(), b.contiguous(), c0.contiguous(),
-        None if mask_pad is None else mask_pad.contiguous(),
-        None if mask_c is None else mask_c.contiguous(),
-        reverse, needs_grad,
-    )  # fmt: skip
+    the backward pass only when a gradient will be asked for. Eager calls with ``launchers`` run them through
+    ``FusedRecurrence``; anything traced goes through ``forward_op``, the registered custom op."""
+    needs_grad = torch.is_grad_enabled() and (
+        u.requires_grad or x.requires_grad or v.requires_grad or b.requires_grad or c0.requires_grad
+    )
+    masks = (None if mask is None else mask.contiguous() for mask in (mask_pad, mask_c))
+    inputs = (u.contiguous(), x.contiguous(), v.contiguous(), b.contiguous(), c0.contiguous(), *masks)
+    if launchers is not None and not traced(inputs):
+        if launchers.check is not None:
+            launchers.check(*inputs)
+        if needs_grad:
+            return FusedRecurrence.apply(launchers, reverse, *inputs)
+        h, c_last, _ = launchers.forward(*inputs, reverse, False)
+        return h, c_last
+    h, c_last, _ = forward_op(*inputs, reverse, needs_grad)
     return h, c_last

@@ -61,8 +61,10 @@ class _OutputCache:
         """An uninitialised contiguous tensor of ``like``'s dtype and of its shape, or of ``shape``."""
         shape = tuple(like.shape) if shape is None else tuple(shape)
         nbytes = math.prod(shape) * like.element_size()
+        if nbytes < self.MIN_BYTES:  # first: small outputs, most calls, need not read the environment
+            return like.new_empty(shape)
         limit = self.limit_bytes()
-        if nbytes < self.MIN_BYTES or self._use_count is None or nbytes > limit:
+        if self._use_count is None or nbytes > limit:
             return like.new_empty(shape)
         with self._lock:
             storage = next((s for s in self._storages if s.nbytes() == nbytes and self._free(s)), None)

@@ -20,9 +20,14 @@ def _shape(tensor: Tensor) -> list[int]:
     return list(tensor.shape)
 
 
-def _check_shape(name: str, tensor: Tensor, expected: list[int], labels: str) -> None:
-    if _shape(tensor) != expected:
-        raise ValueError(f"`{name}` must have shape {labels} = {expected}, got {_shape(tensor)}")
+def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...], labels: str) -> None:
+    if tensor.shape != expected:
+        raise ValueError(f"`{name}` must have shape {labels} = {list(expected)}, got {_shape(tensor)}")
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # `.to` of a tensor already in `dtype` returns it, after a dispatch that costs as much as a small kernel.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def resolve_backend(backend: str, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -126,40 +131,43 @@ def sru_recurrence(
     steps, batch, hidden = x.shape
     if steps == 0:
         raise ValueError(f"`x` must have at least one time step (T >= 1), got shape {_shape(x)}")
-    _check_shape("u", u, [steps, batch, 3 * hidden], "[T, B, 3*D]")
-    _check_shape("v", v, [2, hidden], "[2, D]")
-    _check_shape("b", b, [2, hidden], "[2, D]")
+    _check_shape("u", u, (steps, batch, 3 * hidden), "[T, B, 3*D]")
+    _check_shape("v", v, (2, hidden), "[2, D]")
+    _check_shape("b", b, (2, hidden), "[2, D]")
     if c0 is not None:
-        _check_shape("c0", c0, [batch, hidden], "[B, D]")
+        _check_shape("c0", c0, (batch, hidden), "[B, D]")
     if mask_c is not None:
-        _check_shape("mask_c", mask_c, [batch, hidden], "[B, D]")
+        _check_shape("mask_c", mask_c, (batch, hidden), "[B, D]")
     if mask_pad is not None:
-        _check_shape("mask_pad", mask_pad, [steps, batch], "[T, B]")
+        _check_shape("mask_pad", mask_pad, (steps, batch), "[T, B]")
         if mask_pad.dtype != torch.bool:
             raise TypeError(f"`mask_pad` must be a bool tensor (True = padding), got dtype {mask_pad.dtype}")
     if not u.is_floating_point():
         raise TypeError(f"`u` must be a floating-point tensor, got dtype {u.dtype}")
     compute = torch.float32 if u.dtype in _HALF else u.dtype
+    device = u.device
     for name in ("x", "v", "b", "c0", "mask_c"):
         tensor = named[name]
-        if tensor is not None and tensor.dtype not in (u.dtype, compute):
+        if tensor is None:
+            continue
+        if tensor.dtype is not u.dtype and tensor.dtype is not compute:
             allowed = str(u.dtype) if compute == u.dtype else f"{u.dtype} or {compute}"
             raise TypeError(f"`{name}` must have dtype {allowed} (that of `u`), got {tensor.dtype}")
-        if tensor is not None and tensor.device != u.device:
-            raise ValueError(f"`{name}` must be on the device of `u` ({u.device}), got {tensor.device}")
-    if mask_pad is not None and mask_pad.device != u.device:
-        raise ValueError(f"`mask_pad` must be on the device of `u` ({u.device}), got {mask_pad.device}")
+        if tensor.device != device:
+            raise ValueError(f"`{name}` must be on the device of `u` ({device}), got {tensor.device}")
+    if mask_pad is not None and mask_pad.device != device:
+        raise ValueError(f"`mask_pad` must be on the device of `u` ({device}), got {mask_pad.device}")
     if not isinstance(reverse, bool):
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}")
 
-    run = resolve_backend(backend, u.device)
+    run = resolve_backend(backend, device)
     if c0 is None:
         c0 = u.new_zeros(batch, hidden, dtype=compute)
     if mask_c is not None:
-        mask_c = mask_c.to(compute)
+        mask_c = _cast(mask_c, compute)
     # The Triton kernel reads half-precision activations itself (half the memory traffic) and keeps
     # its state and sums in float32; the other backends compute in `compute` throughout.
     activations = u.dtype if getattr(run, "native_half", False) else compute
-    h, c_last = run(u.to(activations), x.to(activations), v.to(compute), b.to(compute), c0.to(compute),
-                    mask_pad, mask_c, reverse)  # fmt: skip
-    return h.to(u.dtype), c_last.to(u.dtype)
+    h, c_last = run(_cast(u, activations), _cast(x, activations), _cast(v, compute), _cast(b, compute),
+                    _cast(c0, compute), mask_pad, mask_c, reverse)  # fmt: skip
+    return _cast(h, u.dtype), _cast(c_last, u.dtype)

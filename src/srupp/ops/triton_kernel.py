@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import fake_backward, register_autograd, run_forward
+from srupp.ops.fused import Launchers, fake_backward, register_autograd, run_forward
 
 try:
     import triton
@@ -610,6 +610,7 @@ def sru_triton_backward(
 
 sru_triton_backward.register_fake(fake_backward)
 register_autograd(sru_triton_forward, sru_triton_backward)
+LAUNCHERS = Launchers(launch_forward, launch_backward)
 
 
 def sru_recurrence_triton(
@@ -625,7 +626,7 @@ def sru_recurrence_triton(
     """Host wrapper: u, x in one dtype (halves allowed); v, b, c0, mask_c in the compute dtype."""
     if triton is None:
         raise RuntimeError(unavailable_reason(u.device))
-    return run_forward(sru_triton_forward, u, x, v, b, c0, mask_pad, mask_c, reverse)
+    return run_forward(sru_triton_forward, u, x, v, b, c0, mask_pad, mask_c, reverse, LAUNCHERS)
 
 
 sru_recurrence_triton.native_half = True
