@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +120,46 @@ def export_onnx(
         >>> session = onnxruntime.InferenceSession("srupp.onnx")  # doctest: +SKIP
         >>> (output,) = session.run(None, {"input": x.numpy()})  # x [T, B, 32], doctest: +SKIP
     """
+    graph, example, names, outputs = _graph(model, causal, with_state, example_length, example_batch)
+    if example_length < 2 or example_batch < 2 or example_length == example_batch:
+        # torch.export specialises sizes 0 and 1, and equal example sizes can be taken for one dimension.
+        raise ValueError(
+            f"`example_length` and `example_batch` must be >= 2 and differ, got {example_length} and {example_batch}"
+        )
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"`path` {path} is a folder; an ONNX export is a file: choose a new file name")
+    was_training = model.training
+    graph.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                graph,
+                example.args,
+                dynamo=True,
+                custom_translation_table=translation_table(),
+                dynamic_shapes=example.dynamic,
+                input_names=names,
+                output_names=outputs,
+                opset_version=opset_version,
+                verbose=False,
+            )
+    finally:
+        model.train(was_training)
+    _save(program, path, overwrite)
+    return path
+
+
+class _Example(NamedTuple):
+    args: tuple[Tensor, ...]  # the example inputs traced
+    dynamic: tuple[dict, ...]  # per input, its dynamic axes
+
+
+def _graph(
+    model: SRUpp | SRUppLM, causal: bool | None, with_state: bool, length: int, batch_size: int
+) -> tuple[nn.Module, _Example, list[str], list[str]]:
+    """The module to trace for ``model``, its example inputs with their dynamic axes, and the input and output
+    names."""
     if isinstance(model, SRUppLM):
         if model.config.adaptive:
             raise NotImplementedError(
@@ -128,9 +169,8 @@ def export_onnx(
         rnn = model.rnn
         graph: nn.Module = _LMGraph(model, with_state)
         device = next(model.parameters()).device
-        example = torch.randint(0, model.config.vocab_size, (example_length, example_batch), device=device)
-        names, axes = ["input_ids"], {0: "T", 1: "B"}
-        outputs = ["log_probs"]
+        example = torch.randint(0, model.config.vocab_size, (length, batch_size), device=device)
+        names, axes, outputs = ["input_ids"], {0: "T", 1: "B"}, ["log_probs"]
     elif isinstance(model, SRUpp):
         causal = resolve_causal(causal, model.bidirectional)
         if causal and model.bidirectional:
@@ -138,41 +178,26 @@ def export_onnx(
         rnn = model
         graph = _LayerGraph(model, causal, with_state)
         reference = next(model.parameters())
-        shape = (example_batch, example_length) if model.batch_first else (example_length, example_batch)
+        shape = (batch_size, length) if model.batch_first else (length, batch_size)
         example = torch.randn(*shape, model.input_size, dtype=reference.dtype, device=reference.device)
-        names, axes = ["input"], {1: "T", 0: "B"} if model.batch_first else {0: "T", 1: "B"}
-        outputs = ["output"]
+        names, axes, outputs = ["input"], {1: "T", 0: "B"} if model.batch_first else {0: "T", 1: "B"}, ["output"]
     else:
         raise TypeError(f"`model` must be an SRUpp or an SRUppLM, got {type(model).__name__}")
-    if example_length < 2 or example_batch < 2 or example_length == example_batch:
-        # torch.export specialises sizes 0 and 1, and equal example sizes can be taken for one dimension.
-        raise ValueError(
-            f"`example_length` and `example_batch` must be >= 2 and differ, got {example_length} and {example_batch}"
-        )
     time, batch = torch.export.Dim("T"), torch.export.Dim("B")
     dims = {index: time if name == "T" else batch for index, name in axes.items()}
     args: tuple[Tensor, ...] = (example,)
     dynamic: tuple[dict, ...] = (dims,)
     if with_state:
         reference = next(rnn.parameters())
-        state = reference.new_zeros(rnn.num_layers * rnn.num_directions, example_batch, rnn.hidden_size)
+        state = reference.new_zeros(rnn.num_layers * rnn.num_directions, batch_size, rnn.hidden_size)
         args, dynamic = (*args, state), (*dynamic, {1: batch})
         names, outputs = [*names, "state"], [*outputs, "state_out"]
+    return graph, _Example(args, dynamic), names, outputs
 
-    path = Path(path)
-    if path.is_dir():
-        raise FileExistsError(f"`path` {path} is a folder; an ONNX export is a file: choose a new file name")
-    was_training = model.training
-    graph.eval()
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                graph, args, dynamo=True, custom_translation_table=translation_table(), dynamic_shapes=dynamic,
-                input_names=names, output_names=outputs, opset_version=opset_version, verbose=False,
-            )  # fmt: skip
-    finally:
-        model.train(was_training)
-    # Written in a fresh folder beside the target (with any external-data file), then renamed into place.
+
+def _save(program, path: Path, overwrite: bool) -> None:
+    """Write ``program`` in a fresh folder beside ``path`` (with any external-data file), then rename it into
+    place (an earlier export moved aside by ``_make_room``)."""
     remove_orphans(path.parent)
     staging = make_temp_dir_beside(path)
     try:
@@ -186,4 +211,3 @@ def export_onnx(
             os.replace(item, path.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path

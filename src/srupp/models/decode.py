@@ -29,8 +29,7 @@ class SRUppLMDecoder:
     weights made when the session starts.
     """
 
-    def __init__(self, model, batch_size: int, max_context: int | None = None,
-                 state: SRUppState | None = None) -> None:  # fmt: skip
+    def __init__(self, model, batch_size: int, max_context: int | None = None, state: SRUppState | None = None) -> None:
         self.model = model
         self.stack = SRUppDecoder(model.rnn, batch_size, max_context, state)
         self.compiled_ends = False

@@ -18,11 +18,22 @@ def srupp_stack(config: LMConfig, *, bidirectional: bool = False, backend: str =
     Hugging Face encoder."""
     d = config.hidden_size
     return SRUpp(
-        d, d, config.proj_size, num_layers=config.num_layers, num_heads=config.num_heads, dropout=config.dropout,
-        attn_dropout=config.attn_dropout, bidirectional=bidirectional, layer_norm=config.layer_norm,
-        highway_bias=config.highway_bias, attention_every_n_layers=config.attention_every_n_layers,
-        attention_layers=config.attention_layers, backend=backend, device=device, dtype=dtype,
-    )  # fmt: skip
+        d,
+        d,
+        config.proj_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        dropout=config.dropout,
+        attn_dropout=config.attn_dropout,
+        bidirectional=bidirectional,
+        layer_norm=config.layer_norm,
+        highway_bias=config.highway_bias,
+        attention_every_n_layers=config.attention_every_n_layers,
+        attention_layers=config.attention_layers,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def embedding_bound(hidden_size: int) -> float:
@@ -152,8 +163,10 @@ class SRUppLM(nn.Module):
         x = self.dropout(self.embed(input) if inputs_embeds is None else inputs_embeds)
         outputs = [x] if all_layers else None
         # Forward hooks see each layer's output as the stack computes it (also under per-layer checkpointing).
-        hooks = [layer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
-                 for layer in (self.rnn.layers if all_layers else ())]  # fmt: skip
+        hooks = [
+            layer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+            for layer in (self.rnn.layers if all_layers else ())
+        ]
         try:
             hidden, new_state = self.rnn(x, state, mask_pad=mask_pad, causal=True, attn_window=attn_window)
         finally:

@@ -239,8 +239,15 @@ class SRUppAttention(nn.Module):
                 mask = causal_lower_right(end - start, visible)
             else:
                 pad = None if key_pad is None else key_pad[:, :visible]
-                mask = attention_mask(end - start, visible, causal=causal, window=window, key_pad=pad,
-                                      device=query.device, first_position=first_position)  # fmt: skip
+                mask = attention_mask(
+                    end - start,
+                    visible,
+                    causal=causal,
+                    window=window,
+                    key_pad=pad,
+                    device=query.device,
+                    first_position=first_position,
+                )
             blocks.append(self.mix(query[start:end], keys[:, :, :visible], values[:, :, :visible], mask))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 

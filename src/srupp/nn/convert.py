@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -166,8 +167,8 @@ def srupp_from_sru(
     """
     if isinstance(source, nn.Module):
         found = _from_module(source)
-        for name in ("num_heads", "bidirectional", "hidden_size"):
-            _check(name, locals()[name], found[name])
+        for name, given in (("num_heads", num_heads), ("bidirectional", bidirectional), ("hidden_size", hidden_size)):
+            _check(name, given, found[name])
         num_heads, bidirectional = found["num_heads"], found["bidirectional"]
         dropout = found["dropout"] if dropout is None else dropout
         attn_dropout = found["attn_dropout"] if attn_dropout is None else attn_dropout
@@ -179,39 +180,21 @@ def srupp_from_sru(
         raise TypeError(f"`source` must be an sru.SRUpp module or its state_dict, got {type(source).__name__}")
     if any(key.startswith("input_to_hidden.") for key in state):
         raise NotImplementedError("sru.SRUpp with proj_input_to_hidden_first=True is not supported")
-
-    layer_ids = sorted({int(match.group(1)) for key in state if (match := _LAYER_KEY.match(key))})
-    if not layer_ids or layer_ids != list(range(len(layer_ids))):
-        raise ValueError("`source` has no sru.SRUpp layers (keys rnn_lst.0., rnn_lst.1., ...)")
-    found_layers = len(layer_ids)
-    first_wq = state["rnn_lst.0.transform_module.linear1.weight"]
-    found_proj, found_input = first_wq.shape
-    output_size = state["rnn_lst.0.weight_c"].numel() // 2
-    if hidden_size is not None and bidirectional is None:
-        bidirectional = output_size == 2 * hidden_size
-    bidirectional = bool(bidirectional)
-    num_directions = 2 if bidirectional else 1
-    if output_size % num_directions:
-        raise ValueError(f"weights of width {output_size} cannot be bidirectional")
-    found_hidden = output_size // num_directions
-    _check("input_size", input_size, found_input)
-    _check("hidden_size", hidden_size, found_hidden)
-    _check("proj_size", proj_size, found_proj)
-    _check("num_layers", num_layers, found_layers)
-    attention = [i for i in layer_ids if f"rnn_lst.{i}.transform_module.alpha" in state]
+    sizes = _sizes(state, input_size, hidden_size, proj_size, num_layers, bidirectional)
+    attention = [i for i in range(sizes.num_layers) if f"rnn_lst.{i}.transform_module.alpha" in state]
     layer_norm = "rnn_lst.0.layer_norm.weight" in state
-    _refuse_unsupported(state, layer_ids, layer_norm, found_input)
+    _refuse_unsupported(state, list(range(sizes.num_layers)), layer_norm, sizes.input_size)
 
-    reference = first_wq
+    reference = state["rnn_lst.0.transform_module.linear1.weight"]
     model = SRUpp(
-        found_input,
-        found_hidden,
-        found_proj,
-        num_layers=found_layers,
+        sizes.input_size,
+        sizes.hidden_size,
+        sizes.proj_size,
+        num_layers=sizes.num_layers,
         num_heads=1 if num_heads is None else num_heads,
         dropout=0.0 if dropout is None else dropout,
         attn_dropout=0.0 if attn_dropout is None else attn_dropout,
-        bidirectional=bidirectional,
+        bidirectional=sizes.bidirectional,
         batch_first=batch_first,
         layer_norm=layer_norm,
         highway_bias=HIGHWAY_BIAS if highway_bias is None else highway_bias,
@@ -222,3 +205,37 @@ def srupp_from_sru(
     )
     model.load_state_dict(_our_weights(model, state, attention, layer_norm))
     return model
+
+
+class _Sizes(NamedTuple):
+    input_size: int
+    hidden_size: int
+    proj_size: int
+    num_layers: int
+    bidirectional: bool
+
+
+def _sizes(
+    state: Mapping[str, Tensor],
+    input_size: int | None,
+    hidden_size: int | None,
+    proj_size: int | None,
+    num_layers: int | None,
+    bidirectional: bool | None,
+) -> _Sizes:
+    """The sizes the weights in ``state`` have, checked against those given (None: not given)."""
+    layer_ids = sorted({int(match.group(1)) for key in state if (match := _LAYER_KEY.match(key))})
+    if not layer_ids or layer_ids != list(range(len(layer_ids))):
+        raise ValueError("`source` has no sru.SRUpp layers (keys rnn_lst.0., rnn_lst.1., ...)")
+    found_proj, found_input = state["rnn_lst.0.transform_module.linear1.weight"].shape
+    output_size = state["rnn_lst.0.weight_c"].numel() // 2
+    if hidden_size is not None and bidirectional is None:
+        bidirectional = output_size == 2 * hidden_size
+    num_directions = 2 if bidirectional else 1
+    if output_size % num_directions:
+        raise ValueError(f"weights of width {output_size} cannot be bidirectional")
+    found = _Sizes(found_input, output_size // num_directions, found_proj, len(layer_ids), bool(bidirectional))
+    given = {"input_size": input_size, "hidden_size": hidden_size, "proj_size": proj_size, "num_layers": num_layers}
+    for name, value in given.items():
+        _check(name, value, getattr(found, name))
+    return found

@@ -20,9 +20,9 @@ from srupp.ops.decode_kernel import TokenKernel, TokenRun, token_kernel
 
 
 class LayerWeights(NamedTuple):
-    """What ``token_step`` reads of one layer, gathered when a session starts: a module attribute lookup costs
-    about half a microsecond, a one-token step would make a dozen per layer, and a matrix-vector product is
-    faster on a weight stored ``[in, out]``. Layer norms are ``(normalized_shape, weight, bias, eps)``; ``kv_proj_t``
+    """What ``token_step`` reads of one layer, gathered when a session starts: module attribute lookups would
+    cost a one-token step more than its arithmetic, and a matrix-vector product reads a weight stored ``[in, out]``
+    row by row. Layer norms are ``(normalized_shape, weight, bias, eps)``; ``kv_proj_t``
     and ``alpha`` are None without attention; ``u_bias`` puts the gate biases b_f, b_r in U's layout."""
 
     input_norm: tuple | None
@@ -62,8 +62,9 @@ def gather_weights(layer: nn.Module) -> LayerWeights:
         )
 
 
-def token_step(input: Tensor, c0: Tensor, c_out: Tensor, weights: LayerWeights, window: Tensor | None,
-               mask: Tensor | None) -> Tensor:  # fmt: skip
+def token_step(
+    input: Tensor, c0: Tensor, c_out: Tensor, weights: LayerWeights, window: Tensor | None, mask: Tensor | None
+) -> Tensor:
     """One causal step of one layer for one token: the reference of the compiled kernel, equal to
     ``SRULayer.step`` on a one-token chunk (eval mode, no gradients).
 
@@ -84,14 +85,14 @@ def token_step(input: Tensor, c0: Tensor, c_out: Tensor, weights: LayerWeights, 
         proj = query.shape[1]
         window.select(3, -1).copy_(torch.mm(query, weights.kv_proj_t).view(batch, 2, weights.heads, -1))
         keys, values = window.unbind(1)
-        attended = F.scaled_dot_product_attention(query.view(batch, weights.heads, 1, -1), keys, values,
-                                                  attn_mask=mask)  # fmt: skip
+        attended = F.scaled_dot_product_attention(query.view(batch, weights.heads, 1, -1), keys, values, attn_mask=mask)
         mixed = torch.addcmul(query, weights.alpha, attended.view(batch, proj))
     u = torch.addmm(weights.u_bias, torch.layer_norm(mixed, *weights.norm), weights.out_proj_t)
     # The op's equations for one step (srupp.ops.naive) with the biases already in u, and
-    # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python indexing costs microseconds a call.)
-    gates = torch.addcmul(u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight,
-                          c0.view(batch, 1, hidden))  # fmt: skip
+    # lerp(a, b, w) = a + w * (b - a). (narrow, not u[:, a:b]: Python's indexing builds slices per call.)
+    gates = torch.addcmul(
+        u.narrow(1, hidden, 2 * hidden).view(batch, 2, hidden), weights.gate_weight, c0.view(batch, 1, hidden)
+    )
     forget, reset = gates.sigmoid_().unbind(1)
     torch.lerp(u.narrow(1, 0, hidden), c0, forget, out=c_out)
     return torch.lerp(u.narrow(1, 3 * hidden, hidden) if weights.project_skip else input, c_out, reset)
@@ -111,10 +112,17 @@ def _kernel_weights(layer: nn.Module, weights: LayerWeights) -> TokenKernel | No
 
     alpha = None if weights.alpha is None else weights.alpha.reshape(1).clone()
     return token_kernel(
-        in_norm=own(weights.input_norm), wq_t=weights.in_proj_t, wkv_t=weights.kv_proj_t, alpha=alpha,
-        norm=own(weights.norm), wo_t=weights.out_proj_t, u_bias=weights.u_bias, gate_v=weights.gate_weight.clone(),
-        heads=weights.heads, project_skip=weights.project_skip,
-    )  # fmt: skip
+        in_norm=own(weights.input_norm),
+        wq_t=weights.in_proj_t,
+        wkv_t=weights.kv_proj_t,
+        alpha=alpha,
+        norm=own(weights.norm),
+        wo_t=weights.out_proj_t,
+        u_bias=weights.u_bias,
+        gate_v=weights.gate_weight.clone(),
+        heads=weights.heads,
+        project_skip=weights.project_skip,
+    )
 
 
 class SRUppDecoder:
@@ -138,8 +146,9 @@ class SRUppDecoder:
         capacity, head_size]`` or None) and of ``pad`` (``[B, capacity]`` bool, True = padding, or None).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_context: int | None = None,
-                 state: SRUppState | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, batch_size: int, max_context: int | None = None, state: SRUppState | None = None
+    ) -> None:
         if model.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -302,8 +311,10 @@ class SRUppDecoder:
         self._inference = torch.is_inference_mode_enabled()
         head_size = self.model.proj_size // self.model.num_heads
         shape = (self.batch_size, 2, self.model.num_heads, self.capacity, head_size)
-        self.buffers = [torch.empty(shape, dtype=self.dtype, device=self.device) if layer.has_attention else None
-                        for layer in self.model.layers]  # fmt: skip
+        self.buffers = [
+            torch.empty(shape, dtype=self.dtype, device=self.device) if layer.has_attention else None
+            for layer in self.model.layers
+        ]
         if self.pad is not None:
             self.pad = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=self.device)
         self._bind()

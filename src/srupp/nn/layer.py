@@ -127,10 +127,19 @@ class SRULayer(nn.Module):
     """
 
     def __init__(
-        self, input_size: int, hidden_size: int, transform: Callable[[int, int], nn.Module], *,
-        bidirectional: bool = False, layer_norm: bool = False, highway_bias: float = HIGHWAY_BIAS,
-        dropout: float = 0.0, backend: str = "auto", device=None, dtype=None,
-    ) -> None:  # fmt: skip
+        self,
+        input_size: int,
+        hidden_size: int,
+        transform: Callable[[int, int], nn.Module],
+        *,
+        bidirectional: bool = False,
+        layer_norm: bool = False,
+        highway_bias: float = HIGHWAY_BIAS,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if input_size <= 0 or hidden_size <= 0:
@@ -186,9 +195,14 @@ class SRULayer(nn.Module):
             memory = None if memory is None else self._norm(memory)
             causal = resolve_causal(causal, self.num_directions == 2)
             u = self.transform(
-                normed, mask_pad=mask_pad, causal=causal, memory=memory, cache=cache, attn_window=attn_window,
+                normed,
+                mask_pad=mask_pad,
+                causal=causal,
+                memory=memory,
+                cache=cache,
+                attn_window=attn_window,
                 memory_pad=memory_pad,
-            )  # fmt: skip
+            )
         else:
             u = project(self.transform, normed)
         return self._recur(input, u, c0, mask_pad)
@@ -357,8 +371,15 @@ class SRUStack(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}"]
-        defaults = {"num_layers": None, **self._repr_defaults, "dropout": 0.0, "bidirectional": False,
-                    "batch_first": False, "layer_norm": False, "highway_bias": HIGHWAY_BIAS}  # fmt: skip
+        defaults = {
+            "num_layers": None,
+            **self._repr_defaults,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "batch_first": False,
+            "layer_norm": False,
+            "highway_bias": HIGHWAY_BIAS,
+        }
         parts += [
             f"{name}={getattr(self, name)}" for name, default in defaults.items() if getattr(self, name) != default
         ]

@@ -37,13 +37,24 @@ class SRU(SRUStack):
     _repr_defaults = {"projection_size": 0}
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.0,
-        bidirectional: bool = False, batch_first: bool = False, layer_norm: bool = False,
-        highway_bias: float = HIGHWAY_BIAS, projection_size: int = 0, *, backend: str = "auto", device=None,
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        layer_norm: bool = False,
+        highway_bias: float = HIGHWAY_BIAS,
+        projection_size: int = 0,
+        *,
+        backend: str = "auto",
+        device=None,
         dtype=None,
-    ) -> None:  # fmt: skip
-        super().__init__(input_size, hidden_size, num_layers, dropout, bidirectional, batch_first, layer_norm,
-                         highway_bias)  # fmt: skip
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, dropout, bidirectional, batch_first, layer_norm, highway_bias
+        )
         if projection_size < 0:
             raise ValueError(f"`projection_size` must be >= 0, got {projection_size}")
         self.projection_size = projection_size
@@ -60,7 +71,7 @@ class SRU(SRUStack):
                 backend=backend,
                 device=device,
                 dtype=dtype,
-            )  # fmt: skip
+            )
             for i in range(num_layers)
         )
 

@@ -63,13 +63,28 @@ class SRUpp(SRUStack):
     _repr_defaults = {"proj_size": None, "num_heads": 1, "attn_dropout": 0.0}
 
     def __init__(
-        self, input_size: int, hidden_size: int, proj_size: int, num_layers: int = 2, num_heads: int = 1,
-        dropout: float = 0.0, attn_dropout: float = 0.0, bidirectional: bool = False, batch_first: bool = False,
-        layer_norm: bool = False, highway_bias: float = HIGHWAY_BIAS, attention_every_n_layers: int = 1,
-        attention_layers: Iterable[int] | None = None, *, backend: str = "auto", device=None, dtype=None,
-    ) -> None:  # fmt: skip
-        super().__init__(input_size, hidden_size, num_layers, dropout, bidirectional, batch_first, layer_norm,
-                         highway_bias)  # fmt: skip
+        self,
+        input_size: int,
+        hidden_size: int,
+        proj_size: int,
+        num_layers: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        layer_norm: bool = False,
+        highway_bias: float = HIGHWAY_BIAS,
+        attention_every_n_layers: int = 1,
+        attention_layers: Iterable[int] | None = None,
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, dropout, bidirectional, batch_first, layer_norm, highway_bias
+        )
         for name, value in (("proj_size", proj_size), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
@@ -81,8 +96,14 @@ class SRUpp(SRUStack):
         self.attention_every_n_layers = attention_every_n_layers
         self.attention_layers = attention_layer_indices(num_layers, attention_every_n_layers, attention_layers)
         factory = {"device": device, "dtype": dtype}
-        attention = partial(SRUppAttention, proj_size=proj_size, num_heads=num_heads, dropout=dropout,
-                            attn_dropout=attn_dropout, **factory)  # fmt: skip
+        attention = partial(
+            SRUppAttention,
+            proj_size=proj_size,
+            num_heads=num_heads,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            **factory,
+        )
         projected = partial(SRUppProjectedLinear, proj_size=proj_size, dropout=dropout, **factory)
         self.layers.extend(
             SRULayer(
@@ -95,7 +116,7 @@ class SRUpp(SRUStack):
                 dropout=self.layer_dropout(i),
                 backend=backend,
                 **factory,
-            )  # fmt: skip
+            )
             for i in range(num_layers)
         )
 
@@ -132,8 +153,10 @@ class SRUpp(SRUStack):
             for name, item in ((f"state.keys[{i}]", keys), (f"state.values[{i}]", values)):
                 tensor = check_tensor(name, item)
                 if tensor.dim() != 4 or (tensor.shape[0], tensor.shape[1], tensor.shape[3]) != (
-                    batch, self.num_heads, head_size
-                ):  # fmt: skip
+                    batch,
+                    self.num_heads,
+                    head_size,
+                ):
                     raise ValueError(
                         f"`{name}` must have shape [B, num_heads, S, proj_size/num_heads] = "
                         f"[{batch}, {self.num_heads}, S, {head_size}], got {list(tensor.shape)}"
@@ -257,8 +280,10 @@ class SRUpp(SRUStack):
         dtype = reference.dtype if dtype is None else dtype
         c = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
         head_size = self.proj_size // self.num_heads
-        empty = [c.new_empty(batch_size, self.num_heads, 0, head_size) if layer.has_attention else None
-                 for layer in self.layers]  # fmt: skip
+        empty = [
+            c.new_empty(batch_size, self.num_heads, 0, head_size) if layer.has_attention else None
+            for layer in self.layers
+        ]
         return SRUppState(c, keys=empty, values=list(empty), max_context=max_context)
 
     def decoder(self, batch_size: int, max_context: int | None = None, state: SRUppState | None = None):
@@ -337,8 +362,9 @@ class SRUpp(SRUStack):
             values.append(None if cache is None else cache[1])
         if key_pad is not None and state.max_context is not None:
             key_pad = key_pad[:, key_pad.shape[1] - min(state.max_context, key_pad.shape[1]) :]
-        return x, SRUppState(torch.cat(states), keys=keys, values=values, max_context=state.max_context,
-                             key_pad=key_pad)  # fmt: skip
+        return x, SRUppState(
+            torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
+        )
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

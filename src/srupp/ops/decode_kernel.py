@@ -20,8 +20,10 @@ _INT = ctypes.c_int
 class TokenLayer(ctypes.Structure):
     """One layer's weights for the one-token decoding kernel (``struct srupp_token_layer`` in csrc/sru_cpu.c)."""
 
-    _fields_ = [(name, _P) for name in ("in_norm_w", "in_norm_b", "wq_t", "wkv_t", "alpha", "norm_w", "norm_b",
-                                        "wo_t", "u_bias", "gate_v")]  # fmt: skip
+    _fields_ = [
+        (name, _P)
+        for name in ("in_norm_w", "in_norm_b", "wq_t", "wkv_t", "alpha", "norm_w", "norm_b", "wo_t", "u_bias", "gate_v")
+    ]
     _fields_ += [("in_norm_eps", ctypes.c_float), ("norm_eps", ctypes.c_float)]
     _fields_ += [(name, _I64) for name in ("in_", "proj", "out", "hidden", "heads")]
     _fields_ += [("has_in_norm", _INT), ("project_skip", _INT)]
@@ -30,8 +32,12 @@ class TokenLayer(ctypes.Structure):
 class TokenRunArgs(ctypes.Structure):
     """A whole stack's decoding run for the one-token kernel (``struct srupp_token_run`` in csrc/sru_cpu.c)."""
 
-    _fields_ = [("layers", ctypes.POINTER(TokenLayer)), ("windows", ctypes.POINTER(_P)),
-                ("strides", ctypes.POINTER(_I64)), ("pad", _P)]  # fmt: skip
+    _fields_ = [
+        ("layers", ctypes.POINTER(TokenLayer)),
+        ("windows", ctypes.POINTER(_P)),
+        ("strides", ctypes.POINTER(_I64)),
+        ("pad", _P),
+    ]
     _fields_ += [(name, _I64) for name in ("pad_stride", "num_layers", "batch", "width")]
     _fields_ += [(name, _P) for name in ("embedding", "head_t", "head_bias")]
     _fields_ += [(name, _I64) for name in ("vocab_in", "vocab_out")]
@@ -106,14 +112,16 @@ class TokenRun:
         self.vocab_out = head_t.shape[1]
         self._ends = (embedding, head_t, head_bias)
 
-    def __call__(self, x: Tensor, c_in: Tensor, c_out: Tensor, out: Tensor, start: int, end: int,
-                 ends: bool = False) -> None:  # fmt: skip
+    def __call__(
+        self, x: Tensor, c_in: Tensor, c_out: Tensor, out: Tensor, start: int, end: int, ends: bool = False
+    ) -> None:
         """Write position ``end`` of every cache, attend to ``start..end``, and write ``c_out`` ``[layers, B,
         hidden]`` and ``out`` from ``x`` and ``c_in`` (all contiguous): ``x`` ``[B, input_size]`` floats and
         ``out`` the last layer's ``[B, hidden]``, or with ``ends`` ``x`` ``[B]`` int64 token ids and ``out`` the
         log-softmax ``[B, vocab_out]`` of the output layer."""
-        status = self._run(self._refs[ends], x.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), out.data_ptr(),
-                           start, end)  # fmt: skip
+        status = self._run(
+            self._refs[ends], x.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), out.data_ptr(), start, end
+        )
         if status == -2:
             raise IndexError(f"a token id is out of range [0, {self._ends_args.vocab_in})")
         if status != 0:
@@ -142,9 +150,24 @@ def token_kernel(
         return None
     proj, out = wq_t.shape[1], wo_t.shape[1]
     layer = TokenLayer(
-        _ptr(in_norm[1]) if in_norm else None, _ptr(in_norm[2]) if in_norm else None, _ptr(wq_t), _ptr(wkv_t),
-        _ptr(alpha), _ptr(norm[1]), _ptr(norm[2]), _ptr(wo_t), _ptr(u_bias), _ptr(gate_v),
-        in_norm[3] if in_norm else 0.0, norm[3], wq_t.shape[0], proj, out, gate_v.shape[-1], heads,
-        int(in_norm is not None), int(project_skip),
-    )  # fmt: skip
+        _ptr(in_norm[1]) if in_norm else None,
+        _ptr(in_norm[2]) if in_norm else None,
+        _ptr(wq_t),
+        _ptr(wkv_t),
+        _ptr(alpha),
+        _ptr(norm[1]),
+        _ptr(norm[2]),
+        _ptr(wo_t),
+        _ptr(u_bias),
+        _ptr(gate_v),
+        in_norm[3] if in_norm else 0.0,
+        norm[3],
+        wq_t.shape[0],
+        proj,
+        out,
+        gate_v.shape[-1],
+        heads,
+        int(in_norm is not None),
+        int(project_skip),
+    )
     return TokenKernel(layer, tensors)

@@ -83,8 +83,10 @@ def _bind_threading(lib: ctypes.CDLL, use_openmp: bool) -> str:
     if runtime is not None:
         try:
             omp = ctypes.CDLL(str(runtime))
-            entry = [ctypes.cast(getattr(omp, name), _P).value
-                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]  # fmt: skip
+            entry = [
+                ctypes.cast(getattr(omp, name), _P).value
+                for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+            ]
         except (OSError, AttributeError):
             entry = [None, None, None]
     return "openmp" if lib.srupp_use_openmp(*entry) else "pthreads"
@@ -151,9 +153,6 @@ def reset() -> None:
     _KERNEL, _LOAD_ERROR = None, None
 
 
-# Traced code (``torch.compile``) asks this while choosing a backend: the answer is a constant of the process,
-# and tracing the loader itself would fail on its file-system calls.
-@torch.compiler.assume_constant_result
 def is_available() -> bool:
     """Whether the compiled CPU kernel is present and loads."""
     return kernel() is not None
@@ -210,3 +209,11 @@ def cpu_kernel_info() -> dict[str, object]:
         "cache_bytes": held_bytes(),
         "bf16_matmul": bf16_matmul(),
     }
+
+
+# Loaded at import, not on first use: traced code (``torch.compile``) asks ``is_available()`` while choosing a
+# backend, and tracing the loader's file-system calls fails. A bad setting is reported at first use instead.
+try:
+    kernel()
+except ConfigError:
+    reset()
