@@ -162,12 +162,14 @@ def test_one_stage_is_not_pipelined(kind):
     assert len(re.findall(r"ld\.global", ptx)) >= LOADS_PER_STEP[kind]
 
 
-# The lean kernels compile in forward order in the tests above; here in reverse, for every dtype.
+# The lean kernels compile for fp32 and bf16 in the tests above (each lean compile takes seconds); here fp64.
 COMPILE_CASES = [
-    pytest.param(dtype, reverse, variant, id=f"{dtype}-{'reverse' if reverse else 'forward-order'}-{variant}")
-    for variant, orders in (("legacy", (False, True)), ("lean", (True,)))
-    for dtype in ALL_CONFIGS
-    for reverse in orders
+    *(
+        pytest.param(dtype, reverse, "legacy", id=f"{dtype}-{'reverse' if reverse else 'forward-order'}-legacy")
+        for dtype in ALL_CONFIGS
+        for reverse in (False, True)
+    ),
+    pytest.param("fp64", True, "lean", id="fp64-reverse-lean"),
 ]
 
 
@@ -210,10 +212,7 @@ def test_lean_loop_fits_its_instruction_budget(kind, dtype, tmp_path):
     (one step per iteration) is the control that the count can fail: it is well over."""
     lean, report = sass_per_step("lean", kind, dtype, tmp_path)
     legacy, _ = sass_per_step("legacy", kind, dtype, tmp_path)
-    masked, masked_report = sass_per_step("lean", kind, dtype, tmp_path, masks=True)
-    print(f"\nSASS per step, {kind} {dtype}, triton {triton.__version__}: lean {lean:.1f} (with padding and "
-          f"mask_c {masked:.1f}), legacy {legacy:.1f}")  # fmt: skip
-    for text in (report, masked_report):
-        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", text), text
+    print(f"\nSASS per step, {kind} {dtype}, triton {triton.__version__}: lean {lean:.1f}, legacy {legacy:.1f}")
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
     assert lean <= PER_STEP_BUDGET[kind, dtype], f"{lean:.1f} SASS instructions per step"
     assert legacy > 1.4 * lean, (legacy, lean)
