@@ -57,14 +57,15 @@ def profile_step(run, step: Callable[[], object]) -> dict[str, object]:
         run.timer.synchronize()
         wall = time.perf_counter() - started
     split: dict[str, float] = defaultdict(float)
-    if cuda:
+    if cuda:  # the kernels by name
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
-                split[part_of(event.name)] += event.device_time / 1e3
-    else:  # no device: the CPU ops' own time, by the same parts
+                split[part_of(event.name)] += event.device_time_total / 1e3
+    if not split:  # no kernels seen (or no device): each aten op's own time, device's or else CPU's
         for event in prof.key_averages():
             if event.key.startswith("aten::"):
-                split[part_of(event.key)] += event.self_cpu_time_total / 1e3
+                own = event.self_device_time_total if cuda else event.self_cpu_time_total
+                split[part_of(event.key)] += own / 1e3
     busy = sum(split.values())
     return {"wall_ms": wall * 1e3, "busy_ms": busy, "idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
             "parts_ms": {part: round(ms, 3) for part, ms in sorted(split.items(), key=lambda kv: -kv[1])}}  # fmt: skip
