@@ -242,8 +242,8 @@ def _sru_lean_backward_kernel(
     HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """Walks the forward's order backwards. Per step, with F = (c_prev - u_c) f (1 - f) and A = f + F v_f
-    (neither depends on grad_c): grad_c <- (grad_c + grad_h gate) A + grad_u_r v_r."""
+    """Walks the forward's order backwards. Per step, with slope = (c_prev - u_c) f (1 - f) and
+    A = f + slope v_f (neither depends on grad_c): grad_c <- (grad_c + grad_h gate) A + grad_u_r v_r."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     keep = cols < D
