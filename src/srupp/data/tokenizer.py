@@ -64,29 +64,23 @@ _WORD_GAP = re.compile(r"(?<=\S) (?=\S)")
 
 
 def _chunks(text: str) -> Iterator[str]:
-    """At most ``2 * _CHUNK_CHARS`` characters at a time (memory stays bounded on text without line breaks),
-    cut where the byte-level pre-tokenizer cuts anyway, so encoding by chunks equals encoding the whole: after
-    a line break, else before a single space between two words, else (one word that long) anywhere."""
+    """About ``_CHUNK_CHARS`` characters at a time and never more than twice that (memory stays bounded on text
+    without line breaks), cut where the byte-level pre-tokenizer cuts anyway, so encoding by chunks equals
+    encoding the whole: after a line break, else before a single space between two words, else (one word that
+    long) anywhere."""
     start = 0
     while start < len(text):
         end = start + 2 * _CHUNK_CHARS
         if end < len(text):
             window = text[start + _CHUNK_CHARS : end]
-            newline = window.rfind("\n")
-            gap = None if newline >= 0 else _last_match(_WORD_GAP, window)
+            newline = window.find("\n")
+            gap = _WORD_GAP.search(window) if newline < 0 else None
             if newline >= 0:
                 end = start + _CHUNK_CHARS + newline + 1
             elif gap is not None:
-                end = start + _CHUNK_CHARS + gap
+                end = start + _CHUNK_CHARS + gap.start()
         yield text[start:end]
         start = end
-
-
-def _last_match(pattern: re.Pattern, text: str) -> int | None:
-    last = None
-    for match in pattern.finditer(text):
-        last = match.start()
-    return last
 
 
 def train_bpe(text: str, vocab_size: int, special_tokens: tuple[str, ...] = ()) -> str:
@@ -162,7 +156,7 @@ def check_untrusted(text: str) -> None:
         data = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise ConfigError(f"a tokenizer must be tokenizer.json text ({error})") from None
-    stack, ids = [data], []
+    stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
@@ -174,12 +168,11 @@ def check_untrusted(text: str) -> None:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    model = data.get("model") if isinstance(data, dict) else None
-    vocab = model.get("vocab") if isinstance(model, dict) else None
-    ids = list(vocab.values()) if isinstance(vocab, dict) else []
-    ids += (
-        [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)] if isinstance(data, dict) else []
-    )
+    data = data if isinstance(data, dict) else {}
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+    added = data.get("added_tokens") if isinstance(data.get("added_tokens"), list) else []
+    ids = [*vocab.values(), *(token.get("id") for token in added if isinstance(token, dict))]
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_TOKENS]
     if bad:
         raise ConfigError(f"the tokenizer's token ids must be integers in [0, {MAX_TOKENS:,}), got {bad[0]!r}")
