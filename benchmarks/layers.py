@@ -15,11 +15,16 @@ first touch), which the round-robin's mix of models hides.
     python -m benchmarks.layers            # d=512, d'=128 and d=1024, d'=256; 2 layers, T=256, B=16
     python -m benchmarks.layers --alone    # the same, each model in a process of its own (several rounds)
     python -m benchmarks.layers --quick    # tiny shapes, seconds (a smoke run)
+    python -m benchmarks.layers --precision both   # each model in float32 and under bf16 autocast as well
+
+``--precision bf16`` times every step under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (inputs float32, as
+from an embedding); ``both`` times float32 and bf16 round-robin and prints each model's bf16 / fp32 speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -100,35 +105,55 @@ def closest(build, target: int, grid: range) -> nn.Module:
     return build(closest_width(params, target, grid))
 
 
-def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, dict]:
-    """Train-step and inference tokens/s of every model, timed round-robin (each repeat times every model
-    once) and taking each one's fastest run: on a shared machine, load that comes and goes then hits all
-    models alike instead of whichever ran during it."""
+PRECISIONS = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
+
+
+def precision_context(precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int,
+                precisions: tuple[str, ...] = ("fp32",)) -> dict[str, dict]:  # fmt: skip
+    """Train-step and inference tokens/s of every model in each precision, timed round-robin (each repeat times
+    every model once) and taking each one's fastest run: on a shared machine, load that comes and goes then hits
+    all models alike instead of whichever ran during it. Keys end in ``_bf16`` for the bf16 autocast runs."""
     tokens = x.shape[0] * x.shape[1]
 
-    def train_step(model):
+    def train_step(model, precision):
         model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        with precision_context(precision):
+            loss = model(x).square().mean()
+        loss.backward()
 
-    def inference(model):
-        with torch.no_grad():
+    def inference(model, precision):
+        with torch.no_grad(), precision_context(precision):
             model(x)
 
-    best = {name: {"train": math.inf, "inference": math.inf} for name in models}
+    runs = [(mode, precision) for precision in precisions for mode in ("train", "inference")]
+    best = {name: dict.fromkeys(runs, math.inf) for name in models}
+    failed: set[tuple] = set()  # a model that cannot run a mode in a precision (e.g. the authors' CPU op in bf16)
     for repeat in range(repeats + 1):  # the first round warms up
         for name, model in models.items():
-            for mode, fn in (("train", train_step), ("inference", inference)):
+            for mode, precision in runs:
+                if (name, mode, precision) in failed:
+                    continue
                 model.train(mode == "train")
                 start = time.perf_counter()
-                fn(model)
+                try:
+                    (train_step if mode == "train" else inference)(model, precision)
+                except RuntimeError as err:
+                    print(f"  {name} {mode} {precision}: fails: {str(err).splitlines()[-1]}", flush=True)
+                    failed.add((name, mode, precision))
+                    best[name][mode, precision] = math.nan
+                    continue
                 if repeat:
-                    best[name][mode] = min(best[name][mode], time.perf_counter() - start)
+                    best[name][mode, precision] = min(best[name][mode, precision], time.perf_counter() - start)
     return {
-        name: {
-            "params": count_parameters(models[name]),
-            "train_tokens_per_s": tokens / best[name]["train"],
-            "inference_tokens_per_s": tokens / best[name]["inference"],
-        }
+        name: {"params": count_parameters(models[name])}
+        | {
+            f"{mode}_tokens_per_s{'_bf16' * (precision == 'bf16')}": tokens / best[name][mode, precision]
+            for mode, precision in runs
+        }  # fmt: skip
         for name in models
     }
 
@@ -159,31 +184,48 @@ def build_models(size: dict, sru, names: list[str] | None = None) -> dict[str, n
 
 
 def report(size: dict, results: dict[str, dict]) -> dict:
-    """Print every model's tokens/s and the ratios (layer time / GEMM floor, ours over each other model's)."""
+    """Print every model's tokens/s and the ratios (layer time / GEMM floor, ours over each other model's, and
+    each model's bf16 over its float32 speed), in every precision measured."""
+    suffixes = [suffix for suffix in ("", "_bf16") if f"train_tokens_per_s{suffix}" in results["srupp"]]
     for name, r in results.items():
-        print(f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
-              f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
+        for suffix in suffixes:
+            print(f"  {name:12s} params {r['params']:>10,d} {suffix[1:] or 'fp32':5s} train "
+                  f"{r['train_tokens_per_s' + suffix]:>10,.0f} tok/s  inference "
+                  f"{r['inference_tokens_per_s' + suffix]:>10,.0f} tok/s", flush=True)  # fmt: skip
     ratios = {}
     ours = results["srupp"]
-    for mode in ("train", "inference"):
-        key = f"{mode}_tokens_per_s"
-        ratios[f"{mode}_time_srupp_over_gemm_floor"] = results["gemm_floor"][key] / ours[key]
-    for other in results:
-        if other not in ("srupp", "gemm_floor"):
+    for suffix in suffixes:
+        for mode in ("train", "inference"):
+            key = f"{mode}_tokens_per_s{suffix}"
+            ratios[f"{mode}{suffix}_time_srupp_over_gemm_floor"] = results["gemm_floor"][key] / ours[key]
+            for other in results:
+                if other not in ("srupp", "gemm_floor"):
+                    ratios[f"{mode}{suffix}_srupp_over_{other}"] = ours[key] / results[other][key]
+    if len(suffixes) == 2:
+        for name, r in results.items():
             for mode in ("train", "inference"):
-                key = f"{mode}_tokens_per_s"
-                ratios[f"{mode}_srupp_over_{other}"] = ours[key] / results[other][key]
+                ratios[f"{mode}_bf16_over_fp32_{name}"] = r[f"{mode}_tokens_per_s_bf16"] / r[f"{mode}_tokens_per_s"]
     for key, value in ratios.items():
         print(f"  {key:40s} {value:6.2f}x")
     return {"size": size, "results": results, "ratios": ratios}
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags that bear on these runs' precisions (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next(line.split(":", 1)[1].split() for line in handle if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in flags if flag.startswith(("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx", "f16c"))]
 
 
 def inputs(size: dict) -> torch.Tensor:
     return torch.randn(size["steps"], size["batch"], size["d"], generator=torch.Generator().manual_seed(1))
 
 
-def run_size(size: dict, repeats: int, sru) -> dict:
-    return report(size, measure_all(build_models(size, sru), inputs(size), repeats))
+def run_size(size: dict, repeats: int, sru, precisions: tuple[str, ...]) -> dict:
+    return report(size, measure_all(build_models(size, sru), inputs(size), repeats, precisions))
 
 
 def run_size_alone(size: dict, index: int, names: list[str], rounds: int, forward: list[str]) -> dict:
@@ -198,7 +240,7 @@ def run_size_alone(size: dict, index: int, names: list[str], rounds: int, forwar
                 raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             kept = best.setdefault(name, result)
-            for key in ("train_tokens_per_s", "inference_tokens_per_s"):
+            for key in (key for key in result if key.endswith(("_per_s", "_per_s_bf16"))):
                 kept[key] = max(kept[key], result[key])
     return report(size, best)
 
@@ -211,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--alone", action="store_true", help="time each model in a process of its own")
     parser.add_argument("--rounds", type=int, default=3, help="with --alone: processes per model, in turn")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="float32, bf16 autocast, or both (default fp32)")  # fmt: skip
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # --alone's child: this model only
     parser.add_argument("--size-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers.json, "
@@ -223,24 +267,26 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.one:
         size = sizes[args.size_index]
-        results = measure_all(build_models(size, sru, [args.one]), inputs(size), repeats)
+        results = measure_all(build_models(size, sru, [args.one]), inputs(size), repeats, PRECISIONS[args.precision])
         print(json.dumps(results[args.one]))
         return 0
     kernel = cpu_kernel()
     alone = ", each model alone" if args.alone else ""
     print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
-          f"CPU kernel {kernel['isa']} (of {kernel['available']}){alone}")  # fmt: skip
-    payload: dict = {"repeats": repeats, "alone": args.alone, "cpu_kernel": kernel, "sizes": []}
+          f"CPU kernel {kernel['isa']} (of {kernel['available']}, bf16 matmuls: {kernel.get('bf16_matmul')}), "
+          f"precision {args.precision}{alone}")  # fmt: skip
+    payload: dict = {"repeats": repeats, "alone": args.alone, "precision": args.precision, "cpu_kernel": kernel,
+                     "cpu_flags": cpu_flags(), "sizes": []}  # fmt: skip
     # what each --alone child needs to build and time its model as this run would
     forward = [f"--repeats={repeats}"] + [f"--threads={args.threads}"] * bool(args.threads)
-    forward += ["--quick"] * args.quick + ["--no-official"] * args.no_official
+    forward += ["--quick"] * args.quick + ["--no-official"] * args.no_official + [f"--precision={args.precision}"]
     for index, size in enumerate(sizes):
         print(f"d={size['d']} d'={size['proj']} layers={size['layers']} T={size['steps']} B={size['batch']}")
         if args.alone:
             payload["sizes"].append(run_size_alone(size, index, list(builders(size, sru)), args.rounds, forward))
         else:
-            payload["sizes"].append(run_size(size, repeats, sru))
-    name = "layers" + "_alone" * args.alone + "_quick" * args.quick
+            payload["sizes"].append(run_size(size, repeats, sru, PRECISIONS[args.precision]))
+    name = "layers" + "_alone" * args.alone + f"_{args.precision}" * (args.precision != "fp32") + "_quick" * args.quick
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     path = write_json(out, payload, "layers", argv)
     print(f"wrote {path}")
