@@ -76,6 +76,13 @@ def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
 
     compiled, compiled_state = decode(True)
     assert calls == [True] * 31  # the failed id included: it was refused before anything was written
+    with torch.no_grad():  # a state of another batch size: the stack's new kernel has no ends, so the stack runs
+        session = model.decoder(3)
+        session.stack.load(model.init_decode_state(2))
+        got = [session.step(tokens[t : t + 1, :2]) for t in range(2)]
+        want, state = model.step(tokens[:1, :2], model.init_decode_state(2))
+        torch.testing.assert_close(torch.stack(got), torch.stack([want, model.step(tokens[1:2, :2], state)[0]]))
+    assert calls == [True] * 31 + [False]
     calls.clear()
     reference, reference_state = decode(False)
     assert not calls

@@ -32,14 +32,15 @@ class SRUppLMDecoder:
     def __init__(self, model, batch_size: int, max_context: int | None = None, state: SRUppState | None = None) -> None:
         self.model = model
         self.stack = SRUppDecoder(model.rnn, batch_size, max_context, state)
-        self.compiled_ends = False
+        # The kernel holding the ends: the stack makes a new one (without them) when a loaded state changes B.
+        self.ends_kernel = None
         params = [] if model.config.adaptive else [model.embedding.weight, model.output.weight, model.output.bias]
         if self.stack.kernel is not None and params and all(p is None or p.dtype == torch.float32 for p in params):
             with torch.no_grad():
                 bias = None if model.output.bias is None else model.output.bias.detach().clone()
                 head_t = model.output.weight.t().contiguous()
                 self.stack.kernel.set_ends(model.embedding.weight.detach().clone(), head_t, bias)
-            self.compiled_ends = True
+            self.ends_kernel = self.stack.kernel
 
     @property
     def state(self) -> SRUppState:
@@ -51,12 +52,12 @@ class SRUppLMDecoder:
         of the next token after the last position, equal to ``SRUppLM.step``'s."""
         stack = self.stack
         if (
-            self.compiled_ends
+            stack.kernel is not None
+            and stack.kernel is self.ends_kernel
             and isinstance(tokens, Tensor)
             and tokens.shape == (1, stack.batch_size)
             and tokens.dtype == torch.int64
             and tokens.device == stack.device
-            and stack.kernel is not None
             and stack.ready_for_token()
         ):
             return stack.step_ids(tokens)
