@@ -30,3 +30,16 @@ def test_layers_benchmark_times_each_model_alone(tmp_path):
     assert report["sizes"][0]["ratios"]["inference_srupp_over_lstm"] == pytest.approx(
         results["srupp"]["inference_tokens_per_s"] / results["lstm"]["inference_tokens_per_s"]
     )
+
+
+def test_layers_benchmark_times_both_precisions(tmp_path):
+    out = tmp_path / "layers_both.json"
+    run_benchmark("layers", "--quick", "--precision", "both", "--no-official", "--out", out)
+    report = read_json(out)
+    assert report["precision"] == "both" and isinstance(report["cpu_flags"], list)
+    size = report["sizes"][0]
+    for name, r in size["results"].items():
+        assert r["train_tokens_per_s_bf16"] > 0 and r["inference_tokens_per_s_bf16"] > 0
+        assert size["ratios"][f"train_bf16_over_fp32_{name}"] == pytest.approx(
+            r["train_tokens_per_s_bf16"] / r["train_tokens_per_s"]
+        )
