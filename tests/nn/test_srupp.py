@@ -245,6 +245,22 @@ def test_bfloat16_autocast_step_converts_no_activation(input_dtype):
     assert 0 < converted <= weight_bytes
 
 
+def test_bfloat16_layer_norm_computes_in_float32():
+    """Under bf16 autocast the attention's LayerNorm reads and writes bf16 (no conversion around it) but computes
+    in float32 (torch's CPU kernel accumulates in float32): its output is the float32 LayerNorm of the same values,
+    rounded once. The values sit far from zero, where a bf16 mean and variance would be badly off."""
+    norm = make(input_size=64, hidden_size=64, proj_size=16, num_layers=1).layers[0].transform.norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        query = (torch.randn(32, 4, 16) * 3 + 200).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = norm(query)
+        want = torch.nn.functional.layer_norm(query.float(), (16,), norm.weight, norm.bias, norm.eps)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2**-8)
+
+
 def test_torch_compile_equals_eager(assert_close):
     model = make(num_layers=2).train()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
