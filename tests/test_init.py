@@ -26,3 +26,14 @@ def test_importing_the_package_loads_neither_training_nor_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     importlib.import_module("srupp.nn")
+
+
+def test_importing_the_layers_loads_no_compiler_stack():
+    """``torch.nn.attention.bias`` imports torch._dynamo and triton (a second or more, hundreds of MB): the
+    layers import it only when attention over memory first runs, so ``import srupp`` stays light."""
+    code = (
+        "import sys, srupp, srupp.nn, srupp.models\n"
+        "print(sorted(m for m in ('torch._dynamo', 'triton', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -7,7 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -236,6 +235,10 @@ class SRUppAttention(nn.Module):
             first_position = key_len - steps + start
             # A tensor subclass such as CausalBias cannot be made under a dispatch mode (e.g. FlopCounterMode).
             if plain_causal and not tracing() and not is_in_torch_dispatch_mode():
+                # Imported here: torch.nn.attention.bias pulls in torch._dynamo and triton, a second
+                # or more and hundreds of MB that `import srupp` should not cost.
+                from torch.nn.attention.bias import causal_lower_right
+
                 mask = causal_lower_right(end - start, visible)
             else:
                 pad = None if key_pad is None else key_pad[:, :visible]
