@@ -141,7 +141,16 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
         "kernel_forward_s": kernel_forward, "kernel_backward_s": kernel_backward,
     }, rounds=repeats, min_seconds=2.0)  # fmt: skip
     output_cache.empty_cpu_cache()
-    elements = steps * batch * hidden
+    add_bandwidths(row, times, copy_bytes, steps * batch * hidden, with_naive)
+    if official is not None and with_naive:
+        h_ours, _ = forward("cpu")
+        add_authors(row, official, (u, x, v, b, c0), h_ours, repeats)
+    return row
+
+
+def add_bandwidths(row: dict, times: dict[str, list[float]], copy_bytes: int, elements: int, with_naive: bool) -> None:
+    """The fastest time of each run in ``times``, and from them speed-ups, bandwidths in GB/s and the medians of
+    each run's bandwidth over that of the copy beside it, into ``row``."""
     row["copy_GBps"] = copy_bytes / min(times["copy"]) / 1e9
     row.update({name: min(values) for name, values in times.items() if name != "copy"})
 
@@ -167,22 +176,48 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
     )
     row["kernel_train_forward_GBps"] = elements * FORWARD_TRAIN_BYTES / row["kernel_forward_s"] / 1e9
     row["kernel_backward_GBps"] = elements * BACKWARD_BYTES / row["kernel_backward_s"] / 1e9
-    if official is not None and with_naive:
-        u_official = authors_u(u)
-        weight_c, bias = v.reshape(-1).contiguous(), b.reshape(-1).contiguous()
 
-        def official_forward():
-            with torch.no_grad():
-                return official.ops.elementwise_recurrence_inference(
-                    u_official, x, weight_c, bias, c0, 0, hidden, False, True
-                )
 
-        h_official, _ = official_forward()
-        h_ours, _ = forward("cpu")
-        row["official_max_abs_diff"] = require_agreement(h_official, h_ours, f"forward at {steps, batch, hidden}", 1e-4)
-        row["official_forward_s"] = fastest(official_forward, repeats=repeats, min_seconds=0.3)
-        row["forward_vs_official"] = row["official_forward_s"] / row["cpu_forward_s"]
-    return row
+def add_authors(row: dict, official, inputs: tuple, h_ours, repeats: int) -> None:
+    """The authors' CPU forward on the same ``inputs`` (u, x, v, b, c0): its agreement with ``h_ours`` (required),
+    its fastest time and ours against it, into ``row``."""
+    u, x, v, b, c0 = inputs
+    steps, batch, hidden = x.shape
+    u_official = authors_u(u)
+    weight_c, bias = v.reshape(-1).contiguous(), b.reshape(-1).contiguous()
+
+    def official_forward():
+        with torch.no_grad():
+            return official.ops.elementwise_recurrence_inference(
+                u_official, x, weight_c, bias, c0, 0, hidden, False, True
+            )
+
+    h_official, _ = official_forward()
+    row["official_max_abs_diff"] = require_agreement(h_official, h_ours, f"forward at {steps, batch, hidden}", 1e-4)
+    row["official_forward_s"] = fastest(official_forward, repeats=repeats, min_seconds=0.3)
+    row["forward_vs_official"] = row["official_forward_s"] / row["cpu_forward_s"]
+
+
+def table_line(isa: str, row: dict) -> str:
+    """One row of the printed table ('-' where a column was not timed)."""
+    official_cols = (
+        f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
+        if "official_forward_s" in row
+        else f"{'-':>8} {'-':>6}"
+    )
+    naive_fwd = f"{row['naive_forward_s'] * 1e3:8.1f}m" if "naive_forward_s" in row else f"{'-':>9}"
+    fwd_x = f"{row['forward_speedup']:6.1f}" if "forward_speedup" in row else f"{'-':>6}"
+    train_x = f"{row['train_speedup']:6.1f}" if "train_speedup" in row else f"{'-':>6}"
+    naive_train = f"{row['naive_train_s'] * 1e3:8.1f}m" if "naive_train_s" in row else f"{'-':>9}"
+    return (
+        f"{isa:>8} {row['T']:5d} {row['B']:4d} {row['D']:5d} | {row['copy_GBps']:5.1f} | "
+        f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {fwd_x} | "
+        f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {train_x} | "
+        f"{row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
+        f" {row['cpu_train_uncached_bw_fraction']:6.0%}"
+        f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
+        f" | {official_cols}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -201,9 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"threads={torch.get_num_threads()}  CPU kernel variants {info['available']}, timing {isas}")
     print("bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
           "backward 40 (reads u 3, x 1, c 1, grad_h 1; writes grad_u 3, grad_x 1): f+b 64")  # fmt: skip
-    header = (f"{'isa':>8} {'T':>5} {'B':>4} {'D':>5} | {'copy':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | "
-              f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} {'fresh':>6} | "
-              f"{'kernel fwd':>6} {'bwd BW':>6} | {'sru fwd':>8} {'ours x':>6}")  # fmt: skip
+    header = (
+        f"{'isa':>8} {'T':>5} {'B':>4} {'D':>5} | {'copy':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | "
+        f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} {'fresh':>6} | "
+        f"{'kernel fwd':>6} {'bwd BW':>6} | {'sru fwd':>8} {'ours x':>6}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
@@ -214,19 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             row = bench_shape(steps, batch, hidden, repeats, official, with_naive=index == 0,
                               copy_megabytes=16 if args.quick else 256)  # fmt: skip
             rows.append(row)
-            official_cols = (f"{row['official_forward_s'] * 1e3:7.2f}m {row['forward_vs_official']:6.2f}"
-                             if "official_forward_s" in row else f"{'-':>8} {'-':>6}")  # fmt: skip
-            naive_fwd = f"{row['naive_forward_s'] * 1e3:8.1f}m" if "naive_forward_s" in row else f"{'-':>9}"
-            fwd_x = f"{row['forward_speedup']:6.1f}" if "forward_speedup" in row else f"{'-':>6}"
-            train_x = f"{row['train_speedup']:6.1f}" if "train_speedup" in row else f"{'-':>6}"
-            naive_train = f"{row['naive_train_s'] * 1e3:8.1f}m" if "naive_train_s" in row else f"{'-':>9}"
-            print(f"{isa:>8} {steps:5d} {batch:4d} {hidden:5d} | {row['copy_GBps']:5.1f} | "
-                  f"{naive_fwd} {row['cpu_forward_s'] * 1e3:7.2f}m {fwd_x} | "
-                  f"{naive_train} {row['cpu_train_s'] * 1e3:7.2f}m {train_x} | "
-                  f"{row['cpu_forward_bw_fraction']:6.0%} {row['cpu_train_bw_fraction']:6.0%}"
-                  f" {row['cpu_train_uncached_bw_fraction']:6.0%}"
-                  f" | {row['kernel_train_forward_bw_fraction']:6.0%} {row['kernel_backward_bw_fraction']:6.0%}"
-                  f" | {official_cols}", flush=True)  # fmt: skip
+            print(table_line(isa, row), flush=True)
     os.environ.pop("SRUPP_CPU_ISA", None)
     library.reset()
     print("times in ms (fastest run); copy in GB/s (read+write, fastest run, timed in turn with the op);")

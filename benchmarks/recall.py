@@ -144,29 +144,41 @@ def autocast_for(args):
     return contextlib.nullcontext
 
 
-def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: dict, bar: tqdm) -> dict:
-    """Train ``model`` for ``seconds`` of wall-clock (at least one step, after an untimed warmup step), then
-    measure its validation accuracy."""
-    device, autocast = args.device, autocast_for(args)
-    model.to(device).train()
+def make_optimizer(model: ByteLM, lr: float, args) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), fused=device.type == "cuda",
-    )  # fmt: skip
-    # The training stream depends on the seed (and the device that draws it) only, so every model and
-    # learning rate sees the same sequences; drawing them where the model runs keeps the GPU fed.
-    generator = torch.Generator(device).manual_seed(args.seed)
-    # Compiles kernels (Triton on CUDA) and warms allocators outside the run's clock; its update is undone.
+        lr=lr,
+        betas=(0.9, 0.98),
+        fused=args.device.type == "cuda",
+    )
+
+
+def warm_up(model: ByteLM, generator: torch.Generator, args, autocast) -> None:
+    """One forward and backward pass outside the run's clock, its gradients dropped and ``generator`` rewound:
+    it compiles kernels (Triton on CUDA) and warms the allocators."""
     inputs, targets = make_batch(generator, args.batch, args.seq_len, args.pairs[0], args.vocab)
     with autocast():
         loss, _ = query_loss(model, inputs, targets)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
+    if args.device.type == "cuda":
         torch.cuda.synchronize()
     generator.manual_seed(args.seed)
+
+
+def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: dict, bar: tqdm) -> dict:
+    """Train ``model`` for ``seconds`` of wall-clock (at least one step, after an untimed warmup step), then
+    measure its validation accuracy."""
+    device, autocast = args.device, autocast_for(args)
+    model.to(device).train()
+    optimizer = make_optimizer(model, lr, args)
+    # The training stream depends on the seed (and the device that draws it) only, so every model and
+    # learning rate sees the same sequences; drawing them where the model runs keeps the GPU fed.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    warm_up(model, generator, args, autocast)
 
     sync_every = 8 if device.type == "cuda" else 1
     start = time.perf_counter()
@@ -207,11 +219,19 @@ def train_run(kind: str, model: ByteLM, lr: float, seconds: float, args, valid: 
     train_seconds = time.perf_counter() - start
     valid_accuracy = accuracy(model, valid, device, autocast)
     eval_seconds = time.perf_counter() - start - train_seconds
-    return {"model": kind, "lr": lr, "status": "done", "steps": steps, "train_seconds": round(train_seconds, 3),
-            "eval_seconds": round(eval_seconds, 3),
-            "sequences": steps * args.batch, "tokens_per_s": steps * args.batch * args.seq_len / train_seconds,
-            "history": history, "valid_accuracy": valid_accuracy,
-            "valid_mean": sum(valid_accuracy.values()) / len(valid_accuracy)}  # fmt: skip
+    return {
+        "model": kind,
+        "lr": lr,
+        "status": "done",
+        "steps": steps,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "sequences": steps * args.batch,
+        "tokens_per_s": steps * args.batch * args.seq_len / train_seconds,
+        "history": history,
+        "valid_accuracy": valid_accuracy,
+        "valid_mean": sum(valid_accuracy.values()) / len(valid_accuracy),
+    }
 
 
 def build_models(args) -> dict[str, tuple[int, int]]:
@@ -353,6 +373,63 @@ def run_order(models: list[str], lrs: list[float]) -> list[tuple[str, float]]:
     return [(kind, lr) for lr in ordered for kind in models]
 
 
+def held_out_sets(args) -> tuple[dict, dict]:
+    """The validation and test sets (seeds ``seed + 1`` and ``seed + 2``), on the device."""
+    device = args.device
+    return tuple(
+        {pairs: [(x.to(device), y.to(device)) for x, y in batches] for pairs, batches in sets.items()}
+        for sets in (
+            held_out(args.seed + offset, args.eval_sequences, args.batch, args.seq_len, args.pairs, args.vocab)
+            for offset in (1, 2)
+        )
+    )
+
+
+def new_report(args, argv: list[str] | None, sizes: dict) -> dict:
+    """The report before any run: provenance, device, configuration and the models' sizes."""
+    device = args.device
+    config = {k: (str(v) if k == "device" else v) for k, v in vars(args).items() if k != "out_dir"}
+    return {
+        "provenance": provenance("recall", argv),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "config": config,
+        "models": {
+            kind: {"width": width, "layers": args.layers, "params": params} for kind, (width, params) in sizes.items()
+        },
+        "runs": [],
+        "results": {},
+    }
+
+
+def time_left(args, began: float, owed_eval: dict, runs_left: int, minimum_run: float) -> tuple[float, int]:
+    """The seconds left for the remaining runs after what is owed (a test pass per model, the outputs), and how
+    many of the ``runs_left`` runs get at least ``minimum_run`` of them (all of them with ``--quick``)."""
+    now = time.perf_counter() - began
+    unmeasured = args.budget_s * 0.02
+    owed = min(2.0, 0.05 * args.budget_s) + sum(
+        unmeasured if seconds is None else seconds for seconds in owed_eval.values()
+    )
+    left = args.budget_s - now - owed
+    return left, runs_left if args.quick else min(runs_left, math.floor(max(0.0, left) / minimum_run))
+
+
+def score_best(args, sizes: dict, best: dict, test: dict, report: dict) -> None:
+    """Each model's best run by validation, reloaded and scored on the test set into ``report["results"]``."""
+    for kind, (run, weights) in sorted(best.items(), key=lambda item: args.models.index(item[0])):
+        model = fresh_model(kind, sizes[kind][0], args)
+        model.load_state_dict(weights)
+        model.to(args.device)
+        test_accuracy = accuracy(model, test, args.device, autocast_for(args))
+        report["results"][kind] = {
+            "lr": run["lr"],
+            "steps": run["steps"],
+            "sequences": run["sequences"],
+            "valid_mean": run["valid_mean"],
+            "test_accuracy": test_accuracy,
+            "test_mean": sum(test_accuracy.values()) / len(test_accuracy),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     args = parse(argv)
@@ -362,27 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = build_models(args)
-    valid, test = (
-        {pairs: [(x.to(device), y.to(device)) for x, y in batches] for pairs, batches in sets.items()}
-        for sets in (held_out(args.seed + offset, args.eval_sequences, args.batch, args.seq_len, args.pairs,
-                              args.vocab) for offset in (1, 2))
-    )  # fmt: skip
-    print(f"recall benchmark: torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"budget {args.budget_s:g} s", file=sys.stderr)  # fmt: skip
+    valid, test = held_out_sets(args)
+    print(
+        f"recall benchmark: torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+        f"budget {args.budget_s:g} s",
+        file=sys.stderr,
+    )
     for kind, (width, params) in sizes.items():
         print(f"  {LABELS[kind]:45s} width {width:5d} x {args.layers}  {params:>10,d} params", file=sys.stderr)
 
-    config = {k: (str(v) if k == "device" else v) for k, v in vars(args).items() if k != "out_dir"}
-    report = {
-        "provenance": provenance("recall", argv),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "config": config,
-        "models": {
-            kind: {"width": width, "layers": args.layers, "params": params} for kind, (width, params) in sizes.items()
-        },  # fmt: skip
-        "runs": [],
-        "results": {},
-    }
+    report = new_report(args, argv, sizes)
     json_path = out_dir / "recall.json"
     order = run_order(args.models, args.lrs)
     best: dict[str, tuple[dict, dict]] = {}
@@ -396,13 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=round(args.budget_s), desc="recall", unit="s", file=sys.stderr, mininterval=1.0) as bar:
         bar.update(time.perf_counter() - began)
         for index, (kind, lr) in enumerate(order):
-            now = time.perf_counter() - began
-            unmeasured = args.budget_s * 0.02
-            owed = min(2.0, 0.05 * args.budget_s) + sum(
-                unmeasured if seconds is None else seconds for seconds in owed_eval.values()
-            )
-            left, runs_left = args.budget_s - now - owed, len(order) - index
-            fit = runs_left if args.quick else min(runs_left, math.floor(max(0.0, left) / minimum_run))
+            left, fit = time_left(args, began, owed_eval, len(order) - index, minimum_run)
             if interrupted or fit < 1:
                 report["runs"].append({"model": kind, "lr": lr, "status": "interrupted" if interrupted else "skipped"})
                 continue
@@ -426,14 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             write_atomic(json_path, json.dumps(report, indent=2) + "\n")
-        for kind, (run, weights) in sorted(best.items(), key=lambda item: args.models.index(item[0])):
-            model = fresh_model(kind, sizes[kind][0], args)
-            model.load_state_dict(weights)
-            model.to(device)
-            test_accuracy = accuracy(model, test, device, autocast_for(args))
-            report["results"][kind] = {"lr": run["lr"], "steps": run["steps"], "sequences": run["sequences"],
-                                       "valid_mean": run["valid_mean"], "test_accuracy": test_accuracy,
-                                       "test_mean": sum(test_accuracy.values()) / len(test_accuracy)}  # fmt: skip
+        score_best(args, sizes, best, test, report)
         bar.update(max(0.0, time.perf_counter() - began - bar.n))
 
     report["wall_seconds"] = round(time.perf_counter() - began, 3)

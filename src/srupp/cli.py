@@ -320,25 +320,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="recurrence backend (a runtime choice)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand and its options, in one flat list read top to bottom (long on purpose: it is the CLI's
-    whole surface in one place)."""
-    parser = argparse.ArgumentParser(
-        prog="srupp", description="Train, evaluate and sample SRU++ language models.", epilog=GRAMMAR
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a language model (DDP under torchrun)",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"srupp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    count = _number(int, 1)
-
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("train", help="train a language model (DDP under torchrun)", epilog=config_help(),
-                       formatter_class=raw)  # fmt: skip
     p.add_argument("--config", default="demo", help="a preset in configs/ (enwik8-base, ...) or a JSON file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="move the files of a run already in --out_dir aside")
     p.add_argument("--backend", choices=BACKENDS, help="recurrence backend (default: the config's, auto)")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub) -> None:
+    count = _number(int, 1)
     p = sub.add_parser("eval", help="bits per character or perplexity")
     _add_model_options(p)
     p.add_argument("--data", help="prepared corpus directory (default: the one the model was trained on)")
@@ -348,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=count, help="score only the first N tokens")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_generate(sub) -> None:
+    count = _number(int, 1)
     p = sub.add_parser("generate", help="sample text")
     _add_model_options(p)
     p.add_argument("--prompt", default="")
@@ -357,12 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_number(float, 0.0, strict=True, high=1.0), default=0.95)
     p.add_argument("--context", type=count, help="attention cache length (default: unlimited)")
     p.add_argument("--seed", type=int, default=0)
-    # One token at a time is a chain of tiny ops: extra CPU threads only add synchronisation
-    # (demo model, 2 cores, 1000 tokens: 318 tokens/s with 2 threads, 353 with 1).
-    p.add_argument("--threads", type=_number(int, 1, high=os.cpu_count() or 1), default=1,
-                   help="torch CPU threads, at most the CPU count (default 1: fastest for sampling)")  # fmt: skip
+    # One token at a time is a chain of tiny ops: extra CPU threads only add synchronisation.
+    p.add_argument(
+        "--threads",
+        type=_number(int, 1, high=os.cpu_count() or 1),
+        default=1,
+        help="torch CPU threads, at most the CPU count (default 1: fastest for sampling)",
+    )
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="corpus preparation").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="write memory-mapped token files for a corpus")
     p.add_argument("corpus", choices=("enwik8", "text8", "wt103", "text", "stdlib"))
@@ -375,11 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-ratio", type=_number(float, 0.0, high=0.5), default=0.05)
     p.add_argument("--test-ratio", type=_number(float, 0.0, high=0.5), default=0.05)
     p.add_argument("--no-size-check", action="store_true", help="accept enwik8/text8 files of any size")
-    p.add_argument("--tokenizer", default="bytes", metavar="bytes|bpe:VOCAB|PATH",
-                   help="text only: bytes (default), a byte-level BPE of VOCAB ids trained on the training split, "
-                   "or a byte-level tokenizer.json")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        default="bytes",
+        metavar="bytes|bpe:VOCAB|PATH",
+        help="text only: bytes (default), a byte-level BPE of VOCAB ids trained on the training split, "
+        "or a byte-level tokenizer.json",
+    )
     p.set_defaults(func=_cmd_data_prepare)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="convert a training checkpoint for Hugging Face or ONNX Runtime")
     p.add_argument("format", choices=("hf", "onnx"))
     p.add_argument("run", metavar="RUN_DIR", help="a run folder (its best, else last checkpoint) or a checkpoint file")
@@ -389,11 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="onnx: recurrence backend to trace")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("demo", help="train a small byte-level model on CPU for a few minutes", epilog=config_help(),
-                       formatter_class=raw)  # fmt: skip
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train a small byte-level model on CPU for a few minutes",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--sample-bytes", type=_number(int, 0), default=400)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its options, one function a subcommand, in the order of ``srupp --help``."""
+    parser = argparse.ArgumentParser(
+        prog="srupp", description="Train, evaluate and sample SRU++ language models.", epilog=GRAMMAR
+    )
+    parser.add_argument("--version", action="version", version=f"srupp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_generate, _add_data, _add_export, _add_demo):
+        add(sub)
     return parser
 
 
