@@ -272,8 +272,8 @@ class SRULayer(nn.Module):
 class SRUStack(nn.Module):
     """What ``SRU`` and ``SRUpp`` share: a stack of ``SRULayer``s with the ``nn.LSTM`` conventions.
 
-    Subclasses build ``self.layers`` and their own ``forward``; this class checks the inputs, runs the
-    layers and prints the non-default arguments.
+    Subclasses build their layers (``build_layers``) and their own ``forward``; this class checks the inputs,
+    runs the layers and prints the non-default arguments.
     """
 
     _repr_defaults: dict[str, object] = {}
@@ -315,6 +315,26 @@ class SRUStack(nn.Module):
     def layer_dropout(self, index: int) -> float:
         """The c-term dropout of layer ``index``: ``dropout`` in every layer but the last."""
         return self.dropout if index + 1 < self.num_layers else 0.0
+
+    def build_layers(
+        self, transform_of: Callable[[int], Callable[[int, int], nn.Module]], backend: str, device=None, dtype=None
+    ) -> None:
+        """Append the ``num_layers`` ``SRULayer``s; layer ``i``'s input transform is ``transform_of(i)``."""
+        self.layers.extend(
+            SRULayer(
+                self.layer_input_size(i),
+                self.hidden_size,
+                transform_of(i),
+                bidirectional=self.bidirectional,
+                layer_norm=self.layer_norm,
+                highway_bias=self.highway_bias,
+                dropout=self.layer_dropout(i),
+                backend=backend,
+                device=device,
+                dtype=dtype,
+            )
+            for i in range(self.num_layers)
+        )
 
     @property
     def backend(self) -> str:

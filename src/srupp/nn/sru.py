@@ -6,7 +6,7 @@ from functools import partial
 
 from torch import Tensor
 
-from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, SRUStack, linear_transform
+from srupp.nn.layer import HIGHWAY_BIAS, SRUStack, linear_transform
 
 
 class SRU(SRUStack):
@@ -59,21 +59,7 @@ class SRU(SRUStack):
             raise ValueError(f"`projection_size` must be >= 0, got {projection_size}")
         self.projection_size = projection_size
         transform = partial(linear_transform, projection_size=projection_size, device=device, dtype=dtype)
-        self.layers.extend(
-            SRULayer(
-                self.layer_input_size(i),
-                hidden_size,
-                transform,
-                bidirectional=bidirectional,
-                layer_norm=layer_norm,
-                highway_bias=highway_bias,
-                dropout=self.layer_dropout(i),
-                backend=backend,
-                device=device,
-                dtype=dtype,
-            )
-            for i in range(num_layers)
-        )
+        self.build_layers(lambda i: transform, backend, device, dtype)
 
     def forward(self, input: Tensor, state: Tensor | None = None, *, mask_pad: Tensor | None = None):
         """Args:

@@ -19,7 +19,7 @@ from srupp.nn.checks import (
     zero_padding,
 )
 from srupp.nn.decode import SRUppDecoder
-from srupp.nn.layer import HIGHWAY_BIAS, SRULayer, SRUStack, attention_layer_indices
+from srupp.nn.layer import HIGHWAY_BIAS, SRUStack, attention_layer_indices
 from srupp.nn.state import SRUppState
 
 Context = tuple[Tensor | None, tuple[Tensor, Tensor] | None]
@@ -105,20 +105,7 @@ class SRUpp(SRUStack):
             **factory,
         )
         projected = partial(SRUppProjectedLinear, proj_size=proj_size, dropout=dropout, **factory)
-        self.layers.extend(
-            SRULayer(
-                self.layer_input_size(i),
-                hidden_size,
-                attention if i in self.attention_layers else projected,
-                bidirectional=bidirectional,
-                layer_norm=layer_norm,
-                highway_bias=highway_bias,
-                dropout=self.layer_dropout(i),
-                backend=backend,
-                **factory,
-            )
-            for i in range(num_layers)
-        )
+        self.build_layers(lambda i: attention if i in self.attention_layers else projected, backend, **factory)
 
     def _check_memory(self, memory: object, batch: int) -> list[Tensor | None]:
         if not isinstance(memory, (list, tuple)):
