@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -80,3 +82,26 @@ def test_lm_one_token_steps_equal_forward_in_a_batch(monkeypatch):
             stepped.append(session.step(tokens[t : t + 1]))
     assert len(calls) == 25
     torch.testing.assert_close(torch.stack(stepped), full[4:], atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generate_with_bfloat16_weights_runs_the_kernel_on_float32_copies():
+    """bfloat16 weights decode through the compiled kernel on float32 copies: greedy ``generate`` gives the
+    tokens of a float32 copy of the model (the same arithmetic on the same rounded weights). The prompt is one
+    token, so that both runs take the compiled path from the first token on (a longer prompt is prefilled in
+    each model's own dtype)."""
+    from srupp.ops import library
+
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=64, hidden_size=32, proj_size=8, num_layers=3, num_heads=2, attention_every_n_layers=2)
+    model = SRUppLM(cfg).bfloat16().eval()
+    with torch.no_grad():
+        for layer in model.rnn.layers:
+            if layer.has_attention:
+                layer.transform.alpha.fill_(0.7)  # alpha starts at 0, where attention has no effect
+    session = model.decoder(1)
+    assert session.stack.kernel is not None and session.ends_kernel is session.stack.kernel
+    reference = list(generate(copy.deepcopy(model).float(), [5], 24, temperature=0, max_context=6))
+    assert list(generate(model, [5], 24, temperature=0, max_context=6)) == reference
+    assert len(set(reference)) > 1

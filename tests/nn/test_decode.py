@@ -210,3 +210,47 @@ def test_bidirectional_decoding_is_refused_clearly():
         model.step(torch.randn(1, 1, 8), SRUppState(torch.zeros(4, 1, 4)))
     with pytest.raises(NotImplementedError, match="step-by-step decoding needs a unidirectional SRUpp"):
         model.decoder(1)
+
+
+def to_float32(state: SRUppState) -> SRUppState:
+    def cast(items):
+        return [None if item is None else item.float() for item in items]
+
+    return replace(state, c=state.c.float(), keys=cast(state.keys), values=cast(state.values))
+
+
+def test_bfloat16_session_runs_the_kernel_on_float32_copies(assert_close):
+    """A bfloat16 model's compiled session (float32 copies of its weights, float32 caches) over 20 tokens after a
+    left-padded prefill, with a window of 7: against (a) the same session through the torch ops in bfloat16
+    (bfloat16 tolerance), (b) a float32 copy of the model's compiled session continued from the same prefill
+    state (the same float32 arithmetic on the same rounded weights: its caches agree to float32 rounding, its
+    outputs to one bfloat16 rounding); its ``state`` is bfloat16 and ``SRUpp.step`` continues it."""
+    if not library.is_available():
+        pytest.skip(library.unavailable_reason())
+    model = make(num_layers=3, attention_every_n_layers=2, num_heads=2).bfloat16()
+    batch, prompt_len, steps = 3, 4, 20
+    mask_pad = torch.arange(prompt_len).unsqueeze(1) < prompt_len - torch.tensor([4, 1, 3])
+    x = torch.randn(prompt_len + steps, batch, 6).bfloat16()
+    with torch.no_grad():
+        compiled, ops = model.decoder(batch, 7), model.decoder(batch, 7)
+        assert compiled.kernel is not None and compiled.cache_dtype == torch.float32
+        prefill = [session.step(x[:prompt_len], mask_pad) for session in (compiled, ops)]
+        ops.kernel = None  # converts its float32 caches to bfloat16 (exactly: they hold the bfloat16 prefill)
+        assert ops.cache_dtype == torch.bfloat16 and ops.c.dtype == torch.bfloat16
+        reference = copy.deepcopy(model).float().decoder(batch, state=to_float32(compiled.state))
+        outputs = {"compiled": [], "ops": [], "float32": []}
+        for t in range(prompt_len, prompt_len + steps):
+            before = compiled.state  # bfloat16: what SRUpp.step takes
+            for name, session in (("compiled", compiled), ("ops", ops), ("float32", reference)):
+                outputs[name].append(session.step(x[t : t + 1].float() if name == "float32" else x[t : t + 1]))
+        last, _ = model.step(x[-1:], before)
+    assert torch.equal(prefill[0], prefill[1])
+    got, ops_out, want = (torch.cat(outputs[name]).float() for name in ("compiled", "ops", "float32"))
+    assert outputs["compiled"][0].dtype == torch.bfloat16 and compiled.state.c.dtype == torch.bfloat16
+    assert_close(got, ops_out, atol=1e-2, rtol=1e-2, name="compiled vs bfloat16 torch ops")
+    assert_close(got, want, atol=1e-6, rtol=2**-7, name="compiled vs float32 copy")
+    assert_close(compiled.c, reference.c, atol=1e-5, rtol=1e-5, name="c")
+    for mine, theirs in zip(compiled._views()[0], reference._views()[0], strict=True):
+        assert (mine is None) == (theirs is None) and (mine is None or torch.allclose(mine, theirs, atol=1e-5))
+    assert_close(compiled.state.c.float(), ops.state.c.float(), atol=3e-2, rtol=3e-2, name="state c")
+    assert_close(last.float(), got[-1:], atol=3e-2, rtol=3e-2, name="SRUpp.step from the state")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from srupp.nn.decode import SRUppDecoder
+from srupp.nn.decode import KERNEL_DTYPES, SRUppDecoder
 from srupp.nn.srupp import PREFILL_CHUNK
 from srupp.nn.state import SRUppState
 
@@ -24,9 +24,10 @@ class SRUppLMDecoder:
     """A decoding session of an ``SRUppLM`` over ``batch_size`` streams (see ``SRUppLM.decoder``): the stack's
     session (``stack``, an :class:`srupp.nn.decode.SRUppDecoder`) between the model's embedding and output layer.
 
-    Where the stack runs as one compiled call and the softmax is plain (float32), one token per stream runs
-    embedding, stack, output layer and log-softmax in that one call, on copies of the embedding and output
-    weights made when the session starts.
+    Where the stack runs as one compiled call and the softmax is plain, one token per stream runs embedding,
+    stack, output layer and log-softmax in that one call, on float32 copies of the embedding and output weights
+    made when the session starts (for a bfloat16 or float16 model, like the stack's: see ``SRUppDecoder``); the
+    log-probabilities are float32 on either path.
     """
 
     def __init__(self, model, batch_size: int, max_context: int | None = None, state: SRUppState | None = None) -> None:
@@ -35,11 +36,12 @@ class SRUppLMDecoder:
         # The kernel holding the ends: the stack makes a new one (without them) when a loaded state changes B.
         self.ends_kernel = None
         params = [] if model.config.adaptive else [model.embedding.weight, model.output.weight, model.output.bias]
-        if self.stack.kernel is not None and params and all(p is None or p.dtype == torch.float32 for p in params):
+        if self.stack.kernel is not None and params and all(p is None or p.dtype in KERNEL_DTYPES for p in params):
             with torch.no_grad():
-                bias = None if model.output.bias is None else model.output.bias.detach().clone()
-                head_t = model.output.weight.t().contiguous()
-                self.stack.kernel.set_ends(model.embedding.weight.detach().clone(), head_t, bias)
+                bias = None if model.output.bias is None else model.output.bias.detach().to(torch.float32, copy=True)
+                head_t = model.output.weight.detach().float().t().contiguous()
+                embedding = model.embedding.weight.detach().to(torch.float32, copy=True)
+                self.stack.kernel.set_ends(embedding, head_t, bias)
             self.ends_kernel = self.stack.kernel
 
     @property

@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from srupp.nn.state import SRUppState
 from srupp.ops.decode_kernel import TokenKernel, TokenRun, token_kernel
 
+# Weight dtypes the compiled one-token step serves: float32 as is, the others on float32 copies of the weights.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class LayerWeights(NamedTuple):
     """What ``token_step`` reads of one layer, gathered when a session starts: module attribute lookups would
@@ -99,27 +102,30 @@ def token_step(
 
 
 def _kernel_weights(layer: nn.Module, weights: LayerWeights) -> TokenKernel | None:
-    """The compiled one-token step's binding of ``weights`` (on copies it owns), for a float32 CPU layer whose
-    backend is not the naive spec; else None."""
-    if layer.backend == "naive" or weights.in_proj_t.dtype != torch.float32 or weights.in_proj_t.device.type != "cpu":
+    """The compiled one-token step's binding of ``weights`` (on float32 copies it owns), for a CPU layer of a
+    ``KERNEL_DTYPES`` dtype whose backend is not the naive spec; else None."""
+    if (
+        layer.backend == "naive"
+        or weights.in_proj_t.dtype not in KERNEL_DTYPES
+        or weights.in_proj_t.device.type != "cpu"
+    ):
         return None
 
-    def own(norm: tuple | None) -> tuple | None:
-        if norm is None:
-            return None
-        shape, weight, bias, eps = norm
-        return shape, *(None if t is None else t.detach().clone() for t in (weight, bias)), eps
+    def own(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.detach().to(torch.float32, copy=True)
 
-    alpha = None if weights.alpha is None else weights.alpha.reshape(1).clone()
+    def own_norm(norm: tuple | None) -> tuple | None:
+        return None if norm is None else (norm[0], own(norm[1]), own(norm[2]), norm[3])
+
     return token_kernel(
-        in_norm=own(weights.input_norm),
-        wq_t=weights.in_proj_t,
-        wkv_t=weights.kv_proj_t,
-        alpha=alpha,
-        norm=own(weights.norm),
-        wo_t=weights.out_proj_t,
-        u_bias=weights.u_bias,
-        gate_v=weights.gate_weight.clone(),
+        in_norm=own_norm(weights.input_norm),
+        wq_t=own(weights.in_proj_t),
+        wkv_t=own(weights.kv_proj_t),
+        alpha=None if weights.alpha is None else own(weights.alpha.reshape(1)),
+        norm=own_norm(weights.norm),
+        wo_t=own(weights.out_proj_t),
+        u_bias=own(weights.u_bias),
+        gate_v=own(weights.gate_weight),
         heads=weights.heads,
         project_skip=weights.project_skip,
     )
@@ -131,16 +137,23 @@ class SRUppDecoder:
     ``step`` feeds the next token(s) and returns the stack's output for them, equal to ``SRUpp.step`` (and so to
     the causal forward, windowed by ``max_context``). A one-token step without ``mask_pad``, in eval mode and
     without gradients, appends in place and runs ``token_step`` per layer, or the whole stack as one call into
-    the compiled CPU kernel where ``kernel`` is set (float32 on the CPU, any backend but ``"naive"``; set it to
-    None to run the torch ops). Any other step (a chunk, a padding mask, gradients) takes ``SRUpp.step`` on the
-    session's caches and stores what it returns. ``state`` is a copy of the session as an ``SRUppState``; ``load``
-    continues one.
+    the compiled CPU kernel where ``kernel`` is set (on the CPU, any backend but ``"naive"``; set it to None to run
+    the torch ops). Any other step (a chunk, a padding mask, gradients) takes ``SRUpp.step`` on the session's
+    caches and stores what it returns. ``state`` is a copy of the session as an ``SRUppState``; ``load`` continues
+    one.
+
+    Precision: the kernel computes in float32. For a bfloat16 or float16 model it runs on float32 copies of the
+    weights that the session makes once when it starts (memory: a float32 copy of the stack's weights per
+    session), keeps its caches and ``c`` in float32 (``cache_dtype``), converts a token's input to float32 and
+    its output back to the model's dtype. The torch ops (``kernel`` None) and chunks run in the model's dtype;
+    setting ``kernel`` to None converts the caches to it.
 
     The weights are gathered when the session starts: parameters changed afterwards are seen by a new session.
     The caches never hold more than ``max_context`` positions (a sliding window; all when None).
 
     Attributes:
         model: the ``SRUpp``. batch_size, max_context: as given. c: ``[num_layers, B, hidden_size]`` the state.
+        dtype: the model's; cache_dtype: that of ``c`` and ``buffers`` (float32 while ``kernel`` is set).
         weights: per layer its ``LayerWeights``. kernel: the compiled step of the whole stack, or None.
         start, end: the live cache positions ``start..end-1`` of ``buffers`` (per layer ``[B, 2, heads,
         capacity, head_size]`` or None) and of ``pad`` (``[B, capacity]`` bool, True = padding, or None).
@@ -159,7 +172,8 @@ class SRUppDecoder:
         self.dtype, self.device = reference.dtype, reference.device
         self.weights = [gather_weights(layer) for layer in model.layers]
         self._kernels = [_kernel_weights(layer, w) for layer, w in zip(model.layers, self.weights, strict=True)]
-        self.kernel: TokenRun | None = None
+        self._kernel: TokenRun | None = None
+        self.cache_dtype = self.dtype
         self.batch_size = 0
         self.buffers: list[Tensor | None] = []
         self.pad: Tensor | None = None
@@ -187,18 +201,44 @@ class SRUppDecoder:
         self.input_shape = (*shape, self.model.input_size)
         self.output_shape = (*shape, self.model.hidden_size)
         kernels = self._kernels
-        self.kernel = None if not kernels or None in kernels else TokenRun(kernels, batch_size, self.model.hidden_size)
+        self._kernel = None if not kernels or None in kernels else TokenRun(kernels, batch_size, self.model.hidden_size)
+        self.cache_dtype = self.dtype if self._kernel is None else torch.float32
         self.capacity = 0  # new buffers at the next store
 
     @property
+    def kernel(self) -> TokenRun | None:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: TokenRun | None) -> None:
+        """None runs the torch ops from now on, in the model's dtype: float32 caches are converted to it."""
+        if kernel is not None and self.cache_dtype != torch.float32:
+            raise ValueError("`kernel` needs a session with float32 caches: start a new session")
+        self._kernel = kernel
+        if kernel is None and self.cache_dtype != self.dtype:
+            # (a pending state is stored, in the new dtype, once the next step checks it)
+            state = None if self._pending is not None else self._live_state(copy=True)
+            self.cache_dtype, self.capacity = self.dtype, 0
+            if state is not None:
+                self._store(state)
+
+    @property
     def state(self) -> SRUppState:
-        """The session's state as an ``SRUppState`` (copies: the session keeps writing its buffers)."""
-        if self._pending is not None:
-            return self._pending
+        """The session's state as an ``SRUppState`` in the model's dtype, which ``SRUpp.step`` and ``forward`` take
+        (copies: the session keeps writing its buffers; float32 caches of a lower-precision model are rounded)."""
+        return self._pending if self._pending is not None else self._live_state(copy=True)
+
+    def _live_state(self, copy: bool) -> SRUppState:
+        """The live caches as an ``SRUppState`` in the model's dtype: views where ``copy`` is False and the dtypes
+        agree, else copies."""
         keys, values, key_pad = self._views()
-        keys, values = ([None if item is None else item.clone() for item in items] for items in (keys, values))
-        key_pad = None if key_pad is None else key_pad.clone()
-        return SRUppState(self.c.clone(), keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
+
+        def own(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(self.dtype, copy=copy)
+
+        keys, values = ([own(item) for item in items] for items in (keys, values))
+        key_pad = key_pad.clone() if copy and key_pad is not None else key_pad
+        return SRUppState(own(self.c), keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
 
     def _views(self) -> tuple[list[Tensor | None], list[Tensor | None], Tensor | None]:
         """Per layer the live keys and values ``[B, heads, end - start, head_size]`` (None without attention),
@@ -216,10 +256,7 @@ class SRUppDecoder:
         padding ``mask_pad`` ``[T, B]`` (``[B, T]``); returns the output ``[T, B, hidden_size]`` (``[B, T, ...]``)."""
         if mask_pad is None and self._token_path_applies(input):
             return self._step_token(input)
-        state = self._pending
-        if state is None:
-            keys, values, key_pad = self._views()
-            state = SRUppState(self.c, keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
+        state = self._pending if self._pending is not None else self._live_state(copy=False)
         output, state = self.model.step(input, state, mask_pad=mask_pad)
         self._store(state)
         return output
@@ -255,10 +292,12 @@ class SRUppDecoder:
             self._make_room()
         c = self.c
         c_next = torch.empty_like(c)
-        if self.kernel is not None:
+        if self.kernel is not None:  # float32 in and out (token ids in with the ends)
             shape = (self.batch_size, self.kernel.vocab_out) if ends else self.output_shape
             output = c.new_empty(shape)
-            self.kernel(input.contiguous(), c, c_next, output, self.start, self.end, ends)
+            x = input if ends else input.to(torch.float32)
+            self.kernel(x.contiguous(), c, c_next, output, self.start, self.end, ends)
+            output = output if ends else output.to(self.dtype)
         else:
             output = self._token_ops(input, c, c_next).view(self.output_shape)
         self.c = c_next
@@ -300,7 +339,7 @@ class SRUppDecoder:
                 self._bind()
             if self.pad is not None:
                 self.pad[:, :length] = False if state.key_pad is None else state.key_pad
-            self.c = state.c.detach().to(self.dtype).contiguous().clone()
+            self.c = state.c.detach().to(self.cache_dtype).contiguous().clone()
         self.start, self.end = 0, length
 
     def _allocate(self, length: int) -> None:
@@ -312,7 +351,7 @@ class SRUppDecoder:
         head_size = self.model.proj_size // self.model.num_heads
         shape = (self.batch_size, 2, self.model.num_heads, self.capacity, head_size)
         self.buffers = [
-            torch.empty(shape, dtype=self.dtype, device=self.device) if layer.has_attention else None
+            torch.empty(shape, dtype=self.cache_dtype, device=self.device) if layer.has_attention else None
             for layer in self.model.layers
         ]
         if self.pad is not None:
