@@ -219,35 +219,38 @@ def to_float32(state: SRUppState) -> SRUppState:
     return replace(state, c=state.c.float(), keys=cast(state.keys), values=cast(state.values))
 
 
-def test_bfloat16_session_runs_the_kernel_on_float32_copies(assert_close):
-    """A bfloat16 model's compiled session (float32 copies of its weights, float32 caches) over 20 tokens after a
-    left-padded prefill, with a window of 7: against (a) the same session through the torch ops in bfloat16
-    (bfloat16 tolerance), (b) a float32 copy of the model's compiled session continued from the same prefill
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_session_runs_the_kernel_on_float32_copies(assert_close, dtype):
+    """A bfloat16 (float16) model's compiled session (float32 copies of its weights, float32 caches) over 20
+    tokens after a left-padded prefill, with a window of 7: against (a) the same session through the torch ops in
+    its dtype (bfloat16 tolerance), (b) a float32 copy of the model's compiled session continued from the same prefill
     state (the same float32 arithmetic on the same rounded weights: its caches agree to float32 rounding, its
-    outputs to one bfloat16 rounding); its ``state`` is bfloat16 and ``SRUpp.step`` continues it."""
+    outputs to one rounding to its dtype); its ``state`` has its dtype and ``SRUpp.step`` continues it."""
     if not library.is_available():
         pytest.skip(library.unavailable_reason())
-    model = make(num_layers=3, attention_every_n_layers=2, num_heads=2).bfloat16()
+    model = make(num_layers=3, attention_every_n_layers=2, num_heads=2).to(dtype)
     batch, prompt_len, steps = 3, 4, 20
     mask_pad = torch.arange(prompt_len).unsqueeze(1) < prompt_len - torch.tensor([4, 1, 3])
-    x = torch.randn(prompt_len + steps, batch, 6).bfloat16()
+    x = torch.randn(prompt_len + steps, batch, 6).to(dtype)
     with torch.no_grad():
         compiled, ops = model.decoder(batch, 7), model.decoder(batch, 7)
         assert compiled.kernel is not None and compiled.cache_dtype == torch.float32
         prefill = [session.step(x[:prompt_len], mask_pad) for session in (compiled, ops)]
-        ops.kernel = None  # converts its float32 caches to bfloat16 (exactly: they hold the bfloat16 prefill)
-        assert ops.cache_dtype == torch.bfloat16 and ops.c.dtype == torch.bfloat16
+        ops.kernel = None  # converts its float32 caches to dtype (exactly: they hold the prefill in dtype)
+        assert ops.cache_dtype == dtype and ops.c.dtype == dtype
+        with pytest.raises(ValueError, match="float32 caches"):
+            ops.kernel = compiled.kernel
         reference = copy.deepcopy(model).float().decoder(batch, state=to_float32(compiled.state))
         outputs = {"compiled": [], "ops": [], "float32": []}
         for t in range(prompt_len, prompt_len + steps):
-            before = compiled.state  # bfloat16: what SRUpp.step takes
+            before = compiled.state  # in dtype: what SRUpp.step takes
             for name, session in (("compiled", compiled), ("ops", ops), ("float32", reference)):
                 outputs[name].append(session.step(x[t : t + 1].float() if name == "float32" else x[t : t + 1]))
         last, _ = model.step(x[-1:], before)
     assert torch.equal(prefill[0], prefill[1])
     got, ops_out, want = (torch.cat(outputs[name]).float() for name in ("compiled", "ops", "float32"))
-    assert outputs["compiled"][0].dtype == torch.bfloat16 and compiled.state.c.dtype == torch.bfloat16
-    assert_close(got, ops_out, atol=1e-2, rtol=1e-2, name="compiled vs bfloat16 torch ops")
+    assert outputs["compiled"][0].dtype == dtype and compiled.state.c.dtype == dtype
+    assert_close(got, ops_out, atol=1e-2, rtol=1e-2, name="compiled vs torch ops")
     assert_close(got, want, atol=1e-6, rtol=2**-7, name="compiled vs float32 copy")
     assert_close(compiled.c, reference.c, atol=1e-5, rtol=1e-5, name="c")
     for mine, theirs in zip(compiled._views()[0], reference._views()[0], strict=True):
