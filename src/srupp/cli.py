@@ -194,9 +194,16 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     model, _, vocab, device, _ = _load(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = sample_text(
-        model, vocab, args.prompt, args.max_new_tokens, generator=generator, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, max_context=args.context,
-    )  # fmt: skip
+        model,
+        vocab,
+        args.prompt,
+        args.max_new_tokens,
+        generator=generator,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_context=args.context,
+    )
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     for piece in pieces:
@@ -272,15 +279,24 @@ def _cmd_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     best = min(r["valid_bpc"] for r in result.valid)
     curve = Path(cfg.out_dir) / "learning_curve.png"
     where = f"learning curve: {curve}" if curve.is_file() else f"metrics: {curve.parent / 'metrics.jsonl'}"
-    print(f"\ntrained {result.step} steps in {minutes:.1f} min; valid bpc {result.valid[-1]['valid_bpc']:.3f} "
-          f"(best {best:.3f}); {where}")  # fmt: skip
+    print(
+        f"\ntrained {result.step} steps in {minutes:.1f} min; valid bpc {result.valid[-1]['valid_bpc']:.3f} "
+        f"(best {best:.3f}); {where}"
+    )
     print("sample (temperature 0.8, top-p 0.95):\n")
     torch.set_num_threads(1)  # sampling is latency-bound: see the --threads default of `srupp generate`
     from srupp.data import Vocab
 
     print("def ", end="", flush=True)
-    for piece in sample_text(result.model.eval(), Vocab("byte"), "def ", args.sample_bytes, temperature=0.8,
-                             top_p=0.95, generator=torch.Generator().manual_seed(0)):  # fmt: skip
+    for piece in sample_text(
+        result.model.eval(),
+        Vocab("byte"),
+        "def ",
+        args.sample_bytes,
+        temperature=0.8,
+        top_p=0.95,
+        generator=torch.Generator().manual_seed(0),
+    ):
         print(piece, end="", flush=True)
     print()
     return 0

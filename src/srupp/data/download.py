@@ -203,10 +203,18 @@ def _fetch(url: str, part: Path, *, size: int | None, max_bytes: int, timeout: f
             raise DownloadError(f"{url} declares {total:,} bytes, expected {expected}; nothing was kept")
         received = offset
         try:
-            with open(part, "r+b" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[1:-5], disable=None,
-                file=sys.stderr,
-            ) as bar:  # fmt: skip
+            with (
+                open(part, "r+b" if offset else "wb") as out,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    desc=part.name[1:-5],
+                    disable=None,
+                    file=sys.stderr,
+                ) as bar,
+            ):
                 out.seek(offset)
                 out.truncate()
                 while chunk := response.read(min(_CHUNK, limit + 1 - received)):

@@ -134,20 +134,30 @@ def model_card(config: SRUppConfig, vocab: Any = None, training: dict[str, Any] 
     kind = {"byte": "byte-level", "word": "word-level", "bpe": "BPE"}.get(getattr(vocab, "kind", None), "")
     layers = lm.attention_layer_indices
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [srupp, sru, recurrent]", "---",
-        "", "# SRU++ language model", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [srupp, sru, recurrent]",
+        "---",
+        "",
+        "# SRU++ language model",
+        "",
         f"A {kind + ' ' if kind else ''}SRU++ language model (Lei, 2021, *When Attention Meets Fast Recurrence*), "
         f"exported by srupp {__version__}: {lm.num_layers} layers, hidden size d = {lm.hidden_size}, attention size "
         f"d' = {lm.proj_size}, attention in layers {list(layers)}, {lm.vocab_size:,} token ids, "
         f"{lm.num_parameters / 1e6:.2f}M parameters. It is a recurrent model: it reads text left to right with "
         "a state of fixed size plus the attention cache.",
-        "", "## Load it", "", "```python",
+        "",
+        "## Load it",
+        "",
+        "```python",
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # pip install "srupp[hf]"',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        "```", "",
+        "```",
+        "",
         "PATH is this folder (or its Hub id). `trust_remote_code=True` runs `modeling_srupp.py`, whose only code "
         "is `from srupp.hf import ...`; without it, `import srupp.hf` first.",
-    ]  # fmt: skip
+    ]
     lines += _training_lines(training or {})
     return "\n".join(lines) + "\n"
 
@@ -157,11 +167,29 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
     if not config:
         return ["", "## Training", "", "Not recorded: this folder was exported from a model, not a checkpoint."]
     tokens = config["batch_size"] * config["unroll_size"] * config.get("grad_accum", 1)
-    lines = ["", "## Training", "", f"Trained with `srupp train` on `{config['data']}`"
-             + (f" ({config['description']})" if config.get("description") else "") + ":", "",
-             "| setting | value |", "| --- | --- |"]  # fmt: skip
-    for name in ("max_steps", "batch_size", "unroll_size", "lr", "optimizer", "weight_decay", "warmup_steps",
-                 "precision", "time_limit_s", "seed"):  # fmt: skip
+    lines = [
+        "",
+        "## Training",
+        "",
+        f"Trained with `srupp train` on `{config['data']}`"
+        + (f" ({config['description']})" if config.get("description") else "")
+        + ":",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    for name in (
+        "max_steps",
+        "batch_size",
+        "unroll_size",
+        "lr",
+        "optimizer",
+        "weight_decay",
+        "warmup_steps",
+        "precision",
+        "time_limit_s",
+        "seed",
+    ):
         lines.append(f"| {name} | {config.get(name)} |")
     lines.append(f"| tokens per update | {tokens:,} |")
     lines += ["", "| result | value |", "| --- | --- |"]

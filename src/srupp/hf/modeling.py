@@ -316,8 +316,9 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
             x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
             hidden = lm.dropout(cache.feed(lm.rnn, x, mask_pad))
         else:
-            hidden, _, layers = lm.hidden_states(ids, mask_pad=mask_pad, inputs_embeds=embeds,
-                                                 all_layers=output_hidden_states)  # fmt: skip
+            hidden, _, layers = lm.hidden_states(
+                ids, mask_pad=mask_pad, inputs_embeds=embeds, all_layers=output_hidden_states
+            )
         hidden = hidden.transpose(0, 1)
 
         loss = None

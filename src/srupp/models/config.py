@@ -19,9 +19,16 @@ MAX_VOCAB = 1 << 24
 
 
 def check_number(
-    name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
-    strict: bool = False, at_most: float | None = None, optional: bool = False,
-) -> None:  # fmt: skip
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    strict: bool = False,
+    at_most: float | None = None,
+    optional: bool = False,
+) -> None:
     """Raise unless ``value`` is a finite number (an int if ``integer``; never a bool or a string) within
     ``[low, high)`` (``(low, high)`` with ``strict``) and ``<= at_most``: ConfigTypeError (a TypeError) for the
     wrong type, ConfigError (a ValueError) for a non-finite or out-of-range value."""

@@ -86,9 +86,16 @@ def _check_inputs(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int, int, int]:
 
 
 def launch_forward(
-    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
-    reverse: bool, save_c: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None,
+    mask_c: Tensor | None,
+    reverse: bool,
+    save_c: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The forward kernel on inputs ``_check_inputs`` accepts (unchecked here): ``(h, c_last, c_all)``."""
     steps, batch, hidden = x.shape
     forward = kernel_function("forward", x.dtype)
@@ -96,10 +103,22 @@ def launch_forward(
     c_last = torch.empty_like(c0)
     c_all = new_output(c0, x.shape) if save_c else c0.new_empty(0)
     forward(
-        u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
-        h.data_ptr(), c_all.data_ptr() if save_c else None, c_last.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(),
-    )  # fmt: skip
+        u.data_ptr(),
+        x.data_ptr(),
+        v.data_ptr(),
+        b.data_ptr(),
+        c0.data_ptr(),
+        _ptr(mask_pad),
+        _ptr(mask_c),
+        h.data_ptr(),
+        c_all.data_ptr() if save_c else None,
+        c_last.data_ptr(),
+        steps,
+        batch,
+        hidden,
+        int(reverse),
+        _threads(),
+    )
     return h, c_last, c_all
 
 
@@ -125,9 +144,18 @@ def _(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
 
 
 def launch_backward(
-    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
-    c_all: Tensor, grad_h: Tensor, grad_c_last: Tensor, reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None,
+    mask_c: Tensor | None,
+    c_all: Tensor,
+    grad_h: Tensor,
+    grad_c_last: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel on the forward's checked inputs, its ``c_all``, and contiguous gradients of h and c_last
     of their shapes and dtypes (unchecked here): the gradients of ``(u, x, v, b, c0)``."""
     steps, batch, hidden = x.shape
@@ -137,11 +165,26 @@ def launch_backward(
     grad_vb = c0.new_empty(batch, 4, hidden)
     grad_c0 = torch.empty_like(c0)
     backward(
-        u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c),
-        c_all.data_ptr(), grad_h.data_ptr(), grad_c_last.data_ptr(),
-        grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(),
-        steps, batch, hidden, int(reverse), _threads(),
-    )  # fmt: skip
+        u.data_ptr(),
+        x.data_ptr(),
+        v.data_ptr(),
+        b.data_ptr(),
+        c0.data_ptr(),
+        _ptr(mask_pad),
+        _ptr(mask_c),
+        c_all.data_ptr(),
+        grad_h.data_ptr(),
+        grad_c_last.data_ptr(),
+        grad_u.data_ptr(),
+        grad_x.data_ptr(),
+        grad_vb.data_ptr(),
+        grad_c0.data_ptr(),
+        steps,
+        batch,
+        hidden,
+        int(reverse),
+        _threads(),
+    )
     # One reduction over the batch's partial sums (none for one row); v's and b's gradients are views of it.
     grad_vb = grad_vb[0] if batch == 1 else grad_vb.sum(0)
     return grad_u, grad_x, grad_vb[:2], grad_vb[2:], grad_c0
@@ -165,8 +208,9 @@ def sru_cpu_backward(
     _check("c_all", c_all, x.shape, c0.dtype)
     _check("grad_h", grad_h, x.shape, x.dtype)
     _check("grad_c_last", grad_c_last, c0.shape, c0.dtype)
-    grad_u, grad_x, grad_v, grad_b, grad_c0 = launch_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h,
-                                                              grad_c_last, reverse)  # fmt: skip
+    grad_u, grad_x, grad_v, grad_b, grad_c0 = launch_backward(
+        u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse
+    )
     # A custom op's outputs may not alias each other.
     return grad_u, grad_x, grad_v.clone(), grad_b.clone(), grad_c0
 

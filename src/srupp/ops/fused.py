@@ -79,8 +79,9 @@ class FusedRecurrence(torch.autograd.Function):
             grad_c_last = torch.zeros_like(c0)
         elif grad_c_last.dtype is not c0.dtype:
             grad_c_last = grad_c_last.to(c0.dtype)
-        grads = ctx.launchers.backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last.contiguous(),
-                                       ctx.reverse)  # fmt: skip
+        grads = ctx.launchers.backward(
+            u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last.contiguous(), ctx.reverse
+        )
         return None, None, *grads, None, None
 
 

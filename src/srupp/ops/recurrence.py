@@ -168,6 +168,6 @@ def sru_recurrence(
     # The Triton kernel reads half-precision activations itself (half the memory traffic) and keeps
     # its state and sums in float32; the other backends compute in `compute` throughout.
     activations = u.dtype if getattr(run, "native_half", False) else compute
-    h, c_last = run(_cast(u, activations), _cast(x, activations), _cast(v, compute), _cast(b, compute),
-                    _cast(c0, compute), mask_pad, mask_c, reverse)  # fmt: skip
+    u_in, x_in = _cast(u, activations), _cast(x, activations)
+    h, c_last = run(u_in, x_in, _cast(v, compute), _cast(b, compute), _cast(c0, compute), mask_pad, mask_c, reverse)
     return _cast(h, u.dtype), _cast(c_last, u.dtype)

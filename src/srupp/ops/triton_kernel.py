@@ -500,9 +500,18 @@ def _on_device(tensor: Tensor):
 
 
 def launch_forward(
-    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
-    reverse: bool, save_c: bool, *, variant: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None,
+    mask_c: Tensor | None,
+    reverse: bool,
+    save_c: bool,
+    *,
+    variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The forward kernel on contiguous inputs: ``(h, c_last, c_all)``, c_all empty unless ``save_c``.
     ``variant`` picks the kernels ("lean" or "legacy"; None: the default, or `launch_overrides`)."""
     steps, batch, hidden = x.shape
@@ -519,18 +528,46 @@ def launch_forward(
         fn, extra = _sru_forward_kernel, {}
     with _on_device(u):
         _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
-            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, h,
-            c_all if save_c else h, c_last, steps, batch, hidden,
-            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse, SAVE_C=save_c,
-            BLOCK_D=block, STAGES=stages, num_warps=warps, **extra,
-        )  # fmt: skip
+            u,
+            x,
+            v,
+            b,
+            c0,
+            _flag_pointer(mask_pad, x),
+            x if mask_c is None else mask_c,
+            h,
+            c_all if save_c else h,
+            c_last,
+            steps,
+            batch,
+            hidden,
+            HAS_MASK_PAD=mask_pad is not None,
+            HAS_MASK_C=mask_c is not None,
+            REVERSE=reverse,
+            SAVE_C=save_c,
+            BLOCK_D=block,
+            STAGES=stages,
+            num_warps=warps,
+            **extra,
+        )
     return h, c_last, c_all
 
 
 def launch_backward(
-    u: Tensor, x: Tensor, v: Tensor, b: Tensor, c0: Tensor, mask_pad: Tensor | None, mask_c: Tensor | None,
-    c_all: Tensor, grad_h: Tensor, grad_c_last: Tensor, reverse: bool, *, variant: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    u: Tensor,
+    x: Tensor,
+    v: Tensor,
+    b: Tensor,
+    c0: Tensor,
+    mask_pad: Tensor | None,
+    mask_c: Tensor | None,
+    c_all: Tensor,
+    grad_h: Tensor,
+    grad_c_last: Tensor,
+    reverse: bool,
+    *,
+    variant: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean variant sums
     the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch."""
     steps, batch, hidden = x.shape
@@ -543,7 +580,7 @@ def launch_backward(
         grad_u.zero_()
         grad_x.zero_()
         grad_c0.copy_(grad_c_last)
-        return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
+        return grad_u, grad_x, *_sum_vb(grad_vb, v, b, lean=False), grad_c0
     block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
     lean = _variant(u, variant) == "lean"
     if lean:
@@ -552,21 +589,48 @@ def launch_backward(
         fn, extra = _sru_backward_kernel, {}
     with _on_device(u):
         _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
-            u, x, v, b, c0, _flag_pointer(mask_pad, x), x if mask_c is None else mask_c, c_all, grad_h,
-            grad_c_last, grad_u, grad_x, grad_vb, grad_c0, steps, batch, hidden,
-            HAS_MASK_PAD=mask_pad is not None, HAS_MASK_C=mask_c is not None, REVERSE=reverse,
-            BLOCK_D=block, STAGES=stages, num_warps=warps, **extra,
-        )  # fmt: skip
-        if not lean:
-            return grad_u, grad_x, grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype), grad_c0
-        grad_v = torch.empty_like(v)
-        grad_b = torch.empty_like(b)
-        width = 4 * hidden
-        block = min(triton.next_power_of_2(width), 1024 if u.device.type == "cpu" else 256)
-        _kernel(_sum_rows_kernel, u.device)[(triton.cdiv(width, block),)](
-            grad_vb, grad_v, grad_b, batch, width, BLOCK=block, num_warps=max(1, block // 128)
+            u,
+            x,
+            v,
+            b,
+            c0,
+            _flag_pointer(mask_pad, x),
+            x if mask_c is None else mask_c,
+            c_all,
+            grad_h,
+            grad_c_last,
+            grad_u,
+            grad_x,
+            grad_vb,
+            grad_c0,
+            steps,
+            batch,
+            hidden,
+            HAS_MASK_PAD=mask_pad is not None,
+            HAS_MASK_C=mask_c is not None,
+            REVERSE=reverse,
+            BLOCK_D=block,
+            STAGES=stages,
+            num_warps=warps,
+            **extra,
         )
+        grad_v, grad_b = _sum_vb(grad_vb, v, b, lean=lean)
     return grad_u, grad_x, grad_v, grad_b, grad_c0
+
+
+def _sum_vb(grad_vb: Tensor, v: Tensor, b: Tensor, *, lean: bool) -> tuple[Tensor, Tensor]:
+    """The gradients of v and b from the per-row partial sums ``grad_vb`` ([B, 4, D]): summed over B by one
+    small kernel (lean), else by torch."""
+    if not lean:
+        return grad_vb[:, :2].sum(0).to(v.dtype), grad_vb[:, 2:].sum(0).to(b.dtype)
+    grad_v = torch.empty_like(v)
+    grad_b = torch.empty_like(b)
+    batch, width = grad_vb.shape[0], grad_vb.shape[1] * grad_vb.shape[2]
+    block = min(triton.next_power_of_2(width), 1024 if grad_vb.device.type == "cpu" else 256)
+    _kernel(_sum_rows_kernel, grad_vb.device)[(triton.cdiv(width, block),)](
+        grad_vb, grad_v, grad_b, batch, width, BLOCK=block, num_warps=max(1, block // 128)
+    )
+    return grad_v, grad_b
 
 
 @torch.library.custom_op("srupp::sru_triton_forward", mutates_args=())

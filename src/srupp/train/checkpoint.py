@@ -93,8 +93,10 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in (("config", config), ("vocab", vocab),
-                                                                  ("trainer", trainer))}}  # fmt: skip
+    metadata = {
+        "format": FORMAT,
+        **{k: json.dumps(v) for k, v in (("config", config), ("vocab", vocab), ("trainer", trainer))},
+    }
     metadata["sha256"] = _digest(tensors, metadata)
     with replacing(path) as (fd, tmp):
         mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, as the system applied it

@@ -19,8 +19,13 @@ OPTIMIZERS = ("radam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
-CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "device": DEVICES, "backend": BACKENDS,
-           "compile_mode": COMPILE_MODES}  # fmt: skip
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "precision": PRECISIONS,
+    "device": DEVICES,
+    "backend": BACKENDS,
+    "compile_mode": COMPILE_MODES,
+}
 # A resume continues the same stream of data and the same model: these cannot change on the way (nor the
 # optimizer, whose saved state another one cannot read). Its hyper-parameters (betas, weight_decay) may change:
 # the resumed optimizer takes the new values (see srupp.train.loop.optimizer_settings).

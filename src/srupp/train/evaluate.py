@@ -35,8 +35,12 @@ def evaluate(
     Raises:
         ConfigError: ``batch_size``, ``unroll`` or ``max_tokens`` is below 1, or ``attn_window`` below 0.
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("unroll", unroll, 1), ("max_tokens", max_tokens, 1),
-                             ("attn_window", attn_window, 0)):  # fmt: skip
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("unroll", unroll, 1),
+        ("max_tokens", max_tokens, 1),
+        ("attn_window", attn_window, 0),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ConfigError(f"`{name}` must be an integer >= {low}, got {value!r}")
     if max_tokens is not None:

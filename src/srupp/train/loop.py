@@ -177,6 +177,35 @@ def claim_run_dir(out_dir: str, dist: distributed.DistInfo, *, resume: bool, ove
         yield
 
 
+def with_corpus_vocab(cfg: TrainConfig, corpus: Corpus, resume: bool) -> TrainConfig:
+    """``cfg`` with the corpus's vocabulary size where it kept the byte-level default; a ConfigError where it
+    names another size."""
+    byte_default = cfg.model.vocab_size == LMConfig.vocab_size and corpus.vocab.kind != "byte" and not resume
+    if corpus.vocab.size != cfg.model.vocab_size and byte_default:
+        # The presets are byte-level; on a BPE or word corpus they take that corpus's vocabulary.
+        return replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab.size))
+    if corpus.vocab.size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"`vocab_size` must equal the vocabulary size of corpus {corpus.path} ({corpus.vocab.size:,} "
+            f"{corpus.vocab.kind} tokens), got {cfg.model.vocab_size}; pass --vocab_size {corpus.vocab.size}"
+        )
+    return cfg
+
+
+def train_batcher(cfg: TrainConfig, corpus: Corpus, dist: distributed.DistInfo) -> StreamBatcher:
+    """This rank's share of the training split, in ``cfg.unroll_size`` steps."""
+    try:
+        return StreamBatcher(
+            corpus.split("train"),
+            cfg.batch_size // dist.world_size,
+            cfg.unroll_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+    except ValueError as err:  # the corpus is too small for the batch: a problem of this input, said plainly
+        raise CorpusError(f"{err} (corpus {corpus.path})") from err
+
+
 def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[Run, RunState]:
     """Data, model, optimizer and outputs for ``cfg``; the state restored from the last checkpoint on resume."""
     if cfg.num_threads:
@@ -188,20 +217,8 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
         saved = load_checkpoint(Path(cfg.out_dir) / "checkpoints" / "last.safetensors")
         check_resume(cfg, saved.config, saved.path)
     corpus = resolve_corpus(cfg.data, cfg.out_dir, dist.is_main)
-    byte_default = cfg.model.vocab_size == LMConfig.vocab_size and corpus.vocab.kind != "byte" and not resume
-    if corpus.vocab.size != cfg.model.vocab_size and byte_default:
-        # The presets are byte-level; on a BPE or word corpus they take that corpus's vocabulary.
-        cfg = replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab.size))
-    elif corpus.vocab.size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"`vocab_size` must equal the vocabulary size of corpus {corpus.path} ({corpus.vocab.size:,} "
-            f"{corpus.vocab.kind} tokens), got {cfg.model.vocab_size}; pass --vocab_size {corpus.vocab.size}"
-        )
-    try:
-        batcher = StreamBatcher(corpus.split("train"), cfg.batch_size // dist.world_size, cfg.unroll_size,
-                                rank=dist.rank, world_size=dist.world_size)  # fmt: skip
-    except ValueError as err:  # the corpus is too small for the batch: a problem of this input, said plainly
-        raise CorpusError(f"{err} (corpus {corpus.path})") from err
+    cfg = with_corpus_vocab(cfg, corpus, resume)
+    batcher = train_batcher(cfg, corpus, dist)
     torch.manual_seed(cfg.seed)  # the same model init on every rank
     model = build_model(cfg.model, backend=cfg.backend, device=dist.device)
     optimizer = build_optimizer(model, cfg)
@@ -216,17 +233,35 @@ def setup(cfg: TrainConfig, dist: distributed.DistInfo, resume: bool) -> tuple[R
     train_bpt = corpus.bytes_per_token("train") if metric == "bpc" else 1.0
     valid_bpt = corpus.bytes_per_token("valid", cfg.eval_tokens) if metric == "bpc" else 1.0
     run = Run(
-        cfg, dist, model, net, optimizer, scaler, batcher, iter(batcher), corpus.split("valid"),
-        vocab=corpus.vocab.to_dict(), metric=metric, train_bytes_per_token=train_bpt, valid_bytes_per_token=valid_bpt,
-        log=None, bar=None, start=0.0,
-    )  # fmt: skip
+        cfg,
+        dist,
+        model,
+        net,
+        optimizer,
+        scaler,
+        batcher,
+        iter(batcher),
+        corpus.split("valid"),
+        vocab=corpus.vocab.to_dict(),
+        metric=metric,
+        train_bytes_per_token=train_bpt,
+        valid_bytes_per_token=valid_bpt,
+        log=None,
+        bar=None,
+        start=0.0,
+    )
     state = restore(run, saved) if saved is not None else RunState()
     if dist.is_main:
         write_text_atomic(run.run_dir / "config.json", cfg.to_json())
         run.log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
     # A time-limited schedule has no meaningful step total: the bar then counts steps without an ETA.
-    run.bar = tqdm(total=None if cfg.anneal_by_time else cfg.max_steps, initial=state.step, unit="step",
-                   disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)  # fmt: skip
+    run.bar = tqdm(
+        total=None if cfg.anneal_by_time else cfg.max_steps,
+        initial=state.step,
+        unit="step",
+        disable=not (cfg.progress and dist.is_main),
+        dynamic_ncols=True,
+    )
     run.model.train()
     run.start = state.read_at = time.perf_counter()
     return run, state
@@ -262,8 +297,9 @@ def restore(run: Run, ckpt: Checkpoint) -> RunState:
     torch.set_rng_state(mine.tensors["rng/cpu"])
     if dist.device.type == "cuda" and "rng/cuda" in mine.tensors:
         torch.cuda.set_rng_state(mine.tensors["rng/cuda"], dist.device)
-    return RunState(step=step, best=float(best), carry=carry_from_tensors(mine.prefixed("carry/"), dist.device),
-                    saved_step=step)  # fmt: skip
+    return RunState(
+        step=step, best=float(best), carry=carry_from_tensors(mine.prefixed("carry/"), dist.device), saved_step=step
+    )
 
 
 def one_update(run: Run, state: RunState) -> None:
@@ -346,12 +382,21 @@ def log_update(run: Run, state: RunState) -> None:
     if state.step % run.cfg.log_every and state.step != run.cfg.max_steps:
         return
     read_metrics(run, state)
-    run.bar.set_postfix(loss=f"{state.loss:.3f}", tok_s=f"{state.tokens_per_s:,.0f}", lr=f"{state.lr:.2e}",
-                        refresh=False)  # fmt: skip
+    run.bar.set_postfix(
+        loss=f"{state.loss:.3f}", tok_s=f"{state.tokens_per_s:,.0f}", lr=f"{state.lr:.2e}", refresh=False
+    )
     if run.log is not None:
         train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
-        run.log.write({"step": state.step, "loss": state.loss, f"train_{run.metric}": train_metric,
-                       "lr": state.lr, "grad_norm": state.grad_norm, "tokens_per_s": state.tokens_per_s})  # fmt: skip
+        run.log.write(
+            {
+                "step": state.step,
+                "loss": state.loss,
+                f"train_{run.metric}": train_metric,
+                "lr": state.lr,
+                "grad_norm": state.grad_norm,
+                "tokens_per_s": state.tokens_per_s,
+            }
+        )
 
 
 def signalled(run: Run, stops: StopRequests) -> bool:
@@ -394,9 +439,15 @@ def evaluate_and_checkpoint(run: Run, state: RunState) -> None:
     read_metrics(run, state)
     valid_loss = math.nan
     if run.dist.is_main:
-        valid_loss = evaluate(run.model, run.valid_tokens, batch_size=cfg.eval_batch_size,
-                              unroll=cfg.resolved_eval_unroll, max_tokens=cfg.eval_tokens, device=run.dist.device,
-                              autocast=autocast(cfg, run.dist.device))  # fmt: skip
+        valid_loss = evaluate(
+            run.model,
+            run.valid_tokens,
+            batch_size=cfg.eval_batch_size,
+            unroll=cfg.resolved_eval_unroll,
+            max_tokens=cfg.eval_tokens,
+            device=run.dist.device,
+            autocast=autocast(cfg, run.dist.device),
+        )
     valid_loss = distributed.broadcast_float(valid_loss, run.dist)
     train_metric = run.to_metric(state.loss, run.train_bytes_per_token)
     valid_metric = run.to_metric(valid_loss, run.valid_bytes_per_token)
@@ -404,8 +455,10 @@ def evaluate_and_checkpoint(run: Run, state: RunState) -> None:
     state.valid.append(record)
     if run.log is not None:
         run.log.write(record)
-        run.bar.write(f"step {state.step:>6}  train {run.metric} {train_metric:.3f}  valid {run.metric} "
-                      f"{valid_metric:.3f}  ({state.tokens_per_s:,.0f} tok/s)")  # fmt: skip
+        run.bar.write(
+            f"step {state.step:>6}  train {run.metric} {train_metric:.3f}  valid {run.metric} "
+            f"{valid_metric:.3f}  ({state.tokens_per_s:,.0f} tok/s)"
+        )
         plot_curve(run.log.records, run.run_dir / "learning_curve.png", metric=run.metric)
     require_finite(run, state, "valid loss", valid_loss, state.step)
     if valid_loss < state.best:
@@ -442,10 +495,15 @@ def save(run: Run, state: RunState, path: Path, valid_loss: float | None) -> Non
         optim_tensors, optim_json = optimizer_to_tensors(run.optimizer)
         tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
         trainer = {
-            "step": state.step, "best_valid_loss": state.best, "valid_loss": valid_loss,
-            "data": run.batcher.state_dict(), "world_size": dist.world_size, "optimizer": optim_json,
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "rank_file": pattern,
-        }  # fmt: skip
+            "step": state.step,
+            "best_valid_loss": state.best,
+            "valid_loss": valid_loss,
+            "data": run.batcher.state_dict(),
+            "world_size": dist.world_size,
+            "optimizer": optim_json,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+            "rank_file": pattern,
+        }
         save_checkpoint(path, tensors, config=run.cfg.to_dict(), vocab=run.vocab, trainer=trainer)
     if pattern is not None:
         distributed.barrier(dist)
