@@ -9,7 +9,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import Launchers, fake_backward, register_autograd, run_forward
+from srupp.ops.fused import BACKWARD_SCHEMA, FORWARD_SCHEMA, Launchers, fake_backward, register_autograd, run_forward
 from srupp.ops.library import is_available, require_kernel, unavailable_reason
 from srupp.ops.output_cache import new_output
 
@@ -122,18 +122,8 @@ def launch_forward(
     return h, c_last, c_all
 
 
-@torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu")
-def sru_cpu_forward(
-    u: Tensor,
-    x: Tensor,
-    v: Tensor,
-    b: Tensor,
-    c0: Tensor,
-    mask_pad: Tensor | None,
-    mask_c: Tensor | None,
-    reverse: bool,
-    save_c: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("srupp::sru_cpu_forward", mutates_args=(), device_types="cpu", schema=FORWARD_SCHEMA)
+def sru_cpu_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
     _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
     return launch_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)
 
@@ -190,20 +180,8 @@ def launch_backward(
     return grad_u, grad_x, grad_vb[:2], grad_vb[2:], grad_c0
 
 
-@torch.library.custom_op("srupp::sru_cpu_backward", mutates_args=(), device_types="cpu")
-def sru_cpu_backward(
-    u: Tensor,
-    x: Tensor,
-    v: Tensor,
-    b: Tensor,
-    c0: Tensor,
-    mask_pad: Tensor | None,
-    mask_c: Tensor | None,
-    c_all: Tensor,
-    grad_h: Tensor,
-    grad_c_last: Tensor,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("srupp::sru_cpu_backward", mutates_args=(), device_types="cpu", schema=BACKWARD_SCHEMA)
+def sru_cpu_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
     _check_inputs(u, x, v, b, c0, mask_pad, mask_c)
     _check("c_all", c_all, x.shape, c0.dtype)
     _check("grad_h", grad_h, x.shape, x.dtype)

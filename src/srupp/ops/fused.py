@@ -20,6 +20,16 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+# The custom ops' signatures, the same for every fused backend (torch.library's schema syntax).
+FORWARD_SCHEMA = (
+    "(Tensor u, Tensor x, Tensor v, Tensor b, Tensor c0, Tensor? mask_pad, Tensor? mask_c, bool reverse, "
+    "bool save_c) -> (Tensor, Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor u, Tensor x, Tensor v, Tensor b, Tensor c0, Tensor? mask_pad, Tensor? mask_c, Tensor c_all, "
+    "Tensor grad_h, Tensor grad_c_last, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
 
 def fake_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
     """Shapes and dtypes of a backward op's results, for tracing (``register_fake``)."""

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from srupp.ops.fused import Launchers, fake_backward, register_autograd, run_forward
+from srupp.ops.fused import BACKWARD_SCHEMA, FORWARD_SCHEMA, Launchers, fake_backward, register_autograd, run_forward
 
 try:
     import triton
@@ -499,6 +499,37 @@ def _on_device(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _launch(fn, lean: bool, inputs: tuple, tensors: tuple, **constants) -> None:
+    """Launch recurrence kernel ``fn`` over a grid of (batch rows, blocks of D): the inputs
+    ``(u, x, v, b, c0, mask_pad, mask_c)``, then the kernel's own ``tensors``, the sizes and ``constants``."""
+    u, x, v, b, c0, mask_pad, mask_c = inputs
+    steps, batch, hidden = x.shape
+    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+    extra = {}
+    if lean:
+        extra, stages = _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
+    _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
+        u,
+        x,
+        v,
+        b,
+        c0,
+        _flag_pointer(mask_pad, x),
+        x if mask_c is None else mask_c,
+        *tensors,
+        steps,
+        batch,
+        hidden,
+        HAS_MASK_PAD=mask_pad is not None,
+        HAS_MASK_C=mask_c is not None,
+        **constants,
+        BLOCK_D=block,
+        STAGES=stages,
+        num_warps=warps,
+        **extra,
+    )
+
+
 def launch_forward(
     u: Tensor,
     x: Tensor,
@@ -514,41 +545,21 @@ def launch_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward kernel on contiguous inputs: ``(h, c_last, c_all)``, c_all empty unless ``save_c``.
     ``variant`` picks the kernels ("lean" or "legacy"; None: the default, or `launch_overrides`)."""
-    steps, batch, hidden = x.shape
     h = torch.empty(x.shape, dtype=u.dtype, device=u.device)
     c_last = torch.empty_like(c0)
     c_all = torch.empty(x.shape, dtype=c0.dtype, device=u.device) if save_c else c0.new_empty(0)
     if h.numel() == 0:
         c_last.copy_(c0)
         return h, c_last, c_all
-    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
-    if _variant(u, variant) == "lean":
-        fn, extra, stages = _sru_lean_forward_kernel, _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
-    else:
-        fn, extra = _sru_forward_kernel, {}
+    lean = _variant(u, variant) == "lean"
     with _on_device(u):
-        _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
-            u,
-            x,
-            v,
-            b,
-            c0,
-            _flag_pointer(mask_pad, x),
-            x if mask_c is None else mask_c,
-            h,
-            c_all if save_c else h,
-            c_last,
-            steps,
-            batch,
-            hidden,
-            HAS_MASK_PAD=mask_pad is not None,
-            HAS_MASK_C=mask_c is not None,
+        _launch(
+            _sru_lean_forward_kernel if lean else _sru_forward_kernel,
+            lean,
+            (u, x, v, b, c0, mask_pad, mask_c),
+            (h, c_all if save_c else h, c_last),
             REVERSE=reverse,
             SAVE_C=save_c,
-            BLOCK_D=block,
-            STAGES=stages,
-            num_warps=warps,
-            **extra,
         )
     return h, c_last, c_all
 
@@ -570,7 +581,7 @@ def launch_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean variant sums
     the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch."""
-    steps, batch, hidden = x.shape
+    _, batch, hidden = x.shape
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
     grad_c0 = torch.empty_like(c0)
@@ -581,38 +592,14 @@ def launch_backward(
         grad_x.zero_()
         grad_c0.copy_(grad_c_last)
         return grad_u, grad_x, *_sum_vb(grad_vb, v, b, lean=False), grad_c0
-    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
     lean = _variant(u, variant) == "lean"
-    if lean:
-        fn, extra, stages = _sru_lean_backward_kernel, _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
-    else:
-        fn, extra = _sru_backward_kernel, {}
     with _on_device(u):
-        _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
-            u,
-            x,
-            v,
-            b,
-            c0,
-            _flag_pointer(mask_pad, x),
-            x if mask_c is None else mask_c,
-            c_all,
-            grad_h,
-            grad_c_last,
-            grad_u,
-            grad_x,
-            grad_vb,
-            grad_c0,
-            steps,
-            batch,
-            hidden,
-            HAS_MASK_PAD=mask_pad is not None,
-            HAS_MASK_C=mask_c is not None,
+        _launch(
+            _sru_lean_backward_kernel if lean else _sru_backward_kernel,
+            lean,
+            (u, x, v, b, c0, mask_pad, mask_c),
+            (c_all, grad_h, grad_c_last, grad_u, grad_x, grad_vb, grad_c0),
             REVERSE=reverse,
-            BLOCK_D=block,
-            STAGES=stages,
-            num_warps=warps,
-            **extra,
         )
         grad_v, grad_b = _sum_vb(grad_vb, v, b, lean=lean)
     return grad_u, grad_x, grad_v, grad_b, grad_c0
@@ -633,18 +620,8 @@ def _sum_vb(grad_vb: Tensor, v: Tensor, b: Tensor, *, lean: bool) -> tuple[Tenso
     return grad_v, grad_b
 
 
-@torch.library.custom_op("srupp::sru_triton_forward", mutates_args=())
-def sru_triton_forward(
-    u: Tensor,
-    x: Tensor,
-    v: Tensor,
-    b: Tensor,
-    c0: Tensor,
-    mask_pad: Tensor | None,
-    mask_c: Tensor | None,
-    reverse: bool,
-    save_c: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("srupp::sru_triton_forward", mutates_args=(), schema=FORWARD_SCHEMA)
+def sru_triton_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
     return launch_forward(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c)
 
 
@@ -655,20 +632,8 @@ def _(u, x, v, b, c0, mask_pad, mask_c, reverse, save_c):
     return h, torch.empty_like(c0), c_all
 
 
-@torch.library.custom_op("srupp::sru_triton_backward", mutates_args=())
-def sru_triton_backward(
-    u: Tensor,
-    x: Tensor,
-    v: Tensor,
-    b: Tensor,
-    c0: Tensor,
-    mask_pad: Tensor | None,
-    mask_c: Tensor | None,
-    c_all: Tensor,
-    grad_h: Tensor,
-    grad_c_last: Tensor,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("srupp::sru_triton_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def sru_triton_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse):
     return launch_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, reverse)
 
 
