@@ -107,9 +107,13 @@ class TransformerBlock(nn.Module):
                 offset = key.shape[2] - steps
                 mask = torch.ones(steps, key.shape[2], dtype=torch.bool, device=x.device).tril(offset)
         mixed = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=causal and steps > 1,
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            is_causal=causal and steps > 1,
             dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
+        )
         x = x + self.drop(self.attn_out(mixed.transpose(1, 2).reshape(batch, steps, width)))
         x = x + self.drop(self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x)))))
         return x, key, value
@@ -169,11 +173,24 @@ class TransformerBody(nn.Module):
 class SRUppBody(nn.Module):
     """``srupp.nn.SRUpp`` (causal); its state carries c and the previous segment as attention memory."""
 
-    def __init__(self, width: int, num_layers: int, proj_size: int, attention_layers: Iterable[int] | None = None,
-                 dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        width: int,
+        num_layers: int,
+        proj_size: int,
+        attention_layers: Iterable[int] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.rnn = SRUpp(width, width, proj_size, num_layers, dropout=dropout, attn_dropout=dropout,
-                         attention_layers=attention_layers)  # fmt: skip
+        self.rnn = SRUpp(
+            width,
+            width,
+            proj_size,
+            num_layers,
+            dropout=dropout,
+            attn_dropout=dropout,
+            attention_layers=attention_layers,
+        )
 
     def forward(self, x: Tensor, state: SRUppState | None = None, attn_window: int | None = None):
         return self.rnn(x, state, causal=True, attn_window=attn_window)
@@ -188,8 +205,9 @@ class SRUppBody(nn.Module):
 class RecurrentBody(nn.Module):
     """``srupp.nn.SRU`` or ``nn.LSTM``: the state is the RNN's own; decoding just carries it."""
 
-    def __init__(self, kind: str, width: int, num_layers: int, dropout: float = 0.0,
-                 input_size: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, kind: str, width: int, num_layers: int, dropout: float = 0.0, input_size: int | None = None
+    ) -> None:
         super().__init__()
         cls = SRU if kind == "sru" else nn.LSTM
         self.rnn = cls(input_size or width, width, num_layers=num_layers, dropout=dropout)
@@ -314,8 +332,16 @@ class ByteLM(nn.Module):
         return self.head(hidden), cache
 
 
-def build(kind: str, width: int, layers: int, *, proj_ratio: int = 4, num_heads: int = 4, dropout: float = 0.0,
-          tie: bool = False) -> ByteLM:  # fmt: skip
+def build(
+    kind: str,
+    width: int,
+    layers: int,
+    *,
+    proj_ratio: int = 4,
+    num_heads: int = 4,
+    dropout: float = 0.0,
+    tie: bool = False,
+) -> ByteLM:
     """One of ``MODELS`` at a width and depth. SRU++ uses ``proj_size = width // proj_ratio`` (the
     paper's d:d' = 4:1); ``srupp_one_attn`` has attention only in its last layer (the paper's
     ``attention_every_n_layers = num_layers``)."""
@@ -337,8 +363,9 @@ def width_grid(kind: str, limit: int, num_heads: int = 4, proj_ratio: int = 4) -
     return range(step, limit + 1, step)
 
 
-def size_to_match(kinds: Iterable[str], target: int, layers: int | dict[str, int], *, max_width: int = 4096,
-                  **kwargs) -> dict[str, tuple[ByteLM, int]]:  # fmt: skip
+def size_to_match(
+    kinds: Iterable[str], target: int, layers: int | dict[str, int], *, max_width: int = 4096, **kwargs
+) -> dict[str, tuple[ByteLM, int]]:
     """Each kind at the width (fixed depth) whose parameter count is closest to ``target``.
 
     Returns: ``{kind: (model, width)}``.
@@ -350,8 +377,9 @@ def size_to_match(kinds: Iterable[str], target: int, layers: int | dict[str, int
         def params(width: int, kind: str = kind, depth: int = depth) -> int:
             return count_parameters(build(kind, width, depth, **kwargs))
 
-        width = closest_width(params, target, width_grid(kind, max_width, kwargs.get("num_heads", 4),
-                                                         kwargs.get("proj_ratio", 4)))  # fmt: skip
+        width = closest_width(
+            params, target, width_grid(kind, max_width, kwargs.get("num_heads", 4), kwargs.get("proj_ratio", 4))
+        )
         chosen[kind] = (build(kind, width, depth, **kwargs), width)
     return chosen
 

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def time_it(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0,
-            statistic: Callable[[list[float]], float] = statistics.median) -> float:  # fmt: skip
+def time_it(
+    fn: Callable[[], object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    statistic: Callable[[list[float]], float] = statistics.median,
+) -> float:
     """``statistic`` (default the median; ``min`` on a shared machine) of the wall-clock seconds of
     ``fn()`` over at least ``repeats`` runs and ``min_seconds``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -118,6 +124,8 @@ def require_agreement(theirs: torch.Tensor, ours: torch.Tensor, what: str, toler
     means nothing unless they compute the same thing."""
     difference = (theirs.float() - ours.float()).abs().max().item()
     if not difference <= tolerance:  # NaN fails too
-        raise RuntimeError(f"{what}: the authors' op and ours differ by up to {difference:.3g} (allowed "
-                           f"{tolerance:g}); the comparison would time different computations")  # fmt: skip
+        raise RuntimeError(
+            f"{what}: the authors' op and ours differ by up to {difference:.3g} (allowed "
+            f"{tolerance:g}); the comparison would time different computations"
+        )
     return difference

@@ -112,8 +112,9 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int,
-                precisions: tuple[str, ...] = ("fp32",)) -> dict[str, dict]:  # fmt: skip
+def measure_all(
+    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, precisions: tuple[str, ...] = ("fp32",)
+) -> dict[str, dict]:
     """Train-step and inference tokens/s of every model in each precision, timed round-robin (each repeat times
     every model once) and taking each one's fastest run: on a shared machine, load that comes and goes then hits
     all models alike instead of whichever ran during it. Keys end in ``_bf16`` for the bf16 autocast runs."""
@@ -153,7 +154,7 @@ def measure_all(models: dict[str, nn.Module], x: torch.Tensor, repeats: int,
         | {
             f"{mode}_tokens_per_s{'_bf16' * (precision == 'bf16')}": tokens / best[name][mode, precision]
             for mode, precision in runs
-        }  # fmt: skip
+        }
         for name in models
     }
 
@@ -170,10 +171,12 @@ def builders(size: dict, sru) -> dict[str, Callable[[], nn.Module]]:
         made["sru_authors"] = lambda: Layer(AuthorsSRUppBody(sru, d, layers, proj), d, d)
     with torch.device("meta"):
         target = count_parameters(made["srupp"]())
-    made["lstm"] = lambda: closest(lambda h: Layer(RecurrentBody("lstm", h, layers, input_size=d), h, h), target,
-                                   range(4, 4 * d + 1, 4))  # fmt: skip
-    made["transformer"] = lambda: closest(lambda w: Layer(TransformerBody(w, layers), d, w), target,
-                                          width_grid("transformer", 2 * d))  # fmt: skip
+    made["lstm"] = lambda: closest(
+        lambda h: Layer(RecurrentBody("lstm", h, layers, input_size=d), h, h), target, range(4, 4 * d + 1, 4)
+    )
+    made["transformer"] = lambda: closest(
+        lambda w: Layer(TransformerBody(w, layers), d, w), target, width_grid("transformer", 2 * d)
+    )
     return made
 
 
@@ -189,9 +192,12 @@ def report(size: dict, results: dict[str, dict]) -> dict:
     suffixes = [suffix for suffix in ("", "_bf16") if f"train_tokens_per_s{suffix}" in results["srupp"]]
     for name, r in results.items():
         for suffix in suffixes:
-            print(f"  {name:12s} params {r['params']:>10,d} {suffix[1:] or 'fp32':5s} train "
-                  f"{r['train_tokens_per_s' + suffix]:>10,.0f} tok/s  inference "
-                  f"{r['inference_tokens_per_s' + suffix]:>10,.0f} tok/s", flush=True)  # fmt: skip
+            print(
+                f"  {name:12s} params {r['params']:>10,d} {suffix[1:] or 'fp32':5s} train "
+                f"{r['train_tokens_per_s' + suffix]:>10,.0f} tok/s  inference "
+                f"{r['inference_tokens_per_s' + suffix]:>10,.0f} tok/s",
+                flush=True,
+            )
     ratios = {}
     ours = results["srupp"]
     for suffix in suffixes:
@@ -253,12 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--alone", action="store_true", help="time each model in a process of its own")
     parser.add_argument("--rounds", type=int, default=3, help="with --alone: processes per model, in turn")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="float32, bf16 autocast, or both (default fp32)")  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), default="fp32", help="float32, bf16 autocast, or both (default fp32)"
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # --alone's child: this model only
     parser.add_argument("--size-index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers.json, "
-                        "with _alone and _quick in the name for --alone and --quick)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/layers.json, "
+        "with _alone and _quick in the name for --alone and --quick)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,11 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kernel = cpu_kernel()
     alone = ", each model alone" if args.alone else ""
-    print(f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
-          f"CPU kernel {kernel['isa']} (of {kernel['available']}, bf16 matmuls: {kernel.get('bf16_matmul')}), "
-          f"precision {args.precision}{alone}")  # fmt: skip
-    payload: dict = {"repeats": repeats, "alone": args.alone, "precision": args.precision, "cpu_kernel": kernel,
-                     "cpu_flags": cpu_flags(), "sizes": []}  # fmt: skip
+    print(
+        f"CPU layer benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, repeats {repeats}, "
+        f"CPU kernel {kernel['isa']} (of {kernel['available']}, bf16 matmuls: {kernel.get('bf16_matmul')}), "
+        f"precision {args.precision}{alone}"
+    )
+    payload: dict = {
+        "repeats": repeats,
+        "alone": args.alone,
+        "precision": args.precision,
+        "cpu_kernel": kernel,
+        "cpu_flags": cpu_flags(),
+        "sizes": [],
+    }
     # what each --alone child needs to build and time its model as this run would
     forward = [f"--repeats={repeats}"] + [f"--threads={args.threads}"] * bool(args.threads)
     forward += ["--quick"] * args.quick + ["--no-official"] * args.no_official + [f"--precision={args.precision}"]

@@ -94,8 +94,19 @@ def kernel_steps(u, x, v, b, c0, grad_h):
         forward_pass(*p, None, None, h.data_ptr(), c_all.data_ptr(), c_last.data_ptr(), *shape)
 
     def backward():
-        backward_pass(*p, None, None, c_all.data_ptr(), grad_h.data_ptr(), c_last.data_ptr(),
-                      grad_u.data_ptr(), grad_x.data_ptr(), grad_vb.data_ptr(), grad_c0.data_ptr(), *shape)  # fmt: skip
+        backward_pass(
+            *p,
+            None,
+            None,
+            c_all.data_ptr(),
+            grad_h.data_ptr(),
+            c_last.data_ptr(),
+            grad_u.data_ptr(),
+            grad_x.data_ptr(),
+            grad_vb.data_ptr(),
+            grad_c0.data_ptr(),
+            *shape,
+        )
 
     return forward, backward
 
@@ -135,11 +146,19 @@ def bench_shape(steps, batch, hidden, repeats, official, with_naive=True, copy_m
         row["naive_train_s"] = fastest(lambda: train_step("naive"), repeats=naive_repeats)
     copy, copy_bytes = copy_step(copy_megabytes)
     kernel_forward, kernel_backward = kernel_steps(u, x, v, b, c0, grad_h)
-    times = interleaved({
-        "copy": copy, "cpu_forward_s": lambda: forward("cpu"), "cpu_train_forward_s": lambda: train_forward("cpu"),
-        "cpu_train_s": lambda: train_step("cpu"), "cpu_train_uncached_s": train_step_fresh,
-        "kernel_forward_s": kernel_forward, "kernel_backward_s": kernel_backward,
-    }, rounds=repeats, min_seconds=2.0)  # fmt: skip
+    times = interleaved(
+        {
+            "copy": copy,
+            "cpu_forward_s": lambda: forward("cpu"),
+            "cpu_train_forward_s": lambda: train_forward("cpu"),
+            "cpu_train_s": lambda: train_step("cpu"),
+            "cpu_train_uncached_s": train_step_fresh,
+            "kernel_forward_s": kernel_forward,
+            "kernel_backward_s": kernel_backward,
+        },
+        rounds=repeats,
+        min_seconds=2.0,
+    )
     output_cache.empty_cpu_cache()
     add_bandwidths(row, times, copy_bytes, steps * batch * hidden, with_naive)
     if official is not None and with_naive:
@@ -225,8 +244,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (smoke test)")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ops.json)")
-    parser.add_argument("--isa", default=None, help="CPU kernel variant to time: baseline, avx2, avx512 or 'all' "
-                        "(default: the one this CPU picks)")  # fmt: skip
+    parser.add_argument(
+        "--isa",
+        default=None,
+        help="CPU kernel variant to time: baseline, avx2, avx512 or 'all' (default: the one this CPU picks)",
+    )
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 2 if args.quick else 7
@@ -234,8 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     info = library.cpu_kernel_info()
     isas = info["available"][::-1] if args.isa == "all" else [args.isa or info["isa"]]
     print(f"threads={torch.get_num_threads()}  CPU kernel variants {info['available']}, timing {isas}")
-    print("bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
-          "backward 40 (reads u 3, x 1, c 1, grad_h 1; writes grad_u 3, grad_x 1): f+b 64")  # fmt: skip
+    print(
+        "bytes per element of [T, B, D] (float32): forward for training 24 (reads u 3, x 1; writes h 1, c 1), "
+        "backward 40 (reads u 3, x 1, c 1, grad_h 1; writes grad_u 3, grad_x 1): f+b 64"
+    )
     header = (
         f"{'isa':>8} {'T':>5} {'B':>4} {'D':>5} | {'copy':>5} | {'naive fwd':>9} {'cpu fwd':>8} {'x':>6} | "
         f"{'naive f+b':>9} {'cpu f+b':>8} {'x':>6} | {'fwd BW':>7} {'f+b BW':>7} {'fresh':>6} | "
@@ -248,8 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         os.environ["SRUPP_CPU_ISA"] = isa
         library.reset()
         for steps, batch, hidden in shapes:
-            row = bench_shape(steps, batch, hidden, repeats, official, with_naive=index == 0,
-                              copy_megabytes=16 if args.quick else 256)  # fmt: skip
+            row = bench_shape(
+                steps, batch, hidden, repeats, official, with_naive=index == 0, copy_megabytes=16 if args.quick else 256
+            )
             rows.append(row)
             print(table_line(isa, row), flush=True)
     os.environ.pop("SRUPP_CPU_ISA", None)
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "forward_inference": FORWARD_INFER_BYTES,
             "forward_train": FORWARD_TRAIN_BYTES,
             "backward": BACKWARD_BYTES,
-        },  # fmt: skip
+        },
         "rows": rows,
     }
     path = write_json(Path(args.out) if args.out else RESULTS / "ops.json", payload, "ops", argv)

@@ -27,8 +27,13 @@ from srupp.nn import SRUpp
 
 FULL = {"d": 1024, "proj": 256, "layers": 2, "steps": 256, "batch": 16}
 QUICK = {"d": 64, "proj": 16, "layers": 2, "steps": 32, "batch": 4}
-ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "SRUPP_CPU_ISA",
-               "OMP_NUM_THREADS")  # fmt: skip
+ENVIRONMENT = (
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ATEN_CPU_CAPABILITY",
+    "SRUPP_CPU_ISA",
+    "OMP_NUM_THREADS",
+)
 
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, bf16: bool):
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each precision, alternately")
-    parser.add_argument("--input", choices=("fp32", "bf16"), default="fp32",
-                        help="the step's input dtype (bf16: as from an earlier bf16 layer)")  # fmt: skip
+    parser.add_argument(
+        "--input",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the step's input dtype (bf16: as from an earlier bf16 layer)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/precision.json)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
@@ -82,15 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     tokens = size["steps"] * size["batch"]
     shares = {name: copy_share(step, 2 if args.quick else 3) for name, step in steps.items()}
     environment = {name: os.environ.get(name) for name in ENVIRONMENT}
-    print(f"2-layer SRUpp d={size['d']} d'={size['proj']} T={size['steps']} B={size['batch']}, "
-          f"{torch.get_num_threads()} threads, input {args.input}, environment {environment}")  # fmt: skip
+    print(
+        f"2-layer SRUpp d={size['d']} d'={size['proj']} T={size['steps']} B={size['batch']}, "
+        f"{torch.get_num_threads()} threads, input {args.input}, environment {environment}"
+    )
     for name in steps:
-        print(f"  {name}: step {best[name] * 1e3:8.1f} ms  {tokens / best[name]:>9,.0f} tok/s  "
-              f"aten::copy_ {shares[name]['aten::copy_']:6.1%} of self CPU time")  # fmt: skip
+        print(
+            f"  {name}: step {best[name] * 1e3:8.1f} ms  {tokens / best[name]:>9,.0f} tok/s  "
+            f"aten::copy_ {shares[name]['aten::copy_']:6.1%} of self CPU time"
+        )
     speedup = best["fp32"] / best["bf16"]
     print(f"  bf16 step / fp32 step speed: {speedup:.2f}x")
-    payload = {"size": size, "input": args.input, "environment": environment, "step_seconds": best,
-               "bf16_speedup": speedup, "self_cpu_shares": shares}  # fmt: skip
+    payload = {
+        "size": size,
+        "input": args.input,
+        "environment": environment,
+        "step_seconds": best,
+        "bf16_speedup": speedup,
+        "self_cpu_shares": shares,
+    }
     out = args.out or RESULTS / f"precision{'_quick' * args.quick}.json"
     print(f"wrote {write_json(Path(out), payload, 'precision', argv)}")
     return 0

@@ -60,11 +60,11 @@ def check_task(vocab: int, seq_len: int, pairs: int) -> None:
         raise ValueError(f"`vocab` must be in [5, {VOCAB}] (the models' vocabulary), got {vocab}")
     keys, _ = token_ranges(vocab)
     if not 1 <= pairs <= len(keys):
-        raise ValueError(f"`pairs` must be in [1, {len(keys)}] (distinct keys of a {vocab}-token vocabulary), "
-                         f"got {pairs}")  # fmt: skip
+        raise ValueError(
+            f"`pairs` must be in [1, {len(keys)}] (distinct keys of a {vocab}-token vocabulary), got {pairs}"
+        )
     if seq_len < 4 * pairs:
-        raise ValueError(f"`seq_len` must be >= 4 * pairs = {4 * pairs} (pairs, then every key queried), "
-                         f"got {seq_len}")  # fmt: skip
+        raise ValueError(f"`seq_len` must be >= 4 * pairs = {4 * pairs} (pairs, then every key queried), got {seq_len}")
 
 
 def make_batch(generator: torch.Generator, batch: int, seq_len: int, pairs: int, vocab: int):
@@ -278,14 +278,23 @@ def markdown(report: dict) -> str:
     for kind, result in report["results"].items():
         size = report["models"][kind]
         accuracies = " | ".join(f"{result['test_accuracy'][str(p)]:.3f}" for p in pairs)
-        lines.append(f"| {LABELS[kind]} | {size['params']:,} | {size['width']} | {result['lr']:g} | "
-                     f"{result['steps']:,} | {result['sequences']:,} | {accuracies} |")  # fmt: skip
-    lines += ["", "Every run (validation accuracy, mean over pair counts):", "",
-              "| model | lr | status | steps | train s | valid mean |", "|---|---:|---|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"| {LABELS[kind]} | {size['params']:,} | {size['width']} | {result['lr']:g} | "
+            f"{result['steps']:,} | {result['sequences']:,} | {accuracies} |"
+        )
+    lines += [
+        "",
+        "Every run (validation accuracy, mean over pair counts):",
+        "",
+        "| model | lr | status | steps | train s | valid mean |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for run in report["runs"]:
         if run["status"] == "done":
-            lines.append(f"| {LABELS[run['model']]} | {run['lr']:g} | done | {run['steps']:,} | "
-                         f"{run['train_seconds']:.1f} | {run['valid_mean']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {LABELS[run['model']]} | {run['lr']:g} | done | {run['steps']:,} | "
+                f"{run['train_seconds']:.1f} | {run['valid_mean']:.3f} |"
+            )
         else:
             lines.append(f"| {LABELS[run['model']]} | {run['lr']:g} | {run['status']} | | | |")
     lines += ["", "Protocol: see the docstring of benchmarks/recall.py.", ""]

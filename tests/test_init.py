@@ -10,8 +10,14 @@ def test_all_names_are_the_public_objects():
     from srupp.nn import SRU, SRUpp, SRUppState
     from srupp.ops import sru_recurrence
 
-    expected = {"SRU": SRU, "SRUpp": SRUpp, "SRUppLM": SRUppLM, "LMConfig": LMConfig, "SRUppState": SRUppState,
-                "sru_recurrence": sru_recurrence}  # fmt: skip
+    expected = {
+        "SRU": SRU,
+        "SRUpp": SRUpp,
+        "SRUppLM": SRUppLM,
+        "LMConfig": LMConfig,
+        "SRUppState": SRUppState,
+        "sru_recurrence": sru_recurrence,
+    }
     assert sorted(srupp.__all__) == sorted([*expected, "__version__"])
     for name, obj in expected.items():
         assert getattr(srupp, name) is obj, name

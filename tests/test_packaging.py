@@ -40,11 +40,20 @@ def build_wheel(tmp: Path, from_sdist: bool = False, **env: str) -> Path:
     dist = tmp / "dist"
     source = tree
     if from_sdist:
-        subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), str(tree)],
-                       check=True, env=clean_env(**env), timeout=300, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), str(tree)],
+            check=True,
+            env=clean_env(**env),
+            timeout=300,
+            capture_output=True,
+        )
         (source,) = dist.glob("srupp-*.tar.gz")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(source)], check=True, env=clean_env(**env), timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)],
+        check=True,
+        env=clean_env(**env),
+        timeout=300,
+    )
     (wheel,) = dist.glob("srupp-*.whl")
     return wheel
 
@@ -56,18 +65,27 @@ def install(tmp: Path, wheel: Path) -> Path:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (Path(purelib) / "srupp-test-deps.pth").write_text("\n".join(sorted(ours)) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, env=clean_env(), timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        env=clean_env(),
+        timeout=300,
+    )
     return venv
 
 
 def run(venv: Path, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=clean_env(OMP_NUM_THREADS="2"), capture_output=True, text=True,
-                            timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        args, cwd=cwd, env=clean_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -99,8 +117,9 @@ def test_installed_wheel_runs_outside_the_checkout(installed):
     work = tmp / "elsewhere"
     work.mkdir()
     python, srupp = str(venv / "bin" / "python"), str(venv / "bin" / "srupp")
-    where = run(venv, [python, "-c", "import srupp, srupp.ops; print(srupp.__file__, srupp.ops.cpu_kernel_info())"],
-                work).stdout  # fmt: skip
+    where = run(
+        venv, [python, "-c", "import srupp, srupp.ops; print(srupp.__file__, srupp.ops.cpu_kernel_info())"], work
+    ).stdout
     assert str(venv) in where and str(ROOT) not in where.split()[0], where
     assert "'loaded': True" in where, where
     version = run(venv, [srupp, "--version"], work).stdout

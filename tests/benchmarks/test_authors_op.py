@@ -27,8 +27,9 @@ def test_the_authors_cpu_op_agrees_with_the_spec_on_that_layout(steps, batch, hi
     c0 = torch.randn(batch, hidden, generator=gen)
 
     def theirs(u_layout):
-        return sru.ops.elementwise_recurrence_inference(u_layout, x, v.reshape(-1), b.reshape(-1), c0, 0, hidden,
-                                                        False, True)  # fmt: skip
+        return sru.ops.elementwise_recurrence_inference(
+            u_layout, x, v.reshape(-1), b.reshape(-1), c0, 0, hidden, False, True
+        )
 
     h_spec, c_spec = sru_recurrence(u, x, v, b, c0, backend="naive")
     h, c = theirs(authors_u(u))

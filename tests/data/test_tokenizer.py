@@ -201,8 +201,9 @@ def test_bpe_vocabularies_reserve_pad_and_end_of_document(folder, tmp_path):
     # A given tokenizer keeps its ids; the two reserved tokens come after them.
     plain = train_bpe("some text, some more text. " * 20, 270)
     (tmp_path / "given.json").write_text(plain)
-    given = prepare_text(folder, tmp_path / "given", tokenizer=str(tmp_path / "given.json"), valid_ratio=0.2,
-                         test_ratio=0.2).vocab  # fmt: skip
+    given = prepare_text(
+        folder, tmp_path / "given", tokenizer=str(tmp_path / "given.json"), valid_ratio=0.2, test_ratio=0.2
+    ).vocab
     size = len(json.loads(plain)["model"]["vocab"])
     assert (given.eod_id, given.pad_id, given.size) == (size, size + 1, size + 2)
     assert given.encode("some text") == Vocab("bpe", tokenizer=plain).encode("some text")

@@ -43,8 +43,13 @@ def test_a_masked_attention_over_a_long_input_allocates_no_square_mask(memory, w
         mask_pad[-5:] = True
     largest = LargestTensor()
     with torch.no_grad(), largest:
-        out = module(torch.randn(steps, batch, 8), causal=True, mask_pad=mask_pad, attn_window=window,
-                     memory=torch.randn(memory, batch, 8) if memory else None)  # fmt: skip
+        out = module(
+            torch.randn(steps, batch, 8),
+            causal=True,
+            mask_pad=mask_pad,
+            attn_window=window,
+            memory=torch.randn(memory, batch, 8) if memory else None,
+        )
     assert out.shape == (steps, batch, 8) and bool(torch.isfinite(out).all())
     assert largest.elements <= attention_module.MASK_ELEMENTS + keys, largest.elements
 
@@ -69,8 +74,9 @@ def test_causal_attention_over_long_memory_stays_within_blocks():
     at a time keeps it small. Peak memory measured in a process of its own."""
     steps, memory = 16384, 8192
     square_mb = steps * (steps + memory) / 2**20  # the whole mask, at one byte per element
-    result = subprocess.run([sys.executable, "-c", PEAK, str(steps), str(memory)], capture_output=True, text=True,
-                            timeout=300, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK, str(steps), str(memory)], capture_output=True, text=True, timeout=300, check=True
+    )
     growth_mb, finite = result.stdout.split()
     assert finite == "True"
     # One mask over all 16k queries took 1.9 GB here (5x the mask's bytes: SDPA converts it to floats).

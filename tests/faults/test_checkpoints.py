@@ -67,13 +67,15 @@ def _small_checkpoint(path):
     cfg = TrainConfig(model=LMConfig(hidden_size=16, proj_size=4, num_layers=2))
     model = SRUppLM(cfg.model)
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    save_checkpoint(path, tensors, config=cfg.to_dict(), vocab={"kind": "byte", "words": []},
-                    trainer={"step": 12, "lr": 0.00042})  # fmt: skip
+    save_checkpoint(
+        path, tensors, config=cfg.to_dict(), vocab={"kind": "byte", "words": []}, trainer={"step": 12, "lr": 0.00042}
+    )
     return model
 
 
-@pytest.mark.parametrize("edit", [(b'step\\": 12', b'step\\": 92'), (b'lr\\": 0.00042', b'lr\\": 0.00047')],
-                         ids=["step", "lr"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit", [(b'step\\": 12', b'step\\": 92'), (b'lr\\": 0.00042', b'lr\\": 0.00047')], ids=["step", "lr"]
+)
 def test_a_flipped_digit_in_the_metadata_is_detected(tmp_path, edit):
     path = tmp_path / "a.safetensors"
     _small_checkpoint(path)

@@ -26,8 +26,9 @@ def _one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe:300"])
-def test_a_crash_between_the_renames_of_a_re_prepare_leaves_the_old_corpus_whole(tmp_path, monkeypatch, capsys,
-                                                                                   tokenizer):  # fmt: skip
+def test_a_crash_between_the_renames_of_a_re_prepare_leaves_the_old_corpus_whole(
+    tmp_path, monkeypatch, capsys, tokenizer
+):
     (tmp_path / "old.txt").write_text("old corpus line\n" * 300)
     (tmp_path / "new.txt").write_text("the new corpus, longer and different\n" * 600)
     out = tmp_path / "data"
@@ -81,8 +82,17 @@ def test_out_of_range_token_ids_in_a_tokenizer_are_one_line(trained, tmp_path, c
     token = next(iter(data["model"]["vocab"]))
     value = {"id-huge": 2**31, "id-negative": -5, "id-string": "7", "added-id-huge": None}[change]
     if change == "added-id-huge":
-        data["added_tokens"] = [{"id": 2**40, "content": "<x>", "single_word": False, "lstrip": False,
-                                 "rstrip": False, "normalized": False, "special": True}]  # fmt: skip
+        data["added_tokens"] = [
+            {
+                "id": 2**40,
+                "content": "<x>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ]
     else:
         data["model"]["vocab"][token] = value
     path = tmp_path / "tokenizer.json"

@@ -42,8 +42,13 @@ class _Server(http.server.BaseHTTPRequestHandler):
         else:
             body = self.server.body
             if start:
-                self._head(206, {"Content-Length": str(len(body) - start),
-                                 "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})  # fmt: skip
+                self._head(
+                    206,
+                    {
+                        "Content-Length": str(len(body) - start),
+                        "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+                    },
+                )
             else:
                 self._head(200, {"Content-Length": str(len(body))})
             self.wfile.write(body[start:])

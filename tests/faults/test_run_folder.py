@@ -47,8 +47,9 @@ def test_second_trainer_on_a_locked_folder_exits_with_a_message(train_args, tmp_
             sys.stdin.read()
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         assert main(train_args()) == 2

@@ -116,8 +116,9 @@ def test_train_num_threads_beyond_the_cpu_count_is_one_line(train_args, capsys):
 
 def _resave(path, **trainer_changes):
     ckpt = load_checkpoint(path)
-    save_checkpoint(path, ckpt.tensors, config=ckpt.config, vocab=ckpt.vocab, trainer={**ckpt.trainer,
-                    **trainer_changes})  # fmt: skip
+    save_checkpoint(
+        path, ckpt.tensors, config=ckpt.config, vocab=ckpt.vocab, trainer={**ckpt.trainer, **trainer_changes}
+    )
 
 
 def test_a_crafted_rank_file_template_is_never_formatted(train_args, tmp_path):

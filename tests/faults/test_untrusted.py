@@ -21,8 +21,9 @@ def test_a_checkpoint_claiming_a_huge_model_is_refused_before_allocating(tmp_pat
     small = LMConfig(hidden_size=16, proj_size=4, num_layers=2)
     tensors = {f"model/{k}": v for k, v in SRUppLM(small).state_dict().items()}
     huge = TrainConfig(model=LMConfig(hidden_size=8192, proj_size=2048, num_layers=4))  # 1 GB of fp32 weights
-    path = save_checkpoint(tmp_path / "x.safetensors", tensors, config=huge.to_dict(),
-                           vocab={"kind": "byte", "words": []}, trainer={})  # fmt: skip
+    path = save_checkpoint(
+        tmp_path / "x.safetensors", tensors, config=huge.to_dict(), vocab={"kind": "byte", "words": []}, trainer={}
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CheckpointError, match="different architecture"):
         load_model(path)
@@ -49,8 +50,9 @@ def test_a_checkpoint_trained_with_triton_evaluates_on_cpu(corpus, tmp_path, cap
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     config = TrainConfig(model=model.config, backend="triton", data=str(corpus)).to_dict()
     config["model"]["backend"] = "triton"  # what older checkpoints saved inside the architecture
-    path = save_checkpoint(tmp_path / "t.safetensors", tensors, config=config, vocab={"kind": "byte", "words": []},
-                           trainer={})  # fmt: skip
+    path = save_checkpoint(
+        tmp_path / "t.safetensors", tensors, config=config, vocab={"kind": "byte", "words": []}, trainer={}
+    )
     assert main(["eval", "--checkpoint", str(path), "--device", "cpu", "--max-tokens", "64", "--context", "16"]) == 0
     assert "bpc" in capsys.readouterr().out
     assert load_checkpoint(path).config["backend"] == "triton"
@@ -96,8 +98,11 @@ def test_redirects_to_other_schemes_are_refused(tmp_path, target, capsys):
         httpd.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
     # urllib itself refuses file://; ftp:// it would follow, so that refusal is srupp's.
-    assert len(err) == 1 and target in err[0] and ("only http:// and https:// are followed" in err[0] or
-                                                   "not allowed" in err[0])  # fmt: skip
+    assert (
+        len(err) == 1
+        and target in err[0]
+        and ("only http:// and https:// are followed" in err[0] or "not allowed" in err[0])
+    )
     assert list((tmp_path / "dl").iterdir()) == []
 
 

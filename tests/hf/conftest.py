@@ -8,10 +8,11 @@ from tests.helpers import assert_all_close
 TINY = dict(hidden_size=32, proj_size=8, num_layers=2, dropout=0.0, attn_dropout=0.0)
 LM_CONFIGS = {
     "bytes": dict(TINY),
-    "every-second-layer-two-heads-layer-norm": dict(TINY, num_layers=3, attention_every_n_layers=2, num_heads=2,
-                                                    layer_norm=True),
+    "every-second-layer-two-heads-layer-norm": dict(
+        TINY, num_layers=3, attention_every_n_layers=2, num_heads=2, layer_norm=True
+    ),
     "adaptive": dict(TINY, vocab_size=300, cutoffs=[40, 120], div_value=2.0),
-}  # fmt: skip
+}
 
 
 def make_lm(seed: int = 0, **config) -> SRUppLM:

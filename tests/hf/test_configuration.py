@@ -7,8 +7,17 @@ from srupp.models import LMConfig  # noqa: E402
 
 
 def test_lm_config_round_trips():
-    lm_config = LMConfig(vocab_size=300, hidden_size=32, proj_size=8, num_layers=3, attention_layers=[1],
-                         cutoffs=[40, 120], embed_size=16, div_value=2.0, layer_norm=True)  # fmt: skip
+    lm_config = LMConfig(
+        vocab_size=300,
+        hidden_size=32,
+        proj_size=8,
+        num_layers=3,
+        attention_layers=[1],
+        cutoffs=[40, 120],
+        embed_size=16,
+        div_value=2.0,
+        layer_norm=True,
+    )
     config = SRUppConfig.from_lm_config(lm_config, bidirectional=True, num_labels=4)
     assert config.to_lm_config() == lm_config
     assert config.num_hidden_layers == 3 and config.num_attention_heads == 1

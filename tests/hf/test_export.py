@@ -41,8 +41,13 @@ def write_checkpoint(path: Path, name: str, vocab: Vocab) -> torch.nn.Module:
     config = {**LM_CONFIGS[name], "vocab_size": vocab.size}
     lm = make_lm(seed=5, **config)
     tensors = {f"model/{key}": value for key, value in lm.state_dict().items()}
-    save_checkpoint(path, tensors, config=TrainConfig(model=LMConfig(**config)).to_dict(), vocab=vocab.to_dict(),
-                    trainer={"step": 0})  # fmt: skip
+    save_checkpoint(
+        path,
+        tensors,
+        config=TrainConfig(model=LMConfig(**config)).to_dict(),
+        vocab=vocab.to_dict(),
+        trainer={"step": 0},
+    )
     return lm
 
 
@@ -61,8 +66,9 @@ def in_process_logits(lm, ids: torch.Tensor) -> torch.Tensor:
 
 def test_export_round_trip_in_a_fresh_process(assert_close, tmp_path):
     # Training checkpoints of a byte and a BPE vocabulary (each with its tokenizer), and an adaptive-softmax model.
-    lm = write_checkpoint(tmp_path / "run/checkpoints/best.safetensors", "every-second-layer-two-heads-layer-norm",
-                          Vocab("byte"))  # fmt: skip
+    lm = write_checkpoint(
+        tmp_path / "run/checkpoints/best.safetensors", "every-second-layer-two-heads-layer-norm", Vocab("byte")
+    )
     from_checkpoint = export_checkpoint(tmp_path / "run", tmp_path / "from-checkpoint")
     names = {p.name for p in from_checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
@@ -141,8 +147,14 @@ def test_bpe_export_loads_with_trust_remote_code_in_a_fresh_process_and_pads(tmp
     assert config["pad_token_id"] == vocab.pad_id and config["eos_token_id"] == vocab.eod_id
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_srupp.SRUppForCausalLM"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", REMOTE_CODE_PROCESS, str(out), str(tmp_path / "result.json")],
-                          env=env, timeout=180, capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_PROCESS, str(out), str(tmp_path / "result.json")],
+        env=env,
+        timeout=180,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert "trust_remote_code=True" in result["refused"]

@@ -149,9 +149,17 @@ def test_trainer_lowers_the_loss(tmp_path):
     text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 12))
     rows = [{"input_ids": row, "labels": row} for row in (text[i : i + 32] for i in range(0, 320, 10))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=4, use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=4,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8])
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
@@ -179,8 +187,11 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-POOLINGS = {"bidirectional-mean": dict(bidirectional=True), "causal-last": dict(bidirectional=False),
-            "causal-mean": dict(classifier_pooling="mean")}  # fmt: skip
+POOLINGS = {
+    "bidirectional-mean": dict(bidirectional=True),
+    "causal-last": dict(bidirectional=False),
+    "causal-mean": dict(classifier_pooling="mean"),
+}
 
 
 @pytest.mark.parametrize("options", POOLINGS.values(), ids=POOLINGS.keys())
@@ -223,15 +234,24 @@ def test_sequence_classifier_loads_the_causal_lm_weights(assert_close, tmp_path)
 
 
 BAD_CALLS = {
-    "ids-and-embeds": (lambda m: m(torch.zeros(1, 2, dtype=torch.long), inputs_embeds=torch.zeros(1, 2, 32)),
-                       ValueError, "exactly one"),
+    "ids-and-embeds": (
+        lambda m: m(torch.zeros(1, 2, dtype=torch.long), inputs_embeds=torch.zeros(1, 2, 32)),
+        ValueError,
+        "exactly one",
+    ),
     "ids-shape": (lambda m: m(torch.zeros(3, dtype=torch.long)), ValueError, r"\[B, T\]"),
-    "mask-shape": (lambda m: m(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 2)), ValueError,
-                   "L >= T = 3"),
+    "mask-shape": (
+        lambda m: m(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 2)),
+        ValueError,
+        "L >= T = 3",
+    ),
     "cache-type": (lambda m: m(torch.zeros(1, 2, dtype=torch.long), cache=(1, 2)), TypeError, "SRUppCache"),
-    "labels-shape": (lambda m: m(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 2, dtype=torch.long)),
-                     ValueError, r"\[B, T\] = \[1, 3\]"),
-}  # fmt: skip
+    "labels-shape": (
+        lambda m: m(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 2, dtype=torch.long)),
+        ValueError,
+        r"\[B, T\] = \[1, 3\]",
+    ),
+}
 
 
 @pytest.mark.parametrize("call,error,message", BAD_CALLS.values(), ids=BAD_CALLS.keys())

@@ -8,16 +8,34 @@ from tests.helpers import assert_all_close
 CONFIGS = [
     pytest.param(LMConfig(hidden_size=32, proj_size=8, num_layers=2, dropout=0.0, attn_dropout=0.0), id="byte"),
     pytest.param(
-        LMConfig(vocab_size=120, hidden_size=32, proj_size=8, num_layers=3, attention_every_n_layers=2,
-                 cutoffs=[20, 60], div_value=2.0, dropout=0.0, attn_dropout=0.0),
+        LMConfig(
+            vocab_size=120,
+            hidden_size=32,
+            proj_size=8,
+            num_layers=3,
+            attention_every_n_layers=2,
+            cutoffs=[20, 60],
+            div_value=2.0,
+            dropout=0.0,
+            attn_dropout=0.0,
+        ),
         id="adaptive",
     ),
     pytest.param(
-        LMConfig(vocab_size=120, hidden_size=32, proj_size=8, num_layers=2, cutoffs=[20, 60], embed_size=16,
-                 div_value=2.0, dropout=0.0, attn_dropout=0.0),
+        LMConfig(
+            vocab_size=120,
+            hidden_size=32,
+            proj_size=8,
+            num_layers=2,
+            cutoffs=[20, 60],
+            embed_size=16,
+            div_value=2.0,
+            dropout=0.0,
+            attn_dropout=0.0,
+        ),
         id="adaptive-projected",
     ),
-]  # fmt: skip
+]
 
 
 def with_attention(model: SRUppLM) -> SRUppLM:
@@ -96,8 +114,13 @@ def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
         "compiled": (compiled, compiled_state),
         "torch": (reference, reference_state),
     }.items():
-        assert_all_close([f"{name} log_probs", f"{name} c"], [got, got_state.c], [torch.stack(functional), state.c],
-                         atol=1e-5, rtol=1e-4)  # fmt: skip
+        assert_all_close(
+            [f"{name} log_probs", f"{name} c"],
+            [got, got_state.c],
+            [torch.stack(functional), state.c],
+            atol=1e-5,
+            rtol=1e-4,
+        )
         for have, want in zip(got_state.keys, state.keys, strict=True):
             assert (have is None) == (want is None) and (have is None or torch.allclose(have, want, atol=1e-5))
     calls.clear()

@@ -219,8 +219,10 @@ def test_lower_right_bias_and_blocks_equal_the_masked_path_with_gradients(
     mask_pad = mask_pad if padding else None
     upstream = torch.randn(steps, batch, 7)
     results = []
-    for run in (lambda: module(x, mask_pad=mask_pad, causal=True, memory=old, attn_window=window),
-                lambda: masked_reference(module, x, old, mask_pad, True, window)):  # fmt: skip
+    for run in (
+        lambda: module(x, mask_pad=mask_pad, causal=True, memory=old, attn_window=window),
+        lambda: masked_reference(module, x, old, mask_pad, True, window),
+    ):
         module.zero_grad()
         out = run()
         out.backward(upstream)

@@ -147,10 +147,16 @@ def test_bidirectional_output_and_state_order_match_the_spec(assert_close):
         layer = model.layers[0]
         u = layer.transform(x, causal=False)  # a bidirectional layer attends both ways
         spec = [
-            sru_recurrence_naive(u[..., 15 * d : 15 * (d + 1)], u[..., 30 + 5 * d : 35 + 5 * d],
-                                 layer.gates.weight[d], layer.gates.bias[d], c0[d], reverse=d == 1)
+            sru_recurrence_naive(
+                u[..., 15 * d : 15 * (d + 1)],
+                u[..., 30 + 5 * d : 35 + 5 * d],
+                layer.gates.weight[d],
+                layer.gates.bias[d],
+                c0[d],
+                reverse=d == 1,
+            )
             for d in range(2)
-        ]  # fmt: skip
+        ]
         h1, c1 = model.layers[1](torch.cat([spec[0][0], spec[1][0]], dim=-1), c0[2:4])
     assert output.shape == (4, 2, 10) and state.c.shape == (4, 2, 5)
     assert_close(state.c[0:2], torch.stack([spec[0][1], spec[1][1]]), name="layer 0 c")
@@ -282,34 +288,83 @@ BAD_CALLS = {
     "input-dims": (lambda m: m(torch.randn(4, 6)), ValueError, "input"),
     "input-type": (lambda m: m([1.0]), TypeError, "torch.Tensor"),
     "state-shape": (lambda m: m(torch.randn(4, 2, 6), torch.zeros(2, 3, 8)), ValueError, r"\[2, 2, 8\]"),
-    "mask-shape": (lambda m: m(torch.randn(4, 2, 6), mask_pad=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
-                   r"\[T, B\] = \[4, 2\]"),
+    "mask-shape": (
+        lambda m: m(torch.randn(4, 2, 6), mask_pad=torch.zeros(2, 4, dtype=torch.bool)),
+        ValueError,
+        r"\[T, B\] = \[4, 2\]",
+    ),
     "mask-dtype": (lambda m: m(torch.randn(4, 2, 6), mask_pad=torch.zeros(4, 2)), TypeError, "bool"),
     "memory-length": (lambda m: m(torch.randn(4, 2, 6), memory=[None]), ValueError, "one entry per layer"),
-    "memory-batch": (lambda m: m(torch.randn(4, 2, 6), memory=[torch.randn(3, 5, 6), None]), ValueError,
-                     "batch size B = 2"),
-    "memory-width": (lambda m: m(torch.randn(4, 2, 6), memory=[None, torch.randn(3, 2, 6)]), ValueError,
-                     r"\[M, B, 8\]"),
+    "memory-batch": (
+        lambda m: m(torch.randn(4, 2, 6), memory=[torch.randn(3, 5, 6), None]),
+        ValueError,
+        "batch size B = 2",
+    ),
+    "memory-width": (
+        lambda m: m(torch.randn(4, 2, 6), memory=[None, torch.randn(3, 2, 6)]),
+        ValueError,
+        r"\[M, B, 8\]",
+    ),
     "memory-type": (lambda m: m(torch.randn(4, 2, 6), memory=torch.randn(3, 2, 6)), TypeError, "list"),
     "window-type": (lambda m: m(torch.randn(4, 2, 6), attn_window=2.0), TypeError, "attn_window"),
     "decode-batch": (lambda m: m.step(torch.randn(1, 3, 6), m.init_decode_state(2)), ValueError, "state.c"),
     "decode-type": (lambda m: m.step(torch.randn(1, 2, 6), torch.zeros(2, 2, 8)), TypeError, "SRUppState"),
-    "memory-twice": (lambda m: m(torch.randn(4, 2, 6), m(torch.randn(3, 2, 6))[1], memory=[None, None]),
-                     ValueError, "memory once"),
-    "cache-shape": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), keys=[torch.zeros(2, 1, 3, 3),
-                    None], values=[torch.zeros(2, 1, 3, 3), None])), ValueError, r"\[2, 1, S, 4\]"),
-    "memory-and-cache": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
-                         memory=[torch.zeros(3, 2, 6), None], keys=[torch.zeros(2, 1, 3, 4), None],
-                         values=[torch.zeros(2, 1, 3, 4), None])), ValueError, "keep one"),
-    "key-pad-length": (lambda m: m(torch.randn(4, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
-                       key_pad=torch.zeros(2, 4, dtype=torch.bool))), ValueError, r"\[B, S\] = \[2, \[3\]\]"),
-    "key-pad-dtype": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY,
-                      key_pad=torch.zeros(2, 3))), TypeError, "bool"),
-    "key-pad-alone": (lambda m: m.step(torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8),
-                      key_pad=torch.zeros(2, 3, dtype=torch.bool))), ValueError, "no memory or cache"),
-    "decode-mask-shape": (lambda m: m.step(torch.randn(3, 2, 6), m.init_decode_state(2),
-                          mask_pad=torch.zeros(2, 3, dtype=torch.bool)), ValueError, r"\[T, B\] = \[3, 2\]"),
-}  # fmt: skip
+    "memory-twice": (
+        lambda m: m(torch.randn(4, 2, 6), m(torch.randn(3, 2, 6))[1], memory=[None, None]),
+        ValueError,
+        "memory once",
+    ),
+    "cache-shape": (
+        lambda m: m(
+            torch.randn(4, 2, 6),
+            SRUppState(
+                torch.zeros(2, 2, 8), keys=[torch.zeros(2, 1, 3, 3), None], values=[torch.zeros(2, 1, 3, 3), None]
+            ),
+        ),
+        ValueError,
+        r"\[2, 1, S, 4\]",
+    ),
+    "memory-and-cache": (
+        lambda m: m.step(
+            torch.randn(1, 2, 6),
+            SRUppState(
+                torch.zeros(2, 2, 8),
+                memory=[torch.zeros(3, 2, 6), None],
+                keys=[torch.zeros(2, 1, 3, 4), None],
+                values=[torch.zeros(2, 1, 3, 4), None],
+            ),
+        ),
+        ValueError,
+        "keep one",
+    ),
+    "key-pad-length": (
+        lambda m: m(
+            torch.randn(4, 2, 6),
+            SRUppState(torch.zeros(2, 2, 8), memory=MEMORY, key_pad=torch.zeros(2, 4, dtype=torch.bool)),
+        ),
+        ValueError,
+        r"\[B, S\] = \[2, \[3\]\]",
+    ),
+    "key-pad-dtype": (
+        lambda m: m.step(
+            torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), memory=MEMORY, key_pad=torch.zeros(2, 3))
+        ),
+        TypeError,
+        "bool",
+    ),
+    "key-pad-alone": (
+        lambda m: m.step(
+            torch.randn(1, 2, 6), SRUppState(torch.zeros(2, 2, 8), key_pad=torch.zeros(2, 3, dtype=torch.bool))
+        ),
+        ValueError,
+        "no memory or cache",
+    ),
+    "decode-mask-shape": (
+        lambda m: m.step(torch.randn(3, 2, 6), m.init_decode_state(2), mask_pad=torch.zeros(2, 3, dtype=torch.bool)),
+        ValueError,
+        r"\[T, B\] = \[3, 2\]",
+    ),
+}
 
 
 @pytest.mark.parametrize("call,error,message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
@@ -438,9 +493,10 @@ CONTAMINATED = {
     "causal": dict(causal=True),
     "bidirectional-attention": dict(causal=False),
     "bidirectional-recurrence": dict(causal=False, bidirectional=True, hidden_size=3),
-    "memory-layer-norm-every-second": dict(causal=True, memory=True, layer_norm=True, num_layers=3,
-                                           attention_every_n_layers=2),
-}  # fmt: skip
+    "memory-layer-norm-every-second": dict(
+        causal=True, memory=True, layer_norm=True, num_layers=3, attention_every_n_layers=2
+    ),
+}
 
 
 @pytest.mark.parametrize("case", CONTAMINATED.values(), ids=CONTAMINATED.keys())

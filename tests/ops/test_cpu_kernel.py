@@ -36,8 +36,9 @@ def library_flags() -> list[str]:
 
 
 def disassembly(library: str) -> str:
-    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
+    return subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def widest_register(operands: str) -> str | None:

@@ -38,8 +38,10 @@ def nodes_and_results(backend: str, steps: int, batch: int, hidden: int, *, trac
     u, x, v, b, c0 = make_inputs(steps, batch, hidden, dtype=torch.float64)
     mask_pad, mask_c = make_mask_pad(steps, batch), make_mask_c(batch, hidden).double()
     generator = torch.Generator().manual_seed(1)
-    upstream = [torch.randn(steps, batch, hidden, generator=generator, dtype=torch.float64),
-                torch.randn(batch, hidden, generator=generator, dtype=torch.float64)]  # fmt: skip
+    upstream = [
+        torch.randn(steps, batch, hidden, generator=generator, dtype=torch.float64),
+        torch.randn(batch, hidden, generator=generator, dtype=torch.float64),
+    ]
     nodes = []
 
     def run(u, x, v, b, c0):
@@ -83,7 +85,9 @@ def test_lean_path_with_only_one_output_used(backend, interpreter):
     """Autograd hands None for an output nobody differentiates: the backward takes it as zeros, as the spec does."""
     u, x, v, b, c0 = make_inputs(4, 2, 6, dtype=torch.float64)
     for pick in (0, 1):
-        grads = [torch.autograd.grad(sru_recurrence(*leaves, backend=name)[pick].sum(), leaves, materialize_grads=True)
-                 for name in (backend, "naive")
-                 for leaves in [[t.clone().requires_grad_() for t in (u, x, v, b, c0)]]]  # fmt: skip
+        grads = [
+            torch.autograd.grad(sru_recurrence(*leaves, backend=name)[pick].sum(), leaves, materialize_grads=True)
+            for name in (backend, "naive")
+            for leaves in [[t.clone().requires_grad_() for t in (u, x, v, b, c0)]]
+        ]
         assert_all_close(NAMES[2:], list(grads[0]), list(grads[1]), atol=1e-10, rtol=1e-9)

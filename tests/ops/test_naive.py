@@ -48,8 +48,9 @@ def test_naive_matches_scalar_equations(reverse):
     mask_pad[:, 2] = True
     mask_c = (torch.rand(batch, hidden, generator=gen) > 0.5).double() * 2
     h, c_last = sru_recurrence_naive(u, x, v, b, c0, mask_pad, mask_c, reverse)
-    h_ref, c_ref = scalar_reference(u.tolist(), x.tolist(), v.tolist(), b.tolist(), c0.tolist(), mask_pad.tolist(),
-                                    mask_c.tolist(), reverse)  # fmt: skip
+    h_ref, c_ref = scalar_reference(
+        u.tolist(), x.tolist(), v.tolist(), b.tolist(), c0.tolist(), mask_pad.tolist(), mask_c.tolist(), reverse
+    )
     torch.testing.assert_close(h, h_ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(c_last, c_ref, atol=1e-12, rtol=1e-12)
 

@@ -58,9 +58,16 @@ def test_scan_matches_the_spec(tmp_path, reverse, use_pad, use_mask_c, save_c):
     names = list(example)
     path = tmp_path / "op.onnx"
     torch.onnx.export(
-        OneOp(reverse, save_c).eval(), (), str(path), kwargs=example, dynamic_shapes=dynamic, input_names=names,
-        custom_translation_table=translation_table(), dynamo=True, verbose=False,
-    )  # fmt: skip
+        OneOp(reverse, save_c).eval(),
+        (),
+        str(path),
+        kwargs=example,
+        dynamic_shapes=dynamic,
+        input_names=names,
+        custom_translation_table=translation_table(),
+        dynamo=True,
+        verbose=False,
+    )
     session = ort.InferenceSession(str(path))
     for steps, batch, seed in [(9, 2, 1), (1, 4, 2), (4, 1, 3)]:
         u, x, v, b, c0 = make_inputs(steps, batch, D, seed=seed)

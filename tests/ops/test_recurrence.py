@@ -53,13 +53,16 @@ def compare_backends(steps, batch, hidden, *, use_c0, pad, drop, reverse, dtype=
     mask_pad = make_mask_pad(steps, batch, seed) if pad else None
     mask_c = make_mask_c(batch, hidden, seed=seed).to(dtype) if drop else None
     gen = torch.Generator().manual_seed(seed + 1)
-    upstream = [torch.randn(steps, batch, hidden, generator=gen, dtype=dtype),
-                torch.randn(batch, hidden, generator=gen, dtype=dtype)]  # fmt: skip
+    upstream = [
+        torch.randn(steps, batch, hidden, generator=gen, dtype=dtype),
+        torch.randn(batch, hidden, generator=gen, dtype=dtype),
+    ]
 
     def run(backend):
         def fn(u, x, v, b, c0):
-            return sru_recurrence(u, x, v, b, c0 if use_c0 else None, mask_pad=mask_pad, mask_c=mask_c,
-                                  reverse=reverse, backend=backend)  # fmt: skip
+            return sru_recurrence(
+                u, x, v, b, c0 if use_c0 else None, mask_pad=mask_pad, mask_c=mask_c, reverse=reverse, backend=backend
+            )
 
         return outputs_and_grads(fn, [u, x, v, b, c0], upstream)
 
@@ -350,8 +353,10 @@ def test_nan_in_real_input_propagates(isa, gate, force_isa):
     u, x, v, b, c0 = make_inputs(4, 2, 19)
     u[1, 0, 19 * (1 if gate == "forget" else 2) + 3] = float("nan")
     upstream = [torch.randn(4, 2, 19, generator=torch.Generator().manual_seed(1)), torch.ones(2, 19)]
-    fast, spec = (outputs_and_grads(lambda *a, backend=backend: sru_recurrence(*a, backend=backend),
-                                    [u, x, v, b, c0], upstream) for backend in ("cpu", "naive"))  # fmt: skip
+    fast, spec = (
+        outputs_and_grads(lambda *a, backend=backend: sru_recurrence(*a, backend=backend), [u, x, v, b, c0], upstream)
+        for backend in ("cpu", "naive")
+    )
     h, c_last = fast[:2]
     if gate == "forget":
         assert torch.isnan(h[1:, 0, 3]).all() and torch.isnan(c_last[0, 3])
@@ -387,8 +392,17 @@ def half_case(case: str, dtype: torch.dtype, backend: str) -> list[Tensor]:
     u, x, *upstream = (t.to(dtype).to(storage) for t in (u, x, *upstream))  # c_last comes back in u's dtype
 
     def fn(u, x, v, b, c0):
-        return sru_recurrence(u, x, v, b, c0 if option["use_c0"] else None, mask_pad=mask_pad, mask_c=mask_c,
-                              reverse=option["reverse"], backend=backend)  # fmt: skip
+        return sru_recurrence(
+            u,
+            x,
+            v,
+            b,
+            c0 if option["use_c0"] else None,
+            mask_pad=mask_pad,
+            mask_c=mask_c,
+            reverse=option["reverse"],
+            backend=backend,
+        )
 
     return outputs_and_grads(fn, [u, x, v, b, c0], upstream)
 
@@ -402,10 +416,16 @@ def test_every_isa_variant_stores_half_precision(isa, case, dtype, force_isa):
     spec = half_case(case, dtype, "naive")
     assert [t.dtype for t in fast] == [dtype] * 4 + [torch.float32] * 3  # h, c_last, grad_u, grad_x; the rest
     stored, summed = [0, 1, 2, 3], [4, 5, 6]
-    assert_all_close([NAMES[i] for i in stored], [fast[i] for i in stored], [spec[i] for i in stored],
-                     atol=2e-5, rtol=HALF_RTOL[dtype])  # fmt: skip
-    assert_all_close([NAMES[i] for i in summed], [fast[i] for i in summed], [spec[i] for i in summed],
-                     atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert_all_close(
+        [NAMES[i] for i in stored],
+        [fast[i] for i in stored],
+        [spec[i] for i in stored],
+        atol=2e-5,
+        rtol=HALF_RTOL[dtype],
+    )
+    assert_all_close(
+        [NAMES[i] for i in summed], [fast[i] for i in summed], [spec[i] for i in summed], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_forced_isa_is_checked(monkeypatch, force_isa):
@@ -436,8 +456,14 @@ def test_kernel_info_when_missing(monkeypatch):
     info = library.cpu_kernel_info()
     info.pop("cache_bytes")
     assert info.pop("bf16_matmul") in ("amx", "avx512_bf16", None)  # torch's answer, without the library
-    assert info == {"loaded": False, "isa": None, "available": [], "threads": torch.get_num_threads(),
-                    "threading": None, "reason": "the compiled kernel is missing"}  # fmt: skip
+    assert info == {
+        "loaded": False,
+        "isa": None,
+        "available": [],
+        "threads": torch.get_num_threads(),
+        "threading": None,
+        "reason": "the compiled kernel is missing",
+    }
 
 
 # ---- padding holds garbage --------------------------------------------------------------------------------
@@ -537,8 +563,9 @@ def test_raw_ops_check_inputs(case):
     with pytest.raises(error, match=message):
         torch.ops.srupp.sru_cpu_forward(*order, False, True)
     good_args = raw_args()
-    _, _, c_all = torch.ops.srupp.sru_cpu_forward(*(good_args[n] for n in ("u", "x", "v", "b", "c0")), None, None,
-                                                  False, True)  # fmt: skip
+    _, _, c_all = torch.ops.srupp.sru_cpu_forward(
+        *(good_args[n] for n in ("u", "x", "v", "b", "c0")), None, None, False, True
+    )
     grads = [torch.ones(T, B, D), torch.ones(B, D)]
     with pytest.raises(error, match=message):
         torch.ops.srupp.sru_cpu_backward(*order, c_all, *grads, False)
@@ -617,8 +644,13 @@ def test_interleaved_steps_with_cached_outputs_match_naive(cache):
             reference = [t.detach().clone().requires_grad_() for t in inputs]
             h_ref, _ = sru_recurrence(*reference, backend="naive")
             (h_ref * upstream).sum().backward()
-            assert_all_close(["h", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"], [h] + [t.grad for t in inputs],
-                             [h_ref] + [t.grad for t in reference], atol=1e-4, rtol=1e-4)  # fmt: skip
+            assert_all_close(
+                ["h", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"],
+                [h] + [t.grad for t in inputs],
+                [h_ref] + [t.grad for t in reference],
+                atol=1e-4,
+                rtol=1e-4,
+            )
         del h1, c1, h2, c2
 
 

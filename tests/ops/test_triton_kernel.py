@@ -162,9 +162,17 @@ HALF_CASES = [
 @pytest.mark.parametrize("dtype, param_dtype", HALF_CASES)
 def test_half_inputs_match_naive_in_float32(device, dtype, param_dtype, reverse):
     case = make_case(
-        5, 3, 33, device=device, dtype=dtype, param_dtype=param_dtype,
-        with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse,
-    )  # fmt: skip
+        5,
+        3,
+        33,
+        device=device,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        with_c0=True,
+        with_pad=True,
+        with_mask_c=True,
+        reverse=reverse,
+    )
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
     h, c_last, grad_u, grad_x, grad_v, grad_b, grad_c0 = check(
         case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32
@@ -228,9 +236,15 @@ def test_no_grad_forward_equals_grad_forward(device):
     case = make_case(5, 3, 33, device=device, with_c0=True, with_pad=True, with_mask_c=True)
     with torch.no_grad():
         h, c_last = sru_recurrence(
-            case["u"], case["x"], case["v"], case["b"], case["c0"],
-            mask_pad=case["mask_pad"], mask_c=case["mask_c"], backend="triton",
-        )  # fmt: skip
+            case["u"],
+            case["x"],
+            case["v"],
+            case["b"],
+            case["c0"],
+            mask_pad=case["mask_pad"],
+            mask_c=case["mask_c"],
+            backend="triton",
+        )
     result = run(case, backend="triton")
     assert torch.equal(h, result[0]) and torch.equal(c_last, result[1])
 
@@ -285,8 +299,9 @@ def test_pipeline_depths_match_naive(device, stages, dtype, shape, options):
 def test_padded_steps_ignore_what_they_hold(device, poison, dtype, reverse):
     """NaN or inf in a padded step's u or x reaches no output and no gradient: the result equals the naive
     spec's on the same inputs with zeros there (padding selects, it does not multiply)."""
-    case = make_case(7, 3, 33, device=device, dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True,
-                     reverse=reverse)  # fmt: skip
+    case = make_case(
+        7, 3, 33, device=device, dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse
+    )
     pad = case["mask_pad"].unsqueeze(-1)
     clean = {**case, "u": case["u"].masked_fill(pad, 0.0), "x": case["x"].masked_fill(pad, 0.0)}
     poisoned = {**case, "u": case["u"].masked_fill(pad, poison), "x": case["x"].masked_fill(pad, poison)}
@@ -355,8 +370,9 @@ def test_cuda_fast_sigmoid_error_is_bounded(dtype):
     """16-bit activations take the sigmoid's reciprocal from rcp.approx.ftz.f32 (1 ulp of float32, against 2 for
     the division it replaces): the lean kernels' error against the spec in float64 stays within one rounding of
     the 16-bit output, and they agree with the legacy kernels (exact division) to two roundings."""
-    case = make_case(256, 4, 96, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True,
-                     with_mask_c=True)  # fmt: skip
+    case = make_case(
+        256, 4, 96, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True
+    )
     expected = run(case, backend="naive", dtype=torch.float64)
     results = {}
     for variant in triton_kernel.VARIANTS:

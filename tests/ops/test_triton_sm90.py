@@ -33,8 +33,11 @@ ONE_WARP = {"fp32": ("fp32", 32, 1), "bf16": ("bf16", 64, 1)}
 # SASS instructions per time step in the lean kernels' main loop (issue 21's targets), without padding and
 # mask_c as benchmarks.gpu times them (and as issue 21 counted the legacy loop: 117, 166, 194, 274 with 3.6).
 PER_STEP_BUDGET = {
-    ("forward", "fp32"): 60, ("forward", "bf16"): 95, ("backward", "fp32"): 110, ("backward", "bf16"): 160,
-}  # fmt: skip
+    ("forward", "fp32"): 60,
+    ("forward", "bf16"): 95,
+    ("backward", "fp32"): 110,
+    ("backward", "bf16"): 160,
+}
 KERNELS = {
     ("legacy", "forward"): "_sru_forward_kernel",
     ("legacy", "backward"): "_sru_backward_kernel",
@@ -69,9 +72,14 @@ def compile_sm90(
     activation, block, warps = config or ALL_CONFIGS[dtype]
     compute = "fp64" if dtype == "fp64" else "fp32"
     pointers = {
-        "u": activation, "x": activation, "h": activation, "grad_h": activation, "grad_u": activation,
-        "grad_x": activation, "mask_pad": "i32",
-    }  # fmt: skip
+        "u": activation,
+        "x": activation,
+        "h": activation,
+        "grad_h": activation,
+        "grad_u": activation,
+        "grad_x": activation,
+        "mask_pad": "i32",
+    }
     kernel = getattr(triton_kernel, KERNELS[variant, kind])
     constexprs = {"HAS_MASK_PAD": masks, "HAS_MASK_C": masks, "REVERSE": reverse, "BLOCK_D": block, "STAGES": stages}
     if kind == "forward":
@@ -113,8 +121,10 @@ def ptxas_report(ptx: str, tmp_path: Path) -> str:
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
     result = subprocess.run(
         [str(ptxas), "-v", f"--gpu-name={arch}", str(source), "-o", str(tmp_path / "kernel.cubin")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 

@@ -92,8 +92,9 @@ def test_carried_state_round_trips_through_tensors():
     from srupp.train.checkpoint import carry_from_tensors, carry_to_tensors
     from tests.models.test_lm import with_attention  # alpha != 0, so the carried memory matters
 
-    model = with_attention(SRUppLM(LMConfig(hidden_size=16, proj_size=4, num_layers=3, attention_every_n_layers=2,
-                                            dropout=0.0))).eval()  # fmt: skip
+    model = with_attention(
+        SRUppLM(LMConfig(hidden_size=16, proj_size=4, num_layers=3, attention_every_n_layers=2, dropout=0.0))
+    ).eval()
     tokens = torch.randint(0, 256, (12, 2))
     _, state = model(tokens[:6])
     tensors = carry_to_tensors(state)

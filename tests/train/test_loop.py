@@ -97,8 +97,9 @@ def test_mixed_precision_bf16_on_cpu(tiny_cfg, precision):
     assert all(math.isfinite(x) for x in result.losses)
 
 
-@pytest.mark.parametrize(("found", "expected"), [("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16),
-                                                 (None, None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("found", "expected"), [("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16), (None, None)]
+)
 def test_precision_auto_is_bf16_where_the_cpu_multiplies_in_bf16(monkeypatch, found, expected):
     monkeypatch.setattr(loop, "bf16_matmul", lambda: found)
     cpu = torch.device("cpu")
@@ -115,8 +116,15 @@ def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):
         text = "".join(f" the cat {'sat' if i % 3 else 'ran'} on mat {i % 7} \n" for i in range(lines))
         (tmp_path / "wt" / f"wiki.{split}.tokens").write_text(text)
     corpus = prepare_wikitext103(tmp_path / "wt", tmp_path / "wt-data")
-    cfg = tiny_cfg(data=corpus.path, max_steps=3, eval_every=3, cutoffs="[4, 8]", embed_size=16, div_value=2.0,
-                   vocab_size=corpus.vocab.size)  # fmt: skip
+    cfg = tiny_cfg(
+        data=corpus.path,
+        max_steps=3,
+        eval_every=3,
+        cutoffs="[4, 8]",
+        embed_size=16,
+        div_value=2.0,
+        vocab_size=corpus.vocab.size,
+    )
     result = train(cfg)
     assert "valid_ppl" in result.valid[-1] and result.model.config.vocab_size == corpus.vocab.size
     model, _, vocab, _ = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")
