@@ -45,6 +45,11 @@ def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _input_pointers(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int | None, ...]:
+    """The addresses of the recurrence's inputs, in the order both kernels take them."""
+    return u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c)
+
+
 def _threads() -> int:
     """torch's thread count; the kernel starts fewer where the work is too small to share."""
     return max(1, torch.get_num_threads())
@@ -103,13 +108,7 @@ def launch_forward(
     c_last = torch.empty_like(c0)
     c_all = new_output(c0, x.shape) if save_c else c0.new_empty(0)
     forward(
-        u.data_ptr(),
-        x.data_ptr(),
-        v.data_ptr(),
-        b.data_ptr(),
-        c0.data_ptr(),
-        _ptr(mask_pad),
-        _ptr(mask_c),
+        *_input_pointers(u, x, v, b, c0, mask_pad, mask_c),
         h.data_ptr(),
         c_all.data_ptr() if save_c else None,
         c_last.data_ptr(),
@@ -155,13 +154,7 @@ def launch_backward(
     grad_vb = c0.new_empty(batch, 4, hidden)
     grad_c0 = torch.empty_like(c0)
     backward(
-        u.data_ptr(),
-        x.data_ptr(),
-        v.data_ptr(),
-        b.data_ptr(),
-        c0.data_ptr(),
-        _ptr(mask_pad),
-        _ptr(mask_c),
+        *_input_pointers(u, x, v, b, c0, mask_pad, mask_c),
         c_all.data_ptr(),
         grad_h.data_ptr(),
         grad_c_last.data_ptr(),
