@@ -109,9 +109,13 @@ def test_export_onnx_runs_in_onnxruntime(trained_run, tmp_path, capsys):
 
 
 BASE_ARGV = {
-    "train": [], "eval": ["run"], "generate": ["run"], "demo": [],
-    "data prepare": ["text", "--out", "x"], "export": ["hf", "run", "out"],
-}  # fmt: skip
+    "train": [],
+    "eval": ["run"],
+    "generate": ["run"],
+    "demo": [],
+    "data prepare": ["text", "--out", "x"],
+    "export": ["hf", "run", "out"],
+}
 
 
 def _subparsers(parser):
@@ -135,8 +139,12 @@ def test_every_option_has_both_spellings():
                 continue
             value = [] if action.nargs == 0 else [str(action.default if action.default is not None else 1)]
             dashed = [*command.split(), *BASE_ARGV[command], long[0], *value]
-            underscored = [*command.split(), *BASE_ARGV[command], long[0].replace("-", "_").replace("__", "--", 1),
-                           *value]  # fmt: skip
+            underscored = [
+                *command.split(),
+                *BASE_ARGV[command],
+                long[0].replace("-", "_").replace("__", "--", 1),
+                *value,
+            ]
             assert parser.parse_known_args(normalize_argv(underscored)) == parser.parse_known_args(dashed), dashed
             checked += 1
     assert checked >= 10
@@ -226,8 +234,8 @@ def test_prepare_refuses_bad_input_in_one_line(tmp_path, capsys, extra, message)
 
 @pytest.mark.slow
 def test_tiny_learns_in_200_steps(corpus, tmp_path, capsys):
-    argv = ["train", "--config", "tiny", "--data", str(corpus), "--out_dir", str(tmp_path / "run"), "--progress",
-            "false", "--max_steps", "200", "--eval_every", "200", "--eval_tokens", "2048"]  # fmt: skip
+    options = ["--progress", "false", "--max_steps", "200", "--eval_every", "200", "--eval_tokens", "2048"]
+    argv = ["train", "--config", "tiny", "--data", str(corpus), "--out_dir", str(tmp_path / "run"), *options]
     assert main(argv) == 0
     bpc = float(capsys.readouterr().out.split("done: step 200, valid bpc ")[1].split(",")[0])
     assert bpc < 5.0  # a uniform guess is 8 bits per byte

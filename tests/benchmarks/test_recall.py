@@ -60,8 +60,8 @@ def test_the_answers_cannot_be_known_without_the_pairs():
     train_in, train_out = make_batch(torch.Generator().manual_seed(0), 4000, seq_len, pairs, vocab)
     by_key, by_position = defaultdict(Counter), defaultdict(Counter)
     query = train_out != IGNORE
-    for key, position, value in zip(train_in[query].tolist(), query.nonzero()[:, 1].tolist(),
-                                    train_out[query].tolist(), strict=True):  # fmt: skip
+    positions = query.nonzero()[:, 1].tolist()
+    for key, position, value in zip(train_in[query].tolist(), positions, train_out[query].tolist(), strict=True):
         by_key[key][value] += 1
         by_position[position][value] += 1
     test_in, test_out = make_batch(torch.Generator().manual_seed(1), 1000, seq_len, pairs, vocab)
@@ -115,8 +115,8 @@ def test_default_models_have_equal_parameter_counts_within_ten_percent():
 def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     # One thread: tiny matmuls with several OpenMP threads crawl on a busy shared machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    command = [sys.executable, "-m", "benchmarks.recall", "--quick", "--threads", "1", "--device", "cpu",
-               "--out-dir", str(tmp_path)]  # fmt: skip
+    options = ["--quick", "--threads", "1", "--device", "cpu"]
+    command = [sys.executable, "-m", "benchmarks.recall", *options, "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "recall.json").read_text())
@@ -142,8 +142,8 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
 def test_a_budget_too_small_for_any_run_skips_them_and_still_writes_the_outputs(tmp_path):
     from benchmarks.recall import main
 
-    code = main(["--budget-s", "4", "--seq-len", "16", "--pairs", "2", "4", "--width", "16", "--batch", "4",
-                 "--eval-sequences", "4", "--device", "cpu", "--out-dir", str(tmp_path)])  # fmt: skip
+    task = ["--budget-s", "4", "--seq-len", "16", "--pairs", "2", "4", "--width", "16", "--batch", "4"]
+    code = main([*task, "--eval-sequences", "4", "--device", "cpu", "--out-dir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "recall.json").read_text())
     assert [run["status"] for run in report["runs"]] == ["skipped"] * 15 and report["results"] == {}

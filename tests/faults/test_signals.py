@@ -29,10 +29,15 @@ def _wait_for(predicate, proc, timeout=60.0):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_train_checkpoints_the_step_and_exits_with_one_line(corpus, tmp_path, signum):
     run = tmp_path / "run"
-    argv = ["--config", "tiny", "--data", str(corpus), "--out_dir", str(run), "--progress", "false",
-            "--max_steps", "100000", "--eval_every", "100000", "--num_threads", "1"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "srupp", "train", *argv], env=ENV, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    options = ["--progress", "false", "--max_steps", "100000", "--eval_every", "100000", "--num_threads", "1"]
+    argv = ["--config", "tiny", "--data", str(corpus), "--out_dir", str(run), *options]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "srupp", "train", *argv],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     metrics = run / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signum)
@@ -59,8 +64,13 @@ HOLD = textwrap.dedent(
 
 def _signal_midway(tmp_path, patch: str, argv: list[str]) -> tuple[int, str]:
     """Run ``srupp argv`` with ``patch`` making one write print "writing" and wait; SIGTERM it then."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(patch=textwrap.dedent(patch)), *argv], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(patch=textwrap.dedent(patch)), *argv],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "writing", proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -79,8 +89,9 @@ def test_sigterm_during_prepare_removes_its_temporary_files(tmp_path):
         time.sleep(60)
     corpus._write_file = slow
     """
-    code, err = _signal_midway(tmp_path, patch, ["data", "prepare", "text", "--source", str(source),
-                                                 "--out", str(tmp_path / "out")])  # fmt: skip
+    code, err = _signal_midway(
+        tmp_path, patch, ["data", "prepare", "text", "--source", str(source), "--out", str(tmp_path / "out")]
+    )
     assert code == 143 and err.strip().splitlines() == ["srupp data: interrupted by SIGTERM"]
     assert snapshot(tmp_path / "out") == {}
 

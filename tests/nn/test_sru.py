@@ -13,10 +13,14 @@ def make(seed=0, **kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(bidirectional=True, hidden_size=3), dict(input_size=5, hidden_size=7, projection_size=3),
-     dict(layer_norm=True, num_layers=3)],
+    [
+        dict(),
+        dict(bidirectional=True, hidden_size=3),
+        dict(input_size=5, hidden_size=7, projection_size=3),
+        dict(layer_norm=True, num_layers=3),
+    ],
     ids=["plain", "bidirectional", "skip-projection-low-rank", "layer-norm"],
-)  # fmt: skip
+)
 def test_fast_backend_equals_naive(assert_close, kwargs):
     fast, naive = make(**kwargs), make(**kwargs, backend="naive")
     x = torch.randn(5, 2, kwargs.get("input_size", 6))
@@ -101,7 +105,14 @@ def test_set_backend_and_state_dict_keys():
     assert [layer.backend for layer in model.layers] == ["naive", "naive"]
     # The keys of srupp 0.1's SRUCell layers, so saved SRU weights still load.
     assert sorted(model.state_dict()) == sorted(
-        f"layers.{i}.{name}" for i in range(2) for name in
-        ("transform.0.weight", "transform.1.weight", "input_norm.weight", "input_norm.bias", "gates.weight",
-         "gates.bias")
-    )  # fmt: skip
+        f"layers.{i}.{name}"
+        for i in range(2)
+        for name in (
+            "transform.0.weight",
+            "transform.1.weight",
+            "input_norm.weight",
+            "input_norm.bias",
+            "gates.weight",
+            "gates.bias",
+        )
+    )
