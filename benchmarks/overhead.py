@@ -24,14 +24,18 @@ import torch
 from benchmarks.common import RESULTS, provenance, write_json
 
 
+def random_leaves(steps: int, batch: int, hidden: int) -> list[torch.Tensor]:
+    """u, x, v, b and c0 drawn from a fixed seed, each requiring its gradient."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((steps, batch, 3 * hidden), (steps, batch, hidden), (2, hidden), (2, hidden), (batch, hidden))
+    return [torch.randn(*shape, generator=generator).requires_grad_() for shape in shapes]
+
+
 def op_step(backend: str, steps: int, batch: int, hidden: int) -> Callable[[], object]:
     """The public op's forward and backward (``torch.autograd.grad`` of h and c_last to all five inputs)."""
     from srupp.ops import sru_recurrence
 
-    generator = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(*shape, generator=generator).requires_grad_()
-              for shape in ((steps, batch, 3 * hidden), (steps, batch, hidden), (2, hidden), (2, hidden),
-                            (batch, hidden))]  # fmt: skip
+    leaves = random_leaves(steps, batch, hidden)
     grad_h, grad_c = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
 
     def step():
@@ -51,8 +55,23 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
         @staticmethod
         def forward(ctx, u, x, v, b, c0):
             h, c_last, c_all = torch.empty_like(x), torch.empty_like(c0), torch.empty_like(x)
-            forward(u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), None, None, h.data_ptr(),
-                    c_all.data_ptr(), c_last.data_ptr(), steps, batch, hidden, 0, 1)  # fmt: skip
+            forward(
+                u.data_ptr(),
+                x.data_ptr(),
+                v.data_ptr(),
+                b.data_ptr(),
+                c0.data_ptr(),
+                None,
+                None,
+                h.data_ptr(),
+                c_all.data_ptr(),
+                c_last.data_ptr(),
+                steps,
+                batch,
+                hidden,
+                0,
+                1,
+            )
             ctx.save_for_backward(u, x, v, b, c0, c_all)
             return h, c_last
 
@@ -61,16 +80,31 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
             u, x, v, b, c0, c_all = ctx.saved_tensors
             grad_u, grad_x, grad_c0 = torch.empty_like(u), torch.empty_like(x), torch.empty_like(c0)
             grad_vb = c0.new_empty(batch, 4, hidden)
-            backward(u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), None, None,
-                     c_all.data_ptr(), grad_h.data_ptr(), grad_c.data_ptr(), grad_u.data_ptr(), grad_x.data_ptr(),
-                     grad_vb.data_ptr(), grad_c0.data_ptr(), steps, batch, hidden, 0, 1)  # fmt: skip
+            backward(
+                u.data_ptr(),
+                x.data_ptr(),
+                v.data_ptr(),
+                b.data_ptr(),
+                c0.data_ptr(),
+                None,
+                None,
+                c_all.data_ptr(),
+                grad_h.data_ptr(),
+                grad_c.data_ptr(),
+                grad_u.data_ptr(),
+                grad_x.data_ptr(),
+                grad_vb.data_ptr(),
+                grad_c0.data_ptr(),
+                steps,
+                batch,
+                hidden,
+                0,
+                1,
+            )
             sums = grad_vb.sum(0)
             return grad_u, grad_x, sums[:2], sums[2:], grad_c0
 
-    generator = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(*shape, generator=generator).requires_grad_()
-              for shape in ((steps, batch, 3 * hidden), (steps, batch, hidden), (2, hidden), (2, hidden),
-                            (batch, hidden))]  # fmt: skip
+    leaves = random_leaves(steps, batch, hidden)
     grad_h, grad_c = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
     return lambda: torch.autograd.grad(Bare.apply(*leaves), leaves, (grad_h, grad_c))
 
@@ -108,10 +142,17 @@ def measure(backend: str, shape: tuple[int, int, int], rounds: int, calls: int) 
         op_rounds.append(median_seconds(op, calls))
         reference_rounds.append(median_seconds(reference, calls))
     op_best, reference_best = min(op_rounds), min(reference_rounds)
-    return {"backend": backend, "T": shape[0], "B": shape[1], "D": shape[2], "op_us": op_best * 1e6,
-            "two_elementwise_us": reference_best * 1e6, "ratio": op_best / reference_best,
-            "op_rounds_us": [t * 1e6 for t in op_rounds],
-            "two_elementwise_rounds_us": [t * 1e6 for t in reference_rounds]}  # fmt: skip
+    return {
+        "backend": backend,
+        "T": shape[0],
+        "B": shape[1],
+        "D": shape[2],
+        "op_us": op_best * 1e6,
+        "two_elementwise_us": reference_best * 1e6,
+        "ratio": op_best / reference_best,
+        "op_rounds_us": [t * 1e6 for t in op_rounds],
+        "two_elementwise_rounds_us": [t * 1e6 for t in reference_rounds],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     for backend in (name for name in args.backends.split(",") if name):
         row = measure(backend, (1, 1, 8), args.rounds, args.calls)
         rows.append(row)
-        print(f"{backend:>6}: op forward+backward {row['op_us']:7.1f} us, two elementwise ops "
-              f"{row['two_elementwise_us']:6.1f} us, ratio {row['ratio']:.2f}x", flush=True)  # fmt: skip
+        print(
+            f"{backend:>6}: op forward+backward {row['op_us']:7.1f} us, two elementwise ops "
+            f"{row['two_elementwise_us']:6.1f} us, ratio {row['ratio']:.2f}x",
+            flush=True,
+        )
     write_json(Path(args.out) / "overhead.json", {"rows": rows}, "overhead", argv, provenance("overhead", argv))
     return 0
 
