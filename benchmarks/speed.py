@@ -110,16 +110,23 @@ def bench_sizes(plan: dict, repeats: int, sru) -> list[dict]:
             train = time_it(train_step, repeats=repeats)
             model.eval()
             infer = time_it(inference, repeats=repeats)
-            results[name] = {"params": count_parameters(model), "train_tokens_per_s": steps * batch / train,
-                             "inference_tokens_per_s": steps * batch / infer}  # fmt: skip
+            results[name] = {
+                "params": count_parameters(model),
+                "train_tokens_per_s": steps * batch / train,
+                "inference_tokens_per_s": steps * batch / infer,
+            }
             r = results[name]
-            print(f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
-                  f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s", flush=True)  # fmt: skip
+            print(
+                f"  {name:12s} params {r['params']:>10,d}  train {r['train_tokens_per_s']:>10,.0f} tok/s  "
+                f"inference {r['inference_tokens_per_s']:>10,.0f} tok/s",
+                flush=True,
+            )
         ratios = ratios_to(results, "srupp", ("train_tokens_per_s", "inference_tokens_per_s"))
         for key, value in ratios.items():
             print(f"  {key:55s} {value:6.2f}x")
-        out.append({"width": width, "layers": layers, "steps": steps, "batch": batch, "results": results,
-                    "ratios": ratios})  # fmt: skip
+        out.append(
+            {"width": width, "layers": layers, "steps": steps, "batch": batch, "results": results, "ratios": ratios}
+        )
     return out
 
 
@@ -150,17 +157,24 @@ def bench_decoding(plan: dict, repeats: int) -> list[dict]:
         results = {}
         for name, model in models.items():
             seconds = min(times[name])
-            results[name] = {"params": count_parameters(model), "decode_tokens_per_s": count * batch / seconds,
-                             "decode_ms_per_token": 1e3 * seconds / count,
-                             "decode_ms_per_token_median": 1e3 * statistics.median(times[name]) / count}  # fmt: skip
+            results[name] = {
+                "params": count_parameters(model),
+                "decode_tokens_per_s": count * batch / seconds,
+                "decode_ms_per_token": 1e3 * seconds / count,
+                "decode_ms_per_token_median": 1e3 * statistics.median(times[name]) / count,
+            }
             r = results[name]
-            print(f"  {name:12s} {r['decode_tokens_per_s']:>10,.0f} tok/s  {r['decode_ms_per_token']:7.3f} ms/token "
-                  f"(median {r['decode_ms_per_token_median']:.3f}; per step of the batch)", flush=True)  # fmt: skip
+            print(
+                f"  {name:12s} {r['decode_tokens_per_s']:>10,.0f} tok/s  {r['decode_ms_per_token']:7.3f} ms/token "
+                f"(median {r['decode_ms_per_token_median']:.3f}; per step of the batch)",
+                flush=True,
+            )
         ratios = ratios_to(results, "srupp", ("decode_tokens_per_s",))
         for key, value in ratios.items():
             print(f"  {key:55s} {value:6.2f}x")
-        out.append({"width": width, "layers": layers, "batch": batch, "tokens": count, "results": results,
-                    "ratios": ratios})  # fmt: skip
+        out.append(
+            {"width": width, "layers": layers, "batch": batch, "tokens": count, "results": results, "ratios": ratios}
+        )
     return out
 
 
@@ -191,8 +205,7 @@ def bench_layer_step(plan: dict, repeats: int) -> list[dict]:
                         times.append(time.perf_counter() - start)
                     medians.append(statistics.median(times))
             rows.append({"call": call, "width": width, "proj_size": proj, "us_per_call": 1e6 * min(medians)})
-            print(f"one-layer {call}, T=1 B=1 d={width} d'={proj}: {rows[-1]['us_per_call']:.1f} us/call",
-                  flush=True)  # fmt: skip
+            print(f"one-layer {call}, T=1 B=1 d={width} d'={proj}: {rows[-1]['us_per_call']:.1f} us/call", flush=True)
     return rows
 
 
@@ -218,48 +231,79 @@ def bench_lengths(plan: dict, repeats: int) -> dict:
     for row in rows:
         for name in models:
             row[f"{name}_cost_over_first_T"] = row[f"{name}_us_per_token"] / rows[0][f"{name}_us_per_token"]
-        print(f"  T={row['steps']:5d} B={row['batch']:3d}  srupp {row['srupp_us_per_token']:8.2f} us/token "
-              f"({row['srupp_cost_over_first_T']:5.2f}x T={rows[0]['steps']})  transformer "
-              f"{row['transformer_us_per_token']:8.2f} us/token ({row['transformer_cost_over_first_T']:5.2f}x)  "
-              f"srupp/transformer {row['srupp_over_transformer_cost']:5.2f}", flush=True)  # fmt: skip
+        print(
+            f"  T={row['steps']:5d} B={row['batch']:3d}  srupp {row['srupp_us_per_token']:8.2f} us/token "
+            f"({row['srupp_cost_over_first_T']:5.2f}x T={rows[0]['steps']})  transformer "
+            f"{row['transformer_us_per_token']:8.2f} us/token ({row['transformer_cost_over_first_T']:5.2f}x)  "
+            f"srupp/transformer {row['srupp_over_transformer_cost']:5.2f}",
+            flush=True,
+        )
     params = {name: count_parameters(model) for name, model in models.items()}
     return {"width": width, "layers": layers, "tokens_per_batch": total, "params": params, "rows": rows}
+
+
+def decoding_lines(report: dict) -> list[str]:
+    """The decoding tables of the report: tokens/s per batch size, and one call of one layer."""
+    lines = [
+        "",
+        "## Decoding tokens/s, one token per step with the cache",
+        "",
+        "| batch | model | params | tok/s | ms/token | srupp / this |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for block in report["decoding"]:
+        ours = block["results"]["srupp"]["decode_tokens_per_s"]
+        for name, r in block["results"].items():
+            lines.append(
+                f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
+                f"{r['decode_ms_per_token']:.3f} | {ours / r['decode_tokens_per_s']:.2f} |"
+            )
+    lines += [
+        "",
+        "One layer, one token per call (B=1, after a 16-token prefill; `SRUppLM.decoder` adds the byte",
+        "embedding, the 256-way output layer and its log-softmax):",
+        "",
+        "| call | d | d' | us per call |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{row['call']}` | {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |"
+        for row in report["layer_step"]
+    ]
+    return lines
 
 
 def markdown(report: dict) -> str:
     m = report["provenance"]
     lines = [f"# Speed ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", ""]
     if "sizes" in report:
-        lines += ["## Training and inference tokens/s (equal parameters)", "",
-                  "| d | model | params | train tok/s | srupp / this | inference tok/s | srupp / this |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "## Training and inference tokens/s (equal parameters)",
+            "",
+            "| d | model | params | train tok/s | srupp / this | inference tok/s | srupp / this |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
     for size in report.get("sizes", []):
         ours = size["results"]["srupp"]
         for name, r in size["results"].items():
             train_ratio = ours["train_tokens_per_s"] / r["train_tokens_per_s"]
             infer_ratio = ours["inference_tokens_per_s"] / r["inference_tokens_per_s"]
-            lines.append(f"| {size['width']} | {name} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | "
-                         f"{train_ratio:.2f} | {r['inference_tokens_per_s']:,.0f} | {infer_ratio:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {size['width']} | {name} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | "
+                f"{train_ratio:.2f} | {r['inference_tokens_per_s']:,.0f} | {infer_ratio:.2f} |"
+            )
     if "decoding" in report:
-        lines += ["", "## Decoding tokens/s, one token per step with the cache", "",
-                  "| batch | model | params | tok/s | ms/token | srupp / this |",
-                  "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
-        for block in report["decoding"]:
-            ours = block["results"]["srupp"]["decode_tokens_per_s"]
-            for name, r in block["results"].items():
-                lines.append(f"| {block['batch']} | {name} | {r['params']:,} | {r['decode_tokens_per_s']:,.0f} | "
-                             f"{r['decode_ms_per_token']:.3f} | {ours / r['decode_tokens_per_s']:.2f} |")  # fmt: skip
-        lines += ["", "One layer, one token per call (B=1, after a 16-token prefill; `SRUppLM.decoder` adds the byte",
-                  "embedding, the 256-way output layer and its log-softmax):", "",
-                  "| call | d | d' | us per call |", "|---|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| `{row['call']}` | {row['width']} | {row['proj_size']} | {row['us_per_call']:.1f} |"
-                  for row in report["layer_step"]]  # fmt: skip
+        lines += decoding_lines(report)
     if "lengths" not in report:
         return "\n".join(lines) + "\n"
     lengths = report["lengths"]
-    lines += ["", f"## Forward cost per token vs T (d={lengths['width']}, B*T = {lengths['tokens_per_batch']})", "",
-              "| T | B | srupp us/token | x first T | transformer us/token | x first T | srupp / transformer |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"## Forward cost per token vs T (d={lengths['width']}, B*T = {lengths['tokens_per_batch']})",
+        "",
+        "| T | B | srupp us/token | x first T | transformer us/token | x first T | srupp / transformer |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in lengths["rows"]:
         lines.append(
             f"| {row['steps']} | {row['batch']} | {row['srupp_us_per_token']:.2f} | "
@@ -276,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--no-official", action="store_true", help="skip the authors' sru package")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where speed.json and speed.md go")
-    parser.add_argument("--only", choices=PARTS, default=None,
-                        help="run one part; results go to speed-<part>.json and .md")  # fmt: skip
+    parser.add_argument(
+        "--only", choices=PARTS, default=None, help="run one part; results go to speed-<part>.json and .md"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
