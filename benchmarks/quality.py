@@ -88,8 +88,16 @@ class BaselineLM(nn.Module):
 
 
 def sru_config(kind: str, width: int, layers: int) -> LMConfig:
-    return LMConfig(vocab_size=256, hidden_size=width, proj_size=max(1, width // 4), num_layers=layers,
-                    num_heads=1, dropout=0.0, attn_dropout=0.0, attention_layers=ATTENTION[kind](layers))  # fmt: skip
+    return LMConfig(
+        vocab_size=256,
+        hidden_size=width,
+        proj_size=max(1, width // 4),
+        num_layers=layers,
+        num_heads=1,
+        dropout=0.0,
+        attn_dropout=0.0,
+        attention_layers=ATTENTION[kind](layers),
+    )
 
 
 def build_model(kind: str, width: int, args) -> nn.Module:
@@ -111,16 +119,26 @@ def sizes(args) -> dict[str, int]:
     widths = {}
     for kind in args.models:
         grid = width_grid(kind, 8 * args.width)
-        widths[kind] = args.width if kind == "srupp" else closest_width(lambda w, k=kind: parameters(k, w, args),
-                                                                        target, grid)  # fmt: skip
+        widths[kind] = (
+            args.width if kind == "srupp" else closest_width(lambda w, k=kind: parameters(k, w, args), target, grid)
+        )
     return widths
 
 
 def recipe(args, lr: float, seconds: float) -> TrainConfig:
     """The library's optimisation recipe for one run; the cosine ends with the wall-clock budget."""
-    return TrainConfig(batch_size=args.batch, unroll_size=args.context, max_steps=10**9, time_limit_s=seconds,
-                       anneal_by_time=True, lr=lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                       optimizer=args.optimizer, clip_grad=1.0)  # fmt: skip
+    return TrainConfig(
+        batch_size=args.batch,
+        unroll_size=args.context,
+        max_steps=10**9,
+        time_limit_s=seconds,
+        anneal_by_time=True,
+        lr=lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        clip_grad=1.0,
+    )
 
 
 def score(model: nn.Module, kind: str, tokens: np.ndarray, args, limit: int | None = None) -> float:
@@ -130,8 +148,40 @@ def score(model: nn.Module, kind: str, tokens: np.ndarray, args, limit: int | No
     return bpc(evaluate(model, tokens, batch_size=streams, unroll=unroll, max_tokens=limit, device=args.device))
 
 
-def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, args, *, seed: int, evals: int,
-              equal_tokens: int | None = None, desc: str = "") -> tuple[dict, nn.Module]:  # fmt: skip
+def held_out_bpc(model: nn.Module, kind: str, splits: dict, args) -> dict[str, float]:
+    """Validation bpc (on ``--valid-bytes``) and test bpc of ``model``."""
+    return {
+        "valid_bpc": score(model, kind, splits["valid"], args, args.valid_bytes),
+        "test_bpc": score(model, kind, splits["test"], args),
+    }
+
+
+def train_step(model: nn.Module, optimizer, segment, carry, clip_grad: float, device) -> tuple[torch.Tensor, object]:
+    """One update on ``segment`` (the carried state dropped where a new stream starts): the loss and the carry."""
+    if segment.first:
+        carry = None
+    nll, carry = model(segment.input.to(device), carry, targets=segment.target.to(device))
+    loss = nll.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss, carry
+
+
+def train_run(
+    kind: str,
+    width: int,
+    lr: float,
+    seconds: float,
+    splits: dict,
+    args,
+    *,
+    seed: int,
+    evals: int,
+    equal_tokens: int | None = None,
+    desc: str = "",
+) -> tuple[dict, nn.Module]:
     """Train one model for ``seconds`` of training wall-clock; returns its record and the trained model."""
     torch.manual_seed(seed)
     model = build_model(kind, width, args).to(args.device).train()
@@ -149,15 +199,7 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
             tick = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(steps, cfg, elapsed)
-            segment = next(data)
-            if segment.first:
-                carry = None
-            nll, carry = model(segment.input.to(args.device), carry, targets=segment.target.to(args.device))
-            loss = nll.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+            loss, carry = train_step(model, optimizer, next(data), carry, cfg.clip_grad, args.device)
             losses.append(loss.detach())
             if on_cuda:  # the clock must see the step done, not queued
                 torch.cuda.synchronize(args.device)
@@ -165,22 +207,20 @@ def train_run(kind: str, width: int, lr: float, seconds: float, splits: dict, ar
             elapsed, steps = elapsed + step_seconds, steps + 1
             bar.update(min(step_seconds, seconds - bar.n))  # past its total, tqdm drops the total
             if equal_tokens is not None and at_equal_tokens is None and steps * tokens_per_step >= equal_tokens:
-                at_equal_tokens = {"tokens": steps * tokens_per_step, "seconds": elapsed,
-                                   "valid_bpc": score(model, kind, splits["valid"], args, args.valid_bytes),
-                                   "test_bpc": score(model, kind, splits["test"], args)}  # fmt: skip
+                at_equal_tokens = {"tokens": steps * tokens_per_step, "seconds": elapsed}
+                at_equal_tokens |= held_out_bpc(model, kind, splits, args)
                 model.train()
             if elapsed >= next_eval or elapsed >= seconds:
                 train_bpc = bpc(float(torch.stack(losses).mean()))
                 valid_bpc = score(model, kind, splits["valid"], args, args.valid_bytes)
-                history.append({"seconds": elapsed, "tokens": steps * tokens_per_step, "steps": steps,
-                                "train_bpc": train_bpc, "valid_bpc": valid_bpc})  # fmt: skip
+                point = {"seconds": elapsed, "tokens": steps * tokens_per_step, "steps": steps}
+                history.append(point | {"train_bpc": train_bpc, "valid_bpc": valid_bpc})
                 bar.set_postfix(train=f"{train_bpc:.3f}", valid=f"{valid_bpc:.3f}")
                 losses, next_eval = [], next_eval + seconds / evals
     tokens = steps * tokens_per_step
-    record = {"model": kind, "lr": lr, "seed": seed, "width": width, "params": count_parameters(model),
-              "steps": steps, "tokens": tokens, "train_seconds": elapsed, "tokens_per_s": tokens / elapsed,
-              "final_valid_bpc": history[-1]["valid_bpc"], "history": history,
-              "equal_tokens": at_equal_tokens}  # fmt: skip
+    record = {"model": kind, "lr": lr, "seed": seed, "width": width, "params": count_parameters(model), "steps": steps}
+    record |= {"tokens": tokens, "train_seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    record |= {"final_valid_bpc": history[-1]["valid_bpc"], "history": history, "equal_tokens": at_equal_tokens}
     return record, model
 
 
@@ -209,14 +249,21 @@ def summary(runs: list[dict]) -> dict[str, dict]:
     table: dict[str, dict] = {}
     for kind in dict.fromkeys(run["model"] for run in runs):
         mine = [run for run in runs if run["model"] == kind]
-        values = {"valid_bpc": [r["final_valid_bpc"] for r in mine], "test_bpc": [r["test_bpc"] for r in mine],
-                  "tokens": [r["tokens"] for r in mine]}  # fmt: skip
+        values = {
+            "valid_bpc": [r["final_valid_bpc"] for r in mine],
+            "test_bpc": [r["test_bpc"] for r in mine],
+            "tokens": [r["tokens"] for r in mine],
+        }
         if all(r["equal_tokens"] for r in mine):
             values["equal_tokens_valid_bpc"] = [r["equal_tokens"]["valid_bpc"] for r in mine]
             values["equal_tokens_test_bpc"] = [r["equal_tokens"]["test_bpc"] for r in mine]
-        table[kind] = {"params": mine[0]["params"], "width": mine[0]["width"], "lr": mine[0]["lr"], "seeds": len(mine),
-                       **{key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
-                          for key, v in values.items()}}  # fmt: skip
+        table[kind] = {
+            "params": mine[0]["params"],
+            "width": mine[0]["width"],
+            "lr": mine[0]["lr"],
+            "seeds": len(mine),
+            **{key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)} for key, v in values.items()},
+        }
     return table
 
 
@@ -245,11 +292,20 @@ def plot(report: dict, path: Path) -> None:
     if curve:
         for kind, rows in curve["models"].items():
             if kind == "transformer":
-                axes[2].axhline(rows[0]["test_bpc"], color=colours[kind], linestyle="--",
-                                label=f"{LABELS[kind]} (window {rows[0]['length']})")  # fmt: skip
+                axes[2].axhline(
+                    rows[0]["test_bpc"],
+                    color=colours[kind],
+                    linestyle="--",
+                    label=f"{LABELS[kind]} (window {rows[0]['length']})",
+                )
             else:
-                axes[2].plot([r["length"] for r in rows], [r["test_bpc"] for r in rows], marker="o",
-                             color=colours[kind], label=LABELS[kind])  # fmt: skip
+                axes[2].plot(
+                    [r["length"] for r in rows],
+                    [r["test_bpc"] for r in rows],
+                    marker="o",
+                    color=colours[kind],
+                    label=LABELS[kind],
+                )
         axes[2].set_xscale("log", base=2)
         axes[2].set_xlabel("evaluation segment = attention window (bytes, with memory)")
         axes[2].set_ylabel("test bpc")
@@ -290,28 +346,42 @@ def markdown(report: dict) -> str:
             f"{spread(row.get('equal_tokens_valid_bpc'))} | {spread(row.get('equal_tokens_test_bpc'))} |"
         )
     if report["sweep"]:
-        lines += ["", f"Learning-rate sweep: {cfg['sweep_minutes']} min per run, seed {cfg['seeds'][0]}, final "
-                  "valid bpc.", "", "| model | lr | steps | valid bpc | chosen |",
-                  "|---|---:|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"Learning-rate sweep: {cfg['sweep_minutes']} min per run, seed {cfg['seeds'][0]}, final valid bpc.",
+            "",
+            "| model | lr | steps | valid bpc | chosen |",
+            "|---|---:|---:|---:|---|",
+        ]
         for kind, runs in report["sweep"].items():
             best = min(runs, key=lambda r: r["final_valid_bpc"])
             for run in runs:
                 edge = " (edge of the grid)" if run is best and run["lr"] in (runs[0]["lr"], runs[-1]["lr"]) else ""
-                lines.append(f"| {LABELS[kind]} | {run['lr']:g} | {run['steps']:,} | {run['final_valid_bpc']:.3f} | "
-                             f"{'yes' + edge if run is best else ''} |")  # fmt: skip
+                lines.append(
+                    f"| {LABELS[kind]} | {run['lr']:g} | {run['steps']:,} | {run['final_valid_bpc']:.3f} | "
+                    f"{'yes' + edge if run is best else ''} |"
+                )
     curve = report.get("long_context")
     if curve:
-        lines += ["", f"Long context: test bpc on {curve['test_bytes']:,} test bytes as the evaluation segment and "
-                  "attention window grow (memory of the previous segment).", "",
-                  "| model | " + " | ".join(str(n) for n in curve["lengths"]) + " |",
-                  "|---|" + "---:|" * len(curve["lengths"])]  # fmt: skip
+        lines += [
+            "",
+            f"Long context: test bpc on {curve['test_bytes']:,} test bytes as the evaluation segment and "
+            "attention window grow (memory of the previous segment).",
+            "",
+            "| model | " + " | ".join(str(n) for n in curve["lengths"]) + " |",
+            "|---|" + "---:|" * len(curve["lengths"]),
+        ]
         for kind, rows in curve["models"].items():
             by_length = {r["length"]: r["test_bpc"] for r in rows}
             cells = [f"{by_length[n]:.3f}" if n in by_length else "-" for n in curve["lengths"]]
             name = LABELS[kind] + (f" (its window {rows[0]['length']})" if kind == "transformer" else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Command: `{source['command']}` (revision {source['git_revision']}).",
-              "Protocol: see the docstring of benchmarks/quality.py.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Command: `{source['command']}` (revision {source['git_revision']}).",
+        "Protocol: see the docstring of benchmarks/quality.py.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -323,8 +393,11 @@ def load_corpus(name: str, work: str) -> tuple[dict[str, np.ndarray], dict[str, 
     digest = hashlib.sha256()
     for split in splits.values():
         digest.update(split.tobytes())
-    source = {"name": name if name == "stdlib" else str(Path(name).resolve()), "sha256": digest.hexdigest(),
-              **{f"{split}_bytes": len(tokens) for split, tokens in splits.items()}}  # fmt: skip
+    source = {
+        "name": name if name == "stdlib" else str(Path(name).resolve()),
+        "sha256": digest.hexdigest(),
+        **{f"{split}_bytes": len(tokens) for split, tokens in splits.items()},
+    }
     return splits, source
 
 
@@ -351,8 +424,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--valid-bytes", type=int, default=65536, help="valid bytes scored at each evaluation")
     add("--test-bytes", type=int, default=0, help="test bytes scored (0: all)")
     add("--evals", type=int, default=8, help="valid evaluations per main run")
-    add("--long-context", default="256,512,1024,2048,4096",
-        help="evaluation segment = attention window lengths for the SRU++ test curve ('' to skip)")  # fmt: skip
+    add(
+        "--long-context",
+        default="256,512,1024,2048,4096",
+        help="evaluation segment = attention window lengths for the SRU++ test curve ('' to skip)",
+    )
     add("--long-context-bytes", type=int, default=262144, help="test bytes of the long-context curve (0: all)")
     add("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     add("--device", default="cpu")
@@ -378,6 +454,61 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def lr_sweep(widths: dict[str, int], splits: dict, args) -> dict[str, list[dict]]:
+    """Short runs of each ``--sweep`` model at each ``--sweep-lrs`` learning rate (first seed, no history)."""
+    sweep: dict[str, list[dict]] = {}
+    for kind in args.sweep:
+        sweep[kind] = []
+        for lr in args.sweep_lrs:
+            run, _ = train_run(
+                kind,
+                widths[kind],
+                lr,
+                60.0 * args.sweep_minutes,
+                splits,
+                args,
+                seed=args.seeds[0],
+                evals=1,
+                desc=f"sweep {kind} lr={lr:g}",
+            )
+            run.pop("history")
+            sweep[kind].append(run)
+            print(f"  sweep {kind:15s} lr {lr:<8g} steps {run['steps']:6d}  valid bpc {run['final_valid_bpc']:.3f}")
+    return sweep
+
+
+def race(widths: dict[str, int], splits: dict, args, chosen: dict, budget: float, equal_tokens: int | None):
+    """Every model for every seed at its chosen learning rate for ``budget`` seconds, scored on test; the runs and
+    the first seed's trained models."""
+    runs, first_models = [], {}
+    for seed in args.seeds:
+        for kind in args.models:
+            lr = chosen.get(kind, args.lr)
+            run, model = train_run(
+                kind,
+                widths[kind],
+                lr,
+                budget,
+                splits,
+                args,
+                seed=seed,
+                evals=args.evals,
+                equal_tokens=equal_tokens,
+                desc=f"train {kind} seed {seed}",
+            )
+            run["test_bpc"] = score(model, kind, splits["test"], args)
+            runs.append(run)
+            if seed == args.seeds[0]:
+                first_models[kind] = copy.deepcopy(model)
+            equal = run["equal_tokens"]
+            print(
+                f"  {kind:15s} seed {seed} lr {lr:<8g} steps {run['steps']:6d}  tokens {run['tokens']:>10,d}  "
+                f"valid {run['final_valid_bpc']:.3f}  test {run['test_bpc']:.3f}"
+                + (f"  at {equal['tokens']:,} tokens: valid {equal['valid_bpc']:.3f}" if equal else "")
+            )
+    return runs, first_models
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -393,34 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {LABELS[kind]:45s} width {width:5d} x {args.layers}  {parameters(kind, width, args):>12,d} params")
     budget = 60.0 * args.minutes_per_model
 
-    sweep: dict[str, list[dict]] = {}
-    for kind in args.sweep:
-        sweep[kind] = []
-        for lr in args.sweep_lrs:
-            run, _ = train_run(kind, widths[kind], lr, 60.0 * args.sweep_minutes, splits, args, seed=args.seeds[0],
-                               evals=1, desc=f"sweep {kind} lr={lr:g}")  # fmt: skip
-            run.pop("history")
-            sweep[kind].append(run)
-            print(f"  sweep {kind:15s} lr {lr:<8g} steps {run['steps']:6d}  valid bpc {run['final_valid_bpc']:.3f}")
+    sweep = lr_sweep(widths, splits, args)
     chosen = {kind: min(runs, key=lambda r: r["final_valid_bpc"])["lr"] for kind, runs in sweep.items()}
     # Equal tokens: 90% of what the slowest model reaches in the main budget, from the sweep's throughput.
     rates = [run["tokens_per_s"] for runs in sweep.values() for run in runs]
     equal_tokens = int(0.9 * budget * min(rates)) if len(sweep) == len(args.models) else None
 
-    runs, first_models = [], {}
-    for seed in args.seeds:
-        for kind in args.models:
-            lr = chosen.get(kind, args.lr)
-            run, model = train_run(kind, widths[kind], lr, budget, splits, args, seed=seed, evals=args.evals,
-                                   equal_tokens=equal_tokens, desc=f"train {kind} seed {seed}")  # fmt: skip
-            run["test_bpc"] = score(model, kind, splits["test"], args)
-            runs.append(run)
-            if seed == args.seeds[0]:
-                first_models[kind] = copy.deepcopy(model)
-            equal = run["equal_tokens"]
-            print(f"  {kind:15s} seed {seed} lr {lr:<8g} steps {run['steps']:6d}  tokens {run['tokens']:>10,d}  "
-                  f"valid {run['final_valid_bpc']:.3f}  test {run['test_bpc']:.3f}"
-                  + (f"  at {equal['tokens']:,} tokens: valid {equal['valid_bpc']:.3f}" if equal else ""))  # fmt: skip
+    runs, first_models = race(widths, splits, args, chosen, budget, equal_tokens)
 
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "corpus")},
