@@ -167,8 +167,12 @@ class Timer:
 
 
 def environment(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
-                               "cuda": torch.version.cuda, "device": str(device)}  # fmt: skip
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+    }
     try:
         import triton
 
@@ -177,9 +181,12 @@ def environment(device: torch.device) -> dict[str, object]:
         info["triton"] = f"not importable: {err}"
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        info.update(gpu=properties.name, capability=list(torch.cuda.get_device_capability(device)),
-                    sms=properties.multi_processor_count,
-                    memory_GiB=round(properties.total_memory / 2**30, 1))  # fmt: skip
+        info.update(
+            gpu=properties.name,
+            capability=list(torch.cuda.get_device_capability(device)),
+            sms=properties.multi_processor_count,
+            memory_GiB=round(properties.total_memory / 2**30, 1),
+        )
     return info
 
 
@@ -204,11 +211,17 @@ def make_inputs(steps: int, batch: int, hidden: int, dtype: torch.dtype, device:
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device)
 
-    inputs = {"u": randn(steps, batch, 3 * hidden).to(dtype), "x": randn(steps, batch, hidden).to(dtype),
-              "v": randn(2, hidden) * 0.5, "b": randn(2, hidden) * 0.5,
-              "c0": randn(batch, hidden) if padded else torch.zeros(batch, hidden, device=device),
-              "mask_pad": None, "mask_c": None, "grad_h": randn(steps, batch, hidden).to(dtype),
-              "grad_c": randn(batch, hidden)}  # fmt: skip
+    inputs = {
+        "u": randn(steps, batch, 3 * hidden).to(dtype),
+        "x": randn(steps, batch, hidden).to(dtype),
+        "v": randn(2, hidden) * 0.5,
+        "b": randn(2, hidden) * 0.5,
+        "c0": randn(batch, hidden) if padded else torch.zeros(batch, hidden, device=device),
+        "mask_pad": None,
+        "mask_c": None,
+        "grad_h": randn(steps, batch, hidden).to(dtype),
+        "grad_c": randn(batch, hidden),
+    }
     if padded:
         # Sequences of different lengths (a padded tail) and one with a padded step in the middle.
         lengths = torch.linspace(steps, max(1, steps // 3), batch).long()
@@ -223,8 +236,10 @@ def forward_and_grads(inputs: dict, backend: str, compute: torch.dtype | None, r
     """h, c_last and the gradients of (u, x, v, b, c0) through ``sru_recurrence`` (``compute`` casts inputs)."""
     from srupp.ops import sru_recurrence
 
-    leaves = [(inputs[name] if compute is None else inputs[name].to(compute)).detach().requires_grad_()
-              for name in ("u", "x", "v", "b", "c0")]  # fmt: skip
+    leaves = [
+        (inputs[name] if compute is None else inputs[name].to(compute)).detach().requires_grad_()
+        for name in ("u", "x", "v", "b", "c0")
+    ]
     mask_c = inputs["mask_c"] if compute is None or inputs["mask_c"] is None else inputs["mask_c"].to(compute)
     h, c_last = sru_recurrence(*leaves, mask_pad=inputs["mask_pad"], mask_c=mask_c, reverse=reverse, backend=backend)
     grads = torch.autograd.grad((h, c_last), leaves, (inputs["grad_h"].to(h.dtype), inputs["grad_c"].to(c_last.dtype)))
@@ -244,11 +259,19 @@ def spec_row(shape, variant: str, dtype_name: str, device: torch.device) -> dict
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
     expected = forward_and_grads(inputs, "naive", reference, reverse)
-    row: dict[str, object] = {"T": shape[0], "B": shape[1], "D": shape[2], "variant": variant, "dtype": dtype_name,
-                              "reverse": reverse, "tolerance": tolerance}  # fmt: skip
+    row: dict[str, object] = {
+        "T": shape[0],
+        "B": shape[1],
+        "D": shape[2],
+        "variant": variant,
+        "dtype": dtype_name,
+        "reverse": reverse,
+        "tolerance": tolerance,
+    }
     failures = []
-    for name, actual, wanted in zip(("h", "c_last", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"), result,
-                                    expected, strict=True):  # fmt: skip
+    for name, actual, wanted in zip(
+        ("h", "c_last", "grad_u", "grad_x", "grad_v", "grad_b", "grad_c0"), result, expected, strict=True
+    ):
         finite = bool(torch.isfinite(actual).all())
         # Relative to the largest reference value: meaningful for sums over thousands of rows too.
         scale = wanted.double().abs().max().clamp_min(1e-30)
@@ -262,8 +285,11 @@ def spec_row(shape, variant: str, dtype_name: str, device: torch.device) -> dict
 
 def stage_spec(run: Run) -> dict[str, object]:
     shape = (5, 3, 33) if run.dry else SHAPES[0]
-    rows = [run.row("spec", spec_row(shape, variant, dtype_name, run.device))
-            for variant in kernel_variants() for dtype_name in DTYPES]  # fmt: skip
+    rows = [
+        run.row("spec", spec_row(shape, variant, dtype_name, run.device))
+        for variant in kernel_variants()
+        for dtype_name in DTYPES
+    ]
     failed = [f"{row['variant']} {row['dtype']}" for row in rows if not row["ok"]]
     if failed:
         raise AssertionError(f"differs from the naive spec: {', '.join(failed)}")
@@ -290,16 +316,32 @@ def raw_row(run: Run, shape, variant: str, dtype_name: str, copy: float) -> dict
     with kernel_variant(variant):
         c_all = forward(u, x, v, b, c0, None, None, False, True)[2]
         seconds = {
-            "forward_inference": run.timer.back_to_back(lambda: forward(u, x, v, b, c0, None, None, False, False),
-                                                        repeats=repeats),
-            "forward_keep_states": run.timer.back_to_back(lambda: forward(u, x, v, b, c0, None, None, False, True),
-                                                          repeats=repeats),
+            "forward_inference": run.timer.back_to_back(
+                lambda: forward(u, x, v, b, c0, None, None, False, False), repeats=repeats
+            ),
+            "forward_keep_states": run.timer.back_to_back(
+                lambda: forward(u, x, v, b, c0, None, None, False, True), repeats=repeats
+            ),
             "backward": run.timer.back_to_back(
-                lambda: backward(u, x, v, b, c0, None, None, c_all, grad_h, grad_c, False), repeats=repeats),
+                lambda: backward(u, x, v, b, c0, None, None, c_all, grad_h, grad_c, False), repeats=repeats
+            ),
             "forward_backward_raw": run.timer.back_to_back(
-                lambda: backward(u, x, v, b, c0, None, None, forward(u, x, v, b, c0, None, None, False, True)[2],
-                                 grad_h, grad_c, False), repeats=repeats),
-        }  # fmt: skip
+                lambda: backward(
+                    u,
+                    x,
+                    v,
+                    b,
+                    c0,
+                    None,
+                    None,
+                    forward(u, x, v, b, c0, None, None, False, True)[2],
+                    grad_h,
+                    grad_c,
+                    False,
+                ),
+                repeats=repeats,
+            ),
+        }
     a = torch.finfo(DTYPES[dtype_name]).bits // 8
     moved = {"forward_inference": 5 * a, "forward_keep_states": 5 * a + 4, "backward": 9 * a + 4,
              "forward_backward_raw": 14 * a + 8}  # fmt: skip
@@ -336,8 +378,7 @@ def autograd_row(run: Run, shape, dtype_name: str) -> dict[str, object]:
     leaves = [t.detach().requires_grad_() for t in (u, x, v, b, c0)]
 
     def raw():
-        backward(u, x, v, b, c0, None, None, forward(u, x, v, b, c0, None, None, False, True)[2], grad_h, grad_c,
-                 False)  # fmt: skip
+        backward(u, x, v, b, c0, None, None, forward(u, x, v, b, c0, None, None, False, True)[2], grad_h, grad_c, False)
 
     def through_autograd():
         h, c_last = sru_recurrence(*leaves, backend="triton")
@@ -391,16 +432,27 @@ def stage_tests(run: Run) -> dict[str, object]:
 
 def gpu_test_files() -> list[str]:
     """The test files that hold GPU tests; collecting only these keeps unrelated modules out of the way."""
-    return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py")
-                  if "pytest.mark.gpu" in path.read_text())  # fmt: skip
+    return sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if "pytest.mark.gpu" in path.read_text()
+    )
 
 
 def stages() -> dict[str, Callable[[Run], object]]:
     from benchmarks import gpu_models
 
-    return {"spec": stage_spec, "raw": stage_raw, "autograd": stage_autograd, "sdpa": gpu_models.stage_sdpa,
-            "paper": gpu_models.stage_paper, "small": gpu_models.stage_small, "authors": gpu_models.stage_authors,
-            "race": gpu_models.stage_race, "tests": stage_tests}  # fmt: skip
+    return {
+        "spec": stage_spec,
+        "raw": stage_raw,
+        "autograd": stage_autograd,
+        "sdpa": gpu_models.stage_sdpa,
+        "paper": gpu_models.stage_paper,
+        "small": gpu_models.stage_small,
+        "authors": gpu_models.stage_authors,
+        "race": gpu_models.stage_race,
+        "tests": stage_tests,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

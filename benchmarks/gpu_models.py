@@ -67,8 +67,12 @@ def profile_step(run, step: Callable[[], object]) -> dict[str, object]:
                 own = event.self_device_time_total if cuda else event.self_cpu_time_total
                 split[part_of(event.key)] += own / 1e3
     busy = sum(split.values())
-    return {"wall_ms": wall * 1e3, "busy_ms": busy, "idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
-            "parts_ms": {part: round(ms, 3) for part, ms in sorted(split.items(), key=lambda kv: -kv[1])}}  # fmt: skip
+    return {
+        "wall_ms": wall * 1e3,
+        "busy_ms": busy,
+        "idle_fraction": max(0.0, 1 - busy / (wall * 1e3)),
+        "parts_ms": {part: round(ms, 3) for part, ms in sorted(split.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def sdpa_ops(run, function: Callable[[], object]) -> list[str]:
@@ -93,12 +97,18 @@ def stage_sdpa(run) -> dict[str, object]:
     steps, memory, batch, width = (8, 8, 2, 16) if run.dry else (1024, 1024, 4, 768)
     dtype = torch.float32 if run.dry else BF16
     generator = torch.Generator(device=run.device).manual_seed(0)
-    base = {name: torch.randn(batch, steps + memory, width, generator=generator, device=run.device, dtype=dtype)
-            for name in ("q", "k", "v")}  # fmt: skip
+    base = {
+        name: torch.randn(batch, steps + memory, width, generator=generator, device=run.device, dtype=dtype)
+        for name in ("q", "k", "v")
+    }
     mask = attention_mask(steps, steps + memory, causal=True, window=None, key_pad=None, device=run.device)
-    cases = {"mask, 1 head": (1, memory, mask), "lower-right, 1 head": (1, memory, "lower-right"),
-             "lower-right, 4 heads": (4, memory, "lower-right"), "no memory, 1 head": (1, 0, "causal"),
-             "no memory, 4 heads": (4, 0, "causal")}  # fmt: skip
+    cases = {
+        "mask, 1 head": (1, memory, mask),
+        "lower-right, 1 head": (1, memory, "lower-right"),
+        "lower-right, 4 heads": (4, memory, "lower-right"),
+        "no memory, 1 head": (1, 0, "causal"),
+        "no memory, 4 heads": (4, 0, "causal"),
+    }
     outputs = {}
     for label, (heads, mem, bias) in cases.items():
         if run.remaining() < (0.2 if run.dry else 2):
@@ -117,9 +127,17 @@ def stage_sdpa(run) -> dict[str, object]:
             return out
 
         outputs[label] = forward_backward().detach().transpose(1, 2).reshape(batch, steps, width).float()
-        row = {"case": label, "heads": heads, "head_size": width // heads, "memory": mem, "T": steps, "B": batch,
-               "dtype": str(dtype), "ops": sdpa_ops(run, forward_backward),
-               "forward_backward_ms": run.timer(forward_backward, repeats=10) * 1e3}  # fmt: skip
+        row = {
+            "case": label,
+            "heads": heads,
+            "head_size": width // heads,
+            "memory": mem,
+            "T": steps,
+            "B": batch,
+            "dtype": str(dtype),
+            "ops": sdpa_ops(run, forward_backward),
+            "forward_backward_ms": run.timer(forward_backward, repeats=10) * 1e3,
+        }
         if label == "lower-right, 1 head":
             row["max_abs_diff_to_mask"] = (outputs[label] - outputs["mask, 1 head"]).abs().max().item()
         run.row("sdpa", row)
@@ -134,8 +152,10 @@ def lm_pair(run, srupp_config, layers: int, num_heads: int) -> dict[str, Callabl
     target = srupp_config.num_parameters
     with torch.device("meta"):
         width = size_to_match(["transformer"], target, layers, max_width=8192, num_heads=num_heads)["transformer"][1]
-    return {"srupp": lambda: SRUppLM(srupp_config),
-            "transformer": lambda: build("transformer", width, layers, num_heads=num_heads)}  # fmt: skip
+    return {
+        "srupp": lambda: SRUppLM(srupp_config),
+        "transformer": lambda: build("transformer", width, layers, num_heads=num_heads),
+    }
 
 
 def training_step(model: nn.Module, tokens: torch.Tensor, graphed: bool) -> Callable[[], torch.Tensor]:
@@ -168,8 +188,9 @@ def training_step(model: nn.Module, tokens: torch.Tensor, graphed: bool) -> Call
     return step
 
 
-def step_rows(run, stage: str, builders: dict[str, Callable[[], nn.Module]], steps: int, batch: int,
-              profile: bool) -> dict[str, float]:  # fmt: skip
+def step_rows(
+    run, stage: str, builders: dict[str, Callable[[], nn.Module]], steps: int, batch: int, profile: bool
+) -> dict[str, float]:
     """Tokens/s of each model's training step, eager and graphed (CUDA graphs through torch.compile; the
     first graphed call, which captures, is timed apart); the profiler's split of the eager step."""
     rates = {}
@@ -190,9 +211,16 @@ def step_rows(run, stage: str, builders: dict[str, Callable[[], nn.Module]], ste
             run.timer.synchronize()
             first = time.perf_counter() - started
             seconds = run.timer(step, repeats=3 if run.dry else 8, warmup=2)
-            row = {"model": kind, "mode": mode, "parameters": sum(p.numel() for p in model.parameters()),
-                   "T": steps, "B": batch, "first_call_s": round(first, 2), "step_ms": seconds * 1e3,
-                   "tokens_per_s": steps * batch / seconds}  # fmt: skip
+            row = {
+                "model": kind,
+                "mode": mode,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "T": steps,
+                "B": batch,
+                "first_call_s": round(first, 2),
+                "step_ms": seconds * 1e3,
+                "tokens_per_s": steps * batch / seconds,
+            }
             if profile and mode == "eager":
                 row["profile"] = profile_step(run, step)
             rates[f"{kind} {mode}"] = row["tokens_per_s"]
@@ -230,8 +258,10 @@ def stage_small(run) -> dict[str, float]:
     with torch.device("meta"):
         target = sum(p.numel() for p in build("srupp", width, layers).parameters())
         gpt_width = size_to_match(["transformer"], target, layers, max_width=4 * width)["transformer"][1]
-    builders = {"srupp": lambda: build("srupp", width, layers),
-                "transformer": lambda: build("transformer", gpt_width, layers)}  # fmt: skip
+    builders = {
+        "srupp": lambda: build("srupp", width, layers),
+        "transformer": lambda: build("transformer", gpt_width, layers),
+    }
     return step_rows(run, "small", builders, steps, batch, profile=False)
 
 
@@ -301,8 +331,10 @@ def authors_row(shape, dtype, device, timer, official, sru_recurrence, make_inpu
     """Their op and ours (Triton, through autograd) on the same inputs: forward for inference, forward+backward."""
     steps, batch, hidden = shape
     inputs = make_inputs(steps, batch, hidden, dtype, device, padded=False)
-    theirs = [t.detach().requires_grad_() for t in (authors_u(inputs["u"]), inputs["x"], inputs["v"].reshape(-1),
-                                                     inputs["b"].reshape(-1))]  # fmt: skip
+    theirs = [
+        t.detach().requires_grad_()
+        for t in (authors_u(inputs["u"]), inputs["x"], inputs["v"].reshape(-1), inputs["b"].reshape(-1))
+    ]
     ours = [inputs[k].detach().requires_grad_() for k in ("u", "x", "v", "b", "c0")]
 
     def their_forward():
@@ -322,11 +354,17 @@ def authors_row(shape, dtype, device, timer, official, sru_recurrence, make_inpu
         torch.autograd.grad(h, ours, inputs["grad_h"])
 
     agreement = require_agreement(their_forward(), our_forward(), f"{dtype} forward at {shape}", 2e-2)
-    return {"T": steps, "B": batch, "D": hidden, "dtype": str(dtype), "max_abs_diff": agreement,
-            "theirs_forward_ms": timer(their_forward, repeats=20) * 1e3,
-            "ours_forward_ms": timer(our_forward, repeats=20) * 1e3,
-            "theirs_forward_backward_ms": timer(their_step, repeats=20) * 1e3,
-            "ours_forward_backward_ms": timer(our_step, repeats=20) * 1e3}  # fmt: skip
+    return {
+        "T": steps,
+        "B": batch,
+        "D": hidden,
+        "dtype": str(dtype),
+        "max_abs_diff": agreement,
+        "theirs_forward_ms": timer(their_forward, repeats=20) * 1e3,
+        "ours_forward_ms": timer(our_forward, repeats=20) * 1e3,
+        "theirs_forward_backward_ms": timer(their_step, repeats=20) * 1e3,
+        "ours_forward_backward_ms": timer(our_step, repeats=20) * 1e3,
+    }
 
 
 def stage_race(run) -> dict[str, object]:
@@ -345,11 +383,19 @@ def stage_race(run) -> dict[str, object]:
     results = {}
     for kind in ("srupp", "transformer"):
         with torch.autocast(run.device.type, dtype=BF16):
-            record, _ = quality.train_run(kind, widths[kind], args.lr, per_model, splits, args, seed=0,
-                                          evals=args.evals)  # fmt: skip
-        row = {"model": kind, "width": widths[kind], "parameters": record["params"], "steps": record["steps"],
-               "tokens": record["tokens"], "gpu_minutes": record["train_seconds"] / 60,
-               "valid_bpc": record["final_valid_bpc"], "history": record["history"]}  # fmt: skip
+            record, _ = quality.train_run(
+                kind, widths[kind], args.lr, per_model, splits, args, seed=0, evals=args.evals
+            )
+        row = {
+            "model": kind,
+            "width": widths[kind],
+            "parameters": record["params"],
+            "steps": record["steps"],
+            "tokens": record["tokens"],
+            "gpu_minutes": record["train_seconds"] / 60,
+            "valid_bpc": record["final_valid_bpc"],
+            "history": record["history"],
+        }
         results[kind] = run.row("race", row)["valid_bpc"]
     return {"corpus": source, "valid_bpc": results, "seconds_per_model": per_model}
 
