@@ -50,28 +50,16 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
     from srupp.ops.cpu import kernel_function
 
     forward, backward = kernel_function("forward", torch.float32), kernel_function("backward", torch.float32)
+    sizes = (steps, batch, hidden, 0, 1)  # not reversed, one thread
+
+    def addresses(*tensors):
+        return [t.data_ptr() for t in tensors]
 
     class Bare(torch.autograd.Function):
         @staticmethod
         def forward(ctx, u, x, v, b, c0):
             h, c_last, c_all = torch.empty_like(x), torch.empty_like(c0), torch.empty_like(x)
-            forward(
-                u.data_ptr(),
-                x.data_ptr(),
-                v.data_ptr(),
-                b.data_ptr(),
-                c0.data_ptr(),
-                None,
-                None,
-                h.data_ptr(),
-                c_all.data_ptr(),
-                c_last.data_ptr(),
-                steps,
-                batch,
-                hidden,
-                0,
-                1,
-            )
+            forward(*addresses(u, x, v, b, c0), None, None, *addresses(h, c_all, c_last), *sizes)
             ctx.save_for_backward(u, x, v, b, c0, c_all)
             return h, c_last
 
@@ -80,27 +68,8 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
             u, x, v, b, c0, c_all = ctx.saved_tensors
             grad_u, grad_x, grad_c0 = torch.empty_like(u), torch.empty_like(x), torch.empty_like(c0)
             grad_vb = c0.new_empty(batch, 4, hidden)
-            backward(
-                u.data_ptr(),
-                x.data_ptr(),
-                v.data_ptr(),
-                b.data_ptr(),
-                c0.data_ptr(),
-                None,
-                None,
-                c_all.data_ptr(),
-                grad_h.data_ptr(),
-                grad_c.data_ptr(),
-                grad_u.data_ptr(),
-                grad_x.data_ptr(),
-                grad_vb.data_ptr(),
-                grad_c0.data_ptr(),
-                steps,
-                batch,
-                hidden,
-                0,
-                1,
-            )
+            outputs = addresses(c_all, grad_h, grad_c, grad_u, grad_x, grad_vb, grad_c0)
+            backward(*addresses(u, x, v, b, c0), None, None, *outputs, *sizes)
             sums = grad_vb.sum(0)
             return grad_u, grad_x, sums[:2], sums[2:], grad_c0
 
