@@ -200,14 +200,24 @@ def test_variants_match_naive_in_float64(device, variant, steps, shape, options)
 
 
 @pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
-def test_variant_argument_selects_the_kernels(device, variant):
-    """launch_forward/launch_backward(variant=...) run that variant whatever the default, and the two agree."""
+def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
+    """launch_forward/launch_backward(variant=...) run that variant's kernels whatever the default, and agree with
+    the spec."""
     case = make_case(9, 2, 5, device=device, with_c0=True, with_pad=True, with_mask_c=True, reverse=True)
     args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
     other = "legacy" if variant == "lean" else "lean"
+    launched, launch = [], triton_kernel._launch
+    monkeypatch.setattr(
+        triton_kernel, "_launch", lambda fn, *rest, **kw: launched.append(fn) or launch(fn, *rest, **kw)
+    )
     with triton_kernel.launch_overrides(variant=other):
         h, c_last, c_all = triton_kernel.launch_forward(*args, True, True, variant=variant)
         grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], True, variant=variant)
+    lean = variant == "lean"
+    assert launched == [
+        triton_kernel._sru_lean_forward_kernel if lean else triton_kernel._sru_forward_kernel,
+        triton_kernel._sru_lean_backward_kernel if lean else triton_kernel._sru_backward_kernel,
+    ]
     expected = run(case, backend="naive")
     assert_all_close(NAMES, [h, c_last, *grads], expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="`variant` must be one of"):

@@ -215,7 +215,9 @@ class SRUppDecoder:
         if kernel is not None and self.cache_dtype != torch.float32:
             raise ValueError("`kernel` needs a session with float32 caches: start a new session")
         self._kernel = kernel
-        if kernel is None and self.cache_dtype != self.dtype:
+        if kernel is not None:
+            self._bind()  # the buffers may have moved while the torch ops ran
+        elif self.cache_dtype != self.dtype:
             # (a pending state is stored, in the new dtype, once the next step checks it)
             state = None if self._pending is not None else self._live_state(copy=True)
             self.cache_dtype, self.capacity = self.dtype, 0
