@@ -59,9 +59,10 @@ __all__ = [
 ]
 
 
-def name_path(err: OSError, path: object) -> OSError:
+def name_path(err: OSError, path: object, replace: bool = False) -> OSError:
     """``err`` itself if it names a file, else an OSError of the same kind and errno that names ``path``
-    (a failed ``write()`` on an open file says "No space left on device" but not where)."""
-    if err.filename is not None or isinstance(err, SRUppError):
+    (a failed ``write()`` on an open file says "No space left on device" but not where). ``replace``: name
+    ``path`` even where ``err`` names a file (an internal temporary one the user never asked for)."""
+    if not replace and (err.filename is not None or isinstance(err, SRUppError)):
         return err
     return type(err)(err.errno, err.strerror or str(err), str(path))

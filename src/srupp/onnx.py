@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from srupp.errors import name_path
 from srupp.files import make_temp_dir_beside, move_aside, remove_orphans
 from srupp.models import SRUppLM
 from srupp.nn import SRUpp
@@ -204,7 +205,7 @@ def _save(program, path: Path, overwrite: bool) -> None:
         try:
             program.save(staging / path.name)
         except OSError as err:  # a full disk: name the user's file, not the staging one
-            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+            raise name_path(err, path, replace=True) from err
         written = sorted(staging.iterdir())
         _make_room(path, [path.parent / item.name for item in written], overwrite)
         for item in written:

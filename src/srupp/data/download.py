@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from srupp.errors import ConfigError, CorpusError, DownloadError, UnavailableError
+from srupp.errors import ConfigError, CorpusError, DownloadError, UnavailableError, name_path
 from srupp.files import replacing
 
 
@@ -33,7 +33,6 @@ class Archive:
 
     url: str
     size: int | None = None
-    sha256: str | None = None
 
 
 # Sizes as published with the archives (Matt Mahoney's pages; the TensorFlow word2vec tutorial checks text8's).
@@ -228,7 +227,7 @@ def _fetch(url: str, part: Path, *, size: int | None, max_bytes: int, timeout: f
                 f"download of {url} stopped at {received:,} bytes ({err}); run again to resume"
             ) from err
         except OSError as err:  # a full disk: name the file the user asked for, not the .part
-            raise type(err)(err.errno, err.strerror or str(err), str(part.with_name(part.name[1:-5]))) from err
+            raise name_path(err, part.with_name(part.name[1:-5]), replace=True) from err
     if received > limit:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{url} sent more than the {limit:,} bytes it should have; the download was discarded")

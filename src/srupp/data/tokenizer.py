@@ -44,9 +44,9 @@ def parse_spec(spec: str) -> tuple[str, int | Path | None]:
         return "bytes", None
     if spec.startswith("bpe:"):
         size = spec[4:]
-        if not size.isdigit() or not MIN_BPE_VOCAB <= int(size) <= 1 << 24:
+        if not size.isdigit() or not MIN_BPE_VOCAB <= int(size) <= MAX_TOKENS:
             raise ConfigError(
-                f"`--tokenizer` bpe:VOCAB needs an integer VOCAB in [{MIN_BPE_VOCAB}, 16777216], got {spec!r}"
+                f"`--tokenizer` bpe:VOCAB needs an integer VOCAB in [{MIN_BPE_VOCAB}, {MAX_TOKENS}], got {spec!r}"
             )
         return "bpe", int(size)
     path = Path(spec)

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from srupp import __version__
-from srupp.errors import CheckpointError
+from srupp.errors import CheckpointError, name_path
 from srupp.files import make_temp_dir_beside, move_aside, refuse_inside, remove_orphans
 from srupp.hf.configuration import SRUppConfig
 from srupp.hf.modeling import SRUppForCausalLM
@@ -87,7 +87,7 @@ def export_model(
                 tokenizer.save_pretrained(staging)
             _write_srupp_files(staging, hf_model.config, vocab, training)
         except OSError as err:  # a full disk: name the user's folder, not the staging one
-            raise type(err)(err.errno, err.strerror or str(err), str(out)) from err
+            raise name_path(err, out, replace=True) from err
         except SafetensorError as err:  # safetensors reports I/O failures as its own error
             raise OSError(f"cannot write {out}: {err}") from err
         _umask_permissions(staging)

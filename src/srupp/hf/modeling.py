@@ -55,7 +55,7 @@ class SRUppCache(Cache):
         """``stack``'s output for ``input`` ``[T, B, hidden_size]`` (padding ``mask_pad`` ``[T, B]``), continuing
         the state fed so far (the session starts here, on the first call)."""
         if self.session is None:
-            self.session = stack.decoder(input.shape[1], state=self._start)
+            self.session, self._start = stack.decoder(input.shape[1], state=self._start), None
         self.seen += input.shape[0]
         return self.session.step(input, mask_pad)
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from srupp.ops.fused import BACKWARD_SCHEMA, FORWARD_SCHEMA, Launchers, fake_backward, register_autograd, run_forward
-from srupp.ops.library import is_available, require_kernel, unavailable_reason
+from srupp.ops.library import address, is_available, require_kernel, unavailable_reason
 from srupp.ops.output_cache import new_output
 
 __all__ = ["is_available", "kernel_function", "sru_recurrence_cpu", "unavailable_reason"]
@@ -41,13 +41,9 @@ def kernel_function(direction: str, dtype: torch.dtype):
     return require_kernel().function(_NAMES[direction, dtype], _ARGS[direction])
 
 
-def _ptr(tensor: Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
-
-
 def _input_pointers(u, x, v, b, c0, mask_pad, mask_c) -> tuple[int | None, ...]:
     """The addresses of the recurrence's inputs, in the order both kernels take them."""
-    return u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask_pad), _ptr(mask_c)
+    return u.data_ptr(), x.data_ptr(), v.data_ptr(), b.data_ptr(), c0.data_ptr(), address(mask_pad), address(mask_c)
 
 
 def _threads() -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from srupp.ops.library import kernel, require_kernel
+from srupp.ops.library import address, kernel, require_kernel
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -44,10 +44,6 @@ class TokenRunArgs(ctypes.Structure):
 
 
 _RUN_ARGS = [ctypes.POINTER(TokenRunArgs), _P, _P, _P, _P, _I64, _I64]
-
-
-def _ptr(tensor: Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
 
 
 def _kernel_ready(tensor: Tensor) -> bool:
@@ -93,10 +89,10 @@ class TokenRun:
         attention) and at the padding marks ``[B, capacity]`` (bool, True = padding; None when the run has none),
         which the kernel clears at each new position."""
         for index, buffer in enumerate(buffers):
-            self._windows[index] = _ptr(buffer)
+            self._windows[index] = address(buffer)
             self._strides[4 * index : 4 * index + 4] = (0, 0, 0, 0) if buffer is None else buffer.stride()[:4]
         for args in (self._args, self._ends_args):
-            args.pad, args.pad_stride = _ptr(pad), 0 if pad is None else pad.stride(0)
+            args.pad, args.pad_stride = address(pad), 0 if pad is None else pad.stride(0)
         self._held = (buffers, pad)
 
     def set_ends(self, embedding: Tensor, head_t: Tensor, head_bias: Tensor | None) -> None:
@@ -107,7 +103,7 @@ class TokenRun:
             if tensor is not None and not _kernel_ready(tensor):
                 raise ValueError(f"`{name}` must be a contiguous float32 CPU tensor")
         args = self._ends_args
-        args.embedding, args.head_t, args.head_bias = _ptr(embedding), _ptr(head_t), _ptr(head_bias)
+        args.embedding, args.head_t, args.head_bias = address(embedding), address(head_t), address(head_bias)
         args.vocab_in, args.vocab_out = embedding.shape[0], head_t.shape[1]
         self.vocab_out = head_t.shape[1]
         self._ends = (embedding, head_t, head_bias)
@@ -150,16 +146,16 @@ def token_kernel(
         return None
     proj, out = wq_t.shape[1], wo_t.shape[1]
     layer = TokenLayer(
-        _ptr(in_norm[1]) if in_norm else None,
-        _ptr(in_norm[2]) if in_norm else None,
-        _ptr(wq_t),
-        _ptr(wkv_t),
-        _ptr(alpha),
-        _ptr(norm[1]),
-        _ptr(norm[2]),
-        _ptr(wo_t),
-        _ptr(u_bias),
-        _ptr(gate_v),
+        address(in_norm[1]) if in_norm else None,
+        address(in_norm[2]) if in_norm else None,
+        address(wq_t),
+        address(wkv_t),
+        address(alpha),
+        address(norm[1]),
+        address(norm[2]),
+        address(wo_t),
+        address(u_bias),
+        address(gate_v),
         in_norm[3] if in_norm else 0.0,
         norm[3],
         wq_t.shape[0],

@@ -117,17 +117,17 @@ def run_forward(
     mask_pad: Tensor | None,
     mask_c: Tensor | None,
     reverse: bool,
-    launchers: Launchers | None = None,
+    launchers: Launchers,
 ) -> tuple[Tensor, Tensor]:
     """Host side of a fused backend: contiguous inputs in, ``(h, c_last)`` out; states are kept for
-    the backward pass only when a gradient will be asked for. Eager calls with ``launchers`` run them through
+    the backward pass only when a gradient will be asked for. Eager calls run ``launchers`` through
     ``FusedRecurrence``; anything traced goes through ``forward_op``, the registered custom op."""
     needs_grad = torch.is_grad_enabled() and (
         u.requires_grad or x.requires_grad or v.requires_grad or b.requires_grad or c0.requires_grad
     )
     masks = (None if mask is None else mask.contiguous() for mask in (mask_pad, mask_c))
     inputs = (u.contiguous(), x.contiguous(), v.contiguous(), b.contiguous(), c0.contiguous(), *masks)
-    if launchers is not None and not traced(inputs):
+    if not traced(inputs):
         if launchers.check is not None:
             launchers.check(*inputs)
         if needs_grad:

@@ -25,6 +25,11 @@ ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 _ISA_BITS = {"baseline": 1, "avx2": 2, "avx512": 4, "avx512bf16": 8}
 
 
+def address(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data address for a C argument (None for a missing optional tensor)."""
+    return None if tensor is None else tensor.data_ptr()
+
+
 @dataclass
 class Library:
     """The loaded library and the variant in use: ``function`` binds one of that variant's entry points."""

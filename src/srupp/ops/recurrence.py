@@ -12,7 +12,6 @@ from srupp.ops import cpu as _cpu
 from srupp.ops.naive import sru_recurrence_naive
 
 BACKENDS = ("auto", "naive", "cpu", "triton")
-_HALF = (torch.float16, torch.bfloat16)
 _warned_fallback = False
 
 
@@ -144,7 +143,7 @@ def sru_recurrence(
             raise TypeError(f"`mask_pad` must be a bool tensor (True = padding), got dtype {mask_pad.dtype}")
     if not u.is_floating_point():
         raise TypeError(f"`u` must be a floating-point tensor, got dtype {u.dtype}")
-    compute = torch.float32 if u.dtype in _HALF else u.dtype
+    compute = _cpu.state_dtype(u.dtype)
     device = u.device
     for name in ("x", "v", "b", "c0", "mask_c"):
         tensor = named[name]
