@@ -225,6 +225,21 @@ def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
+@pytest.mark.parametrize("shape", [(0, 3, 5), (4, 0, 5), (4, 3, 0)], ids=["T0", "B0", "D0"])
+def test_backward_with_nothing_to_walk(device, shape, variant):
+    """No step, row or feature to run: v and b get zero gradients, c0 gets grad_c_last, and nothing is read from
+    memory that no kernel wrote (freed NaN-filled buffers of the partial sums' size are left to be reused)."""
+    case = make_case(*shape, device=device, with_c0=True)
+    junk = torch.full((shape[1], 4, shape[2]), float("nan"), device=device)
+    del junk
+    args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
+    c_all = torch.empty(shape, device=device)
+    grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], False, variant=variant)
+    expected = [torch.zeros_like(case[name]) for name in ("u", "x", "v", "b")] + [case["grad_c"]]
+    assert_all_close(NAMES[2:], list(grads), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_gradcheck_float64(device, reverse, variant):
     # Small enough for the full Jacobian in the interpreter; B=3 gives a partly and an all padded row.

@@ -585,13 +585,12 @@ def launch_backward(
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
     grad_c0 = torch.empty_like(c0)
+    if grad_x.numel() == 0:
+        # No step ran: v and b had no effect, and the state's gradient passes through.
+        grad_c0.copy_(grad_c_last)
+        return grad_u, grad_x, torch.zeros_like(v), torch.zeros_like(b), grad_c0
     # One row of partial sums per batch row, summed over B after: no two programs write one address.
     grad_vb = c0.new_empty(batch, 4, hidden)
-    if grad_x.numel() == 0:
-        grad_u.zero_()
-        grad_x.zero_()
-        grad_c0.copy_(grad_c_last)
-        return grad_u, grad_x, *_sum_vb(grad_vb, v, b, lean=False), grad_c0
     lean = _variant(u, variant) == "lean"
     with _on_device(u):
         _launch(
