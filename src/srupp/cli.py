@@ -340,6 +340,12 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a language model (DDP under torchrun)",
+        description=(
+            "Train a language model (DDP under torchrun). SIGTERM or Ctrl-C finishes the update, writes\n"
+            "checkpoints/last.safetensors and exits with 128 + the signal number. Under DDP the ranks agree on\n"
+            "stopping every --stop_check_every updates (a signal to any rank; --time_limit_s on rank 0's clock):\n"
+            "that many updates and a checkpoint write should fit in the scheduler's grace period."
+        ),
         epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,16 +1,21 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from srupp.train import train
+from srupp.train import load_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent(
     """
@@ -27,14 +32,30 @@ WORKER = textwrap.dedent(
 )
 
 
+COUNTING_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    from srupp.train import TrainConfig, loop, train
+    from tests.train.host_sync import host_reads_per_update
+    cfg = TrainConfig.from_json(open(sys.argv[1]).read())
+    with host_reads_per_update(loop) as per_update:
+        train(cfg)
+    json.dump(per_update, open(f"{sys.argv[2]}/rank{os.environ['RANK']}.json", "w"))
+    """
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(cfg_path, out, mode: str) -> None:
+def _start_ranks(*args: str) -> list[subprocess.Popen]:
+    """``python *args`` as the two ranks of a torchrun-like process group on this machine; the repository root is
+    on the path (for ``tests.train.host_sync``)."""
     port = _free_port()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     procs = []
     for rank in range(2):
         env = {
@@ -45,10 +66,17 @@ def _launch(cfg_path, out, mode: str) -> None:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": path,
+            "PYTHONUNBUFFERED": "1",
         }
-        cmd = [sys.executable, "-c", WORKER, str(cfg_path), str(out), mode]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+        cmd = [sys.executable, *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _launch(worker: str, cfg_path, out, mode: str = "new") -> None:
+    procs = _start_ranks("-c", worker, str(cfg_path), str(out), mode)
+    outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
 
 
@@ -66,7 +94,7 @@ def test_ddp_two_cpu_ranks_match_one_process_and_resume_exactly(tiny_cfg, tmp_pa
     for mode, steps in (("new", 2), ("resume", 4)):
         ddp_cfg = tiny_cfg(**common, max_steps=steps, out_dir=tmp_path / "ddp")
         (tmp_path / "cfg.json").write_text(ddp_cfg.to_json())
-        _launch(tmp_path / "cfg.json", tmp_path, mode)
+        _launch(WORKER, tmp_path / "cfg.json", tmp_path, mode)
         losses = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
         assert losses[0] == losses[1]
         assert losses[0] == pytest.approx(single.losses[steps - 2 : steps], rel=1e-5, abs=1e-6), mode
@@ -84,3 +112,48 @@ def test_ddp_two_cpu_ranks_match_one_process_and_resume_exactly(tiny_cfg, tmp_pa
     carry = [load_file(two / f"last.step4.rank{r}.safetensors") for r in range(2)]
     assert carry[0]["carry/c"].shape == carry[1]["carry/c"].shape == (2, 2, 32)  # [layers, this rank's B, d]
     assert not torch.equal(carry[0]["carry/c"], carry[1]["carry/c"])  # different streams, different state
+
+
+@pytest.mark.slow
+def test_ddp_updates_between_stop_checks_and_logs_never_read_the_device(tiny_cfg, tmp_path):
+    """Under DDP too, only log steps and the ranks' stop checks read values on the host; the loss is averaged over
+    the ranks when it is read. Each rank counts per loop iteration, as the one-process test does."""
+    cfg = tiny_cfg(max_steps=8, eval_every=100, log_every=4, stop_check_every=3, out_dir=tmp_path / "ddp")
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    _launch(COUNTING_WORKER, tmp_path / "cfg.json", tmp_path)
+    for rank in range(2):
+        per_step = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(per_step) == 8, per_step
+        quiet = [tuple(counts) for step, counts in enumerate(per_step, 1) if step % 4 and step % 3]
+        assert quiet == [(0, 0)] * 4, (rank, per_step)  # steps 1, 2, 5, 7
+        checked = [sum(counts) for step, counts in enumerate(per_step, 1) if step % 4 == 0 or step % 3 == 0]
+        assert all(checked), (rank, per_step)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_next_stop_check_with_one_checkpoint(tiny_cfg, tmp_path):
+    """A SIGTERM to rank 1 alone: both ranks stop at the same step (the next multiple of ``stop_check_every``),
+    save it once and exit with 143, each with one line naming that step."""
+    run = tmp_path / "ddp"
+    cfg = tiny_cfg(max_steps=100_000, eval_every=100_000, stop_check_every=5, out_dir=run)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    procs = _start_ranks("-m", "srupp", "train", "--config", str(tmp_path / "cfg.json"))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [p.communicate() for p in procs]
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errors
+    step = load_checkpoint(run / "checkpoints" / "last.safetensors").trainer["step"]
+    assert step % 5 == 0 and step >= 3
+    for err in errors:
+        assert err.strip().splitlines() == [
+            f"srupp train: stopped by SIGTERM: step {step} saved in {run / 'checkpoints' / 'last.safetensors'}; "
+            f"continue with `srupp train --resume {run}`"
+        ]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] == step  # every update that was logged is in the checkpoint
+    ranks = sorted(p.name for p in (run / "checkpoints").glob("last.*.rank*"))
+    assert ranks == [f"last.step{step}.rank{r}.safetensors" for r in range(2)]

@@ -1,13 +1,17 @@
 import json
 import math
+import signal
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from srupp.models import SRUppLM, generate
 from srupp.train import evaluate, load_checkpoint, load_model, loop, train
+from srupp.train.distributed import DistInfo
+
+from .host_sync import host_reads_per_update
 
 
 def test_end_to_end_train_eval_generate(tiny_cfg, tmp_path):
@@ -132,67 +136,42 @@ def test_word_level_adaptive_run_reports_perplexity(tiny_cfg, tmp_path):
     assert len(list(generate(model, vocab.encode("the cat"), 5))) == 5
 
 
-def optimizer_steps(optimizer: torch.optim.Optimizer) -> set[int]:
-    """Addresses of the optimizer's step counters: torch keeps them on the host on a GPU too (unless
-    ``capturable``), so reading them is no device sync."""
-    return {state["step"].data_ptr() for state in optimizer.state.values() if "step" in state}
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host, ``aten::_local_scalar_dense`` (what ``.item()``, ``float()``
-    and ``bool()`` of a tensor dispatch to), other than of the optimizer's step counters."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        super().__init__()
-        self.optimizer = optimizer
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += args[0].data_ptr() not in optimizer_steps(self.optimizer)
-        return func(*args, **(kwargs or {}))
-
-
-class ItemCounter(TorchFunctionMode):
-    """Counts ``.item()``, ``.tolist()``, ``float()``, ``int()`` and ``bool()`` of tensors, as called from Python."""
-
-    NAMES = {"item", "tolist", "__float__", "__int__", "__bool__"}
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        super().__init__()
-        self.optimizer = optimizer
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.count += args[0].data_ptr() not in optimizer_steps(self.optimizer)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("accum", [1, 2])
-def test_no_host_sync_between_log_steps(tiny_cfg, monkeypatch, accum):
+def test_no_host_sync_between_log_steps(tiny_cfg, accum):
     """Between log and eval intervals an update never waits for the device: the loss and the gradient norm stay
-    on it until a log step reads them. Counted per loop iteration (update, then logging)."""
-    from srupp.train import loop
-
-    per_step: list[tuple[int, int]] = []
-    original_update, original_log = loop.one_update, loop.log_update
-
-    def counted_update(run, state):
-        dispatch, function = HostSyncCounter(run.optimizer), ItemCounter(run.optimizer)
-        with dispatch, function:
-            original_update(run, state)
-            original_log(run, state)
-        per_step.append((dispatch.count, function.count))
-
-    monkeypatch.setattr(loop, "one_update", counted_update)
-    monkeypatch.setattr(loop, "log_update", lambda run, state: None)
-    train(tiny_cfg(max_steps=8, eval_every=100, log_every=4, grad_accum=accum, precision="mixed"))
+    on it until a log step reads them. Counted per loop iteration (update, logging, stop checks)."""
+    with host_reads_per_update(loop) as per_step:
+        train(tiny_cfg(max_steps=8, eval_every=100, log_every=4, grad_accum=accum, precision="mixed"))
     quiet = [counts for step, counts in enumerate(per_step, 1) if step % 4]
     logged = [counts for step, counts in enumerate(per_step, 1) if step % 4 == 0]
-    assert quiet == [(0, 0)] * 6, per_step
+    assert len(per_step) == 8 and quiet == [(0, 0)] * 6, per_step
     # A log step reads them all with one ``tolist()``, which the counters see.
     assert all(dispatch + function > 0 for dispatch, function in logged), per_step
+
+
+def test_ddp_ranks_agree_on_stopping_only_every_stop_check_every_updates(tiny_cfg, monkeypatch):
+    """Rank 1 of 2: no collective between checks; at a check, rank 0's clock decides the time limit (this rank
+    sends 0 for it) and any rank's signal stops all; a signal after the last check is agreed on after the loop."""
+    sent = []
+
+    def with_rank_0(values, info):  # rank 0 has trained 100 s and has no signal
+        sent.append(values)
+        return [max(values[0], 0.0), max(values[1], 100.0)]
+
+    monkeypatch.setattr(loop.distributed, "max_over_ranks", with_rank_0)
+    cfg = tiny_cfg(stop_check_every=3, time_limit_s=50)
+    run = SimpleNamespace(cfg=cfg, dist=DistInfo(1, 2, torch.device("cpu")), start=time.perf_counter())
+    state, stops = loop.RunState(), SimpleNamespace(signum=None)
+    seen = []
+    for step in range(1, 6):
+        state.step = step
+        stops.signum = signal.SIGTERM if step == 4 else stops.signum
+        loop.check_stops(run, state, stops)
+        seen.append((len(sent), state.stopped, state.elapsed_s, state.signum))
+    assert seen == [(0, False, 0.0, None)] * 2 + [(1, True, 100.0, None)] * 3
+    assert sent == [[0.0, 0.0]]
+    loop.check_stops(run, state, stops, final=True)
+    assert sent[1] == [float(signal.SIGTERM), 0.0] and state.signum == signal.SIGTERM
 
 
 @pytest.mark.gpu

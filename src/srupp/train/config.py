@@ -65,6 +65,10 @@ class TrainConfig:
         eval_batch_size, eval_unroll_size (None = unroll_size), eval_tokens (cap per evaluation, None = all).
         checkpoint_every: also write the last checkpoint every N updates (None = only at evaluations).
         log_every: train-loss records in ``metrics.jsonl``; ``progress``: show a tqdm bar.
+        stop_check_every: under DDP the ranks agree whether to stop (a SIGTERM or SIGINT to any rank,
+            ``time_limit_s`` on rank 0's clock) every N updates, so a signal is answered, and the time limit
+            overshot, within N updates; in between no update waits for the other ranks or the device. One process
+            checks at every update (that costs nothing).
         num_threads: torch CPU threads (None leaves torch's default).
         backend: the recurrence backend (``"auto"``, ``"naive"``, ``"cpu"``, ``"triton"``), a runtime choice of
             this run: checkpoints do not carry it into evaluation.
@@ -98,6 +102,7 @@ class TrainConfig:
     eval_tokens: int | None = None
     checkpoint_every: int | None = None
     log_every: int = 1
+    stop_check_every: int = 10
     progress: bool = True
     num_threads: int | None = None
     backend: str = "auto"
@@ -115,7 +120,8 @@ class TrainConfig:
                 raise ConfigError(f"`model`: {err}") from err
         if not isinstance(self.model, LMConfig):
             raise ConfigError(f"`model` must be an LMConfig or a dict, got {type(self.model).__name__}")
-        for name in ("batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every"):
+        counts = ("batch_size", "unroll_size", "grad_accum", "eval_every", "eval_batch_size", "log_every")
+        for name in (*counts, "stop_check_every"):
             check_number(name, getattr(self, name), integer=True, low=1)
         for name in ("schedule_steps", "eval_unroll_size", "eval_tokens", "checkpoint_every", "num_threads"):
             check_number(name, getattr(self, name), integer=True, low=1, optional=True)

@@ -70,12 +70,13 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     return float(tensor.item())
 
 
-def max_over_ranks(value: float, info: DistInfo) -> float:
+def max_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """The element-wise maximum of ``values`` over the ranks: one collective, one read by the host."""
     if not info.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def barrier(info: DistInfo) -> None:

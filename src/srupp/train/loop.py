@@ -104,9 +104,11 @@ class RunState:
     best: float = math.inf
     carry: SRUppState | None = None
     saved_step: int | None = None  # the step of checkpoints/last.safetensors, once it is this run's
-    # Each update's (loss, gradient norm), left on the device until a log, eval or checkpoint step reads them
-    # all at once (``read_metrics``): reading a value from a GPU waits for all the work queued before it.
+    # Each update's (loss of this rank, gradient norm), left on the device until a log, eval or checkpoint step
+    # reads them all at once (``read_metrics``): reading a value from a GPU waits for all the work queued before it.
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # seconds of training on the run's clock (rank 0's) at the last stop check
+    signum: int | None = None  # the SIGTERM or SIGINT that stops every rank, once a stop check agreed on it
     read_at: float = 0.0  # the clock when the values were last read (the span tokens_per_s is measured over)
     loss: float = math.nan
     grad_norm: float = math.nan
@@ -142,17 +144,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 while state.step < cfg.max_steps and not state.stopped:
                     one_update(run, state)
                     log_update(run, state)
-                    if signalled(run, stops):  # checkpoint this step at once: pre-emption leaves seconds
+                    check_stops(run, state, stops)
+                    if state.signum is not None:  # checkpoint this step at once: pre-emption leaves seconds
                         break
-                    state.stopped = out_of_time(run)
                     if evaluation_due(run, state):
                         evaluate_and_checkpoint(run, state)
                     elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                         save(run, state, run.last_path, valid_loss=None)
+                check_stops(run, state, stops, final=True)  # a signal since the last check stops every rank alike
                 read_metrics(run, state)
                 if state.step > 0 and state.saved_step != state.step:
                     save(run, state, run.last_path, valid_loss=None)
-            stop_if_signalled(run, state, stops)
+            stop_if_signalled(run, state)
         return TrainResult(state.step, state.losses, state.valid, state.best, run.model, run.run_dir, dist.is_main)
     finally:
         distributed.teardown(dist)
@@ -307,13 +310,10 @@ def one_update(run: Run, state: RunState) -> None:
 
     Sets ``state.lr`` and ``carry``, queues the update's loss and gradient norm (on the device) in
     ``state.pending``, and advances ``state.step``. Nothing here waits for the device (except GradScaler's check
-    for infinite gradients under fp16).
+    for infinite gradients under fp16) or, beyond DDP's gradient all-reduce, for the other ranks.
     """
     cfg = run.cfg
-    elapsed = time.perf_counter() - run.start
-    if cfg.anneal_by_time:
-        elapsed = distributed.broadcast_float(elapsed, run.dist)
-    state.lr = learning_rate(state.step, cfg, elapsed)
+    state.lr = learning_rate(state.step, cfg, state.elapsed_s)  # the clock of the last stop check: equal on all ranks
     for group in run.optimizer.param_groups:
         group["lr"] = state.lr
     run.optimizer.zero_grad(set_to_none=True)
@@ -324,7 +324,7 @@ def one_update(run: Run, state: RunState) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     state.step += 1
-    state.pending.append((distributed.mean_over_ranks(loss, run.dist), grad_norm.detach()))
+    state.pending.append((loss, grad_norm.detach()))
 
 
 def accumulate_gradients(run: Run, state: RunState) -> torch.Tensor:
@@ -359,11 +359,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def read_metrics(run: Run, state: RunState) -> None:
-    """Read the pending losses and gradient norms from the device (one wait), append them to ``state.losses``,
-    set ``state.loss``, ``grad_norm`` and ``tokens_per_s``, and stop at the first that is not finite."""
+    """Read the pending losses (averaged over the ranks in one collective) and gradient norms from the device (one
+    wait), append them to ``state.losses``, set ``state.loss``, ``grad_norm`` and ``tokens_per_s``, and stop at the
+    first that is not finite. Every rank calls it at the same steps."""
     if not state.pending:
         return
-    values = torch.stack([torch.stack(pair).float() for pair in state.pending]).tolist()
+    losses, norms = (torch.stack(column).float() for column in zip(*state.pending, strict=True))
+    # The gradient norm is the same on every rank (DDP averaged the gradients); only the loss is averaged.
+    values = torch.stack([distributed.mean_over_ranks(losses, run.dist), norms], dim=1).tolist()
     first = state.step - len(values) + 1
     now = time.perf_counter()
     state.tokens_per_s = run.cfg.tokens_per_step * len(values) / max(now - state.read_at, 1e-9)
@@ -399,34 +402,39 @@ def log_update(run: Run, state: RunState) -> None:
         )
 
 
-def signalled(run: Run, stops: StopRequests) -> bool:
-    """Whether a SIGTERM or SIGINT reached this process (any rank's, under DDP: every rank stops at one step)."""
-    if not run.dist.enabled:
-        return stops.signum is not None
-    signum = distributed.max_over_ranks(float(stops.signum or 0), run.dist)
-    stops.signum = stops.signum or (int(signum) or None)
-    return stops.signum is not None
+def check_stops(run: Run, state: RunState, stops: StopRequests, *, final: bool = False) -> None:
+    """Set ``state.signum`` once a SIGTERM or SIGINT reached a rank, ``state.elapsed_s``, and ``state.stopped``
+    once ``time_limit_s`` has passed.
 
-
-def stop_if_signalled(run: Run, state: RunState, stops: StopRequests) -> None:
-    """Raise :class:`Interrupted` (exit code 128 + the signal number) after a signal stopped the run."""
-    if stops.signum is None:
+    One process reads its own flag and clock after every update. Under DDP the ranks agree in one collective
+    (any rank's signal, rank 0's clock) every ``stop_check_every`` updates and ``final``ly after the loop, so every
+    rank stops at the same step, saves once and exits with the same code; the updates between checks wait neither
+    for the other ranks nor for the device.
+    """
+    dist = run.dist
+    if dist.enabled and not final and state.step % run.cfg.stop_check_every:
         return
-    name = signal.Signals(stops.signum).name
+    signum, elapsed = float(stops.signum or 0), time.perf_counter() - run.start
+    if dist.enabled:
+        signum, elapsed = distributed.max_over_ranks([signum, elapsed if dist.is_main else 0.0], dist)
+    state.signum = state.signum or int(signum) or None
+    state.elapsed_s = elapsed
+    limit = run.cfg.time_limit_s
+    state.stopped = state.stopped or (limit is not None and elapsed > limit)
+
+
+def stop_if_signalled(run: Run, state: RunState) -> None:
+    """Raise :class:`Interrupted` (exit code 128 + the signal number) after a signal stopped the run."""
+    if state.signum is None:
+        return
+    name = signal.Signals(state.signum).name
     if state.saved_step is None:
-        raise Interrupted(stops.signum, f"stopped by {name} before the first update; nothing to save")
+        raise Interrupted(state.signum, f"stopped by {name} before the first update; nothing to save")
     raise Interrupted(
-        stops.signum,
+        state.signum,
         f"stopped by {name}: step {state.saved_step} saved in {run.last_path}; continue with "
         f"`srupp train --resume {run.run_dir}`",
     )
-
-
-def out_of_time(run: Run) -> bool:
-    """Whether ``time_limit_s`` has passed; rank 0's clock decides, so every rank stops at the same step."""
-    if run.cfg.time_limit_s is None:
-        return False
-    return distributed.broadcast_float(float(time.perf_counter() - run.start > run.cfg.time_limit_s), run.dist) > 0
 
 
 def evaluation_due(run: Run, state: RunState) -> bool:
