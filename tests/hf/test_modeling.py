@@ -9,6 +9,7 @@ import srupp.hf  # noqa: E402
 from srupp.hf import SRUppCache, SRUppConfig, SRUppForCausalLM, SRUppForSequenceClassification  # noqa: E402
 from srupp.hf.modeling import CACHE_NAME  # noqa: E402
 from srupp.models import generate  # noqa: E402
+from srupp.nn.decode import SRUppDecoder  # noqa: E402
 from tests.hf.conftest import LM_CONFIGS, TINY, make_lm  # noqa: E402
 
 
@@ -301,8 +302,6 @@ def test_output_hidden_states_are_every_layers_output(assert_close):
         assert_close(got, want.transpose(0, 1), name=f"hidden_states[{i}]")
     assert_close(out.logits, lm.output(out.hidden_states[-1]), name="logits of the last hidden state")
     assert model(ids, use_cache=False).hidden_states is None
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        model(ids, output_hidden_states=True, use_cache=True)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -333,3 +332,104 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert model.model.rnn.gradient_checkpointing and len(recomputed) == 2  # forward, then again in backward
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0, msg=name)
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``prompts`` padded on the left with id 0 (an ordinary token of the model)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :], mask[b, width - len(p) :] = torch.tensor(p), 1
+    return ids, mask
+
+
+# Greedy or beam generation of a fixed length from left-padded prompts, returning a dict.
+PADDED_GENERATION = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+
+
+def make_on(path: str, seed: int):
+    """``make``'s three-layer model whose decoding session runs the compiled kernel ("kernel") or, with the
+    naive spec's layers, the torch ops ("torch-ops")."""
+    lm, model = make("every-second-layer-two-heads-layer-norm", seed=seed)
+    if path == "torch-ops":
+        model.model.set_backend("naive")
+    return lm, model
+
+
+@pytest.fixture
+def session_calls(monkeypatch):
+    """Counts the session's one-token steps and its general-path steps."""
+    calls = {"token": 0, "general": 0}
+    for name, key in (("_step_token", "token"), ("_step_general", "general")):
+        original = getattr(SRUppDecoder, name)
+
+        def counted(self, *args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SRUppDecoder, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("new_tokens", [1, 4, 11])
+@pytest.mark.parametrize("path", ["kernel", "torch-ops"])
+def test_beam_search_with_the_cache_equals_beam_search_without(assert_close, session_calls, path, new_tokens):
+    """Beam search (3 beams, a left-padded batch of two) through the cache, whose session reorders its buffers in
+    place after every token, against beam search recomputing every position (no cache): the same sequences and
+    scores; every token after the prompt takes the session's one-token path."""
+    _, model = make_on(path, seed=5)
+    ids, mask = left_padded([[7, 8, 9, 10, 11], [42, 43]])
+    kwargs = dict(
+        PADDED_GENERATION,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        num_beams=3,
+        num_return_sequences=2,
+        output_scores=True,
+    )
+    cached = model.generate(ids, **kwargs)
+    assert session_calls == {"token": new_tokens - 1, "general": 1}
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert_close(cached.sequences_scores, uncached.sequences_scores, name="sequence scores")
+    for t, (got, want) in enumerate(zip(cached.scores, uncached.scores, strict=True)):
+        assert_close(got, want, atol=1e-4, name=f"scores of token {t}")
+    session = cached[CACHE_NAME].session
+    assert (session.kernel is not None) == (path == "kernel")
+    assert session.kernel is None or session.kernel._held[0] is session.buffers
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch-ops"])
+def test_cached_hidden_states_are_the_full_forwards(assert_close, path):
+    """``output_hidden_states`` with a cache: a left-padded prompt, single steps and a chunk give the embedding
+    and every layer's output for their positions, as the forward without a cache over the whole sequence; and
+    greedy ``generate`` returns them per step."""
+    lm, model = make_on(path, seed=6)
+    ids, mask = left_padded([[5, 6, 7, 8], [9, 10]])
+    more = torch.randint(1, 256, (2, 5))
+    full_ids, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+    with torch.no_grad():
+        expected = model(full_ids, attention_mask=full_mask, output_hidden_states=True, use_cache=False)
+        out = model(ids, attention_mask=mask, output_hidden_states=True, use_cache=True)
+        pieces, cache, t = [out.hidden_states], out[CACHE_NAME], ids.shape[1]
+        for size in (1, 1, 2, 1):
+            piece = model(full_ids[:, t : t + size], output_hidden_states=True, **{CACHE_NAME: cache})
+            assert piece.hidden_states[-1].shape == (2, size, lm.config.hidden_size)
+            pieces.append(piece.hidden_states)
+            t += size
+    assert len(out.hidden_states) == lm.config.num_layers + 1
+    for i, want in enumerate(expected.hidden_states):
+        assert_close(torch.cat([layers[i] for layers in pieces], 1), want, name=f"hidden_states[{i}]")
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4, output_hidden_states=True, **PADDED_GENERATION
+    )
+    with torch.no_grad():
+        whole = model(
+            generated.sequences[:, :-1],
+            output_hidden_states=True,
+            use_cache=False,
+            attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1),
+        )
+    steps = torch.cat([torch.stack(layers) for layers in generated.hidden_states], dim=2)
+    assert_close(steps, torch.stack(whole.hidden_states), name="generate's hidden states")

@@ -277,3 +277,122 @@ def test_a_kernel_set_again_runs_on_the_buffers_of_now(assert_close):
             outputs["session"].append(decoder.step(x[t : t + 1]))
             outputs["reference"].append(reference.step(x[t : t + 1]))
     assert_close(torch.cat(outputs["session"]), torch.cat(outputs["reference"]), name="h")
+
+
+SELECT_SCHEDULES = {
+    # per token after the prefill: None (no select) or the streams to keep (of the batch of that moment)
+    "beams-with-repeats": [None, [2, 2, 0], [1, 0, 2], None, [0, 0, 0]] * 8,
+    "shrink-and-grow": [None, [2, 0], None, [1, 1, 0, 0], [3, 0, 2]] * 8,
+}
+
+
+def hand_picked(state: SRUppState, rows: list[int]) -> SRUppState:
+    """``state`` with its streams indexed by hand (the reference of ``select``)."""
+    return SRUppState(
+        state.c[:, rows],
+        keys=[None if k is None else k[rows] for k in state.keys],
+        values=[None if v is None else v[rows] for v in state.values],
+        max_context=state.max_context,
+        key_pad=None if state.key_pad is None else state.key_pad[rows],
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("max_context", [None, 5], ids=["all", "window-5"])
+@pytest.mark.parametrize("schedule", SELECT_SCHEDULES.keys())
+def test_select_continues_the_chosen_streams(assert_close, token_calls, path, max_context, schedule):
+    """``select`` between the tokens of a left-padded batch (its buffers outgrow their 16 positions, or slide a
+    window): every output equals the causal forward over the history of the stream it continues, and the final
+    state equals the functional ``SRUpp.step`` over those histories."""
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    mask_pad = torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3])
+    history = torch.randn(4, 3, 6).masked_fill(mask_pad.unsqueeze(-1), float("nan"))
+    with torch.no_grad():
+        decoder = session(model, 3, max_context, path)
+        decoder.step(history, mask_pad)
+        for t, rows in enumerate(SELECT_SCHEDULES[schedule]):
+            if rows is not None:
+                decoder.select(torch.tensor(rows))
+                history, mask_pad = history[:, rows], mask_pad[:, rows]
+                assert decoder.kernel is None or decoder.kernel._held[0] is decoder.buffers
+            token = torch.randn(1, len(history[0]), 6)
+            history = torch.cat([history, token])
+            mask_pad = torch.cat([mask_pad, torch.zeros(1, mask_pad.shape[1], dtype=torch.bool)])
+            expected, _ = model(history, mask_pad=mask_pad, causal=True, attn_window=max_context)
+            assert_close(decoder.step(token), expected[-1:], name=f"token {t}")
+        _, expected_state = model.step(
+            history, model.init_decode_state(history.shape[1], max_context), mask_pad=mask_pad
+        )
+    assert len(token_calls) == len(SELECT_SCHEDULES[schedule])
+    assert_states_close(assert_close, decoder.state, expected_state)
+
+
+def test_select_gathers_into_two_alternating_buffer_sets_and_equals_indexing(assert_close):
+    """A select of as many streams as the session has allocates nothing after the first (it swaps between two
+    sets of buffers); ``state.select`` and the session's select both equal indexing the state by hand, also on
+    a loaded (pending) state and on a session made in inference mode, selected outside it."""
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    x = torch.randn(9, 3, 6)
+    rows = [1, 1, 0]
+    with torch.no_grad():
+        decoder = session(model, 3)
+        decoder.step(x[:4])
+        decoder.step(x[4:5])
+        first = [b.data_ptr() if b is not None else None for b in decoder.buffers]
+        before = decoder.state
+        decoder.select(torch.tensor(rows))
+        assert_states_close(assert_close, decoder.state, hand_picked(before, rows))
+        assert_states_close(assert_close, before.select(torch.tensor(rows, dtype=torch.int32)), decoder.state)
+        decoder.select(torch.tensor([0, 1, 2]))
+        assert [b.data_ptr() if b is not None else None for b in decoder.buffers] == first
+        decoder.load(before)
+        decoder.select(torch.tensor(rows))  # on the pending state
+        assert_states_close(assert_close, decoder.state, hand_picked(before, rows))
+        with torch.inference_mode():
+            made_inside = session(model, 3)
+            made_inside.step(x[:5])
+    made_inside.select(torch.tensor(rows))  # buffers of inference mode: new ones
+    with torch.no_grad():
+        out = made_inside.step(x[5:6, rows])
+        expected = model(x[:6, rows], causal=True)[0][-1:]
+    assert_close(out, expected, name="after an inference-mode session's select")
+
+
+@pytest.mark.parametrize(
+    "indices, error, message",
+    [
+        ([0, 3], ValueError, r"`indices` must lie in \[0, 3\) \(the streams\), got values in \[0, 3\]"),
+        ([-1], ValueError, r"must lie in \[0, 3\)"),
+        ([[0, 1]], ValueError, r"`indices` must have shape \[N\] \(1 dim\), got \[1, 2\]"),
+        ([0.0, 1.0], TypeError, "`indices` must be an integer tensor of stream numbers, got torch.float32"),
+    ],
+    ids=["too-high", "negative", "two-dims", "floats"],
+)
+def test_select_refuses_bad_indices_clearly(indices, error, message):
+    decoder = make(num_layers=2).decoder(3)
+    with pytest.raises(error, match=message):
+        decoder.select(torch.tensor(indices))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_step_layers_are_every_layers_output(assert_close, token_calls, path):
+    """``step_layers`` over a left-padded chunk and single tokens against the layers' outputs in the full causal
+    forward (forward hooks); its last layer is ``step``'s output."""
+    model = make(**CONFIGS["every-second-layer-two-heads"])
+    mask_pad = torch.cat([torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3]), torch.zeros(6, 3, dtype=bool)])
+    x = torch.randn(10, 3, 6)
+    expected = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: expected.append(out[0])) for layer in model.layers]
+    with torch.no_grad():
+        model(x, mask_pad=mask_pad, causal=True)
+        for hook in hooks:
+            hook.remove()
+        decoder, twin = session(model, 3, path=path), session(model, 3, path=path)
+        got = [decoder.step_layers(x[:4], mask_pad[:4])]
+        got += [decoder.step_layers(x[t : t + 1]) for t in range(4, 10)]
+        twin.step(x[:4], mask_pad[:4])
+        plain = [twin.step(x[t : t + 1]) for t in range(4, 10)]
+    assert len(token_calls) == 12
+    for i, want in enumerate(expected):
+        assert_close(torch.cat([layers[i] for layers in got]), want, name=f"layer {i}")
+    assert_close(torch.cat([layers[-1] for layers in got[1:]]), torch.cat(plain), name="step's output")

@@ -51,12 +51,17 @@ class SRUppCache(Cache):
         """The state fed so far, as an ``SRUppState`` (a copy), or None before anything was fed."""
         return self._start if self.session is None else self.session.state
 
-    def feed(self, stack: nn.Module, input: Tensor, mask_pad: Tensor | None) -> Tensor:
+    def feed(
+        self, stack: nn.Module, input: Tensor, mask_pad: Tensor | None, all_layers: bool = False
+    ) -> Tensor | tuple[Tensor, ...]:
         """``stack``'s output for ``input`` ``[T, B, hidden_size]`` (padding ``mask_pad`` ``[T, B]``), continuing
-        the state fed so far (the session starts here, on the first call)."""
+        the state fed so far (the session starts here, on the first call); with ``all_layers`` every layer's
+        output, the last being the stack's."""
         if self.session is None:
             self.session, self._start = stack.decoder(input.shape[1], state=self._start), None
         self.seen += input.shape[0]
+        if all_layers:
+            return self.session.step_layers(input, mask_pad)
         return self.session.step(input, mask_pad)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -95,30 +100,24 @@ class SRUppCache(Cache):
         # Not purely linear: it also grows attention keys, so generate slices prompts by `get_seq_length`.
         return [False]
 
-    def _select(self, fn) -> None:
-        state = self.state
-        if state is None:
-            return
-
-        def pick(items):
-            return None if items is None else [None if item is None else fn(item, 0) for item in items]
-
-        memory = None if state.memory is None else [None if m is None else fn(m, 1) for m in state.memory]
-        key_pad = None if state.key_pad is None else fn(state.key_pad, 0)
-        state = SRUppState(fn(state.c, 1), memory, pick(state.keys), pick(state.values), state.max_context, key_pad)
-        if self.session is None:
-            self._start = state
-        else:
-            self.session.load(state)
+    def select(self, indices: Tensor) -> None:
+        """Keep the streams ``indices`` ``[N]`` (repeats allowed): stream i goes on from stream ``indices[i]``.
+        A running session reorders its own buffers (``SRUppDecoder.select``: one gather each, no copy of the
+        state), so the next token takes the one-token path again."""
+        if self.session is not None:
+            self.session.select(indices)
+        elif self._start is not None:
+            self._start = self._start.select(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda tensor, dim: tensor.index_select(dim, beam_idx.to(tensor.device)))
+        self.select(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda tensor, dim: tensor.index_select(dim, indices.to(tensor.device)))
+        self.select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda tensor, dim: tensor.repeat_interleave(repeats, dim=dim))
+        if self.is_initialized:
+            self.select(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -283,7 +282,7 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
                 is given).
             logits_to_keep: compute the logits of only the last k positions (0: all; ignored with ``labels``).
             output_hidden_states: also return the embedding output and every layer's output, ``num_layers + 1``
-                tensors ``[B, T, hidden_size]`` (default ``config.output_hidden_states``; not with a cache).
+                tensors ``[B, T, hidden_size]`` for the new positions (default ``config.output_hidden_states``).
 
         Returns:
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, T, V]``, the cache and ``hidden_states``.
@@ -310,11 +309,13 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
         pad = _padding(attention_mask, batch, steps)
         mask_pad = None if pad is None else pad.t()
         if use_cache or cache is not None:
-            if output_hidden_states:
-                raise NotImplementedError("`output_hidden_states` needs use_cache=False (a forward without a cache)")
             cache = SRUppCache() if cache is None else cache
             x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
-            hidden = lm.dropout(cache.feed(lm.rnn, x, mask_pad))
+            if output_hidden_states:
+                layers = (x, *cache.feed(lm.rnn, x, mask_pad, all_layers=True))
+                hidden = lm.dropout(layers[-1])
+            else:
+                hidden = lm.dropout(cache.feed(lm.rnn, x, mask_pad))
         else:
             hidden, _, layers = lm.hidden_states(
                 ids, mask_pad=mask_pad, inputs_embeds=embeds, all_layers=output_hidden_states

@@ -47,6 +47,20 @@ def check_state(
     return tensor
 
 
+def check_stream_indices(indices: object, batch: int) -> Tensor:
+    """``indices`` as int64 if it is a 1-D integer tensor of stream numbers in ``[0, batch)`` (repeats allowed)."""
+    tensor = check_tensor("indices", indices)
+    if tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"`indices` must be an integer tensor of stream numbers, got {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"`indices` must have shape [N] (1 dim), got {list(tensor.shape)}")
+    if tensor.numel():
+        low, high = (int(bound) for bound in torch.aminmax(tensor))
+        if low < 0 or high >= batch:
+            raise ValueError(f"`indices` must lie in [0, {batch}) (the streams), got values in [{low}, {high}]")
+    return tensor.long()
+
+
 def check_probability(name: str, value: float) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be in [0, 1), got {value}")

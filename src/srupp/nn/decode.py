@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from srupp.nn.checks import check_stream_indices
 from srupp.nn.state import SRUppState
 from srupp.ops.decode_kernel import TokenKernel, TokenRun, token_kernel
 
@@ -140,7 +141,8 @@ class SRUppDecoder:
     the compiled CPU kernel where ``kernel`` is set (on the CPU, any backend but ``"naive"``; set it to None to run
     the torch ops). Any other step (a chunk, a padding mask, gradients) takes ``SRUpp.step`` on the session's
     caches and stores what it returns. ``state`` is a copy of the session as an ``SRUppState``; ``load`` continues
-    one.
+    one; ``select`` keeps, reorders or repeats streams in place (beam search); ``step_layers`` is ``step`` returning
+    every layer's output.
 
     Precision: the kernel computes in float32. For a bfloat16 or float16 model it runs on float32 copies of the
     weights that the session makes once when it starts (memory: a float32 copy of the stack's weights per
@@ -177,6 +179,7 @@ class SRUppDecoder:
         self.batch_size = 0
         self.buffers: list[Tensor | None] = []
         self.pad: Tensor | None = None
+        self._spare: tuple[list[Tensor | None], Tensor | None] | None = None  # select's targets: see there
         self.capacity = self.start = self.end = 0
         self._pending: SRUppState | None = None
         self._inference = False
@@ -192,6 +195,42 @@ class SRUppDecoder:
         self.max_context = state.max_context
         self._pending = state
         self._resize(state.c.shape[1] if state.c.dim() == 3 else self.batch_size)
+
+    def select(self, indices: Tensor) -> None:
+        """Keep the streams ``indices`` ``[N]`` (integers in ``[0, batch_size)``, repeats allowed): stream i goes on
+        from what stream ``indices[i]`` held, as from ``state.select(indices)`` (beam search reorders its beams so
+        after every token). With N = ``batch_size`` the live positions of every cache are gathered once, into a
+        second set of buffers that the session keeps from its first ``select`` on and binds the kernel to (memory:
+        the caches twice); with another N, into new buffers."""
+        indices = check_stream_indices(indices, self.batch_size).to(self.device)
+        if self._pending is not None:
+            self.load(self._pending.select(indices))
+        elif indices.shape[0] != self.batch_size or (self._inference and not torch.is_inference_mode_enabled()):
+            keys, values, key_pad = self._views()
+            state = SRUppState(self.c, keys=keys, values=values, max_context=self.max_context, key_pad=key_pad)
+            self._store(state.select(indices))
+        else:
+            self._gather(indices)
+
+    def _gather(self, indices: Tensor) -> None:
+        """``select`` of ``batch_size`` streams: the live positions of the buffers and padding marks gathered into
+        the spare set, which becomes the live one (the old one the next spare)."""
+        if self._spare is None:
+            with torch.inference_mode(self._inference):  # writable where the buffers are (see ``_store``)
+                buffers = [None if buffer is None else torch.empty_like(buffer) for buffer in self.buffers]
+                self._spare = (buffers, None if self.pad is None else torch.zeros_like(self.pad))
+        targets, target_pad = self._spare
+        start, live = self.start, self.end - self.start
+        with torch.no_grad():
+            for buffer, target in zip(self.buffers, targets, strict=True):
+                if buffer is not None:
+                    torch.index_select(buffer.narrow(3, start, live), 0, indices, out=target.narrow(3, start, live))
+            if self.pad is not None:
+                torch.index_select(self.pad.narrow(1, start, live), 0, indices, out=target_pad.narrow(1, start, live))
+            self.c = self.c.index_select(1, indices)
+        self._spare = (self.buffers, self.pad)
+        self.buffers, self.pad = targets, target_pad
+        self._bind()
 
     def _resize(self, batch_size: int) -> None:
         if batch_size == self.batch_size:
@@ -258,10 +297,24 @@ class SRUppDecoder:
         padding ``mask_pad`` ``[T, B]`` (``[B, T]``); returns the output ``[T, B, hidden_size]`` (``[B, T, ...]``)."""
         if mask_pad is None and self._token_path_applies(input):
             return self._step_token(input)
+        return self._step_general(input, mask_pad)[0]
+
+    def step_layers(self, input: Tensor, mask_pad: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``step``, returning every layer's output for ``input``: ``num_layers`` tensors shaped as ``step``'s
+        output, the last being it. The compiled kernel keeps only the last layer's, so a one-token step takes the
+        torch ops of ``token_step`` where the caches have the model's dtype, else the general path (which, for a
+        lower-precision model's float32 caches, rounds them to its dtype, as a chunk does)."""
+        if mask_pad is None and self.cache_dtype == self.dtype and self._token_path_applies(input):
+            return self._step_token(input, all_layers=True)
+        return self._step_general(input, mask_pad, all_layers=True)
+
+    def _step_general(self, input: Tensor, mask_pad: Tensor | None, all_layers: bool = False) -> tuple[Tensor, ...]:
+        """``SRUpp.step`` on the session's caches, storing the state it returns: ``(output,)``, or with
+        ``all_layers`` every layer's output."""
         state = self._pending if self._pending is not None else self._live_state(copy=False)
-        output, state = self.model.step(input, state, mask_pad=mask_pad)
-        self._store(state)
-        return output
+        result = self.model.step(input, state, mask_pad=mask_pad, all_layers=all_layers)
+        self._store(result[1])
+        return result[2] if all_layers else result[:1]
 
     def _token_path_applies(self, input: object) -> bool:
         return (
@@ -289,37 +342,41 @@ class SRUppDecoder:
         set and ``ready_for_token()``."""
         return self._step_token(ids, ends=True)
 
-    def _step_token(self, input: Tensor, ends: bool = False) -> Tensor:
+    def _step_token(self, input: Tensor, ends: bool = False, all_layers: bool = False) -> Tensor | tuple[Tensor, ...]:
+        """One token: the output (``ends``: the log-probabilities), or with ``all_layers`` every layer's output."""
         if self.end == self.capacity:
             self._make_room()
         c = self.c
         c_next = torch.empty_like(c)
-        if self.kernel is not None:  # float32 in and out (token ids in with the ends)
+        if self.kernel is not None and not all_layers:  # float32 in and out (token ids in with the ends)
             shape = (self.batch_size, self.kernel.vocab_out) if ends else self.output_shape
             output = c.new_empty(shape)
             x = input if ends else input.to(torch.float32)
             self.kernel(x.contiguous(), c, c_next, output, self.start, self.end, ends)
             output = output if ends else output.to(self.dtype)
         else:
-            output = self._token_ops(input, c, c_next).view(self.output_shape)
+            layers = tuple(x.view(self.output_shape) for x in self._token_ops(input, c, c_next))
+            output = layers if all_layers else layers[-1]
         self.c = c_next
         self.end += 1
         if self.max_context is not None and self.end - self.start > self.max_context:
             self.start = self.end - self.max_context
         return output
 
-    def _token_ops(self, input: Tensor, c: Tensor, c_next: Tensor) -> Tensor:
-        """``token_step`` through every layer, on positions ``start..end`` of the buffers (``end`` written now)."""
+    def _token_ops(self, input: Tensor, c: Tensor, c_next: Tensor) -> list[Tensor]:
+        """``token_step`` through every layer, on positions ``start..end`` of the buffers (``end`` written now);
+        every layer's output ``[B, hidden_size]``."""
         start, length = self.start, self.end + 1 - self.start
         mask = None
         if self.pad is not None:
             self.pad.select(1, self.end).fill_(False)
             mask = self.pad.narrow(1, start, length).logical_not().view(-1, 1, 1, length)
-        x = input.reshape(self.batch_size, -1)
+        x, outputs = input.reshape(self.batch_size, -1), []
         for weights, buffer, c_in, c_out in zip(self.weights, self.buffers, c.unbind(0), c_next.unbind(0), strict=True):
             window = None if buffer is None else buffer.narrow(3, start, length)
             x = token_step(x, c_in, c_out, weights, window, mask)
-        return x
+            outputs.append(x)
+        return outputs
 
     def _store(self, state: SRUppState) -> None:
         """Take over a checked ``state`` (``SRUpp.step``'s result): its caches are copied into the buffers."""
@@ -338,6 +395,7 @@ class SRUppDecoder:
                     buffer[:, 1, :, :length] = layer_values
             if state.key_pad is not None and self.pad is None:
                 self.pad = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=self.device)
+                self._spare = None  # (it has no padding marks)
                 self._bind()
             if self.pad is not None:
                 self.pad[:, :length] = False if state.key_pad is None else state.key_pad
@@ -350,6 +408,7 @@ class SRUppDecoder:
         wanted = length if self.max_context is None else max(length, self.max_context)
         self.capacity = max(16, 2 * (wanted + 1))
         self._inference = torch.is_inference_mode_enabled()
+        self._spare = None
         head_size = self.model.proj_size // self.model.num_heads
         shape = (self.batch_size, 2, self.model.num_heads, self.capacity, head_size)
         self.buffers = [

@@ -286,7 +286,9 @@ class SRUpp(SRUStack):
         """
         return SRUppDecoder(self, batch_size, max_context, state)
 
-    def step(self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None) -> tuple[Tensor, SRUppState]:
+    def step(
+        self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None, all_layers: bool = False
+    ) -> tuple[Tensor, SRUppState] | tuple[Tensor, SRUppState, tuple[Tensor, ...]]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
 
         The result equals ``forward(..., causal=True, attn_window=max_context)`` over everything fed
@@ -302,9 +304,11 @@ class SRUpp(SRUStack):
             mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding (e.g. the left padding
                 of batched prompts): as in ``forward`` it carries c unchanged and outputs 0, and the state's
                 ``key_pad`` keeps it hidden from every later token.
+            all_layers: also return every layer's output (``num_layers`` tensors shaped as ``output``).
 
         Returns:
-            ``(output [T, B, hidden_size], next state)``; the state holds c and each attention layer's cache.
+            ``(output [T, B, hidden_size], next state)``, and with ``all_layers`` the layers' outputs; the state
+            holds c and each attention layer's cache.
 
         Example:
             >>> model = SRUpp(16, 16, 4).eval()
@@ -324,32 +328,39 @@ class SRUpp(SRUStack):
         if mask_pad is not None:
             mask_pad = check_mask_pad(mask_pad, steps, batch, self.batch_first)
             x = zero_padding(x, mask_pad)
-        outputs = []
+        pieces = []  # per piece, every layer's output
         for start in range(0, steps, PREFILL_CHUNK):
             piece = x[start : start + PREFILL_CHUNK]
             pad = None if mask_pad is None else mask_pad[start : start + PREFILL_CHUNK]
-            output, state = self._step_piece(piece, state, pad)
-            outputs.append(output)
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return (output.transpose(0, 1) if self.batch_first else output), state
+            layers, state = self._step_piece(piece, state, pad)
+            pieces.append(layers if all_layers else layers[-1:])
 
-    def _step_piece(self, x: Tensor, state: SRUppState, mask_pad: Tensor | None) -> tuple[Tensor, SRUppState]:
-        """``step`` over checked time-major input ``[T, B, input_size]`` and its padding ``[T, B]``."""
+        def join(parts: tuple[Tensor, ...]) -> Tensor:
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return joined.transpose(0, 1) if self.batch_first else joined
+
+        outputs = tuple(join(parts) for parts in zip(*pieces, strict=True))
+        return (outputs[-1], state, outputs) if all_layers else (outputs[-1], state)
+
+    def _step_piece(self, x: Tensor, state: SRUppState, mask_pad: Tensor | None) -> tuple[list[Tensor], SRUppState]:
+        """``step`` over checked time-major input ``[T, B, input_size]`` and its padding ``[T, B]``: every layer's
+        output and the next state."""
         steps, batch = x.shape[:2]
         context = self._context(state, None, batch)
         key_pad, earlier = self._key_pad(state, context, batch)
         if (mask_pad is not None or key_pad is not None) and self.attention_layers:
             chunk = x.new_zeros(batch, steps, dtype=torch.bool) if mask_pad is None else mask_pad.t()
             key_pad = torch.cat([chunk.new_zeros(batch, earlier) if key_pad is None else key_pad, chunk], dim=1)
-        states, keys, values = [], [], []
+        outputs, states, keys, values = [], [], [], []
         for i, layer in enumerate(self.layers):
             x, c, cache = layer.step(x, state.c[i : i + 1], *context[i], state.max_context, mask_pad, key_pad)
+            outputs.append(x)
             states.append(c)
             keys.append(None if cache is None else cache[0])
             values.append(None if cache is None else cache[1])
         if key_pad is not None and state.max_context is not None:
             key_pad = key_pad[:, key_pad.shape[1] - min(state.max_context, key_pad.shape[1]) :]
-        return x, SRUppState(
+        return outputs, SRUppState(
             torch.cat(states), keys=keys, values=values, max_context=state.max_context, key_pad=key_pad
         )
 

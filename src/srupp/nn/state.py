@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from srupp.nn.checks import check_stream_indices
+
 
 def _map(items: list[Tensor | None] | None, fn) -> list[Tensor | None] | None:
     return None if items is None else [None if item is None else fn(item) for item in items]
@@ -60,6 +62,18 @@ class SRUppState:
         """The same state in new memory (e.g. from the outputs of a CUDA-graph replay, which the next replay
         overwrites)."""
         return self._apply(Tensor.clone)
+
+    def select(self, indices: Tensor) -> SRUppState:
+        """The state of the streams ``indices`` ``[N]`` (integers in ``[0, B)``, repeats allowed): stream i of
+        the result is stream ``indices[i]`` of this one (beam search's reordering, a subset, a repetition)."""
+        indices = check_stream_indices(indices, self.c.shape[1]).to(self.c.device)
+
+        def rows(dim: int):
+            return lambda tensor: tensor.index_select(dim, indices)
+
+        key_pad = None if self.key_pad is None else self.key_pad.index_select(0, indices)
+        keys, values = _map(self.keys, rows(0)), _map(self.values, rows(0))
+        return SRUppState(rows(1)(self.c), _map(self.memory, rows(1)), keys, values, self.max_context, key_pad)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SRUppState:
         """The same state on ``device`` and/or with floating-point ``dtype``."""
