@@ -3,8 +3,10 @@ against two torch elementwise ops with their backward on tensors of the same siz
 
     PYTHONPATH=src python3 -m benchmarks.overhead            # ~20 s; prints the ratio (issue 21's target: <= 2x)
 
-A third line times the floor of any eager path in Python: a bare ``torch.autograd.Function`` around the two
-C kernel calls, with no validation, dispatch or caching (``--backends`` including ``floor``).
+Two more lines take the cost apart. ``floor`` is the least any eager path in Python costs: a bare
+``torch.autograd.Function`` around the two C kernel calls, with no validation, dispatch or caching.
+``autograd`` is that Function with the kernel calls taken out (the same inputs, outputs, allocations and saved
+tensors): autograd's own price for a Python node of the op's shape, which no Python code can go below.
 
 Both sides are timed in alternating rounds (the median of each round, the best round of each reported), so a
 busy machine slows both alike. Writes ``overhead.json`` under ``--out``.
@@ -31,12 +33,18 @@ def random_leaves(steps: int, batch: int, hidden: int) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=generator).requires_grad_() for shape in shapes]
 
 
+def random_output_grads(steps: int, batch: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of h and c_last every timed step feeds to autograd, from a fixed seed."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(steps, batch, hidden, generator=generator), torch.randn(batch, hidden, generator=generator)
+
+
 def op_step(backend: str, steps: int, batch: int, hidden: int) -> Callable[[], object]:
     """The public op's forward and backward (``torch.autograd.grad`` of h and c_last to all five inputs)."""
     from srupp.ops import sru_recurrence
 
     leaves = random_leaves(steps, batch, hidden)
-    grad_h, grad_c = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
+    grad_h, grad_c = random_output_grads(steps, batch, hidden)
 
     def step():
         h, c_last = sru_recurrence(*leaves, backend=backend)
@@ -45,8 +53,9 @@ def op_step(backend: str, steps: int, batch: int, hidden: int) -> Callable[[], o
     return step
 
 
-def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
-    """The C kernels' forward and backward in a bare autograd.Function: what any Python eager path costs at least."""
+def bare_step(steps: int, batch: int, hidden: int, *, kernels: bool = True) -> Callable[[], object]:
+    """The C kernels' forward and backward in a bare autograd.Function: what any Python eager path costs at least
+    (``floor``). Without ``kernels`` it allocates, saves and returns the same and computes nothing (``autograd``)."""
     from srupp.ops.cpu import kernel_function
 
     forward, backward = kernel_function("forward", torch.float32), kernel_function("backward", torch.float32)
@@ -59,7 +68,8 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
         @staticmethod
         def forward(ctx, u, x, v, b, c0):
             h, c_last, c_all = torch.empty_like(x), torch.empty_like(c0), torch.empty_like(x)
-            forward(*addresses(u, x, v, b, c0), None, None, *addresses(h, c_all, c_last), *sizes)
+            if kernels:
+                forward(*addresses(u, x, v, b, c0), None, None, *addresses(h, c_all, c_last), *sizes)
             ctx.save_for_backward(u, x, v, b, c0, c_all)
             return h, c_last
 
@@ -68,13 +78,14 @@ def floor_step(steps: int, batch: int, hidden: int) -> Callable[[], object]:
             u, x, v, b, c0, c_all = ctx.saved_tensors
             grad_u, grad_x, grad_c0 = torch.empty_like(u), torch.empty_like(x), torch.empty_like(c0)
             grad_vb = c0.new_empty(batch, 4, hidden)
-            outputs = addresses(c_all, grad_h, grad_c, grad_u, grad_x, grad_vb, grad_c0)
-            backward(*addresses(u, x, v, b, c0), None, None, *outputs, *sizes)
+            if kernels:
+                outputs = addresses(c_all, grad_h, grad_c, grad_u, grad_x, grad_vb, grad_c0)
+                backward(*addresses(u, x, v, b, c0), None, None, *outputs, *sizes)
             sums = grad_vb.sum(0)
             return grad_u, grad_x, sums[:2], sums[2:], grad_c0
 
     leaves = random_leaves(steps, batch, hidden)
-    grad_h, grad_c = torch.randn(steps, batch, hidden), torch.randn(batch, hidden)
+    grad_h, grad_c = random_output_grads(steps, batch, hidden)
     return lambda: torch.autograd.grad(Bare.apply(*leaves), leaves, (grad_h, grad_c))
 
 
@@ -101,7 +112,8 @@ def median_seconds(function: Callable[[], object], calls: int) -> float:
 
 
 def measure(backend: str, shape: tuple[int, int, int], rounds: int, calls: int) -> dict[str, object]:
-    op = floor_step(*shape) if backend == "floor" else op_step(backend, *shape)
+    bare = backend in ("floor", "autograd")
+    op = bare_step(*shape, kernels=backend == "floor") if bare else op_step(backend, *shape)
     reference = elementwise_step(*shape)
     for function in (op, reference):  # warm up: first calls load libraries and fill caches
         for _ in range(50):
@@ -126,7 +138,9 @@ def measure(backend: str, shape: tuple[int, int, int], rounds: int, calls: int) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="cpu,floor,naive", help="comma-separated backends to time, and floor")
+    parser.add_argument(
+        "--backends", default="cpu,floor,autograd,naive", help="comma-separated backends to time, floor and autograd"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")

@@ -71,28 +71,30 @@ class Launchers:
 class FusedRecurrence(torch.autograd.Function):
     """The eager form: one autograd node around a backend's launchers.
 
-    ``apply(launchers, reverse, u, x, v, b, c0, mask_pad, mask_c)`` returns ``(h, c_last)``."""
+    ``apply((launchers, reverse), u, x, v, b, c0)``, with ``mask_pad, mask_c`` after ``c0`` where either is
+    given, returns ``(h, c_last)``. Each argument costs every call (autograd inspects it going in and takes a
+    gradient slot for it coming out), hence one for the two constants and none for two absent masks."""
 
     @staticmethod
-    def forward(ctx, launchers: Launchers, reverse: bool, u, x, v, b, c0, mask_pad, mask_c):
+    def forward(ctx, config: tuple[Launchers, bool], u, x, v, b, c0, mask_pad=None, mask_c=None):
+        launchers, reverse = config
         h, c_last, c_all = launchers.forward(u, x, v, b, c0, mask_pad, mask_c, reverse, True)
-        ctx.launchers, ctx.reverse = launchers, reverse
+        ctx.config = config
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, x, v, b, c0, mask_pad, mask_c, c_all)
+        ctx.save_for_backward(u, x, v, b, c0, c_all, mask_pad, mask_c)
         return h, c_last
 
     @staticmethod
     def backward(ctx, grad_h, grad_c_last):
-        u, x, v, b, c0, mask_pad, mask_c, c_all = ctx.saved_tensors
+        u, x, v, b, c0, c_all, mask_pad, mask_c = ctx.saved_tensors
         grad_h = torch.zeros(x.shape, dtype=u.dtype, device=u.device) if grad_h is None else grad_h.contiguous()
         if grad_c_last is None:
             grad_c_last = torch.zeros_like(c0)
         elif grad_c_last.dtype is not c0.dtype:
             grad_c_last = grad_c_last.to(c0.dtype)
-        grads = ctx.launchers.backward(
-            u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last.contiguous(), ctx.reverse
-        )
-        return None, None, *grads, None, None
+        launchers, reverse = ctx.config
+        grads = launchers.backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last.contiguous(), reverse)
+        return (None, *grads, None, None)[: len(ctx.needs_input_grad)]
 
 
 def traced(tensors) -> bool:
@@ -131,7 +133,8 @@ def run_forward(
         if launchers.check is not None:
             launchers.check(*inputs)
         if needs_grad:
-            return FusedRecurrence.apply(launchers, reverse, *inputs)
+            tensors = inputs if mask_pad is not None or mask_c is not None else inputs[:5]
+            return FusedRecurrence.apply((launchers, reverse), *tensors)
         h, c_last, _ = launchers.forward(*inputs, reverse, False)
         return h, c_last
     h, c_last, _ = forward_op(*inputs, reverse, needs_grad)

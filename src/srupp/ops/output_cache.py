@@ -59,9 +59,13 @@ class _OutputCache:
 
     def new(self, like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
         """An uninitialised contiguous tensor of ``like``'s dtype and of its shape, or of ``shape``."""
-        shape = tuple(like.shape) if shape is None else tuple(shape)
+        if shape is None:
+            if like.nbytes < self.MIN_BYTES:  # first: small outputs, most calls, need not read the environment
+                return torch.empty_like(like, memory_format=torch.contiguous_format)
+            shape = like.shape
+        shape = tuple(shape)
         nbytes = math.prod(shape) * like.element_size()
-        if nbytes < self.MIN_BYTES:  # first: small outputs, most calls, need not read the environment
+        if nbytes < self.MIN_BYTES:
             return like.new_empty(shape)
         limit = self.limit_bytes()
         if self._use_count is None or nbytes > limit:
