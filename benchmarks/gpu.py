@@ -9,7 +9,8 @@ GPU), recorded in ``gpu.json`` as ok / failed / skipped with its error, so one f
 
 1. ``spec`` (30): forward and every gradient of each Triton kernel variant against the naive spec (float64
    for fp32 inputs) at the paper's per-GPU shape with padding, c0 and mask_c; NaN-filled allocations.
-2. ``raw`` (60): device copy bandwidth, then the raw ops of each variant at each shape and dtype, launched back
+2. ``raw`` (90): device copy bandwidth, then the raw ops of each variant (lean, legacy, and prefetch: the lean
+   backward behind a forward at one lane per thread, compiled for each B and D) at each shape and dtype, launched back
    to back (forward for inference, forward keeping states, backward, forward then backward), as a fraction of
    the copy's bandwidth. Bytes per element of [T, B, D] (a = activation bytes, states float32): forward 5a,
    forward keeping states 5a + 4, backward 9a + 4.
@@ -52,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), a small one, and its Wiki-103 one (B=8, d=4096).
 SHAPES = [(1024, 4, 3072), (512, 16, 512), (1024, 8, 4096)]
 DRY_SHAPES = [(6, 2, 40)]
-STAGE_CAPS = {"spec": 30, "raw": 60, "autograd": 20, "sdpa": 20, "paper": 80, "small": 40, "authors": 60,
+STAGE_CAPS = {"spec": 30, "raw": 90, "autograd": 20, "sdpa": 20, "paper": 80, "small": 40, "authors": 60,
               "race": 60, "tests": 0}  # fmt: skip
 
 
@@ -191,7 +192,8 @@ def environment(device: torch.device) -> dict[str, object]:
 
 
 def kernel_variants() -> tuple[str, ...]:
-    """The Triton backend's kernel variants: the lean kernels and the legacy ones they replace."""
+    """The Triton backend's kernel variants: the lean kernels, the legacy ones they replace, and the prefetch
+    forward (one lane per thread for 16-bit activations too)."""
     from srupp.ops import triton_kernel
 
     return triton_kernel.VARIANTS

@@ -183,9 +183,10 @@ def test_half_inputs_match_naive_in_float32(device, dtype, param_dtype, reverse)
 
 # The lean kernels run whole blocks of `steps` time steps, then the rest one at a time; the backward always
 # keeps the forward's first step for the rest. T around multiples of `steps` exercises both parts and the seam.
+# The prefetch forward fills its ring before each part (T < steps: only the rest; T=9, steps=3: no rest).
 VARIANT_CASES = [
     pytest.param(variant, steps, shape, options, id=f"{variant}-K{steps}-T{shape[0]}-B{shape[1]}-D{shape[2]}-{name}")
-    for variant, steps in (("legacy", None), ("lean", 2), ("lean", 3), ("lean", 8))
+    for variant, steps in (("legacy", None), ("lean", 2), ("lean", 3), ("lean", 8), ("prefetch", 3), ("prefetch", 16))
     for shape in ((1, 1, 1), (6, 3, 5), (9, 2, 33))
     for name, options in OPTIONS.items()
 ]
@@ -199,13 +200,35 @@ def test_variants_match_naive_in_float64(device, variant, steps, shape, options)
         check(case, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_prefetch_ring_depths_match_naive_in_float64(device, stages):
+    """The prefetch forward with 2 or 3 blocks of loads in flight: its ring turns over every iteration."""
+    case = make_case(11, 3, 33, device=device, dtype=torch.float64, with_c0=True, with_pad=True, with_mask_c=True)
+    with triton_kernel.launch_overrides(variant="prefetch", steps=2, stages=stages):
+        check(case, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_prefetch_half_inputs_match_naive_in_float32(device, dtype, reverse):
+    """The prefetch forward on 16-bit activations (one lane per thread on a GPU): T=11 in blocks of 4 (two whole
+    blocks and a rest of 3), odd D, padding, c0 and mask_c, against the spec in float32."""
+    case = make_case(
+        11, 3, 33, device=device, dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse
+    )
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    with triton_kernel.launch_overrides(variant="prefetch", steps=4):
+        h, c_last, *grads = check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
+    assert h.dtype == c_last.dtype == dtype
+
+
 @pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
 def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
     """launch_forward/launch_backward(variant=...) run that variant's kernels whatever the default, and agree with
     the spec."""
     case = make_case(9, 2, 5, device=device, with_c0=True, with_pad=True, with_mask_c=True, reverse=True)
     args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
-    other = "legacy" if variant == "lean" else "lean"
+    other = "legacy" if variant != "legacy" else "lean"
     launched, launch = [], triton_kernel._launch
     monkeypatch.setattr(
         triton_kernel, "_launch", lambda fn, *rest, **kw: launched.append(fn) or launch(fn, *rest, **kw)
@@ -213,11 +236,12 @@ def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
     with triton_kernel.launch_overrides(variant=other):
         h, c_last, c_all = triton_kernel.launch_forward(*args, True, True, variant=variant)
         grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], True, variant=variant)
-    lean = variant == "lean"
-    assert launched == [
-        triton_kernel._sru_lean_forward_kernel if lean else triton_kernel._sru_forward_kernel,
-        triton_kernel._sru_lean_backward_kernel if lean else triton_kernel._sru_backward_kernel,
-    ]
+    kernels = {
+        "legacy": (triton_kernel._sru_forward_kernel, triton_kernel._sru_backward_kernel),
+        "lean": (triton_kernel._sru_lean_forward_kernel, triton_kernel._sru_lean_backward_kernel),
+        "prefetch": (triton_kernel._sru_prefetch_forward_kernel, triton_kernel._sru_lean_backward_kernel),
+    }
+    assert launched == list(kernels[variant])
     expected = run(case, backend="naive")
     assert_all_close(NAMES, [h, c_last, *grads], expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="`variant` must be one of"):
@@ -404,7 +428,8 @@ def test_cuda_fast_sigmoid_error_is_bounded(dtype):
         with triton_kernel.launch_overrides(variant=variant):
             results[variant] = run(case, backend="triton")
     unit = torch.finfo(dtype).eps  # one rounding of a value in [1, 2)
-    for name, lean, legacy, exact in zip(NAMES, results["lean"], results["legacy"], expected, strict=True):
-        scale = exact.abs().max().item() + 1.0
-        assert (lean.double() - exact).abs().max().item() <= unit * scale, name
-        assert (lean.double() - legacy.double()).abs().max().item() <= 2 * unit * scale, name
+    for fast in ("lean", "prefetch"):
+        for name, value, legacy, exact in zip(NAMES, results[fast], results["legacy"], expected, strict=True):
+            scale = exact.abs().max().item() + 1.0
+            assert (value.double() - exact).abs().max().item() <= unit * scale, (fast, name)
+            assert (value.double() - legacy.double()).abs().max().item() <= 2 * unit * scale, (fast, name)

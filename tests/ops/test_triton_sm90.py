@@ -38,11 +38,16 @@ PER_STEP_BUDGET = {
     ("backward", "fp32"): 110,
     ("backward", "bf16"): 160,
 }
+# The prefetch forward's own budget: one lane per thread for every dtype, the loads of a whole block of steps
+# issued before the block before it is computed.
+PREFETCH_BUDGET = {"fp32": 36, "bf16": 34}
+PAPER_SHAPE = (1024, 4, 3072)
 KERNELS = {
     ("legacy", "forward"): "_sru_forward_kernel",
     ("legacy", "backward"): "_sru_backward_kernel",
     ("lean", "forward"): "_sru_lean_forward_kernel",
     ("lean", "backward"): "_sru_lean_backward_kernel",
+    ("prefetch", "forward"): "_sru_prefetch_forward_kernel",
 }
 
 
@@ -63,7 +68,8 @@ def compile_sm90(
     kind: str, dtype: str, stages: int, reverse: bool = False, variant: str = "legacy", config=None, masks=True
 ):
     """triton.compile of one kernel for sm_90 with saved states and, when ``masks``, padding and mask_c; the lean
-    kernels with STEPS steps per iteration and, for 16-bit activations, the fast reciprocal, as on a GPU."""
+    kernels with STEPS steps per iteration (the prefetch forward with PREFETCH_STEPS, at the paper's B=4, D=3072)
+    and, for 16-bit activations, the fast reciprocal, as on a GPU."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -84,8 +90,10 @@ def compile_sm90(
     constexprs = {"HAS_MASK_PAD": masks, "HAS_MASK_C": masks, "REVERSE": reverse, "BLOCK_D": block, "STAGES": stages}
     if kind == "forward":
         constexprs["SAVE_C"] = True
-    if variant == "lean":
+    if variant != "legacy":
         constexprs.update(K=triton_kernel.STEPS, FAST=activation in ("fp16", "bf16"))
+    if variant == "prefetch":
+        constexprs.update(K=triton_kernel.PREFETCH_STEPS, B=PAPER_SHAPE[1], D=PAPER_SHAPE[2])
     function = triton.JITFunction(kernel)
     signature = {}
     for name in function.arg_names:
@@ -97,7 +105,9 @@ def compile_sm90(
             signature[name] = "i32"
     # What the launcher tells the compiler for 16-byte aligned tensors and D a multiple of 16.
     aligned = {
-        (i,): [["tt.divisibility", 16]] for i, n in enumerate(function.arg_names) if n.endswith("_ptr") or n == "D"
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(function.arg_names)
+        if (n.endswith("_ptr") or n == "D") and n not in constexprs
     }
     try:
         source = ASTSource(function, signature, constexprs, aligned)
@@ -226,3 +236,44 @@ def test_lean_loop_fits_its_instruction_budget(kind, dtype, tmp_path):
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
     assert lean <= PER_STEP_BUDGET[kind, dtype], f"{lean:.1f} SASS instructions per step"
     assert legacy > 1.4 * lean, (legacy, lean)
+
+
+PREFETCH_CASES = [
+    pytest.param(dtype, masks, reverse, id=f"{dtype}-{'pad-maskc-reverse' if masks else 'plain'}")
+    for dtype, masks, reverse in (
+        ("fp32", False, False),
+        ("bf16", False, False),
+        ("bf16", True, True),
+        ("fp16", True, True),
+    )
+]
+
+
+@pytest.mark.parametrize("dtype, masks, reverse", PREFETCH_CASES)
+def test_prefetch_forward_loads_a_block_ahead_at_one_lane_per_thread(dtype, masks, reverse, tmp_path):
+    """The prefetch forward at one lane per thread (32 lanes per warp whatever the dtype): plain loads, no
+    asynchronous copies, no spills; in the main loop every load of the next block comes before the first
+    sigmoid of this one (so each waits a whole block of steps), and the loop fits its budget per step."""
+    config = (dtype, 32, 1)
+    compiled = compile_sm90("forward", dtype, triton_kernel.PREFETCH_STAGES, reverse, "prefetch", config, masks)
+    ptx = compiled.asm["ptx"]
+    assert "cp.async" not in ptx and ".local" not in ptx
+    report = ptxas_report(ptx, tmp_path)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 192, report
+    code = sass(compiled.asm["cubin"], tmp_path)
+    if code is None:
+        pytest.skip("triton ships no cuobjdump here")
+    loop = time_loop(code)
+    loads = [i for i, text in enumerate(loop) if re.search(r"\bLDG\b", text)]
+    sigmoids = [i for i, text in enumerate(loop) if "MUFU.EX2" in text]
+    steps = triton_kernel.PREFETCH_STEPS
+    assert len(loads) == steps * (5 if masks else 4), loop
+    assert loads[-1] < sigmoids[0], "loads of the next block after the first sigmoid of this one"
+    # One lane per thread: each load moves one element (LDG.E.U16 for 16-bit activations).
+    width = {"fp32": "LDG.E ", "bf16": "LDG.E.U16", "fp16": "LDG.E.U16"}[dtype]
+    assert sum(width in loop[i] for i in loads) >= 4 * steps, loop
+    per_step = len(loop) / steps
+    print(f"\nSASS per step, prefetch forward {dtype} masks={masks}, triton {triton.__version__}: {per_step:.1f}")
+    if not masks:
+        assert per_step <= PREFETCH_BUDGET["bf16" if dtype == "fp16" else dtype], f"{per_step:.1f} per step"

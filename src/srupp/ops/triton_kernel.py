@@ -341,6 +341,114 @@ def _sru_lean_backward_kernel(
     tl.store(out + 3 * D, grad_b_r, mask=keep)
 
 
+# The prefetch kernels ("prefetch" variant): one lane per thread whatever the dtype. An asynchronous copy moves
+# at least 4 bytes per thread, so a 16-bit lane per thread cannot use one; these kernels issue plain loads a block
+# of K steps (STAGES blocks) before the block that uses them, into registers, by hand, and carry them around the
+# loop as a ring of tuples (num_stages=1: no shared memory, no barriers, no waits but each load's own). B and D
+# are compile-time constants, so every access of a block is one base address per tensor plus an immediate offset.
+# The time loop runs in two parts from one source, as the lean loop: whole blocks, then the remaining steps, all
+# fetched at once. The compute sits behind a branch (the first iterations only fill the ring): without one ptxas
+# hoists it above the loads and sinks them to the end of the iteration. BENCHMARKS.md has the SASS counts.
+
+
+def _sru_prefetch_forward_kernel(
+    u_ptr, x_ptr, v_ptr, b_ptr, c0_ptr, mask_pad_ptr, mask_c_ptr, h_ptr, c_all_ptr, c_last_ptr,
+    T, B: tl.constexpr, D: tl.constexpr,
+    HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, SAVE_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Loads are never masked (a masked load costs a register clear): lanes past D read column D - 1 and only
+    # their stores are masked, and not at all when BLOCK_D divides D.
+    keep = None if D % BLOCK_D == 0 else cols < D
+    inside = tl.minimum(cols, D - 1)
+    c = tl.load(c0_ptr + row * D + inside)
+    scale = tl.full([BLOCK_D], -1.4426950408889634, c.dtype)  # -log2(e), see the lean forward
+    v_f = tl.load(v_ptr + inside) * scale
+    v_r = tl.load(v_ptr + D + inside) * scale
+    b_f = tl.load(b_ptr + inside) * scale
+    b_r = tl.load(b_ptr + D + inside) * scale
+    if HAS_MASK_C:
+        m = tl.load(mask_c_ptr + row * D + inside)
+    S: tl.constexpr = -B * D if REVERSE else B * D  # elements from one step to the next
+    TAIL: tl.constexpr = K - 1 if K > 1 else 1
+    t_main = T - T % K
+    blank = tl.full([BLOCK_D], 0, u_ptr.dtype.element_ty)
+    flag = cols * 0
+    for part in tl.static_range(2):
+        n = K if part == 0 else 1  # steps per iteration
+        ahead = (STAGES * K) if part == 0 else TAIL  # steps from a fetch to its use
+        start = 0 if part == 0 else t_main
+        stop = t_main if part == 0 else T
+        at = (T - 1 - (start - ahead) if REVERSE else start - ahead) * B + row  # where the filling starts
+        o_x = at * D + inside
+        o_u = at * 3 * D + inside
+        o_f = at + flag
+        ring = ()
+        for _j in tl.static_range(STAGES if part == 0 else TAIL):
+            block = ()
+            for _k in tl.static_range(K if part == 0 else 1):
+                block = block + ((blank, blank, blank, blank, flag),)
+            ring = ring + (block,)
+        # The first iterations only fill the ring; an empty part runs none.
+        for s in tl.range(start - ahead, stop if stop > start else start - ahead, n, num_stages=1):
+            # The last iterations fetch this part's last block again: every address stays inside.
+            dist = tl.minimum(ahead, stop - n - s)
+            p_u = u_ptr + o_u + dist * 3 * S
+            p_x = x_ptr + o_x + dist * S
+            p_f = mask_pad_ptr + o_f + dist * (S // D)
+            # This iteration's values, taken from the ring (waiting for them) before its slots are refilled.
+            now = ()
+            for k in tl.static_range(K if part == 0 else 1):
+                got = ring[0][k]
+                now = now + (
+                    (got[0].to(c.dtype), got[1].to(c.dtype), got[2].to(c.dtype), got[3].to(c.dtype), got[4] != 0),
+                )
+            fresh = ()
+            for k in tl.static_range(K if part == 0 else 1):
+                flag_k = flag
+                if HAS_MASK_PAD:
+                    flag_k = tl.load(p_f + k * (S // D))
+                fresh = fresh + ((
+                    tl.load(p_u + k * 3 * S),
+                    tl.load(p_u + k * 3 * S + D),
+                    tl.load(p_u + k * 3 * S + 2 * D),
+                    tl.load(p_x + k * S),
+                    flag_k,
+                ),)  # fmt: skip
+            if s >= start:
+                for k in tl.static_range(K if part == 0 else 1):
+                    u_c, u_f, u_r, x, pad = now[k]
+                    e_f = 1.0 + tl.exp2(u_f * scale + b_f + v_f * c)
+                    e_r = 1.0 + tl.exp2(u_r * scale + b_r + v_r * c)
+                    if FAST:
+                        f = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_f], tl.float32, True, 1)
+                        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_r], tl.float32, True, 1)
+                    else:
+                        f = 1.0 / e_f
+                        r = 1.0 / e_r
+                    c_new = u_c + f * (c - u_c)
+                    gate = r * m if HAS_MASK_C else r
+                    h = x + gate * (c_new - x)
+                    if HAS_MASK_PAD:
+                        h = tl.where(pad, 0.0, h)
+                        c = tl.where(pad, c, c_new)
+                    else:
+                        c = c_new
+                    tl.store(h_ptr + o_x + k * S, h.to(h_ptr.dtype.element_ty), mask=keep)
+                    if SAVE_C:
+                        tl.store(c_all_ptr + o_x + k * S, c, mask=keep)
+            rest = ()
+            for j in tl.static_range(1, STAGES if part == 0 else TAIL):
+                rest = rest + (ring[j],)
+            ring = rest + (fresh,)
+            o_x += n * S
+            o_u += n * 3 * S
+            o_f += n * (S // D)
+    tl.store(c_last_ptr + row * D + inside, c, mask=keep)
+
+
 def _sum_rows_kernel(partial_ptr, grad_v_ptr, grad_b_ptr, B, W, BLOCK: tl.constexpr):
     """grad_v, grad_b = the sums over B of the backward's [B, 4, D] partial sums, cast to their dtypes: one
     launch where torch needs a sum and a cast for each."""
@@ -420,12 +528,17 @@ def _sm_count(index: int) -> int:
 
 
 # Launch parameters. STAGES: the legacy loop's pipeline depth in steps. The lean loop runs STEPS time steps
-# per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. Benchmarks may override any of them,
-# and the variant, for a while with `launch_overrides`.
+# per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. The prefetch forward runs PREFETCH_STEPS
+# steps per iteration with PREFETCH_STAGES iterations of loads in flight (its backward is the lean one).
+# Benchmarks may override any of them, and the variant, for a while with `launch_overrides`.
 STAGES = 8
 STEPS = 8
 LEAN_STAGES = 3
-VARIANTS = ("lean", "legacy")
+PREFETCH_STEPS = 16
+PREFETCH_STAGES = 1
+VARIANTS = ("lean", "legacy", "prefetch")
+_STEPS = {"lean": STEPS, "prefetch": PREFETCH_STEPS}
+_STAGES = {"lean": LEAN_STAGES, "prefetch": PREFETCH_STAGES}
 VARIANT = "lean"
 _OVERRIDES: dict[str, int | str] = {}
 _OVERRIDABLE = ("stages", "block_d", "num_warps", "steps", "variant")
@@ -433,9 +546,10 @@ _OVERRIDABLE = ("stages", "block_d", "num_warps", "steps", "variant")
 
 @contextlib.contextmanager
 def launch_overrides(**values: int | str | None):
-    """Temporarily fix launch parameters for tuning and A/B benchmarks: ``variant`` ("lean" or "legacy"),
-    ``stages`` (the loop's ``num_stages``: steps ahead for legacy, iterations of ``steps`` steps for lean),
-    ``steps`` (lean only), ``block_d``, ``num_warps``. None leaves a parameter as it is."""
+    """Temporarily fix launch parameters for tuning and A/B benchmarks: ``variant`` ("lean", "legacy" or
+    "prefetch"), ``stages`` (the loop's ``num_stages``: steps ahead for legacy, iterations of ``steps`` steps for
+    lean; for prefetch, iterations of loads in flight), ``steps`` (lean and prefetch), ``block_d``,
+    ``num_warps``. None leaves a parameter as it is."""
     unknown = set(values) - set(_OVERRIDABLE)
     if unknown:
         raise ValueError(f"`launch_overrides` takes {', '.join(_OVERRIDABLE)}; got {sorted(unknown)}")
@@ -451,7 +565,8 @@ def launch_overrides(**values: int | str | None):
 
 
 def _launch_config(batch: int, hidden: int, element_size: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_D, num_warps, STAGES) for activations of ``element_size`` bytes (STAGES of the legacy loop)."""
+    """(BLOCK_D, num_warps, STAGES) for activations of ``element_size`` bytes (STAGES of the legacy loop); 4 for
+    one lane per thread whatever the dtype."""
     if device.type == "cpu":
         # The interpreter runs programs one after another, so fewer and wider programs are faster.
         block, warps = min(triton.next_power_of_2(hidden), 1024), 1
@@ -473,20 +588,24 @@ def _launch_config(batch: int, hidden: int, element_size: int, device: torch.dev
 
 
 def _variant(u: Tensor, variant: str | None) -> str:
-    """The variant a launch runs: the argument, else the override, else VARIANT; lean only while its int32
-    offsets (which run up to STEPS * LEAN_STAGES steps past the end) cannot overflow."""
+    """The variant a launch runs: the argument, else the override, else VARIANT; lean or prefetch only while
+    their int32 offsets (which run up to ``steps * stages`` steps past either end) cannot overflow."""
     chosen = variant or _OVERRIDES.get("variant", VARIANT)
     if chosen not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, got {chosen!r}")
+    if chosen == "legacy":
+        return chosen
     steps, batch, width = u.shape
-    reach = (steps + 2 * _OVERRIDES.get("steps", STEPS) * _OVERRIDES.get("stages", LEAN_STAGES)) * batch * width
-    return "legacy" if chosen == "lean" and reach >= 2**31 else chosen
+    ahead = 2 * _OVERRIDES.get("steps", _STEPS[chosen]) * _OVERRIDES.get("stages", _STAGES[chosen])
+    return "legacy" if (steps + ahead) * batch * width >= 2**31 else chosen
 
 
-def _lean_options(u: Tensor) -> dict:
+def _lean_options(u: Tensor, variant: str) -> tuple[dict, int]:
+    """The lean or prefetch kernels' constants, and their STAGES."""
     # The fast reciprocal is PTX: 16-bit activations on a GPU only; fp32, fp64 and the interpreter divide.
     fast = u.is_cuda and u.dtype in (torch.float16, torch.bfloat16)
-    return {"K": _OVERRIDES.get("steps", STEPS), "FAST": fast}
+    steps = _OVERRIDES.get("steps", _STEPS[variant])
+    return {"K": steps, "FAST": fast}, _OVERRIDES.get("stages", _STAGES[variant])
 
 
 def _flag_pointer(mask_pad: Tensor | None, fallback: Tensor) -> Tensor:
@@ -499,15 +618,17 @@ def _on_device(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _launch(fn, lean: bool, inputs: tuple, tensors: tuple, **constants) -> None:
-    """Launch recurrence kernel ``fn`` over a grid of (batch rows, blocks of D): the inputs
+def _launch(fn, variant: str, inputs: tuple, tensors: tuple, **constants) -> None:
+    """Launch recurrence kernel ``fn`` of ``variant`` over a grid of (batch rows, blocks of D): the inputs
     ``(u, x, v, b, c0, mask_pad, mask_c)``, then the kernel's own ``tensors``, the sizes and ``constants``."""
     u, x, v, b, c0, mask_pad, mask_c = inputs
     steps, batch, hidden = x.shape
-    block, warps, stages = _launch_config(batch, hidden, u.element_size(), u.device)
+    # The prefetch kernels run one lane per thread: their plain loads have no 4-byte minimum.
+    element_size = 4 if fn is _sru_prefetch_forward_kernel else u.element_size()
+    block, warps, stages = _launch_config(batch, hidden, element_size, u.device)
     extra = {}
-    if lean:
-        extra, stages = _lean_options(u), _OVERRIDES.get("stages", LEAN_STAGES)
+    if variant != "legacy":
+        extra, stages = _lean_options(u, variant)
     _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
         u,
         x,
@@ -530,6 +651,13 @@ def _launch(fn, lean: bool, inputs: tuple, tensors: tuple, **constants) -> None:
     )
 
 
+_FORWARD_KERNELS = {
+    "lean": _sru_lean_forward_kernel,
+    "legacy": _sru_forward_kernel,
+    "prefetch": _sru_prefetch_forward_kernel,
+}
+
+
 def launch_forward(
     u: Tensor,
     x: Tensor,
@@ -544,18 +672,18 @@ def launch_forward(
     variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward kernel on contiguous inputs: ``(h, c_last, c_all)``, c_all empty unless ``save_c``.
-    ``variant`` picks the kernels ("lean" or "legacy"; None: the default, or `launch_overrides`)."""
+    ``variant`` picks the kernels ("lean", "legacy" or "prefetch"; None: the default, or `launch_overrides`)."""
     h = torch.empty(x.shape, dtype=u.dtype, device=u.device)
     c_last = torch.empty_like(c0)
     c_all = torch.empty(x.shape, dtype=c0.dtype, device=u.device) if save_c else c0.new_empty(0)
     if h.numel() == 0:
         c_last.copy_(c0)
         return h, c_last, c_all
-    lean = _variant(u, variant) == "lean"
+    chosen = _variant(u, variant)
     with _on_device(u):
         _launch(
-            _sru_lean_forward_kernel if lean else _sru_forward_kernel,
-            lean,
+            _FORWARD_KERNELS[chosen],
+            chosen,
             (u, x, v, b, c0, mask_pad, mask_c),
             (h, c_all if save_c else h, c_last),
             REVERSE=reverse,
@@ -591,11 +719,13 @@ def launch_backward(
         return grad_u, grad_x, torch.zeros_like(v), torch.zeros_like(b), grad_c0
     # One row of partial sums per batch row, summed over B after: no two programs write one address.
     grad_vb = c0.new_empty(batch, 4, hidden)
-    lean = _variant(u, variant) == "lean"
+    # The prefetch variant has no backward of its own yet: the lean one.
+    chosen = "lean" if _variant(u, variant) == "prefetch" else _variant(u, variant)
+    lean = chosen == "lean"
     with _on_device(u):
         _launch(
             _sru_lean_backward_kernel if lean else _sru_backward_kernel,
-            lean,
+            chosen,
             (u, x, v, b, c0, mask_pad, mask_c),
             (c_all, grad_h, grad_c_last, grad_u, grad_x, grad_vb, grad_c0),
             REVERSE=reverse,
