@@ -229,10 +229,7 @@ def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
     case = make_case(9, 2, 5, device=device, with_c0=True, with_pad=True, with_mask_c=True, reverse=True)
     args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
     other = "legacy" if variant != "legacy" else "lean"
-    launched, launch = [], triton_kernel._launch
-    monkeypatch.setattr(
-        triton_kernel, "_launch", lambda fn, *rest, **kw: launched.append(fn) or launch(fn, *rest, **kw)
-    )
+    launched = record_launches(monkeypatch)
     with triton_kernel.launch_overrides(variant=other):
         h, c_last, c_all = triton_kernel.launch_forward(*args, True, True, variant=variant)
         grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], True, variant=variant)
@@ -246,6 +243,57 @@ def test_variant_argument_selects_the_kernels(device, variant, monkeypatch):
     assert_all_close(NAMES, [h, c_last, *grads], expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="`variant` must be one of"):
         triton_kernel.launch_forward(*args, True, True, variant="fast")
+
+
+def record_launches(monkeypatch) -> list:
+    """The kernels launched from now on, in order."""
+    launched, launch = [], triton_kernel._launch
+    monkeypatch.setattr(
+        triton_kernel, "_launch", lambda fn, *rest, **kw: launched.append(fn) or launch(fn, *rest, **kw)
+    )
+    return launched
+
+
+# The lean backward reads two 16-bit activations as one 4-byte word: D even (D // 2 words short of the block, and
+# D = 2), T around multiples of `steps`, with and without padding, mask_c, c0 and reverse.
+WORD_CASES = [
+    pytest.param(
+        dtype, steps, shape, options, id=f"{str(dtype)[6:]}-K{steps}-T{shape[0]}-B{shape[1]}-D{shape[2]}-{name}"
+    )
+    for dtype in HALF
+    for steps, shape in ((3, (7, 3, 34)), (8, (9, 2, 2)))
+    for name, options in OPTIONS.items()
+]
+
+
+@pytest.mark.parametrize("dtype, steps, shape, options", WORD_CASES)
+def test_lean_backward_reads_16_bit_words(device, dtype, steps, shape, options, monkeypatch):
+    """The lean backward on 16-bit activations against the spec in float32, on the same rounded inputs."""
+    launched = record_launches(monkeypatch)
+    case = make_case(*shape, device=device, dtype=dtype, **options)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    with triton_kernel.launch_overrides(variant="lean", steps=steps):
+        check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
+    assert launched == [triton_kernel._sru_lean_forward_kernel, triton_kernel._sru_lean_backward_kernel]
+
+
+def unaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `tensor` that starts 2 bytes past a 4-byte boundary."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    return storage[1:].view(tensor.shape).copy_(tensor)
+
+
+@pytest.mark.parametrize("layout", ["odd-D", "unaligned"])
+def test_lean_backward_leaves_16_bit_rows_it_cannot_read_as_words_to_legacy(device, layout, monkeypatch):
+    """Odd D, or u that does not start on a 4-byte boundary: the legacy backward runs, and agrees with the spec."""
+    launched = record_launches(monkeypatch)
+    case = make_case(6, 3, 5 if layout == "odd-D" else 6, device=device, dtype=torch.bfloat16, with_c0=True)
+    if layout == "unaligned":
+        case["u"] = unaligned(case["u"])
+        assert case["u"].data_ptr() % 4 == 2 and case["u"].is_contiguous()
+    with triton_kernel.launch_overrides(variant="lean"):
+        check(case, atol=2e-2, rtol=2e-2, reference_dtype=torch.float32)
+    assert launched == [triton_kernel._sru_lean_forward_kernel, triton_kernel._sru_backward_kernel]
 
 
 @pytest.mark.parametrize("variant", triton_kernel.VARIANTS)

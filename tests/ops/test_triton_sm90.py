@@ -214,28 +214,37 @@ def time_loop(code: str) -> list[str]:
     return max(loops, key=len)
 
 
-def sass_per_step(variant: str, kind: str, dtype: str, tmp_path: Path, masks: bool = False) -> tuple[float, str]:
-    """(SASS instructions per time step of the main loop, ptxas's report) for the launcher's H200 choice."""
+def sass_per_step(variant: str, kind: str, dtype: str, tmp_path: Path, masks: bool = False) -> tuple[float, float, str]:
+    """(SASS instructions per time step of the main loop, commit groups of asynchronous copies per time step,
+    ptxas's report) for the launcher's H200 choice. A commit group is one LDGDEPBAR (cp.async.commit_group)."""
     stages = triton_kernel.LEAN_STAGES if variant == "lean" else triton_kernel.STAGES
     compiled = compile_sm90(kind, dtype, stages, variant=variant, config=ONE_WARP[dtype], masks=masks)
     code = sass(compiled.asm["cubin"], tmp_path)
     if code is None:
         pytest.skip("triton ships no cuobjdump here")
     steps = triton_kernel.STEPS if variant == "lean" else 1
-    return len(time_loop(code)) / steps, ptxas_report(compiled.asm["ptx"], tmp_path)
+    loop = time_loop(code)
+    groups = sum(instruction.split()[0] == "LDGDEPBAR" for instruction in loop)
+    return len(loop) / steps, groups / steps, ptxas_report(compiled.asm["ptx"], tmp_path)
 
 
 @pytest.mark.parametrize("dtype", ONE_WARP)
 @pytest.mark.parametrize("kind", ["forward", "backward"])
 def test_lean_loop_fits_its_instruction_budget(kind, dtype, tmp_path):
-    """The lean kernels' time loop, per time step, within issue 21's budget, with no spills; the legacy loop
-    (one step per iteration) is the control that the count can fail: it is well over."""
-    lean, report = sass_per_step("lean", kind, dtype, tmp_path)
-    legacy, _ = sass_per_step("legacy", kind, dtype, tmp_path)
-    print(f"\nSASS per step, {kind} {dtype}, triton {triton.__version__}: lean {lean:.1f}, legacy {legacy:.1f}")
+    """The lean kernels' time loop, per time step, within issue 21's budget, with no spills and one commit group
+    for all of a step's loads; the legacy loop (one step per iteration, one group per load) is the control that
+    the counts can fail: it is well over both."""
+    lean, lean_groups, report = sass_per_step("lean", kind, dtype, tmp_path)
+    legacy, legacy_groups, _ = sass_per_step("legacy", kind, dtype, tmp_path)
+    print(
+        f"\nSASS per step, {kind} {dtype}, triton {triton.__version__}: lean {lean:.1f} ({lean_groups:g} commit "
+        f"groups), legacy {legacy:.1f} ({legacy_groups:g})"
+    )
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
     assert lean <= PER_STEP_BUDGET[kind, dtype], f"{lean:.1f} SASS instructions per step"
+    assert lean_groups == 1, f"{lean_groups:g} commit groups per step"
     assert legacy > 1.4 * lean, (legacy, lean)
+    assert legacy_groups == LOADS_PER_STEP[kind] - 1, legacy_groups  # one per load; no padding flag here
 
 
 PREFETCH_CASES = [

@@ -161,10 +161,11 @@ def _sru_backward_kernel(
     tl.store(out + 3 * D, grad_b_r, mask=keep)
 
 
-# The lean kernels ("lean" variant): the same recurrence with less work per time step. Loops advance int32
-# offsets instead of recomputing 64-bit addresses; K steps are unrolled per pipelined iteration, so the
-# wait and the barriers of the software pipeline are paid once per K steps; u_c, u_f, u_r and x come in one
-# load (one commit group) through a [4, BLOCK_D] tile of pointers; exp(-z) is exp2 of a pre-scaled argument;
+# The lean kernels ("lean" variant): the same recurrence with less work per time step. Loops advance offsets
+# or pointers instead of recomputing 64-bit addresses; K steps are unrolled per pipelined iteration, so the
+# wait and the barriers of the software pipeline are paid once per K steps; a step's loads are one load (one
+# commit group) through a tile of pointers into several tensors: u_c, u_f, u_r and x in the forward, those,
+# grad_h and c_prev in the backward (padding flags come apart); exp(-z) is exp2 of a pre-scaled argument;
 # the backward's chain on grad_c is two fused operations per step. The time loop runs in two parts from one
 # source: whole blocks of K steps with no per-step bounds checks, then the remaining steps one at a time (the
 # backward keeps at least one there: the forward's first step reads c0). FAST (16-bit activations on a GPU
@@ -243,7 +244,15 @@ def _sru_lean_backward_kernel(
     STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Walks the forward's order backwards. Per step, with slope = (c_prev - u_c) f (1 - f) and
-    A = f + slope v_f (neither depends on grad_c): grad_c <- (grad_c + grad_h gate) A + grad_u_r v_r."""
+    A = f + slope v_f (neither depends on grad_c): grad_c <- (grad_c + grad_h gate) A + grad_u_r v_r.
+
+    A step's loads are one [8, WORDS] tile of words of the state's dtype (one commit group): rows u_c, u_f, u_r,
+    x and grad_h hold PACK lanes per word (2 for 16-bit activations, which the launcher sends here only with D
+    even and 4-byte aligned tensors; else 1), and row 5 + i holds c_prev's lanes i * WORDS to (i + 1) * WORDS - 1
+    for i < PACK."""
+    PACK: tl.constexpr = c_all_ptr.dtype.element_ty.primitive_bitwidth // u_ptr.dtype.element_ty.primitive_bitwidth
+    tl.static_assert(PACK == 1 or PACK == 2, "u must be as wide as the state, or half as wide")
+    WORDS: tl.constexpr = BLOCK_D // PACK
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     keep = cols < D
@@ -269,8 +278,31 @@ def _sru_lean_backward_kernel(
     o_x = (last * B + row) * D + cols
     o_u = (last * B + row) * 3 * D + cols
     o_f = (last * B + row) + cols * 0
-    rows = tl.arange(0, 4)[:, None]
-    keep4 = keep[None, :] & (rows < 4)
+    # The tile's rows 0-2 read u, 3 x, 4 grad_h and 5 on c_all at the step before in the forward's order. Which
+    # tensor a row reads is fixed, so its pointers are chosen once and advanced by their row's stride.
+    rows = tl.arange(0, 8)[:, None]
+    words = tl.program_id(1) * WORDS + tl.arange(0, WORDS)[None, :]
+    d_words = D if PACK == 1 else D >> 1  # a shift keeps D's known divisibility, which // loses
+    lanes = tl.program_id(1) * BLOCK_D + tl.arange(0, WORDS)[None, :] + (rows - 5) * WORDS  # c's rows
+    at = last * B + row
+    tile_ptrs = tl.where(
+        rows < 3,
+        u_ptr.to(c_all_ptr.dtype, bitcast=True) + (at * 3 * d_words + rows * d_words + words),
+        tl.where(
+            rows == 3,
+            x_ptr.to(c_all_ptr.dtype, bitcast=True) + (at * d_words + words),
+            tl.where(
+                rows == 4,
+                grad_h_ptr.to(c_all_ptr.dtype, bitcast=True) + (at * d_words + words),
+                c_all_ptr + (at * D + step_x + lanes),
+            ),
+        ),
+    )
+    step_w = B * d_words if REVERSE else -B * d_words
+    # Per row: 3 * step_w for u, step_w for x and grad_h, PACK * step_w = step_x for c. Arithmetic, not a select:
+    # Triton assumes a select of values that are not contiguous to be aligned to nothing.
+    tile_step = step_w * (3 - 2 * (rows >= 3).to(tl.int32) + (PACK - 1) * (rows >= 5).to(tl.int32))
+    tile_keep = ((rows < 5) & (words < d_words)) | ((rows >= 5) & (rows < 5 + PACK) & (lanes < D))
     grad_u_f_ptr = grad_u_ptr + D
     grad_u_r_ptr = grad_u_ptr + 2 * D
     # The state after the step being undone; the state before it is c_all one step back in the forward's order.
@@ -280,18 +312,38 @@ def _sru_lean_backward_kernel(
         for s in tl.range(0 if part == 0 else t_main, t_main if part == 0 else T, K if part == 0 else 1,
                           num_stages=STAGES):  # fmt: skip
             for _k in tl.static_range(K if part == 0 else 1):
-                ptrs = tl.where(rows == 3, x_ptr + o_x[None, :], u_ptr + o_u[None, :] + rows * D)  # as forward
-                pair_a, pair_b = tl.split(tl.reshape(tl.trans(tl.load(ptrs, mask=keep4, other=0)), [BLOCK_D, 2, 2]))
-                u_c, u_r = tl.split(pair_a.to(c0.dtype))
-                u_f, x = tl.split(pair_b.to(c0.dtype))
-                grad_h = tl.load(grad_h_ptr + o_x, mask=keep, other=0).to(c0.dtype)
                 if part == 0:
-                    c_prev = tl.load(c_all_ptr + o_x + step_x, mask=keep, other=0)
+                    tile = tl.load(tile_ptrs, mask=tile_keep, other=0)
                 else:
                     # Only this part reaches the forward's first step, whose state before is c0.
-                    later = (cols * 0 + s) < T - 1
-                    c_prev = tl.load(c_all_ptr + o_x + step_x, mask=keep & later, other=0)
-                    c_prev = tl.where(later, c_prev, c0)
+                    later = (words * 0 + s) < T - 1
+                    tile = tl.load(tile_ptrs, mask=tile_keep & ((rows < 5) | later), other=0)
+                even, odd = tl.split(tl.reshape(tl.trans(tile), [WORDS, 2, 2, 2]))
+                rows_04, rows_26 = tl.split(even)
+                rows_15, rows_37 = tl.split(odd)
+                word_uc, word_gh = tl.split(rows_04)
+                word_ur, word_c1 = tl.split(rows_26)
+                word_uf, word_c0 = tl.split(rows_15)
+                word_x, _ = tl.split(rows_37)
+                if PACK == 1:
+                    u_c, u_f, u_r, x, grad_h, c_prev = word_uc, word_uf, word_ur, word_x, word_gh, word_c0
+                else:
+                    # A word's low half is the even lane, its high half the odd one (little-endian).
+                    act = u_ptr.dtype.element_ty
+                    bits = tl.join(tl.join(word_uc, word_uf), tl.join(word_ur, word_x)).to(tl.int32, bitcast=True)
+                    low = bits.to(tl.int16).to(act, bitcast=True).to(c0.dtype)
+                    high = (bits >> 16).to(tl.int16).to(act, bitcast=True).to(c0.dtype)
+                    # [word, half, u_c or u_f | u_r or x] -> [lane, u_c or u_f | u_r or x]
+                    u_cf, u_rx = tl.split(tl.permute(tl.join(low, high), [0, 3, 1, 2]))
+                    u_c, u_f = tl.split(tl.reshape(u_cf, [BLOCK_D, 2]))
+                    u_r, x = tl.split(tl.reshape(u_rx, [BLOCK_D, 2]))
+                    gh_bits = word_gh.to(tl.int32, bitcast=True)
+                    gh_low = gh_bits.to(tl.int16).to(act, bitcast=True).to(c0.dtype)
+                    gh_high = (gh_bits >> 16).to(tl.int16).to(act, bitcast=True).to(c0.dtype)
+                    grad_h = tl.reshape(tl.join(gh_low, gh_high), [BLOCK_D])
+                    c_prev = tl.reshape(tl.permute(tl.join(word_c0, word_c1), [1, 0]), [BLOCK_D])
+                if part == 1:
+                    c_prev = tl.where((cols * 0 + s) < T - 1, c_prev, c0)
                 e_f = 1.0 + tl.exp2(u_f * scale + bs_f + vs_f * c_prev)
                 e_r = 1.0 + tl.exp2(u_r * scale + bs_r + vs_r * c_prev)
                 if FAST:
@@ -333,6 +385,7 @@ def _sru_lean_backward_kernel(
                 o_x += step_x
                 o_u += 3 * step_x
                 o_f += step_f
+                tile_ptrs += tile_step
     tl.store(grad_c0_ptr + row * D + cols, grad_c, mask=keep)
     out = grad_vb_ptr + row * 4 * D + cols
     tl.store(out, grad_v_f, mask=keep)
@@ -708,7 +761,8 @@ def launch_backward(
     variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean variant sums
-    the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch."""
+    the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch. 16-bit
+    activations run legacy unless they can be read as 4-byte words (see `_reads_words`)."""
     _, batch, hidden = x.shape
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
@@ -721,6 +775,8 @@ def launch_backward(
     grad_vb = c0.new_empty(batch, 4, hidden)
     # The prefetch variant has no backward of its own yet: the lean one.
     chosen = "lean" if _variant(u, variant) == "prefetch" else _variant(u, variant)
+    if chosen == "lean" and not _reads_words(u, x, grad_h):
+        chosen = "legacy"
     lean = chosen == "lean"
     with _on_device(u):
         _launch(
@@ -732,6 +788,14 @@ def launch_backward(
         )
         grad_v, grad_b = _sum_vb(grad_vb, v, b, lean=lean)
     return grad_u, grad_x, grad_v, grad_b, grad_c0
+
+
+def _reads_words(u: Tensor, x: Tensor, grad_h: Tensor) -> bool:
+    """Whether the lean backward can read u, x and grad_h: it loads two 16-bit values as one 4-byte word, so for
+    16-bit activations D must be even and the tensors 4-byte aligned."""
+    if u.element_size() != 2:
+        return True
+    return x.shape[-1] % 2 == 0 and all(tensor.data_ptr() % 4 == 0 for tensor in (u, x, grad_h))
 
 
 def _sum_vb(grad_vb: Tensor, v: Tensor, b: Tensor, *, lean: bool) -> tuple[Tensor, Tensor]:
