@@ -7,8 +7,9 @@ machine hits every tree alike).
 
 Logging and evaluation are kept out of the timed updates (``log_every`` = ``eval_every`` = ``--steps``), so what
 differs between trees is the update and the trainer's per-update bookkeeping (stop checks, loss averaging).
-Rank 0 records when each update starts; a round's figure is the mean from update ``--warmup`` to the last one.
-Writes ``ddp.json`` under ``--out``.
+Rank 0 records when each update starts; a round's figure is the median time between those starts after the first
+``--warmup`` updates (robust to another process taking the core for a while); the best and the median round of each
+tree are reported. Writes ``ddp.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def write_corpus(folder: Path) -> str:
 
 
 def seconds_per_update(src: Path, folder: Path, name: str, corpus: str, args) -> float:
-    """One two-rank run of ``--steps`` updates with ``src`` first on the path; rank 0's mean time per update."""
+    """One two-rank run of ``--steps`` updates with ``src`` first on the path; rank 0's median time per update."""
     overrides = {
         "data": corpus,
         "out_dir": str(folder / name),
@@ -75,7 +76,8 @@ def seconds_per_update(src: Path, folder: Path, name: str, corpus: str, args) ->
     if done.returncode != 0:
         raise RuntimeError(f"the run of {src} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     starts = json.loads((folder / f"{name}.starts.json").read_text())
-    return (starts[-1] - starts[args.warmup]) / (len(starts) - 1 - args.warmup)
+    timed = starts[args.warmup :]
+    return statistics.median(later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[str(tree)].append(seconds)
                 print(f"round {round_index + 1}: {tree}: {seconds * 1e3:.3f} ms per update", flush=True)
     medians = {tree: statistics.median(times) for tree, times in rounds.items()}
-    first = medians[str(trees[0])]
-    for tree, median in medians.items():
-        print(f"{tree}: median {median * 1e3:.3f} ms per update, {median / first:.3f}x the first tree")
-    payload = {"steps": args.steps, "warmup": args.warmup, "median_s": medians, "rounds_s": rounds}
+    best = {tree: min(times) for tree, times in rounds.items()}
+    for tree in rounds:
+        first_median, first_best = medians[str(trees[0])], best[str(trees[0])]
+        print(
+            f"{tree}: median round {medians[tree] * 1e3:.3f} ms per update ({medians[tree] / first_median:.3f}x the "
+            f"first tree), best round {best[tree] * 1e3:.3f} ms ({best[tree] / first_best:.3f}x)"
+        )
+    payload = {"steps": args.steps, "warmup": args.warmup, "median_s": medians, "best_s": best, "rounds_s": rounds}
     write_json(Path(args.out) / "ddp.json", payload, "ddp", argv, origin)
     return 0
 
