@@ -22,7 +22,10 @@ def optimizer_steps(optimizer: torch.optim.Optimizer | None) -> set[int]:
 
 class HostSyncCounter(TorchDispatchMode):
     """Counts reads of a tensor's value by the host, ``aten::_local_scalar_dense`` (what ``.item()``, ``float()``
-    and ``bool()`` of a tensor dispatch to), other than of the optimizer's step counters."""
+    and ``bool()`` of a tensor dispatch to), other than of the optimizer's step counters, and ``aten::nonzero``
+    (boolean indexing: its output's size is read from the device)."""
+
+    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +33,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func in self.SYNCS:
             self.count += args[0].data_ptr() not in optimizer_steps(self.optimizer)
         return func(*args, **(kwargs or {}))
 
