@@ -62,11 +62,9 @@ def test_step_decoding_equals_forward(cfg):
     assert_all_close(["prefill+steps"], [torch.stack(stepped)], [full[3:]], atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
-    """``SRUppLM.decoder``'s one compiled call per token (embedding, stack, output layer and log-softmax) against
-    the same session through torch ops, and both against the functional ``SRUppLM.step``: a batch of 3 over 30
-    tokens that outgrow the buffers and slide a window; an out-of-range id fails without touching the session;
-    float64 keeps the torch path."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The ``ends`` flag of every call into the compiled one-token kernel (skips where it is not built)."""
     from srupp.ops import decode_kernel, library
 
     if not library.is_available():
@@ -74,6 +72,14 @@ def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
     calls = []
     original = decode_kernel.TokenRun.__call__
     monkeypatch.setattr(decode_kernel.TokenRun, "__call__", lambda self, *a: calls.append(a[-1]) or original(self, *a))
+    return calls
+
+
+def test_compiled_lm_session_equals_its_torch_path(kernel_calls):
+    """``SRUppLM.decoder``'s one compiled call per token (embedding, stack, output layer and log-softmax) against
+    the same session through torch ops, and both against the functional ``SRUppLM.step``: a batch of 3 over 30
+    tokens that outgrow the buffers and slide a window; an out-of-range id fails without touching the session;
+    float64 keeps the torch path."""
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=200, hidden_size=24, proj_size=8, num_layers=3, num_heads=2, attention_every_n_layers=2)
     model = with_attention(SRUppLM(cfg)).eval()
@@ -93,17 +99,17 @@ def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
         return torch.stack(outputs), session.state
 
     compiled, compiled_state = decode(True)
-    assert calls == [True] * 31  # the failed id included: it was refused before anything was written
+    assert kernel_calls == [True] * 31  # the failed id included: it was refused before anything was written
     with torch.no_grad():  # a state of another batch size: the stack's new kernel has no ends, so the stack runs
         session = model.decoder(3)
         session.stack.load(model.init_decode_state(2))
         got = [session.step(tokens[t : t + 1, :2]) for t in range(2)]
         want, state = model.step(tokens[:1, :2], model.init_decode_state(2))
         torch.testing.assert_close(torch.stack(got), torch.stack([want, model.step(tokens[1:2, :2], state)[0]]))
-    assert calls == [True] * 31 + [False]
-    calls.clear()
+    assert kernel_calls == [True] * 31 + [False]
+    kernel_calls.clear()
     reference, reference_state = decode(False)
-    assert not calls
+    assert not kernel_calls
     with torch.no_grad():
         last, state = model.step(tokens[:4], model.init_decode_state(3, max_context=7))
         functional = [last]
@@ -123,12 +129,12 @@ def test_compiled_lm_session_equals_its_torch_path(monkeypatch):
         )
         for have, want in zip(got_state.keys, state.keys, strict=True):
             assert (have is None) == (want is None) and (have is None or torch.allclose(have, want, atol=1e-5))
-    calls.clear()
+    kernel_calls.clear()
     with torch.no_grad():
         session = model.double().decoder(3)
         session.step(tokens[:4])
         session.step(tokens[4:5])
-    assert not calls and session.stack.kernel is None
+    assert not kernel_calls and session.stack.kernel is None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -221,3 +227,22 @@ def test_decoding_continues_a_forward_segment():
         last, state = model.step(tokens[t : t + 1], state)
         stepped.append(last)
     assert_all_close(["steps after forward"], [torch.stack(stepped)], [full[5:]], atol=1e-5, rtol=1e-4)
+
+
+def test_lm_session_select_continues_the_chosen_streams(kernel_calls):
+    """``SRUppLM.decoder``'s select between tokens (beam search's reordering, with repeats): each token's
+    log-probabilities equal the forward over the history of the stream it continues, and every token keeps the
+    one compiled call with the embedding and output layer."""
+    torch.manual_seed(0)
+    model = with_attention(SRUppLM(CONFIGS[0].values[0])).eval()
+    history = torch.randint(0, 256, (4, 3))
+    with torch.no_grad():
+        session = model.decoder(3)
+        session.step(history)
+        for t, rows in enumerate([[2, 2, 0], [1, 0, 0], [0, 1, 2], [2, 1, 1]] * 5):
+            session.select(torch.tensor(rows))
+            token = torch.randint(0, 256, (1, 3))
+            history = torch.cat([history[:, rows], token])
+            expected, _ = model(history)
+            assert_all_close([f"token {t}"], [session.step(token)], [expected[-1]], atol=1e-5, rtol=1e-4)
+    assert kernel_calls == [True] * 20

@@ -49,6 +49,11 @@ class SRUppLMDecoder:
         """The session's state (a copy; see ``SRUppDecoder.state``)."""
         return self.stack.state
 
+    def select(self, indices: Tensor) -> None:
+        """Keep the streams ``indices`` ``[N]`` (repeats allowed): see ``SRUppDecoder.select``. Kept at the same
+        batch size, the stack's kernel stays the one holding the ends."""
+        self.stack.select(indices)
+
     def step(self, tokens: Tensor) -> Tensor:
         """Feed ``[T, B]`` token ids (a chunk, or one token per stream); returns the log-probabilities ``[B, V]``
         of the next token after the last position, equal to ``SRUppLM.step``'s."""
