@@ -9,11 +9,11 @@ GPU), recorded in ``gpu.json`` as ok / failed / skipped with its error, so one f
 
 1. ``spec`` (30): forward and every gradient of each Triton kernel variant against the naive spec (float64
    for fp32 inputs) at the paper's per-GPU shape with padding, c0 and mask_c; NaN-filled allocations.
-2. ``raw`` (90): device copy bandwidth, then the raw ops of each variant (lean, legacy, and prefetch: the lean
-   backward behind a forward at one lane per thread, compiled for each B and D) at each shape and dtype, launched back
-   to back (forward for inference, forward keeping states, backward, forward then backward), as a fraction of
-   the copy's bandwidth. Bytes per element of [T, B, D] (a = activation bytes, states float32): forward 5a,
-   forward keeping states 5a + 4, backward 9a + 4.
+2. ``raw`` (90): device copy bandwidth, then the raw ops of each variant (lean, legacy, and prefetch: one lane
+   per thread, compiled for each B and D) at each shape and dtype, launched back to back (forward for inference,
+   forward keeping states, backward, forward then backward), as a fraction of the copy's bandwidth. Bytes per
+   element of [T, B, D] (a = activation bytes, states float32): forward 5a, forward keeping states 5a + 4,
+   backward 9a + 4.
 3. ``autograd`` (20): the public op's forward+backward through autograd against the raw kernels.
 4. ``sdpa`` (20): attention at the paper's width d'=768 over memory: a boolean mask, the lower-right causal
    bias, 4 heads (192 wide: flash), no memory; which SDPA kernel served each and its time.
@@ -193,7 +193,7 @@ def environment(device: torch.device) -> dict[str, object]:
 
 def kernel_variants() -> tuple[str, ...]:
     """The Triton backend's kernel variants: the lean kernels, the legacy ones they replace, and the prefetch
-    forward (one lane per thread for 16-bit activations too)."""
+    kernels (one lane per thread for 16-bit activations too)."""
     from srupp.ops import triton_kernel
 
     return triton_kernel.VARIANTS

@@ -4,7 +4,8 @@ The interpreter checks what the kernels compute; this checks how they compile: e
 asynchronous copies issued ahead (cp.async in the PTX, LDGSTS in the SASS) when STAGES > 1, nothing spills to
 local memory, and the lean kernels' time loop stays within its budget of SASS instructions per time step (the
 kernels are bound by time per step, not by bandwidth: BENCHMARKS.md, "GPU"). STAGES = 1 is the control: the
-same kernels with plain loads.
+same kernels with plain loads. The prefetch kernels load into registers by hand at one lane per thread: their
+loads of a block come before the block before it is computed.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ PER_STEP_BUDGET = {
     ("backward", "fp32"): 110,
     ("backward", "bf16"): 160,
 }
-# The prefetch forward's own budget: one lane per thread for every dtype, the loads of a whole block of steps
-# issued before the block before it is computed.
-PREFETCH_BUDGET = {"fp32": 36, "bf16": 34}
+# The prefetch kernels' own budgets per step: one lane per thread for every dtype, the loads of a whole block of
+# steps issued before the block before it is computed.
+PREFETCH_BUDGET = {("forward", "fp32"): 36, ("forward", "bf16"): 34, ("backward", "fp32"): 62, ("backward", "bf16"): 62}
 PAPER_SHAPE = (1024, 4, 3072)
 KERNELS = {
     ("legacy", "forward"): "_sru_forward_kernel",
@@ -48,6 +49,7 @@ KERNELS = {
     ("lean", "forward"): "_sru_lean_forward_kernel",
     ("lean", "backward"): "_sru_lean_backward_kernel",
     ("prefetch", "forward"): "_sru_prefetch_forward_kernel",
+    ("prefetch", "backward"): "_sru_prefetch_backward_kernel",
 }
 
 
@@ -93,7 +95,7 @@ def compile_sm90(
     if variant != "legacy":
         constexprs.update(K=triton_kernel.STEPS, FAST=activation in ("fp16", "bf16"))
     if variant == "prefetch":
-        constexprs.update(K=triton_kernel.PREFETCH_STEPS, B=PAPER_SHAPE[1], D=PAPER_SHAPE[2])
+        constexprs.update(K=prefetch_steps(kind), B=PAPER_SHAPE[1], D=PAPER_SHAPE[2])
     function = triton.JITFunction(kernel)
     signature = {}
     for name in function.arg_names:
@@ -247,8 +249,13 @@ def test_lean_loop_fits_its_instruction_budget(kind, dtype, tmp_path):
     assert legacy_groups == LOADS_PER_STEP[kind] - 1, legacy_groups  # one per load; no padding flag here
 
 
+def prefetch_steps(kind: str) -> int:
+    return triton_kernel.PREFETCH_STEPS if kind == "forward" else triton_kernel.PREFETCH_BACKWARD_STEPS
+
+
 PREFETCH_CASES = [
-    pytest.param(dtype, masks, reverse, id=f"{dtype}-{'pad-maskc-reverse' if masks else 'plain'}")
+    pytest.param(kind, dtype, masks, reverse, id=f"{kind}-{dtype}-{'pad-maskc-reverse' if masks else 'plain'}")
+    for kind in ("forward", "backward")
     for dtype, masks, reverse in (
         ("fp32", False, False),
         ("bf16", False, False),
@@ -258,13 +265,13 @@ PREFETCH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, masks, reverse", PREFETCH_CASES)
-def test_prefetch_forward_loads_a_block_ahead_at_one_lane_per_thread(dtype, masks, reverse, tmp_path):
-    """The prefetch forward at one lane per thread (32 lanes per warp whatever the dtype): plain loads, no
+@pytest.mark.parametrize("kind, dtype, masks, reverse", PREFETCH_CASES)
+def test_prefetch_loads_a_block_ahead_at_one_lane_per_thread(kind, dtype, masks, reverse, tmp_path):
+    """The prefetch kernels at one lane per thread (32 lanes per warp whatever the dtype): plain loads, no
     asynchronous copies, no spills; in the main loop every load of the next block comes before the first
     sigmoid of this one (so each waits a whole block of steps), and the loop fits its budget per step."""
     config = (dtype, 32, 1)
-    compiled = compile_sm90("forward", dtype, triton_kernel.PREFETCH_STAGES, reverse, "prefetch", config, masks)
+    compiled = compile_sm90(kind, dtype, triton_kernel.PREFETCH_STAGES, reverse, "prefetch", config, masks)
     ptx = compiled.asm["ptx"]
     assert "cp.async" not in ptx and ".local" not in ptx
     report = ptxas_report(ptx, tmp_path)
@@ -276,13 +283,15 @@ def test_prefetch_forward_loads_a_block_ahead_at_one_lane_per_thread(dtype, mask
     loop = time_loop(code)
     loads = [i for i, text in enumerate(loop) if re.search(r"\bLDG\b", text)]
     sigmoids = [i for i, text in enumerate(loop) if "MUFU.EX2" in text]
-    steps = triton_kernel.PREFETCH_STEPS
-    assert len(loads) == steps * (5 if masks else 4), loop
+    steps = prefetch_steps(kind)
+    # u_c, u_f, u_r, x and the padding flag; the backward adds grad_h and the state before the step.
+    per_step = (4 if kind == "forward" else 6) + masks
+    assert len(loads) == steps * per_step, loop
     assert loads[-1] < sigmoids[0], "loads of the next block after the first sigmoid of this one"
-    # One lane per thread: each load moves one element (LDG.E.U16 for 16-bit activations).
-    width = {"fp32": "LDG.E ", "bf16": "LDG.E.U16", "fp16": "LDG.E.U16"}[dtype]
+    # One lane per thread: each activation load moves one element (LDG.E.U16 for 16-bit activations).
+    width = "LDG.E " if dtype == "fp32" else "LDG.E.U16"
     assert sum(width in loop[i] for i in loads) >= 4 * steps, loop
-    per_step = len(loop) / steps
-    print(f"\nSASS per step, prefetch forward {dtype} masks={masks}, triton {triton.__version__}: {per_step:.1f}")
+    count = len(loop) / steps
+    print(f"\nSASS per step, prefetch {kind} {dtype} masks={masks}, triton {triton.__version__}: {count:.1f}")
     if not masks:
-        assert per_step <= PREFETCH_BUDGET["bf16" if dtype == "fp16" else dtype], f"{per_step:.1f} per step"
+        assert count <= PREFETCH_BUDGET[kind, dtype], f"{count:.1f} per step"

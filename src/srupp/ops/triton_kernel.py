@@ -502,6 +502,141 @@ def _sru_prefetch_forward_kernel(
     tl.store(c_last_ptr + row * D + inside, c, mask=keep)
 
 
+def _sru_prefetch_backward_kernel(
+    u_ptr, x_ptr, v_ptr, b_ptr, c0_ptr, mask_pad_ptr, mask_c_ptr, c_all_ptr, grad_h_ptr, grad_c_last_ptr,
+    grad_u_ptr, grad_x_ptr, grad_vb_ptr, grad_c0_ptr,
+    T, B: tl.constexpr, D: tl.constexpr,
+    HAS_MASK_PAD: tl.constexpr, HAS_MASK_C: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """The lean backward's arithmetic on the prefetch forward's loop. It walks the forward's order backwards;
+    the state before each step (c_all one step further on the walk, c0 at its end) comes with the step's loads."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    keep = None if D % BLOCK_D == 0 else cols < D  # see the forward
+    inside = tl.minimum(cols, D - 1)
+    c0 = tl.load(c0_ptr + row * D + inside)
+    scale = tl.full([BLOCK_D], -1.4426950408889634, c0.dtype)  # -log2(e), see the lean forward
+    v_f = tl.load(v_ptr + inside)
+    v_r = tl.load(v_ptr + D + inside)
+    vs_f = v_f * scale
+    vs_r = v_r * scale
+    bs_f = tl.load(b_ptr + inside) * scale
+    bs_r = tl.load(b_ptr + D + inside) * scale
+    if HAS_MASK_C:
+        m = tl.load(mask_c_ptr + row * D + inside)
+    grad_c = tl.load(grad_c_last_ptr + row * D + inside).to(c0.dtype)
+    grad_v_f = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_v_r = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_b_f = tl.full([BLOCK_D], 0, c0.dtype)
+    grad_b_r = tl.full([BLOCK_D], 0, c0.dtype)
+    S: tl.constexpr = B * D if REVERSE else -B * D  # elements from one step of the walk to the next
+    TAIL: tl.constexpr = K  # the rest holds 1 to K steps, the forward's first among them
+    t_main = (T - 1) - (T - 1) % K
+    # The state after the step being undone: c_all where the walk starts.
+    c = tl.load(c_all_ptr + ((0 if REVERSE else T - 1) * B + row) * D + inside)
+    blank = tl.full([BLOCK_D], 0, u_ptr.dtype.element_ty)
+    flag = cols * 0
+    for part in tl.static_range(2):
+        n = K if part == 0 else 1
+        ahead = (STAGES * K) if part == 0 else TAIL
+        start = 0 if part == 0 else t_main
+        stop = t_main if part == 0 else T
+        at = (start - ahead if REVERSE else T - 1 - (start - ahead)) * B + row  # where the filling starts
+        o_x = at * D + inside
+        o_u = at * 3 * D + inside
+        o_f = at + flag
+        ring = ()
+        for _j in tl.static_range(STAGES if part == 0 else TAIL):
+            block = ()
+            for _k in tl.static_range(K if part == 0 else 1):
+                block = block + ((blank, blank, blank, blank, blank, c0, flag),)
+            ring = ring + (block,)
+        for s in tl.range(start - ahead, stop if stop > start else start - ahead, n, num_stages=1):
+            dist = tl.minimum(ahead, stop - n - s)  # the last iterations fetch the last block again
+            # The state before a step is one step further on the walk; the walk's last step reads its own.
+            before = dist + 1 if part == 0 else tl.minimum(dist + 1, T - 1 - s)
+            p_u = u_ptr + o_u + dist * 3 * S
+            p_x = x_ptr + o_x + dist * S
+            p_g = grad_h_ptr + o_x + dist * S
+            p_c = c_all_ptr + o_x + before * S
+            p_f = mask_pad_ptr + o_f + dist * (S // D)
+            now = ()
+            for k in tl.static_range(K if part == 0 else 1):
+                got = ring[0][k]
+                now = now + ((
+                    got[0].to(c0.dtype), got[1].to(c0.dtype), got[2].to(c0.dtype), got[3].to(c0.dtype),
+                    got[4].to(c0.dtype), got[5], got[6] != 0,
+                ),)  # fmt: skip
+            fresh = ()
+            for k in tl.static_range(K if part == 0 else 1):
+                flag_k = flag
+                if HAS_MASK_PAD:
+                    flag_k = tl.load(p_f + k * (S // D))
+                fresh = fresh + ((
+                    tl.load(p_u + k * 3 * S),
+                    tl.load(p_u + k * 3 * S + D),
+                    tl.load(p_u + k * 3 * S + 2 * D),
+                    tl.load(p_x + k * S),
+                    tl.load(p_g + k * S),
+                    tl.load(p_c + k * S),
+                    flag_k,
+                ),)  # fmt: skip
+            if s >= start:
+                for k in tl.static_range(K if part == 0 else 1):
+                    u_c, u_f, u_r, x, grad_h, c_prev, pad = now[k]
+                    if part == 1:
+                        c_prev = tl.where(s == T - 1, c0, c_prev)  # the forward's first step began at c0
+                    e_f = 1.0 + tl.exp2(u_f * scale + bs_f + vs_f * c_prev)
+                    e_r = 1.0 + tl.exp2(u_r * scale + bs_r + vs_r * c_prev)
+                    if FAST:
+                        f = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_f], tl.float32, True, 1)
+                        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e_r], tl.float32, True, 1)
+                    else:
+                        f = 1.0 / e_f
+                        r = 1.0 / e_r
+                    gate = r * m if HAS_MASK_C else r
+                    grad_h_gate = grad_h * gate
+                    grad_x = grad_h - grad_h_gate
+                    grad_ur = (grad_h_gate - grad_h_gate * r) * (c - x)
+                    slope = (c_prev - u_c) * (f - f * f)
+                    grad_c_t = grad_c + grad_h_gate
+                    grad_uf = grad_c_t * slope
+                    grad_uc = grad_c_t - grad_c_t * f
+                    grad_c_new = grad_c_t * (f + slope * v_f) + grad_ur * v_r
+                    if HAS_MASK_PAD:
+                        grad_uf = tl.where(pad, 0.0, grad_uf)
+                        grad_uc = tl.where(pad, 0.0, grad_uc)
+                        grad_ur = tl.where(pad, 0.0, grad_ur)
+                        grad_x = tl.where(pad, 0.0, grad_x)
+                        grad_c = tl.where(pad, grad_c, grad_c_new)
+                    else:
+                        grad_c = grad_c_new
+                    grad_v_f += grad_uf * c_prev
+                    grad_v_r += grad_ur * c_prev
+                    grad_b_f += grad_uf
+                    grad_b_r += grad_ur
+                    grad_u_dtype = grad_u_ptr.dtype.element_ty
+                    tl.store(grad_u_ptr + o_u + k * 3 * S, grad_uc.to(grad_u_dtype), mask=keep)
+                    tl.store(grad_u_ptr + o_u + k * 3 * S + D, grad_uf.to(grad_u_dtype), mask=keep)
+                    tl.store(grad_u_ptr + o_u + k * 3 * S + 2 * D, grad_ur.to(grad_u_dtype), mask=keep)
+                    tl.store(grad_x_ptr + o_x + k * S, grad_x.to(grad_x_ptr.dtype.element_ty), mask=keep)
+                    c = c_prev
+            rest = ()
+            for j in tl.static_range(1, STAGES if part == 0 else TAIL):
+                rest = rest + (ring[j],)
+            ring = rest + (fresh,)
+            o_x += n * S
+            o_u += n * 3 * S
+            o_f += n * (S // D)
+    tl.store(grad_c0_ptr + row * D + inside, grad_c, mask=keep)
+    out = grad_vb_ptr + row * 4 * D + inside
+    tl.store(out, grad_v_f, mask=keep)
+    tl.store(out + D, grad_v_r, mask=keep)
+    tl.store(out + 2 * D, grad_b_f, mask=keep)
+    tl.store(out + 3 * D, grad_b_r, mask=keep)
+
+
 def _sum_rows_kernel(partial_ptr, grad_v_ptr, grad_b_ptr, B, W, BLOCK: tl.constexpr):
     """grad_v, grad_b = the sums over B of the backward's [B, 4, D] partial sums, cast to their dtypes: one
     launch where torch needs a sum and a cast for each."""
@@ -581,13 +716,15 @@ def _sm_count(index: int) -> int:
 
 
 # Launch parameters. STAGES: the legacy loop's pipeline depth in steps. The lean loop runs STEPS time steps
-# per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. The prefetch forward runs PREFETCH_STEPS
-# steps per iteration with PREFETCH_STAGES iterations of loads in flight (its backward is the lean one).
+# per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. The prefetch loops run PREFETCH_STEPS
+# (forward) or PREFETCH_BACKWARD_STEPS steps per iteration with PREFETCH_STAGES iterations of loads in flight:
+# about 500 instructions between a load and its use either way.
 # Benchmarks may override any of them, and the variant, for a while with `launch_overrides`.
 STAGES = 8
 STEPS = 8
 LEAN_STAGES = 3
 PREFETCH_STEPS = 16
+PREFETCH_BACKWARD_STEPS = 8
 PREFETCH_STAGES = 1
 VARIANTS = ("lean", "legacy", "prefetch")
 _STEPS = {"lean": STEPS, "prefetch": PREFETCH_STEPS}
@@ -653,11 +790,11 @@ def _variant(u: Tensor, variant: str | None) -> str:
     return "legacy" if (steps + ahead) * batch * width >= 2**31 else chosen
 
 
-def _lean_options(u: Tensor, variant: str) -> tuple[dict, int]:
-    """The lean or prefetch kernels' constants, and their STAGES."""
+def _lean_options(u: Tensor, variant: str, fn) -> tuple[dict, int]:
+    """The constants of lean or prefetch kernel ``fn``, and its STAGES."""
     # The fast reciprocal is PTX: 16-bit activations on a GPU only; fp32, fp64 and the interpreter divide.
     fast = u.is_cuda and u.dtype in (torch.float16, torch.bfloat16)
-    steps = _OVERRIDES.get("steps", _STEPS[variant])
+    steps = _OVERRIDES.get("steps", PREFETCH_BACKWARD_STEPS if fn is _sru_prefetch_backward_kernel else _STEPS[variant])
     return {"K": steps, "FAST": fast}, _OVERRIDES.get("stages", _STAGES[variant])
 
 
@@ -677,11 +814,11 @@ def _launch(fn, variant: str, inputs: tuple, tensors: tuple, **constants) -> Non
     u, x, v, b, c0, mask_pad, mask_c = inputs
     steps, batch, hidden = x.shape
     # The prefetch kernels run one lane per thread: their plain loads have no 4-byte minimum.
-    element_size = 4 if fn is _sru_prefetch_forward_kernel else u.element_size()
+    element_size = 4 if variant == "prefetch" else u.element_size()
     block, warps, stages = _launch_config(batch, hidden, element_size, u.device)
     extra = {}
     if variant != "legacy":
-        extra, stages = _lean_options(u, variant)
+        extra, stages = _lean_options(u, variant, fn)
     _kernel(fn, u.device)[(batch, triton.cdiv(hidden, block))](
         u,
         x,
@@ -708,6 +845,11 @@ _FORWARD_KERNELS = {
     "lean": _sru_lean_forward_kernel,
     "legacy": _sru_forward_kernel,
     "prefetch": _sru_prefetch_forward_kernel,
+}
+_BACKWARD_KERNELS = {
+    "lean": _sru_lean_backward_kernel,
+    "legacy": _sru_backward_kernel,
+    "prefetch": _sru_prefetch_backward_kernel,
 }
 
 
@@ -760,9 +902,9 @@ def launch_backward(
     *,
     variant: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean variant sums
-    the per-row partial sums of v's and b's gradients in one small kernel; legacy sums them with torch. 16-bit
-    activations run legacy unless they can be read as 4-byte words (see `_reads_words`)."""
+    """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean and prefetch
+    variants sum the per-row partial sums of v's and b's gradients in one small kernel; legacy with torch. 16-bit
+    activations run legacy in place of lean unless they can be read as 4-byte words (see `_reads_words`)."""
     _, batch, hidden = x.shape
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
@@ -773,20 +915,18 @@ def launch_backward(
         return grad_u, grad_x, torch.zeros_like(v), torch.zeros_like(b), grad_c0
     # One row of partial sums per batch row, summed over B after: no two programs write one address.
     grad_vb = c0.new_empty(batch, 4, hidden)
-    # The prefetch variant has no backward of its own yet: the lean one.
-    chosen = "lean" if _variant(u, variant) == "prefetch" else _variant(u, variant)
+    chosen = _variant(u, variant)
     if chosen == "lean" and not _reads_words(u, x, grad_h):
         chosen = "legacy"
-    lean = chosen == "lean"
     with _on_device(u):
         _launch(
-            _sru_lean_backward_kernel if lean else _sru_backward_kernel,
+            _BACKWARD_KERNELS[chosen],
             chosen,
             (u, x, v, b, c0, mask_pad, mask_c),
             (c_all, grad_h, grad_c_last, grad_u, grad_x, grad_vb, grad_c0),
             REVERSE=reverse,
         )
-        grad_v, grad_b = _sum_vb(grad_vb, v, b, lean=lean)
+        grad_v, grad_b = _sum_vb(grad_vb, v, b, lean=chosen != "legacy")
     return grad_u, grad_x, grad_v, grad_b, grad_c0
 
 
