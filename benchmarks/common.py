@@ -92,6 +92,33 @@ def provenance(script: str, argv: list[str] | None = None) -> dict[str, object]:
     }
 
 
+def tree_environment(src: Path) -> dict[str, str]:
+    """The environment of a process that imports srupp from the source tree ``src`` (and nothing from this
+    checkout), with one OpenMP thread: what a benchmark comparing trees in processes of their own runs."""
+    return {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": "1"}
+
+
+def compare_rounds(
+    rounds: dict[str, list[float]], *, lower_is_better: bool, label: str, unit: str, scale: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """Per tree (in ``rounds``' order, the first the reference) the median and the best of its rounds' figures,
+    printed as ``label`` in ``unit`` (the figures times ``scale``) with their ratios to the first tree's. Returns
+    ``{"median": {tree: figure}, "best": {tree: figure}}`` in the figures' own unit."""
+    best_of = min if lower_is_better else max
+    summary = {
+        "median": {tree: statistics.median(values) for tree, values in rounds.items()},
+        "best": {tree: best_of(values) for tree, values in rounds.items()},
+    }
+    first = next(iter(rounds))
+    for tree in rounds:
+        median, best = summary["median"][tree], summary["best"][tree]
+        print(
+            f"{label}: {tree}: median round {median * scale:,.3f} {unit} ({median / summary['median'][first]:.3f}x "
+            f"the first tree), best round {best * scale:,.3f} {unit} ({best / summary['best'][first]:.3f}x)"
+        )
+    return summary
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` beside ``path`` and rename it into place, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

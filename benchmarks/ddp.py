@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, provenance, write_json
+from benchmarks.common import RESULTS, compare_rounds, provenance, tree_environment, write_json
 
 WORKER = """
 import json, sys, time
@@ -69,10 +68,9 @@ def seconds_per_update(src: Path, folder: Path, name: str, corpus: str, args) ->
     }
     (folder / "worker.py").write_text(WORKER)
     (folder / f"{name}.json").write_text(json.dumps(overrides))
-    env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [str(folder / "worker.py"), str(folder / f"{name}.json"), str(folder / f"{name}.starts.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=tree_environment(src), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the run of {src} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     starts = json.loads((folder / f"{name}.starts.json").read_text())
@@ -101,15 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = seconds_per_update(tree, folder, f"r{round_index}t{index}", corpus, args)
                 rounds[str(tree)].append(seconds)
                 print(f"round {round_index + 1}: {tree}: {seconds * 1e3:.3f} ms per update", flush=True)
-    medians = {tree: statistics.median(times) for tree, times in rounds.items()}
-    best = {tree: min(times) for tree, times in rounds.items()}
-    for tree in rounds:
-        first_median, first_best = medians[str(trees[0])], best[str(trees[0])]
-        print(
-            f"{tree}: median round {medians[tree] * 1e3:.3f} ms per update ({medians[tree] / first_median:.3f}x the "
-            f"first tree), best round {best[tree] * 1e3:.3f} ms ({best[tree] / first_best:.3f}x)"
-        )
-    payload = {"steps": args.steps, "warmup": args.warmup, "median_s": medians, "best_s": best, "rounds_s": rounds}
+    summary = compare_rounds(rounds, lower_is_better=True, label="update", unit="ms", scale=1e3)
+    payload = {"steps": args.steps, "warmup": args.warmup, "median_s": summary["median"], "best_s": summary["best"]}
+    payload["rounds_s"] = rounds
     write_json(Path(args.out) / "ddp.json", payload, "ddp", argv, origin)
     return 0
 
