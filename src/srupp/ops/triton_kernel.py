@@ -275,16 +275,16 @@ def _sru_lean_backward_kernel(
     last = 0 if REVERSE else T - 1
     step_x = B * D if REVERSE else -B * D
     step_f = B if REVERSE else -B
-    o_x = (last * B + row) * D + cols
-    o_u = (last * B + row) * 3 * D + cols
-    o_f = (last * B + row) + cols * 0
+    at = last * B + row
+    o_x = at * D + cols
+    o_u = at * 3 * D + cols
+    o_f = at + cols * 0
     # The tile's rows 0-2 read u, 3 x, 4 grad_h and 5 on c_all at the step before in the forward's order. Which
     # tensor a row reads is fixed, so its pointers are chosen once and advanced by their row's stride.
     rows = tl.arange(0, 8)[:, None]
     words = tl.program_id(1) * WORDS + tl.arange(0, WORDS)[None, :]
     d_words = D if PACK == 1 else D >> 1  # a shift keeps D's known divisibility, which // loses
     lanes = tl.program_id(1) * BLOCK_D + tl.arange(0, WORDS)[None, :] + (rows - 5) * WORDS  # c's rows
-    at = last * B + row
     tile_ptrs = tl.where(
         rows < 3,
         u_ptr.to(c_all_ptr.dtype, bitcast=True) + (at * 3 * d_words + rows * d_words + words),
