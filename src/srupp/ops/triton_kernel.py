@@ -164,8 +164,8 @@ def _sru_backward_kernel(
 # The lean kernels ("lean" variant): the same recurrence with less work per time step. Loops advance offsets
 # or pointers instead of recomputing 64-bit addresses; K steps are unrolled per pipelined iteration, so the
 # wait and the barriers of the software pipeline are paid once per K steps; a step's loads are one load (one
-# commit group) through a tile of pointers into several tensors: u_c, u_f, u_r and x in the forward, those,
-# grad_h and c_prev in the backward (padding flags come apart); exp(-z) is exp2 of a pre-scaled argument;
+# commit group) through a tile of pointers into several tensors: u_c, u_f, u_r and x in the forward (its padding
+# flag apart), those, grad_h, c_prev and the padding flag in the backward; exp(-z) is exp2 of a pre-scaled argument;
 # the backward's chain on grad_c is two fused operations per step. The time loop runs in two parts from one
 # source: whole blocks of K steps with no per-step bounds checks, then the remaining steps one at a time (the
 # backward keeps at least one there: the forward's first step reads c0). FAST (16-bit activations on a GPU
@@ -248,8 +248,9 @@ def _sru_lean_backward_kernel(
 
     A step's loads are one [8, WORDS] tile of words of the state's dtype (one commit group): rows u_c, u_f, u_r,
     x and grad_h hold PACK lanes per word (2 for 16-bit activations, which the launcher sends here only with D
-    even and 4-byte aligned tensors; else 1), and row 5 + i holds c_prev's lanes i * WORDS to (i + 1) * WORDS - 1
-    for i < PACK."""
+    even and 4-byte aligned tensors; else 1), row 5 + i holds c_prev's lanes i * WORDS to (i + 1) * WORDS - 1
+    for i < PACK, and row 7 the padding flag (mask_pad_ptr: FLAG_COPIES copies of each step's flag in the state's
+    dtype, so that the row is as contiguous as the others)."""
     PACK: tl.constexpr = c_all_ptr.dtype.element_ty.primitive_bitwidth // u_ptr.dtype.element_ty.primitive_bitwidth
     tl.static_assert(PACK == 1 or PACK == 2, "u must be as wide as the state, or half as wide")
     WORDS: tl.constexpr = BLOCK_D // PACK
@@ -278,9 +279,9 @@ def _sru_lean_backward_kernel(
     at = last * B + row
     o_x = at * D + cols
     o_u = at * 3 * D + cols
-    o_f = at + cols * 0
-    # The tile's rows 0-2 read u, 3 x, 4 grad_h and 5 on c_all at the step before in the forward's order. Which
-    # tensor a row reads is fixed, so its pointers are chosen once and advanced by their row's stride.
+    # The tile's rows 0-2 read u, 3 x, 4 grad_h, 5 on c_all at the step before in the forward's order, 7 the
+    # padding flags. Which tensor a row reads is fixed, so its pointers are chosen once and advanced by their
+    # row's stride.
     rows = tl.arange(0, 8)[:, None]
     words = tl.program_id(1) * WORDS + tl.arange(0, WORDS)[None, :]
     d_words = D if PACK == 1 else D >> 1  # a shift keeps D's known divisibility, which // loses
@@ -298,11 +299,20 @@ def _sru_lean_backward_kernel(
             ),
         ),
     )
+    c_rows = (rows >= 5) & (rows < 5 + PACK)
+    tile_keep = ((rows < 5) & (words < d_words)) | (c_rows & (lanes < D))
+    if HAS_MASK_PAD:
+        tile_ptrs = tl.where(rows == 7, mask_pad_ptr + (at * 16 + words % 16), tile_ptrs)  # 16: FLAG_COPIES
+        tile_keep = tile_keep | (rows == 7)
     step_w = B * d_words if REVERSE else -B * d_words
-    # Per row: 3 * step_w for u, step_w for x and grad_h, PACK * step_w = step_x for c. Arithmetic, not a select:
-    # Triton assumes a select of values that are not contiguous to be aligned to nothing.
-    tile_step = step_w * (3 - 2 * (rows >= 3).to(tl.int32) + (PACK - 1) * (rows >= 5).to(tl.int32))
-    tile_keep = ((rows < 5) & (words < d_words)) | ((rows >= 5) & (rows < 5 + PACK) & (lanes < D))
+    # Per row: 3 * step_w for u, step_w for x and grad_h, step_x for c, 16 * step_f for the flags. Arithmetic, not
+    # a select: Triton takes a select of values that are not contiguous to be aligned to nothing.
+    tile_step = (
+        3 * step_w * (rows < 3).to(tl.int32)
+        + step_w * ((rows >= 3) & (rows < 5)).to(tl.int32)
+        + step_x * c_rows.to(tl.int32)
+        + 16 * step_f * (rows == 7).to(tl.int32)
+    )
     grad_u_f_ptr = grad_u_ptr + D
     grad_u_r_ptr = grad_u_ptr + 2 * D
     # The state after the step being undone; the state before it is c_all one step back in the forward's order.
@@ -317,16 +327,17 @@ def _sru_lean_backward_kernel(
                 else:
                     # Only this part reaches the forward's first step, whose state before is c0.
                     later = (words * 0 + s) < T - 1
-                    tile = tl.load(tile_ptrs, mask=tile_keep & ((rows < 5) | later), other=0)
+                    tile = tl.load(tile_ptrs, mask=tile_keep & (~c_rows | later), other=0)
                 even, odd = tl.split(tl.reshape(tl.trans(tile), [WORDS, 2, 2, 2]))
                 rows_04, rows_26 = tl.split(even)
                 rows_15, rows_37 = tl.split(odd)
                 word_uc, word_gh = tl.split(rows_04)
                 word_ur, word_c1 = tl.split(rows_26)
                 word_uf, word_c0 = tl.split(rows_15)
-                word_x, _ = tl.split(rows_37)
+                word_x, word_flag = tl.split(rows_37)
                 if PACK == 1:
                     u_c, u_f, u_r, x, grad_h, c_prev = word_uc, word_uf, word_ur, word_x, word_gh, word_c0
+                    pad = word_flag != 0
                 else:
                     # A word's low half is the even lane, its high half the odd one (little-endian).
                     act = u_ptr.dtype.element_ty
@@ -342,6 +353,7 @@ def _sru_lean_backward_kernel(
                     gh_high = (gh_bits >> 16).to(tl.int16).to(act, bitcast=True).to(c0.dtype)
                     grad_h = tl.reshape(tl.join(gh_low, gh_high), [BLOCK_D])
                     c_prev = tl.reshape(tl.permute(tl.join(word_c0, word_c1), [1, 0]), [BLOCK_D])
+                    pad = tl.reshape(tl.join(word_flag, word_flag), [BLOCK_D]) != 0
                 if part == 1:
                     c_prev = tl.where((cols * 0 + s) < T - 1, c_prev, c0)
                 e_f = 1.0 + tl.exp2(u_f * scale + bs_f + vs_f * c_prev)
@@ -364,7 +376,6 @@ def _sru_lean_backward_kernel(
                 if HAS_MASK_PAD:
                     # A padded step passed c through and wrote h = 0: zero gradient for what it holds (selects,
                     # so a NaN there cannot leak), and grad_c passes through unchanged.
-                    pad = tl.load(mask_pad_ptr + o_f) != 0
                     grad_uf = tl.where(pad, 0.0, grad_uf)
                     grad_uc = tl.where(pad, 0.0, grad_uc)
                     grad_ur = tl.where(pad, 0.0, grad_ur)
@@ -384,7 +395,6 @@ def _sru_lean_backward_kernel(
                 c = c_prev
                 o_x += step_x
                 o_u += 3 * step_x
-                o_f += step_f
                 tile_ptrs += tile_step
     tl.store(grad_c0_ptr + row * D + cols, grad_c, mask=keep)
     out = grad_vb_ptr + row * 4 * D + cols
@@ -798,9 +808,19 @@ def _lean_options(u: Tensor, variant: str, fn) -> tuple[dict, int]:
     return {"K": steps, "FAST": fast}, _OVERRIDES.get("stages", _STAGES[variant])
 
 
-def _flag_pointer(mask_pad: Tensor | None, fallback: Tensor) -> Tensor:
+# Copies of each step's padding flag for the lean backward, which reads them as a row of its tile of loads.
+FLAG_COPIES = 16
+
+
+def _flag_pointer(fn, mask_pad: Tensor | None, fallback: Tensor, state: torch.dtype) -> Tensor:
+    """The padding flags as kernel ``fn`` reads them; ``fallback`` where there are none."""
+    if mask_pad is None:
+        return fallback
+    if fn is _sru_lean_backward_kernel:
+        # A tile row must be contiguous in runs of 16 words to keep its 16-byte copies (see the kernel).
+        return mask_pad[..., None].expand(*mask_pad.shape, FLAG_COPIES).to(state)
     # int32 so that each lane's copy of a step's flag is 4 bytes, the smallest asynchronous copy.
-    return fallback if mask_pad is None else mask_pad.to(torch.int32)
+    return mask_pad.to(torch.int32)
 
 
 def _on_device(tensor: Tensor):
@@ -825,7 +845,7 @@ def _launch(fn, variant: str, inputs: tuple, tensors: tuple, **constants) -> Non
         v,
         b,
         c0,
-        _flag_pointer(mask_pad, x),
+        _flag_pointer(fn, mask_pad, x, c0.dtype),
         x if mask_c is None else mask_c,
         *tensors,
         steps,
@@ -904,7 +924,7 @@ def launch_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel on contiguous inputs: the gradients of ``(u, x, v, b, c0)``. The lean and prefetch
     variants sum the per-row partial sums of v's and b's gradients in one small kernel; legacy with torch. 16-bit
-    activations run legacy in place of lean unless they can be read as 4-byte words (see `_reads_words`)."""
+    activations run legacy in place of lean unless the lean tile can read them (see `_tile_readable`)."""
     _, batch, hidden = x.shape
     grad_u = torch.empty_like(u)
     grad_x = torch.empty_like(x)
@@ -916,7 +936,7 @@ def launch_backward(
     # One row of partial sums per batch row, summed over B after: no two programs write one address.
     grad_vb = c0.new_empty(batch, 4, hidden)
     chosen = _variant(u, variant)
-    if chosen == "lean" and not _reads_words(u, x, grad_h):
+    if chosen == "lean" and not _tile_readable(u, x, grad_h, mask_pad):
         chosen = "legacy"
     with _on_device(u):
         _launch(
@@ -930,9 +950,11 @@ def launch_backward(
     return grad_u, grad_x, grad_v, grad_b, grad_c0
 
 
-def _reads_words(u: Tensor, x: Tensor, grad_h: Tensor) -> bool:
-    """Whether the lean backward can read u, x and grad_h: it loads two 16-bit values as one 4-byte word, so for
-    16-bit activations D must be even and the tensors 4-byte aligned."""
+def _tile_readable(u: Tensor, x: Tensor, grad_h: Tensor, mask_pad: Tensor | None) -> bool:
+    """Whether the lean backward's tile can read these: it loads two 16-bit values as one 4-byte word (so D even
+    and the tensors 4-byte aligned), and its int32 offsets reach FLAG_COPIES per padding flag."""
+    if mask_pad is not None and mask_pad.numel() * FLAG_COPIES >= 2**31:
+        return False
     if u.element_size() != 2:
         return True
     return x.shape[-1] % 2 == 0 and all(tensor.data_ptr() % 4 == 0 for tensor in (u, x, grad_h))
