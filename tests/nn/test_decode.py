@@ -315,6 +315,7 @@ def test_select_continues_the_chosen_streams(assert_close, token_calls, path, ma
                 decoder.select(torch.tensor(rows))
                 history, mask_pad = history[:, rows], mask_pad[:, rows]
                 assert decoder.kernel is None or decoder.kernel._held[0] is decoder.buffers
+                assert (decoder.kernel is None) == (path == "torch-ops")  # the user's choice survives a new size
             token = torch.randn(1, len(history[0]), 6)
             history = torch.cat([history, token])
             mask_pad = torch.cat([mask_pad, torch.zeros(1, mask_pad.shape[1], dtype=torch.bool)])
@@ -325,6 +326,18 @@ def test_select_continues_the_chosen_streams(assert_close, token_calls, path, ma
         )
     assert len(token_calls) == len(SELECT_SCHEDULES[schedule])
     assert_states_close(assert_close, decoder.state, expected_state)
+
+
+def test_torch_ops_chosen_by_the_user_stay_after_loading_another_batch_size(assert_close):
+    """``kernel = None`` holds for a loaded state of another batch size too."""
+    model = make(num_layers=2)
+    x = torch.randn(3, 2, 6)
+    with torch.no_grad():
+        decoder = session(model, 3, path="torch-ops")
+        decoder.load(model.init_decode_state(2))
+        out = decoder.step(x[:1])
+        assert decoder.kernel is None
+        assert_close(torch.cat([out, decoder.step(x[1:2])]), model(x[:2], causal=True)[0])
 
 
 def test_select_gathers_into_two_alternating_buffer_sets_and_equals_indexing(assert_close):

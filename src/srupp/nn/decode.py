@@ -175,6 +175,7 @@ class SRUppDecoder:
         self.weights = [gather_weights(layer) for layer in model.layers]
         self._kernels = [_kernel_weights(layer, w) for layer, w in zip(model.layers, self.weights, strict=True)]
         self._kernel: TokenRun | None = None
+        self._torch_ops = False  # the user set ``kernel`` to None: a new batch size keeps it so
         self.cache_dtype = self.dtype
         self.batch_size = 0
         self.buffers: list[Tensor | None] = []
@@ -240,7 +241,8 @@ class SRUppDecoder:
         self.input_shape = (*shape, self.model.input_size)
         self.output_shape = (*shape, self.model.hidden_size)
         kernels = self._kernels
-        self._kernel = None if not kernels or None in kernels else TokenRun(kernels, batch_size, self.model.hidden_size)
+        usable = kernels and None not in kernels and not self._torch_ops
+        self._kernel = TokenRun(kernels, batch_size, self.model.hidden_size) if usable else None
         self.cache_dtype = self.dtype if self._kernel is None else torch.float32
         self.capacity = 0  # new buffers at the next store
 
@@ -250,10 +252,11 @@ class SRUppDecoder:
 
     @kernel.setter
     def kernel(self, kernel: TokenRun | None) -> None:
-        """None runs the torch ops from now on, in the model's dtype: float32 caches are converted to it."""
+        """None runs the torch ops from now on (also after a ``select`` or ``load`` of another batch size), in the
+        model's dtype: float32 caches are converted to it."""
         if kernel is not None and self.cache_dtype != torch.float32:
             raise ValueError("`kernel` needs a session with float32 caches: start a new session")
-        self._kernel = kernel
+        self._kernel, self._torch_ops = kernel, kernel is None
         if kernel is not None:
             self._bind()  # the buffers may have moved while the torch ops ran
         elif self.cache_dtype != self.dtype:
