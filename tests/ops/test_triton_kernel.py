@@ -202,8 +202,9 @@ def test_variants_match_naive_in_float64(device, variant, steps, shape, options)
 
 @pytest.mark.parametrize("stages", [2, 3])
 def test_prefetch_ring_depths_match_naive_in_float64(device, stages):
-    """The prefetch forward with 2 or 3 blocks of loads in flight: its ring turns over every iteration."""
-    case = make_case(11, 3, 33, device=device, dtype=torch.float64, with_c0=True, with_pad=True, with_mask_c=True)
+    """The prefetch kernels with 2 or 3 blocks of loads in flight: the ring turns over every iteration. D=8: the
+    block covers D exactly, so no store is masked (the other cases mask the lanes past D)."""
+    case = make_case(11, 3, 8, device=device, dtype=torch.float64, with_c0=True, with_pad=True, with_mask_c=True)
     with triton_kernel.launch_overrides(variant="prefetch", steps=2, stages=stages):
         check(case, atol=1e-12, rtol=1e-10)
 
@@ -458,6 +459,21 @@ def test_cuda_larger_shapes(shape, dtype):
     case = make_case(*shape, device=torch.device("cuda"), dtype=dtype, with_c0=True, with_pad=True, with_mask_c=True)
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
     check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 16, 1000), (300, 2, 4099), (17, 129, 512)], ids=str)
+def test_cuda_prefetch_larger_shapes(shape, dtype):
+    """The prefetch kernels as compiled (B and D constants, immediate offsets, unmasked loads that read column
+    D - 1 past the end of a row, T not a multiple of the block) against the spec, in both directions."""
+    for reverse in (False, True):
+        options = dict(with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse)
+        case = make_case(*shape, device=torch.device("cuda"), dtype=dtype, **options)
+        tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        with triton_kernel.launch_overrides(variant="prefetch"):
+            check(case, atol=tolerance, rtol=tolerance, reference_dtype=torch.float32)
 
 
 @pytest.mark.gpu
