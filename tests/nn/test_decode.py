@@ -387,13 +387,18 @@ def test_select_refuses_bad_indices_clearly(indices, error, message):
         decoder.select(torch.tensor(indices))
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_step_layers_are_every_layers_output(assert_close, token_calls, path):
+LAYERS_CASES = [(path, dtype) for dtype in ("float32", "bfloat16") for path in PATHS]
+
+
+@pytest.mark.parametrize("path, dtype", LAYERS_CASES, ids=["-".join(case) for case in LAYERS_CASES])
+def test_step_layers_are_every_layers_output(assert_close, token_calls, path, dtype):
     """``step_layers`` over a left-padded chunk and single tokens against the layers' outputs in the full causal
-    forward (forward hooks); its last layer is ``step``'s output."""
-    model = make(**CONFIGS["every-second-layer-two-heads"])
+    forward (forward hooks; in bfloat16 to its tolerance, the session computing in float32 where its kernel would);
+    every token takes the one-token path, its last layer is ``step``'s output and its state ``step``'s (float32
+    caches are not rounded to bfloat16)."""
+    model = make(**CONFIGS["every-second-layer-two-heads"]).to(getattr(torch, dtype))
     mask_pad = torch.cat([torch.arange(4).unsqueeze(1) < 4 - torch.tensor([4, 1, 3]), torch.zeros(6, 3, dtype=bool)])
-    x = torch.randn(10, 3, 6)
+    x = torch.randn(10, 3, 6).to(model.layers[0].gates.weight.dtype)
     expected = []
     hooks = [layer.register_forward_hook(lambda m, args, out: expected.append(out[0])) for layer in model.layers]
     with torch.no_grad():
@@ -406,6 +411,14 @@ def test_step_layers_are_every_layers_output(assert_close, token_calls, path):
         twin.step(x[:4], mask_pad[:4])
         plain = [twin.step(x[t : t + 1]) for t in range(4, 10)]
     assert len(token_calls) == 12
+    tolerance = {"atol": 3e-2, "rtol": 3e-2} if dtype == "bfloat16" else {}
     for i, want in enumerate(expected):
-        assert_close(torch.cat([layers[i] for layers in got]), want, name=f"layer {i}")
-    assert_close(torch.cat([layers[-1] for layers in got[1:]]), torch.cat(plain), name="step's output")
+        layer = torch.cat([layers[i] for layers in got])
+        assert layer.dtype == want.dtype
+        assert_close(layer.float(), want.float(), name=f"layer {i}", **tolerance)
+    step_tolerance = {"atol": 1e-2, "rtol": 2**-7} if dtype == "bfloat16" else {}  # one rounding to bfloat16
+    assert_close(torch.cat([layers[-1] for layers in got[1:]]).float(), torch.cat(plain).float(), **step_tolerance)
+    assert decoder.cache_dtype == twin.cache_dtype
+    assert_close(decoder.c, twin.c, name="c")
+    for mine, theirs in zip(decoder._views()[0], twin._views()[0], strict=True):
+        assert (mine is None) == (theirs is None) and (mine is None or torch.allclose(mine, theirs, atol=1e-5))

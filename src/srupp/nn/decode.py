@@ -102,9 +102,9 @@ def token_step(
     return torch.lerp(u.narrow(1, 3 * hidden, hidden) if weights.project_skip else input, c_out, reset)
 
 
-def _kernel_weights(layer: nn.Module, weights: LayerWeights) -> TokenKernel | None:
-    """The compiled one-token step's binding of ``weights`` (on float32 copies it owns), for a CPU layer of a
-    ``KERNEL_DTYPES`` dtype whose backend is not the naive spec; else None."""
+def _float32_weights(layer: nn.Module, weights: LayerWeights) -> LayerWeights | None:
+    """float32 copies of ``weights`` that the session owns, which the compiled step binds and the torch ops read on
+    float32 caches, for a CPU layer of a ``KERNEL_DTYPES`` dtype whose backend is not the naive spec; else None."""
     if (
         layer.backend == "naive"
         or weights.in_proj_t.dtype not in KERNEL_DTYPES
@@ -118,15 +118,31 @@ def _kernel_weights(layer: nn.Module, weights: LayerWeights) -> TokenKernel | No
     def own_norm(norm: tuple | None) -> tuple | None:
         return None if norm is None else (norm[0], own(norm[1]), own(norm[2]), norm[3])
 
-    return token_kernel(
-        in_norm=own_norm(weights.input_norm),
-        wq_t=own(weights.in_proj_t),
-        wkv_t=own(weights.kv_proj_t),
-        alpha=None if weights.alpha is None else own(weights.alpha.reshape(1)),
+    return weights._replace(
+        input_norm=own_norm(weights.input_norm),
+        in_proj_t=own(weights.in_proj_t),
+        kv_proj_t=own(weights.kv_proj_t),
+        alpha=own(weights.alpha),
         norm=own_norm(weights.norm),
-        wo_t=own(weights.out_proj_t),
+        out_proj_t=own(weights.out_proj_t),
         u_bias=own(weights.u_bias),
-        gate_v=own(weights.gate_weight),
+        gate_weight=own(weights.gate_weight),
+    )
+
+
+def _kernel_weights(weights: LayerWeights | None) -> TokenKernel | None:
+    """The compiled one-token step's binding of ``_float32_weights`` (None where there are none)."""
+    if weights is None:
+        return None
+    return token_kernel(
+        in_norm=weights.input_norm,
+        wq_t=weights.in_proj_t,
+        wkv_t=weights.kv_proj_t,
+        alpha=None if weights.alpha is None else weights.alpha.reshape(1),
+        norm=weights.norm,
+        wo_t=weights.out_proj_t,
+        u_bias=weights.u_bias,
+        gate_v=weights.gate_weight,
         heads=weights.heads,
         project_skip=weights.project_skip,
     )
@@ -147,8 +163,9 @@ class SRUppDecoder:
     Precision: the kernel computes in float32. For a bfloat16 or float16 model it runs on float32 copies of the
     weights that the session makes once when it starts (memory: a float32 copy of the stack's weights per
     session), keeps its caches and ``c`` in float32 (``cache_dtype``), converts a token's input to float32 and
-    its output back to the model's dtype. The torch ops (``kernel`` None) and chunks run in the model's dtype;
-    setting ``kernel`` to None converts the caches to it.
+    its output back to the model's dtype; ``step_layers`` on one token runs the torch ops on those copies and
+    caches alike. The torch ops (``kernel`` None) and chunks run in the model's dtype; setting ``kernel`` to None
+    converts the caches to it.
 
     The weights are gathered when the session starts: parameters changed afterwards are seen by a new session.
     The caches never hold more than ``max_context`` positions (a sliding window; all when None).
@@ -173,7 +190,9 @@ class SRUppDecoder:
         reference = model.layers[0].gates.weight
         self.dtype, self.device = reference.dtype, reference.device
         self.weights = [gather_weights(layer) for layer in model.layers]
-        self._kernels = [_kernel_weights(layer, w) for layer, w in zip(model.layers, self.weights, strict=True)]
+        weights32 = [_float32_weights(layer, w) for layer, w in zip(model.layers, self.weights, strict=True)]
+        self._kernels = [_kernel_weights(weights) for weights in weights32]
+        self._weights32 = [] if None in self._kernels else weights32  # read only with float32 caches: the kernel's
         self._kernel: TokenRun | None = None
         self._torch_ops = False  # the user set ``kernel`` to None: a new batch size keeps it so
         self.cache_dtype = self.dtype
@@ -305,9 +324,9 @@ class SRUppDecoder:
     def step_layers(self, input: Tensor, mask_pad: Tensor | None = None) -> tuple[Tensor, ...]:
         """``step``, returning every layer's output for ``input``: ``num_layers`` tensors shaped as ``step``'s
         output, the last being it. The compiled kernel keeps only the last layer's, so a one-token step takes the
-        torch ops of ``token_step`` where the caches have the model's dtype, else the general path (which, for a
-        lower-precision model's float32 caches, rounds them to its dtype, as a chunk does)."""
-        if mask_pad is None and self.cache_dtype == self.dtype and self._token_path_applies(input):
+        torch ops of ``token_step`` on the session's buffers, in ``cache_dtype`` (float32 caches: on the kernel's
+        float32 weights, each layer's output converted to the model's dtype)."""
+        if mask_pad is None and self._token_path_applies(input):
             return self._step_token(input, all_layers=True)
         return self._step_general(input, mask_pad, all_layers=True)
 
@@ -358,7 +377,7 @@ class SRUppDecoder:
             self.kernel(x.contiguous(), c, c_next, output, self.start, self.end, ends)
             output = output if ends else output.to(self.dtype)
         else:
-            layers = tuple(x.view(self.output_shape) for x in self._token_ops(input, c, c_next))
+            layers = tuple(x.view(self.output_shape).to(self.dtype) for x in self._token_ops(input, c, c_next))
             output = layers if all_layers else layers[-1]
         self.c = c_next
         self.end += 1
@@ -367,15 +386,17 @@ class SRUppDecoder:
         return output
 
     def _token_ops(self, input: Tensor, c: Tensor, c_next: Tensor) -> list[Tensor]:
-        """``token_step`` through every layer, on positions ``start..end`` of the buffers (``end`` written now);
-        every layer's output ``[B, hidden_size]``."""
+        """``token_step`` through every layer, on positions ``start..end`` of the buffers (``end`` written now), in
+        ``cache_dtype`` (float32 caches: on the float32 weights the kernel binds); every layer's output
+        ``[B, hidden_size]`` in ``cache_dtype``."""
         start, length = self.start, self.end + 1 - self.start
         mask = None
         if self.pad is not None:
             self.pad.select(1, self.end).fill_(False)
             mask = self.pad.narrow(1, start, length).logical_not().view(-1, 1, 1, length)
-        x, outputs = input.reshape(self.batch_size, -1), []
-        for weights, buffer, c_in, c_out in zip(self.weights, self.buffers, c.unbind(0), c_next.unbind(0), strict=True):
+        x, outputs = input.reshape(self.batch_size, -1).to(self.cache_dtype), []
+        layers = self.weights if self.cache_dtype == self.dtype else self._weights32
+        for weights, buffer, c_in, c_out in zip(layers, self.buffers, c.unbind(0), c_next.unbind(0), strict=True):
             window = None if buffer is None else buffer.narrow(3, start, length)
             x = token_step(x, c_in, c_out, weights, window, mask)
             outputs.append(x)
