@@ -6,10 +6,15 @@ machine hits every tree alike).
     PYTHONPATH=src python3 -m benchmarks.ddp --src /tmp/old/src --src src  # before | after: ratios to the first
 
 Logging and evaluation are kept out of the timed updates (``log_every`` = ``eval_every`` = ``--steps``), so what
-differs between trees is the update and the trainer's per-update bookkeeping (stop checks, loss averaging).
-Rank 0 records when each update starts; a round's figure is the median time between those starts after the first
-``--warmup`` updates (robust to another process taking the core for a while); the best and the median round of each
-tree are reported. Writes ``ddp.json`` under ``--out``.
+differs between trees is the update and the trainer's per-update bookkeeping (stop checks, loss averaging); the loss
+all-reduce that a log step pays is outside, which is the case of a run that logs rarely.
+Rank 0 records when each update starts. A round's figure is the median, over blocks of ``--block`` consecutive
+intervals between those starts after the first ``--warmup`` updates, of the block's mean interval. Why blocks: the
+new loop's ranks agree on stopping once every ``stop_check_every`` updates, so only one interval in that many holds
+the collective, and a median of single intervals would drop exactly that cost, which the old loop paid every update;
+a block that is a multiple of every tree's ``stop_check_every`` holds its collectives in full. Why a median of
+blocks, not one mean over all updates: another process taking the core for a while spoils a block or two, not the
+figure. The best and the median round of each tree are reported. Writes ``ddp.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import RESULTS, compare_rounds, provenance, tree_environment, write_json
+from srupp.train import TrainConfig
 
 WORKER = """
 import json, sys, time
@@ -37,9 +43,10 @@ def timed(run, state):
     update(run, state)
 
 loop.one_update = timed
-result = train(apply_overrides(load_preset("tiny"), json.load(open(sys.argv[1]))))
-if result.is_main:
-    json.dump(starts, open(sys.argv[2], "w"))
+cfg = apply_overrides(load_preset("tiny"), json.load(open(sys.argv[1])))
+if train(cfg).is_main:
+    period = getattr(cfg, "stop_check_every", 1)  # trees before it agreed on stopping at every update
+    json.dump({"starts": starts, "stop_check_every": period}, open(sys.argv[2], "w"))
 """
 
 
@@ -55,7 +62,8 @@ def write_corpus(folder: Path) -> str:
 
 
 def seconds_per_update(src: Path, folder: Path, name: str, corpus: str, args) -> float:
-    """One two-rank run of ``--steps`` updates with ``src`` first on the path; rank 0's median time per update."""
+    """One two-rank run of ``--steps`` updates with ``src`` first on the path; rank 0's time per update (the median
+    block's)."""
     overrides = {
         "data": corpus,
         "out_dir": str(folder / name),
@@ -73,9 +81,17 @@ def seconds_per_update(src: Path, folder: Path, name: str, corpus: str, args) ->
     done = subprocess.run(command, env=tree_environment(src), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the run of {src} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    starts = json.loads((folder / f"{name}.starts.json").read_text())
-    timed = starts[args.warmup :]
-    return statistics.median(later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True))
+    report = json.loads((folder / f"{name}.starts.json").read_text())
+    if args.block % report["stop_check_every"]:
+        raise ValueError(f"--block must be a multiple of stop_check_every = {report['stop_check_every']} of {src}")
+    return block_median(report["starts"][args.warmup :], args.block)
+
+
+def block_median(starts: list[float], block: int) -> float:
+    """The median over consecutive blocks of ``block`` intervals between ``starts`` of each block's mean interval
+    (a last, shorter block is dropped)."""
+    count = (len(starts) - 1) // block
+    return statistics.median((starts[(i + 1) * block] - starts[i * block]) / block for i in range(count))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300, help="updates per run")
     parser.add_argument("--warmup", type=int, default=20, help="first updates not timed")
+    parser.add_argument(
+        "--block", type=int, default=TrainConfig.stop_check_every, help="intervals per block (default: %(default)s)"
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for ddp.json")
     args = parser.parse_args(argv)
-    if not 0 <= args.warmup < args.steps - 1:
-        parser.error(f"--warmup must be in [0, --steps - 1) = [0, {args.steps - 1}), got {args.warmup}")
+    if args.block < 1:
+        parser.error(f"--block must be >= 1, got {args.block}")
+    if not 0 <= args.warmup <= args.steps - 1 - args.block:
+        limit = args.steps - 1 - args.block
+        parser.error(
+            f"--warmup must be in [0, --steps - 1 - --block] = [0, {limit}] (one block timed), got {args.warmup}"
+        )
     trees = args.src or [Path("src")]
     origin = provenance("ddp", argv)
     rounds: dict[str, list[float]] = {str(tree): [] for tree in trees}
@@ -100,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[str(tree)].append(seconds)
                 print(f"round {round_index + 1}: {tree}: {seconds * 1e3:.3f} ms per update", flush=True)
     summary = compare_rounds(rounds, lower_is_better=True, label="update", unit="ms", scale=1e3)
-    payload = {"steps": args.steps, "warmup": args.warmup, "median_s": summary["median"], "best_s": summary["best"]}
+    payload = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "block": args.block,
+        "median_s": summary["median"],
+        "best_s": summary["best"],
+    }
     payload["rounds_s"] = rounds
     write_json(Path(args.out) / "ddp.json", payload, "ddp", argv, origin)
     return 0

@@ -131,11 +131,15 @@ def test_ddp_updates_between_stop_checks_and_logs_never_read_the_device(tiny_cfg
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_stops_both_at_the_next_stop_check_with_one_checkpoint(tiny_cfg, tmp_path):
+def test_sigterm_to_one_rank_stops_both_at_the_next_stop_check_with_one_checkpoint_and_resumes_exactly(
+    tiny_cfg, tmp_path
+):
     """A SIGTERM to rank 1 alone: both ranks stop at the same step (the next multiple of ``stop_check_every``),
-    save it once and exit with 143, each with one line naming that step."""
+    save it once and exit with 143, each with one line naming that step. ``--resume`` then logs the losses an
+    uninterrupted 2-rank run of the same config logs (dropout on: each rank's RNG comes back too)."""
     run = tmp_path / "ddp"
-    cfg = tiny_cfg(max_steps=100_000, eval_every=100_000, stop_check_every=5, out_dir=run)
+    common = {"eval_every": 100_000, "schedule_steps": 100_000, "stop_check_every": 5}  # max_steps moves no lr
+    cfg = tiny_cfg(**common, max_steps=100_000, out_dir=run)
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     procs = _start_ranks("-m", "srupp", "train", "--config", str(tmp_path / "cfg.json"))
     metrics = run / "metrics.jsonl"
@@ -157,3 +161,16 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_stop_check_with_one_checkpoi
     assert logged[-1] == step  # every update that was logged is in the checkpoint
     ranks = sorted(p.name for p in (run / "checkpoints").glob("last.*.rank*"))
     assert ranks == [f"last.step{step}.rank{r}.safetensors" for r in range(2)]
+
+    # The resume and the uninterrupted reference (its losses written by WORKER) run side by side, two steps past.
+    whole = tiny_cfg(**common, max_steps=step + 2, out_dir=tmp_path / "whole")
+    (tmp_path / "whole.json").write_text(whole.to_json())
+    procs = _start_ranks("-m", "srupp", "train", "--resume", str(run), "--max_steps", str(step + 2))
+    procs += _start_ranks("-c", WORKER, str(tmp_path / "whole.json"), str(tmp_path), "new")
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    reference = json.loads((tmp_path / "rank0.json").read_text())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [s for s, _ in losses] == list(range(1, step + 3))
+    assert [loss for _, loss in losses] == pytest.approx(reference, rel=1e-5, abs=1e-6)
