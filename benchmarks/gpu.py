@@ -13,7 +13,7 @@ GPU), recorded in ``gpu.json`` as ok / failed / skipped with its error, so one f
    per thread, compiled for each B and D) at each shape and dtype, launched back to back (forward for inference,
    forward keeping states, backward, forward then backward), as a fraction of the copy's bandwidth. Bytes per
    element of [T, B, D] (a = activation bytes, states float32): forward 5a, forward keeping states 5a + 4,
-   backward 9a + 4.
+   backward 9a + 4. Last, the bf16 prefetch forward at the paper's shape with shorter and longer blocks.
 3. ``autograd`` (20): the public op's forward+backward through autograd against the raw kernels.
 4. ``sdpa`` (20): attention at the paper's width d'=768 over memory: a boolean mask, the lower-right causal
    bias, 4 heads (192 wide: flash), no memory; which SDPA kernel served each and its time.
@@ -53,6 +53,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), a small one, and its Wiki-103 one (B=8, d=4096).
 SHAPES = [(1024, 4, 3072), (512, 16, 512), (1024, 8, 4096)]
 DRY_SHAPES = [(6, 2, 40)]
+# Steps per block of the prefetch forward timed besides its default (PREFETCH_STEPS) in stage 2.
+PREFETCH_DEPTHS = (8, 24)
 STAGE_CAPS = {"spec": 30, "raw": 90, "autograd": 20, "sdpa": 20, "paper": 80, "small": 40, "authors": 60,
               "race": 60, "tests": 0}  # fmt: skip
 
@@ -366,7 +368,37 @@ def stage_raw(run: Run) -> dict[str, object]:
                     skipped.append(f"{shape} {dtype_name} {variant}")
                     continue
                 run.row("raw", raw_row(run, shape, variant, dtype_name, copy))
+    # Last, so they never displace the rows above: the prefetch forward with shorter and longer blocks.
+    for steps in PREFETCH_DEPTHS:
+        if run.remaining() < (0.5 if run.dry else 4):
+            skipped.append(f"prefetch steps={steps}")
+            continue
+        run.row("raw", prefetch_depth_row(run, DRY_SHAPES[0] if run.dry else SHAPES[0], steps, copy))
     return {"copy_GBps": copy / 1e9, "skipped_for_time": skipped}
+
+
+def prefetch_depth_row(run: Run, shape, steps: int, copy: float) -> dict[str, object]:
+    """The bf16 prefetch forward (keeping states) with blocks of ``steps`` steps: its loads are issued one block
+    ahead, so if a block of the default size does not cover DRAM latency, longer blocks are faster per step."""
+    from srupp.ops import triton_kernel
+
+    inputs = make_inputs(*shape, torch.bfloat16, run.device, padded=False)
+    u, x, v, b, c0 = (inputs[k] for k in ("u", "x", "v", "b", "c0"))
+    with triton_kernel.launch_overrides(variant="prefetch", steps=steps):
+        seconds = run.timer.back_to_back(
+            lambda: triton_kernel.launch_forward(u, x, v, b, c0, None, None, False, True), repeats=20
+        )
+    steps_total, batch, hidden = shape
+    return {
+        "T": steps_total,
+        "B": batch,
+        "D": hidden,
+        "variant": "prefetch",
+        "dtype": "bf16",
+        "steps": steps,
+        "forward_keep_states_ms": seconds * 1e3,
+        "forward_keep_states_of_copy": steps_total * batch * hidden * (5 * 2 + 4) / seconds / copy,
+    }
 
 
 def autograd_row(run: Run, shape, dtype_name: str) -> dict[str, object]:

@@ -49,7 +49,14 @@ def test_dry_run_as_on_the_gpu_machine(tmp_path):
     assert {(row["variant"], row["dtype"]) for row in rows(results, "spec")} == {
         (variant, dtype) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES
     }
-    assert all(row["forward_backward_raw_ms"] > 0 for row in rows(results, "raw"))
+    sweep = [row for row in rows(results, "raw") if "steps" not in row]
+    assert {(row["variant"], row["dtype"]) for row in sweep} == {
+        (variant, dtype) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES
+    }
+    assert all(row["forward_backward_raw_ms"] > 0 for row in sweep)
+    depths = [row for row in rows(results, "raw") if "steps" in row]
+    assert [row["steps"] for row in depths] == list(gpu.PREFETCH_DEPTHS)
+    assert all(row["forward_keep_states_ms"] > 0 for row in depths)
     assert {(row["T"], row["B"], row["D"]) for row in rows(results, "autograd")} == {(1, 1, 8), *gpu.DRY_SHAPES}
     sdpa = {row["case"]: row for row in rows(results, "sdpa")}
     assert sdpa["lower-right, 1 head"]["max_abs_diff_to_mask"] < 1e-5
