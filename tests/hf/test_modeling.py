@@ -10,6 +10,7 @@ from srupp.hf import SRUppCache, SRUppConfig, SRUppForCausalLM, SRUppForSequence
 from srupp.hf.modeling import CACHE_NAME  # noqa: E402
 from srupp.models import generate  # noqa: E402
 from srupp.nn.decode import SRUppDecoder  # noqa: E402
+from srupp.ops import library  # noqa: E402
 from tests.hf.conftest import LM_CONFIGS, TINY, make_lm  # noqa: E402
 
 
@@ -349,12 +350,23 @@ PADDED_GENERATION = dict(do_sample=False, pad_token_id=0, eos_token_id=None, ret
 
 
 def make_on(path: str, seed: int):
-    """``make``'s three-layer model whose decoding session runs the compiled kernel ("kernel") or, with the
-    naive spec's layers, the torch ops ("torch-ops")."""
+    """``make``'s three-layer model whose decoding session runs the compiled kernel ("kernel": skipped where it is
+    not built, as tests/nn/test_decode.py's sessions) or, with the naive spec's layers, the torch ops
+    ("torch-ops")."""
     lm, model = make("every-second-layer-two-heads-layer-norm", seed=seed)
     if path == "torch-ops":
         model.model.set_backend("naive")
+    elif model.model.rnn.decoder(1).kernel is None:
+        pytest.skip(library.unavailable_reason() if not library.is_available() else "no kernel for this model")
     return lm, model
+
+
+def test_kernel_cases_skip_where_the_library_is_unavailable(monkeypatch):
+    monkeypatch.setattr(library, "_KERNEL", None)
+    monkeypatch.setattr(library, "_LOAD_ERROR", "the compiled kernel is missing (a test)")
+    with pytest.raises(pytest.skip.Exception, match="'cpu' backend is unavailable: the compiled kernel is missing"):
+        make_on("kernel", seed=0)
+    make_on("torch-ops", seed=0)
 
 
 @pytest.fixture
