@@ -748,7 +748,7 @@ _OVERRIDABLE = ("stages", "block_d", "num_warps", "steps", "variant")
 def launch_overrides(**values: int | str | None):
     """Temporarily fix launch parameters for tuning and A/B benchmarks: ``variant`` ("lean", "legacy" or
     "prefetch"), ``stages`` (the loop's ``num_stages``: steps ahead for legacy, iterations of ``steps`` steps for
-    lean; for prefetch, iterations of loads in flight), ``steps`` (lean and prefetch), ``block_d``,
+    lean; for prefetch, iterations of loads in flight), ``steps`` (lean, and both prefetch kernels), ``block_d``,
     ``num_warps``. None leaves a parameter as it is."""
     unknown = set(values) - set(_OVERRIDABLE)
     if unknown:
