@@ -335,6 +335,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_cache_feed_returns_the_layers_outputs(assert_close):
+    """``SRUppCache.feed`` returns a tuple either way: ``(output,)``, or every layer's output ending in it; the
+    output is the stack's causal forward."""
+    lm, _ = make()
+    lm.eval()
+    x = torch.randn(3, 2, lm.config.hidden_size)
+    with torch.no_grad():
+        (output,) = SRUppCache().feed(lm.rnn, x, None)
+        layers = SRUppCache().feed(lm.rnn, x, None, all_layers=True)
+        expected, _ = lm.rnn(x, causal=True)
+    assert len(layers) == lm.config.num_layers and torch.equal(layers[-1], output)
+    assert_close(output, expected)
+
+
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and attention mask of ``prompts`` padded on the left with id 0 (an ordinary token of the model)."""
     width = max(len(p) for p in prompts)

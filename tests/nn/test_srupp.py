@@ -569,19 +569,29 @@ def test_left_padded_decoding_equals_each_sequence_alone(assert_close, prefill):
 @pytest.mark.parametrize("max_context", [None, 5], ids=["all", "window-5"])
 def test_step_runs_long_inputs_in_pieces_equal_to_one(assert_close, monkeypatch, max_context):
     """``step`` feeds an input longer than ``PREFILL_CHUNK`` in pieces (so that memory grows linearly with it):
-    the result equals the causal forward, with left padding across the pieces' borders."""
+    the result equals the causal forward, with left padding across the pieces' borders; ``step_layers`` joins
+    every layer's pieces (against the forward's layers, by hooks) and returns ``step``'s state."""
     import srupp.nn.srupp as srupp_module
 
     monkeypatch.setattr(srupp_module, "PREFILL_CHUNK", 4)
     model = make(**CONFIGS["every-second-layer-two-heads"])
     x = torch.randn(15, 2, 6)
     mask_pad = torch.arange(15).unsqueeze(1) < torch.tensor([6, 0])
+    hooked = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: hooked.append(out[0])) for layer in model.layers]
     with torch.no_grad():
         expected, _ = model(x, mask_pad=mask_pad, causal=True, attn_window=max_context)
+        for hook in hooks:
+            hook.remove()
         out, state = model.step(x, model.init_decode_state(2, max_context), mask_pad=mask_pad)
+        layers, layers_state = model.step_layers(x, model.init_decode_state(2, max_context), mask_pad=mask_pad)
     assert_close(out[6:, :1], expected[6:, :1])
     assert_close(out[:, 1:], expected[:, 1:])
     assert state.keys[1].shape[2] == (15 if max_context is None else max_context)
+    assert len(layers) == len(hooked) == 3 and torch.equal(layers[-1], out)
+    for i, (got, want) in enumerate(zip(layers, hooked, strict=True)):
+        assert_close([got[6:, :1], got[:, 1:]], [want[6:, :1], want[:, 1:]], name=f"layer {i}")
+    assert torch.equal(layers_state.c, state.c) and torch.equal(layers_state.keys[1], state.keys[1])
 
 
 def test_forward_hides_padded_memory_from_the_next_segment(assert_close):

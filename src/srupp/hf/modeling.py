@@ -53,16 +53,16 @@ class SRUppCache(Cache):
 
     def feed(
         self, stack: nn.Module, input: Tensor, mask_pad: Tensor | None, all_layers: bool = False
-    ) -> Tensor | tuple[Tensor, ...]:
-        """``stack``'s output for ``input`` ``[T, B, hidden_size]`` (padding ``mask_pad`` ``[T, B]``), continuing
-        the state fed so far (the session starts here, on the first call); with ``all_layers`` every layer's
-        output, the last being the stack's."""
+    ) -> tuple[Tensor, ...]:
+        """``stack``'s layers' outputs for ``input`` ``[T, B, hidden_size]`` (padding ``mask_pad`` ``[T, B]``),
+        continuing the state fed so far (the session starts here, on the first call): ``(output,)``, the stack's
+        output, or with ``all_layers`` every layer's output, the last being the stack's."""
         if self.session is None:
             self.session, self._start = stack.decoder(input.shape[1], state=self._start), None
         self.seen += input.shape[0]
         if all_layers:
             return self.session.step_layers(input, mask_pad)
-        return self.session.step(input, mask_pad)
+        return (self.session.step(input, mask_pad),)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -288,44 +288,22 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, T, V]``, the cache and ``hidden_states``.
         """
         _check_ids(input_ids, inputs_embeds)
-        if cache is None:
-            cache = past_key_values
-        if cache is not None and not isinstance(cache, SRUppCache):
-            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
-                cache = None  # an empty generic cache: ours takes its place
-            else:
-                raise TypeError(f"`cache` must be an SRUppCache or None, got {type(cache).__name__}")
+        cache = _given_cache(past_key_values if cache is None else cache)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache is None:
             use_cache = cache is not None or (self.config.use_cache and not self.training)
-
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
-        lm, layers = self.model, None
-        ids = None if input_ids is None else input_ids.t()
-        embeds = None if inputs_embeds is None else inputs_embeds.transpose(0, 1)
-        steps, batch = (ids if ids is not None else embeds).shape[:2]
-        pad = _padding(attention_mask, batch, steps)
-        mask_pad = None if pad is None else pad.t()
-        if use_cache or cache is not None:
-            cache = SRUppCache() if cache is None else cache
-            x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
-            if output_hidden_states:
-                layers = (x, *cache.feed(lm.rnn, x, mask_pad, all_layers=True))
-                hidden = lm.dropout(layers[-1])
-            else:
-                hidden = lm.dropout(cache.feed(lm.rnn, x, mask_pad))
-        else:
-            hidden, _, layers = lm.hidden_states(
-                ids, mask_pad=mask_pad, inputs_embeds=embeds, all_layers=output_hidden_states
-            )
+        if use_cache and cache is None:
+            cache = SRUppCache()
+        hidden, layers = self._hidden_states(input_ids, inputs_embeds, attention_mask, cache, output_hidden_states)
         hidden = hidden.transpose(0, 1)
 
         loss = None
         if labels is None and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = lm.scores(hidden)
+        logits = self.model.scores(hidden)
         if labels is not None:
             loss = _shifted_cross_entropy(logits, labels, kwargs.get("num_items_in_batch"))
         output = CausalLMOutputWithPast(
@@ -335,6 +313,39 @@ class SRUppForCausalLM(SRUppPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
+
+    def _hidden_states(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        attention_mask: Tensor | None,
+        cache: SRUppCache | None,
+        all_layers: bool,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """``forward``'s hidden states ``[T, B, d]`` before the output layer, through ``cache`` where given (fed
+        after what it holds), and with ``all_layers`` the embedding output and every layer's output (else None)."""
+        lm = self.model
+        ids = None if input_ids is None else input_ids.t()
+        embeds = None if inputs_embeds is None else inputs_embeds.transpose(0, 1)
+        steps, batch = (ids if ids is not None else embeds).shape[:2]
+        pad = _padding(attention_mask, batch, steps)
+        mask_pad = None if pad is None else pad.t()
+        if cache is None:
+            hidden, _, layers = lm.hidden_states(ids, mask_pad=mask_pad, inputs_embeds=embeds, all_layers=all_layers)
+            return hidden, layers
+        x = lm.dropout(lm.embed(ids) if embeds is None else embeds)
+        outputs = cache.feed(lm.rnn, x, mask_pad, all_layers=all_layers)
+        return lm.dropout(outputs[-1]), (x, *outputs) if all_layers else None
+
+
+def _given_cache(cache: object) -> SRUppCache | None:
+    """The ``cache`` (or ``past_key_values``) given to ``forward``: an ``SRUppCache``, or None for none or an empty
+    generic ``Cache`` (ours takes its place); TypeError for anything else."""
+    if cache is None or isinstance(cache, SRUppCache):
+        return cache
+    if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+        return None
+    raise TypeError(f"`cache` must be an SRUppCache or None, got {type(cache).__name__}")
 
 
 def _shifted_cross_entropy(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:

@@ -331,12 +331,16 @@ class SRUppDecoder:
         return self._step_general(input, mask_pad, all_layers=True)
 
     def _step_general(self, input: Tensor, mask_pad: Tensor | None, all_layers: bool = False) -> tuple[Tensor, ...]:
-        """``SRUpp.step`` on the session's caches, storing the state it returns: ``(output,)``, or with
-        ``all_layers`` every layer's output."""
+        """``SRUpp.step`` (``step_layers`` with ``all_layers``) on the session's caches, storing the state it
+        returns: ``(output,)``, or with ``all_layers`` every layer's output."""
         state = self._pending if self._pending is not None else self._live_state(copy=False)
-        result = self.model.step(input, state, mask_pad=mask_pad, all_layers=all_layers)
-        self._store(result[1])
-        return result[2] if all_layers else result[:1]
+        if all_layers:
+            outputs, state = self.model.step_layers(input, state, mask_pad=mask_pad)
+        else:
+            output, state = self.model.step(input, state, mask_pad=mask_pad)
+            outputs = (output,)
+        self._store(state)
+        return outputs
 
     def _token_path_applies(self, input: object) -> bool:
         return (

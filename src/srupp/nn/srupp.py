@@ -286,9 +286,7 @@ class SRUpp(SRUStack):
         """
         return SRUppDecoder(self, batch_size, max_context, state)
 
-    def step(
-        self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None, all_layers: bool = False
-    ) -> tuple[Tensor, SRUppState] | tuple[Tensor, SRUppState, tuple[Tensor, ...]]:
+    def step(self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None) -> tuple[Tensor, SRUppState]:
         """Causal decoding of the next token(s) with a key/value cache: one token, or a chunk (prefill).
 
         The result equals ``forward(..., causal=True, attn_window=max_context)`` over everything fed
@@ -304,11 +302,9 @@ class SRUpp(SRUStack):
             mask_pad: ``[T, B]`` (``[B, T]`` with ``batch_first``) bool, True marks padding (e.g. the left padding
                 of batched prompts): as in ``forward`` it carries c unchanged and outputs 0, and the state's
                 ``key_pad`` keeps it hidden from every later token.
-            all_layers: also return every layer's output (``num_layers`` tensors shaped as ``output``).
 
         Returns:
-            ``(output [T, B, hidden_size], next state)``, and with ``all_layers`` the layers' outputs; the state
-            holds c and each attention layer's cache.
+            ``(output [T, B, hidden_size], next state)``; the state holds c and each attention layer's cache.
 
         Example:
             >>> model = SRUpp(16, 16, 4).eval()
@@ -316,6 +312,20 @@ class SRUpp(SRUStack):
             >>> out, state = model.step(torch.randn(3, 2, 16), state)
             >>> out, state = model.step(torch.randn(1, 2, 16), state)
         """
+        outputs, state = self._step(input, state, mask_pad, all_layers=False)
+        return outputs[-1], state
+
+    def step_layers(
+        self, input: Tensor, state: SRUppState, *, mask_pad: Tensor | None = None
+    ) -> tuple[tuple[Tensor, ...], SRUppState]:
+        """``step``, returning every layer's output: ``(num_layers tensors shaped as step's output, the last being
+        it; the next state)``."""
+        return self._step(input, state, mask_pad, all_layers=True)
+
+    def _step(
+        self, input: Tensor, state: SRUppState, mask_pad: Tensor | None, all_layers: bool
+    ) -> tuple[tuple[Tensor, ...], SRUppState]:
+        """``step``'s work: every layer's output (only the last one's without ``all_layers``) and the next state."""
         if self.bidirectional:
             raise NotImplementedError("step-by-step decoding needs a unidirectional SRUpp")
         if not isinstance(state, SRUppState):
@@ -339,8 +349,7 @@ class SRUpp(SRUStack):
             joined = parts[0] if len(parts) == 1 else torch.cat(parts)
             return joined.transpose(0, 1) if self.batch_first else joined
 
-        outputs = tuple(join(parts) for parts in zip(*pieces, strict=True))
-        return (outputs[-1], state, outputs) if all_layers else (outputs[-1], state)
+        return tuple(join(parts) for parts in zip(*pieces, strict=True)), state
 
     def _step_piece(self, x: Tensor, state: SRUppState, mask_pad: Tensor | None) -> tuple[list[Tensor], SRUppState]:
         """``step`` over checked time-major input ``[T, B, input_size]`` and its padding ``[T, B]``: every layer's
