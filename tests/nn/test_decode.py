@@ -371,6 +371,35 @@ def test_select_gathers_into_two_alternating_buffer_sets_and_equals_indexing(ass
     assert_close(out, expected, name="after an inference-mode session's select")
 
 
+INFERENCE_USES = {
+    "select-same-size": lambda decoder, x: decoder.select(torch.tensor([2, 0, 1])),
+    "select-other-size": lambda decoder, x: decoder.select(torch.tensor([2, 0])),
+    "token": lambda decoder, x: decoder.step(x[3:4]),
+    "chunk": lambda decoder, x: decoder.step(x[3:5]),
+}
+
+
+@pytest.mark.parametrize("use", INFERENCE_USES.keys())
+def test_a_step_with_gradients_follows_a_use_in_inference_mode(assert_close, use):
+    """A session made outside inference mode and selected or stepped inside it (its ``c``, even its buffers, are
+    then inference tensors) takes a step with gradients after: its output and every parameter's gradient equal
+    ``SRUpp.step``'s from the session's state."""
+    model = make(num_layers=2)
+    x = torch.randn(6, 3, 6)
+    with torch.no_grad():
+        decoder = model.decoder(3)
+        decoder.step(x[:3])
+    with torch.inference_mode():
+        INFERENCE_USES[use](decoder, x)
+    token = x[5:6, : decoder.batch_size]
+    expected, _ = model.step(token, decoder.state)
+    out = decoder.step(token)
+    params = list(model.parameters())
+    assert_close(out, expected)
+    got, want = (torch.autograd.grad(y.square().sum(), params) for y in (out, expected))
+    assert_close(list(got), list(want), name="gradients")
+
+
 @pytest.mark.parametrize(
     "indices, error, message",
     [

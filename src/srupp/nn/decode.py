@@ -148,6 +148,11 @@ def _kernel_weights(weights: LayerWeights | None) -> TokenKernel | None:
     )
 
 
+def _holds_inference_tensors(state: SRUppState) -> bool:
+    tensors = [state.c, state.key_pad, *(state.memory or ()), *(state.keys or ()), *(state.values or ())]
+    return any(tensor is not None and tensor.is_inference() for tensor in tensors)
+
+
 class SRUppDecoder:
     """A decoding session of a unidirectional ``SRUpp`` over ``batch_size`` streams (see ``SRUpp.decoder``).
 
@@ -156,9 +161,10 @@ class SRUppDecoder:
     without gradients, appends in place and runs ``token_step`` per layer, or the whole stack as one call into
     the compiled CPU kernel where ``kernel`` is set (on the CPU, any backend but ``"naive"``; set it to None to run
     the torch ops). Any other step (a chunk, a padding mask, gradients) takes ``SRUpp.step`` on the session's
-    caches and stores what it returns. ``state`` is a copy of the session as an ``SRUppState``; ``load`` continues
-    one; ``select`` keeps, reorders or repeats streams in place (beam search); ``step_layers`` is ``step`` returning
-    every layer's output.
+    caches and stores what it returns (with gradients, on copies of what inference mode made: a session stepped or
+    selected in inference mode trains after it). ``state`` is a copy of the session as an ``SRUppState``; ``load``
+    continues one; ``select`` keeps, reorders or repeats streams in place (beam search); ``step_layers`` is ``step``
+    returning every layer's output.
 
     Precision: the kernel computes in float32. For a bfloat16 or float16 model it runs on float32 copies of the
     weights that the session makes once when it starts (memory: a float32 copy of the stack's weights per
@@ -334,6 +340,9 @@ class SRUppDecoder:
         """``SRUpp.step`` (``step_layers`` with ``all_layers``) on the session's caches, storing the state it
         returns: ``(output,)``, or with ``all_layers`` every layer's output."""
         state = self._pending if self._pending is not None else self._live_state(copy=False)
+        # Tensors made in inference mode (by a step or select there) cannot be saved for backward: normal copies.
+        if torch.is_grad_enabled() and _holds_inference_tensors(state):
+            state = state.clone()
         if all_layers:
             outputs, state = self.model.step_layers(input, state, mask_pad=mask_pad)
         else:
