@@ -91,3 +91,15 @@ def test_lean_path_with_only_one_output_used(backend, interpreter):
             for leaves in [[t.clone().requires_grad_() for t in (u, x, v, b, c0)]]
         ]
         assert_all_close(NAMES[2:], list(grads[0]), list(grads[1]), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lean_path_refuses_higher_order_gradients(backend, interpreter):
+    """The kernels' gradients carry no graph: create_graph=True raises one clear error (it once dropped the
+    second-order terms silently), where the naive spec's gradients are differentiable."""
+    leaves = [t.requires_grad_() for t in make_inputs(3, 2, 5, dtype=torch.float64)]
+    h, _ = sru_recurrence(*leaves, backend="naive")
+    assert all(g.requires_grad for g in torch.autograd.grad(h.sum(), leaves, create_graph=True))
+    h, _ = sru_recurrence(*leaves, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='naive'"):
+        torch.autograd.grad(h.sum(), leaves, create_graph=True)

@@ -36,6 +36,12 @@ def fake_backward(u, x, v, b, c0, mask_pad, mask_c, c_all, grad_h, grad_c_last, 
     return torch.empty_like(u), torch.empty_like(x), torch.empty_like(v), torch.empty_like(b), torch.empty_like(c0)
 
 
+SECOND_ORDER = (
+    "the fused recurrence kernels give first-order gradients only (create_graph=True asked for more); "
+    "run sru_recurrence with backend='naive' for higher-order gradients"
+)
+
+
 def register_autograd(forward_op, backward_op) -> None:
     """Make ``forward_op`` differentiable through ``backward_op``."""
 
@@ -87,6 +93,8 @@ class FusedRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_c_last):
         u, x, v, b, c0, c_all, mask_pad, mask_c = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would carry no graph
+            raise RuntimeError(SECOND_ORDER)
         grad_h = torch.zeros(x.shape, dtype=u.dtype, device=u.device) if grad_h is None else grad_h.contiguous()
         if grad_c_last is None:
             grad_c_last = torch.zeros_like(c0)
