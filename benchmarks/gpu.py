@@ -7,9 +7,10 @@ Nothing has to be built or installed: the GPU path needs torch and triton only (
 stage 7, travels as a wheel in ``vendor/``; see BENCHMARKS.md). Stages, each with a time cap (seconds on a
 GPU), recorded in ``gpu.json`` as ok / failed / skipped with its error, so one failure loses nothing:
 
-1. ``spec`` (30): forward and every gradient of each Triton kernel variant against the naive spec (float64
-   for fp32 inputs) at the paper's per-GPU shape with padding, c0 and mask_c; NaN-filled allocations.
-2. ``raw`` (90): device copy bandwidth, then the raw ops of each variant (lean, legacy, and prefetch: one lane
+1. ``spec`` (45): forward and every gradient of each Triton kernel variant against the naive spec (float64
+   for fp32 inputs) with padding, c0 and mask_c and NaN-filled allocations: first a small odd shape in both
+   directions (lanes past D, T not a multiple of any block), then the paper's per-GPU shape.
+2. ``raw`` (75): device copy bandwidth, then the raw ops of each variant (lean, legacy, and prefetch: one lane
    per thread, compiled for each B and D) at each shape and dtype, launched back to back (forward for inference,
    forward keeping states, backward, forward then backward), as a fraction of the copy's bandwidth. Bytes per
    element of [T, B, D] (a = activation bytes, states float32): forward 5a, forward keeping states 5a + 4,
@@ -19,11 +20,12 @@ GPU), recorded in ``gpu.json`` as ok / failed / skipped with its error, so one f
    bias, 4 heads (192 wide: flash), no memory; which SDPA kernel served each and its time.
 5. ``paper`` (80): the ``enwik8-base`` SRU++ (memory carried) against a GPT of as many parameters with flash
    SDPA, bf16, one AdamW step, eager and graphed (CUDA graphs), with the profiler's split of the eager step.
-6. ``small`` (40): the 7.6M-parameter pair (d=1024, 6 layers, T=1024, B=8), eager and graphed.
+6. ``small`` (30): the 7.6M-parameter pair (d=1024, 6 layers, T=1024, B=8), eager and graphed.
 7. ``authors`` (60): the authors' CUDA kernel, built from ``vendor/sru-*.whl`` in a subprocess capped at
    60 s, against ours; why not, where it does not build.
 8. ``race`` (60): bits per byte after the same GPU time for SRU++ and the Transformer at >= 20M parameters.
-9. ``tests``: ``pytest -m gpu`` with the time left (full output in ``gpu_tests.log``).
+9. ``tests``: ``pytest -m gpu`` with the time left (full output in ``gpu_tests.log``): first PRIORITY_TESTS (the
+   prefetch kernels at odd shapes, the trainer on a GPU), then the rest.
 
 A stage runs only while the global deadline (``--time-limit``, default 420 s) leaves time; rows inside it stop
 at its cap. ``gpu.json`` (rewritten atomically after every row) and ``gpu.log`` keep everything done so far.
@@ -53,10 +55,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The paper's per-GPU enwik8 shape (T=1024, B=4, d=3072), a small one, and its Wiki-103 one (B=8, d=4096).
 SHAPES = [(1024, 4, 3072), (512, 16, 512), (1024, 8, 4096)]
 DRY_SHAPES = [(6, 2, 40)]
+# Stage 1's odd shape: D not a multiple of any block (lanes past D), T not a multiple of any block of steps.
+ODD_SPEC_SHAPE, DRY_SPEC_SHAPE = (37, 5, 1000), (5, 3, 33)
 # Steps per block of the prefetch forward timed besides its default (PREFETCH_STEPS) in stage 2.
 PREFETCH_DEPTHS = (8, 24)
-STAGE_CAPS = {"spec": 30, "raw": 90, "autograd": 20, "sdpa": 20, "paper": 80, "small": 40, "authors": 60,
+# Their sum (390) leaves the GPU tests at least 30 s of the default 420 s limit, plus what earlier stages leave.
+STAGE_CAPS = {"spec": 45, "raw": 75, "autograd": 20, "sdpa": 20, "paper": 80, "small": 30, "authors": 60,
               "race": 60, "tests": 0}  # fmt: skip
+# Run first in stage 9, before the rest of ``pytest -m gpu`` (which collects hundreds of cases in file order).
+PRIORITY_TESTS = ("tests/ops/test_triton_kernel.py::test_cuda_prefetch_larger_shapes", "tests/train/test_loop.py")
 
 
 class Run:
@@ -250,10 +257,10 @@ def forward_and_grads(inputs: dict, backend: str, compute: torch.dtype | None, r
     return [h.detach(), c_last.detach(), *grads]
 
 
-def spec_row(shape, variant: str, dtype_name: str, device: torch.device) -> dict[str, object]:
-    """One variant and dtype against the naive spec; NaN-filled allocations expose elements never written."""
-    exact = dtype_name == "fp32"
-    reference, reverse, tolerance = (torch.float64, False, 1e-4) if exact else (torch.float32, True, 2e-2)
+def spec_row(shape, variant: str, dtype_name: str, reverse: bool, device: torch.device) -> dict[str, object]:
+    """One variant, dtype and direction against the naive spec; NaN-filled allocations expose elements never
+    written."""
+    reference, tolerance = (torch.float64, 1e-4) if dtype_name == "fp32" else (torch.float32, 2e-2)
     inputs = make_inputs(*shape, DTYPES[dtype_name], device, padded=True)
     saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # torch.empty now fills floats with NaN
@@ -287,17 +294,33 @@ def spec_row(shape, variant: str, dtype_name: str, device: torch.device) -> dict
     return row
 
 
-def stage_spec(run: Run) -> dict[str, object]:
-    shape = (5, 3, 33) if run.dry else SHAPES[0]
-    rows = [
-        run.row("spec", spec_row(shape, variant, dtype_name, run.device))
+def spec_cases(dry: bool) -> list[tuple[tuple[int, int, int], str, str, bool]]:
+    """(shape, variant, dtype, reverse) in the order stage 1 runs them: the odd shape in both directions first
+    (its lanes past D and leftover steps are where the kernels differ most), then the paper's shape, fp32 forward
+    and bf16 reverse (on a dry run the odd shape only)."""
+    odd = [
+        (DRY_SPEC_SHAPE if dry else ODD_SPEC_SHAPE, variant, dtype_name, reverse)
         for variant in kernel_variants()
         for dtype_name in DTYPES
+        for reverse in (False, True)
     ]
-    failed = [f"{row['variant']} {row['dtype']}" for row in rows if not row["ok"]]
+    paper = [
+        (SHAPES[0], variant, dtype_name, dtype_name != "fp32") for variant in kernel_variants() for dtype_name in DTYPES
+    ]
+    return odd if dry else odd + paper
+
+
+def stage_spec(run: Run) -> dict[str, object]:
+    rows, skipped = [], []
+    for shape, variant, dtype_name, reverse in spec_cases(run.dry):
+        if run.remaining() < (0.5 if run.dry else 3):
+            skipped.append(f"{shape} {variant} {dtype_name} reverse={reverse}")
+            continue
+        rows.append(run.row("spec", spec_row(shape, variant, dtype_name, reverse, run.device)))
+    failed = [f"{row['variant']} {row['dtype']} {(row['T'], row['B'], row['D'])}" for row in rows if not row["ok"]]
     if failed:
         raise AssertionError(f"differs from the naive spec: {', '.join(failed)}")
-    return {"variants": list(kernel_variants()), "rows": len(rows)}
+    return {"variants": list(kernel_variants()), "rows": len(rows), "skipped_for_time": skipped}
 
 
 def copy_bandwidth(run: Run) -> float:
@@ -440,13 +463,37 @@ def stage_autograd(run: Run) -> dict[str, object]:
 
 
 def stage_tests(run: Run) -> dict[str, object]:
-    """``pytest -m gpu`` over the files with GPU tests, in a subprocess, with the time left."""
+    """``pytest -m gpu`` in subprocesses with the time left: PRIORITY_TESTS first, then every other GPU test."""
     if importlib.util.find_spec("pytest") is None:
         return {"returncode": None, "summary": "not run: pytest is not installed here"}
-    files = ["tests/does_not_exist.py"] if run.results.get("fail") == "tests" else gpu_test_files()
+    if run.results.get("fail") == "tests":
+        groups = {"priority": ["tests/does_not_exist.py"]}
+    else:
+        groups = {
+            "priority": list(PRIORITY_TESTS),
+            "rest": [*gpu_test_files(), *(f"--deselect={t}" for t in PRIORITY_TESTS)],
+        }
+    runs, log = {}, []
+    for name, arguments in groups.items():
+        if run.remaining() < (1 if run.dry else 8):
+            runs[name] = {"returncode": None, "summary": f"not run: {run.remaining():.0f} s left"}
+            continue
+        runs[name], output = pytest_gpu(run, arguments)
+        log.append(f"==== {name}: pytest -m gpu {' '.join(arguments)}\n{output}")
+        (run.out / "gpu_tests.log").write_text("\n".join(log))
+    summary = "; ".join(f"{name}: {result['summary']}" for name, result in runs.items())
+    failed = [name for name, result in runs.items() if result["returncode"] not in (0, None)]
+    if failed:
+        raise RuntimeError(f"GPU tests failed ({', '.join(failed)}): {summary} (full output in gpu_tests.log)")
+    codes = [result["returncode"] for result in runs.values()]
+    return {"returncode": None if None in codes else 0, "summary": summary, "runs": runs}
+
+
+def pytest_gpu(run: Run, arguments: list[str]) -> tuple[dict[str, object], str]:
+    """One ``pytest -m gpu`` subprocess over ``arguments`` until the stage's time is up: its result and output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *arguments]
     timeout = max(5.0, run.remaining() - 3)
     run.log(f"$ PYTHONPATH=src {' '.join(command[1:])}  (timeout {timeout:.0f} s)")
     try:
@@ -455,13 +502,10 @@ def stage_tests(run: Run) -> dict[str, object]:
     except subprocess.TimeoutExpired as err:
         output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         returncode = None
-    (run.out / "gpu_tests.log").write_text(output)
     lines = output.strip().splitlines()
     summary = f"timed out after {timeout:.0f} s" if returncode is None else (lines[-1] if lines else "")
     run.log("\n".join(lines[-20:]))
-    if returncode not in (0, None):
-        raise RuntimeError(f"GPU tests failed: {summary} (full output in gpu_tests.log)")
-    return {"returncode": returncode, "summary": summary}
+    return {"returncode": returncode, "summary": summary}, output
 
 
 def gpu_test_files() -> list[str]:

@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -46,8 +48,8 @@ def test_dry_run_as_on_the_gpu_machine(tmp_path):
     results = read(tmp_path)
     assert list(results["summary"]) == STAGES and set(results["summary"].values()) == {"ok"}
     assert all(row["ok"] for row in rows(results, "spec"))
-    assert {(row["variant"], row["dtype"]) for row in rows(results, "spec")} == {
-        (variant, dtype) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES
+    assert {(row["variant"], row["dtype"], row["reverse"]) for row in rows(results, "spec")} == {
+        (variant, dtype, reverse) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES for reverse in (0, 1)
     }
     sweep = [row for row in rows(results, "raw") if "steps" not in row]
     assert {(row["variant"], row["dtype"]) for row in sweep} == {
@@ -70,6 +72,8 @@ def test_dry_run_as_on_the_gpu_machine(tmp_path):
     assert [row["model"] for row in rows(results, "race")] == ["srupp", "transformer"]
     tests = results["stages"]["tests"]["result"]
     assert tests["returncode"] == 0 and "skipped" in tests["summary"]  # the GPU tests collect and skip on CPU
+    assert list(tests["runs"]) == ["priority", "rest"]
+    assert all("skipped" in run["summary"] and "passed" not in run["summary"] for run in tests["runs"].values())
     assert "done in" in (tmp_path / "gpu.log").read_text()
 
 
@@ -128,3 +132,25 @@ def test_arguments(monkeypatch, tmp_path, capsys):
 def test_the_gpu_tests_it_runs_include_the_triton_and_training_ones():
     files = gpu.gpu_test_files()
     assert "tests/ops/test_triton_kernel.py" in files and "tests/train/test_loop.py" in files
+
+
+def test_the_priority_gpu_tests_exist_and_the_caps_leave_them_time():
+    files = gpu.gpu_test_files()
+    for node in gpu.PRIORITY_TESTS:
+        path, _, name = node.partition("::")
+        assert path in files and (not name or f"def {name}(" in (ROOT / path).read_text())
+    assert sum(gpu.STAGE_CAPS.values()) <= 420 - 30
+
+
+def test_the_spec_stage_runs_the_odd_shape_first_and_stops_at_its_cap(tmp_path):
+    cases = gpu.spec_cases(dry=False)
+    odd = [case for case in cases if case[0] == gpu.ODD_SPEC_SHAPE]
+    assert cases[: len(odd)] == odd and len(odd) == 4 * len(gpu.kernel_variants())
+    assert {(variant, dtype, reverse) for _, variant, dtype, reverse in odd} == {
+        (variant, dtype, reverse) for variant in gpu.kernel_variants() for dtype in gpu.DTYPES for reverse in (0, 1)
+    }
+    run = gpu.Run(tmp_path, time.monotonic() + 100, torch.device("cpu"), dry=True)
+    run.results["stages"]["spec"] = {}
+    run.stage_deadline = time.monotonic()  # the stage's cap is spent: every row is skipped, none fails
+    result = gpu.stage_spec(run)
+    assert result["rows"] == 0 and len(result["skipped_for_time"]) == len(gpu.spec_cases(dry=True))
