@@ -297,19 +297,61 @@ def test_lean_backward_leaves_16_bit_rows_it_cannot_read_as_words_to_legacy(devi
     assert launched == [triton_kernel._sru_lean_forward_kernel, triton_kernel._sru_backward_kernel]
 
 
-@pytest.mark.parametrize("variant", triton_kernel.VARIANTS)
 @pytest.mark.parametrize("shape", [(0, 3, 5), (4, 0, 5), (4, 3, 0)], ids=["T0", "B0", "D0"])
-def test_backward_with_nothing_to_walk(device, shape, variant):
+def test_backward_with_nothing_to_walk(device, shape):
     """No step, row or feature to run: v and b get zero gradients, c0 gets grad_c_last, and nothing is read from
-    memory that no kernel wrote (freed NaN-filled buffers of the partial sums' size are left to be reused)."""
+    memory that no kernel wrote (freed NaN-filled buffers of the partial sums' size are left to be reused). The
+    launcher returns before it picks a variant, so there is none to vary."""
     case = make_case(*shape, device=device, with_c0=True)
     junk = torch.full((shape[1], 4, shape[2]), float("nan"), device=device)
     del junk
     args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
     c_all = torch.empty(shape, device=device)
-    grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], False, variant=variant)
+    grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], False)
     expected = [torch.zeros_like(case[name]) for name in ("u", "x", "v", "b")] + [case["grad_c"]]
     assert_all_close(NAMES[2:], list(grads), expected, atol=0, rtol=0)
+
+
+def test_lean_backward_leaves_grad_h_of_another_dtype_to_legacy(device, monkeypatch):
+    """A direct launch_backward with bf16 u and float32 grad_h: the lean tile would read grad_h's bits as bf16, so
+    the legacy backward runs, and agrees with the spec."""
+    launched = record_launches(monkeypatch)
+    case = make_case(6, 3, 6, device=device, dtype=torch.bfloat16, with_c0=True, with_pad=True)
+    args = [case[name] for name in ("u", "x", "v", "b", "c0", "mask_pad", "mask_c")]
+    assert case["grad_h"].dtype == torch.float32 and triton_kernel._tile_readable(
+        case["u"], case["x"], case["grad_h"].to(torch.bfloat16), case["mask_pad"]
+    )  # only the dtype keeps the lean tile away
+    _, _, c_all = triton_kernel.launch_forward(*args, False, True, variant="lean")
+    grads = triton_kernel.launch_backward(*args, c_all, case["grad_h"], case["grad_c"], False, variant="lean")
+    assert launched == [triton_kernel._sru_lean_forward_kernel, triton_kernel._sru_backward_kernel]
+    assert_all_close(NAMES[2:], list(grads), run(case, backend="naive", dtype=torch.float32)[2:], atol=2e-2, rtol=2e-2)
+
+
+# Several programs along D (the interpreter's block is otherwise next_pow2(D)): D=33 leaves one lane in the last
+# block, D=34 two (one 4-byte word of bf16); T=7 in blocks of 3 steps, both directions.
+BLOCK_CASES = [
+    pytest.param(variant, dtype, hidden, reverse, id=f"{variant}-{str(dtype)[6:]}-D{hidden}-{direction}")
+    for variant in ("lean", "prefetch")
+    for dtype in (torch.float64, torch.bfloat16)
+    for hidden in (33, 34)
+    for reverse, direction in ((False, "forward"), (True, "reverse"))
+]
+
+
+@pytest.mark.parametrize("variant, dtype, hidden, reverse", BLOCK_CASES)
+def test_blocks_of_16_features_match_naive(device, variant, dtype, hidden, reverse, monkeypatch):
+    """The lean and prefetch kernels with BLOCK_D=16 (three programs per row) against the spec: float64 to 1e-12,
+    bf16 against float32 on the same rounded inputs."""
+    launched = record_launches(monkeypatch)
+    options = dict(with_c0=True, with_pad=True, with_mask_c=True, reverse=reverse)
+    case = make_case(7, 3, hidden, device=device, dtype=dtype, **options)
+    exact = dtype == torch.float64
+    with triton_kernel.launch_overrides(variant=variant, steps=3, block_d=16):
+        if exact:
+            check(case, atol=1e-12, rtol=1e-10)
+        else:
+            check(case, atol=2e-2, rtol=2e-2, reference_dtype=torch.float32)
+    assert launched[0] is (triton_kernel._FORWARD_KERNELS[variant])
 
 
 @pytest.mark.parametrize("variant", triton_kernel.VARIANTS)

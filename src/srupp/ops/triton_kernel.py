@@ -1,12 +1,14 @@
 """The Triton backend: forward and backward kernels fused over the sequence, registered with torch.library.
 
 Each program owns one batch row and a block of features and runs the whole time loop with its state in
-registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. The time loop is a ``tl.range`` with ``num_stages``:
-on sm_80+ every step's loads are issued ``STAGES - 1`` steps ahead as asynchronous copies into shared
-memory, so one step does not wait a DRAM round trip for the next (tests/ops/test_triton_sm90.py checks the
-compiled code). Activations (u, x, h) are read and written in their own dtype, at least 4 bytes per thread
-per load; state and sums are float32 (float64 for float64 input). CPU tensors run through Triton's
-interpreter when ``TRITON_INTERPRET=1`` (how the tests check these kernels without a GPU).
+registers, so the grid is ``(B, cdiv(D, BLOCK_D))``. Three variants of the kernels (``VARIANTS``) hide the
+DRAM round trip of each step's loads differently; tests/ops/test_triton_sm90.py checks the compiled code.
+The lean (the default) and legacy loops are ``tl.range`` loops with ``num_stages``: on sm_80+ their loads are
+issued ahead as asynchronous copies into shared memory, at least 4 bytes per thread per load. The prefetch
+loops (opt-in) use plain loads into registers, one lane per thread whatever the dtype, issued one block of
+steps ahead. Activations (u, x, h) are read and written in their own dtype; state and sums are float32
+(float64 for float64 input). CPU tensors run through Triton's interpreter when ``TRITON_INTERPRET=1`` (how
+the tests check these kernels without a GPU).
 """
 
 from __future__ import annotations
@@ -729,7 +731,9 @@ def _sm_count(index: int) -> int:
 # per iteration and issues its loads LEAN_STAGES - 1 iterations ahead. The prefetch loops run PREFETCH_STEPS
 # (forward) or PREFETCH_BACKWARD_STEPS steps per iteration with PREFETCH_STAGES iterations of loads in flight:
 # about 500 instructions between a load and its use either way.
-# Benchmarks may override any of them, and the variant, for a while with `launch_overrides`.
+# Benchmarks may override any of them, and the variant, for a while with `launch_overrides`. The prefetch
+# kernels take B and D as compile-time constants, so they compile once per (B, D): every new batch size (a last
+# short batch, generation) costs a compilation. That, until a GPU has measured them, keeps them opt-in.
 STAGES = 8
 STEPS = 8
 LEAN_STAGES = 3
@@ -749,7 +753,8 @@ def launch_overrides(**values: int | str | None):
     """Temporarily fix launch parameters for tuning and A/B benchmarks: ``variant`` ("lean", "legacy" or
     "prefetch"), ``stages`` (the loop's ``num_stages``: steps ahead for legacy, iterations of ``steps`` steps for
     lean; for prefetch, iterations of loads in flight), ``steps`` (lean, and both prefetch kernels), ``block_d``,
-    ``num_warps``. None leaves a parameter as it is."""
+    ``num_warps``. None leaves a parameter as it is. The prefetch kernels compile once per (B, D), so each new
+    batch size costs a compilation."""
     unknown = set(values) - set(_OVERRIDABLE)
     if unknown:
         raise ValueError(f"`launch_overrides` takes {', '.join(_OVERRIDABLE)}; got {sorted(unknown)}")
@@ -951,8 +956,11 @@ def launch_backward(
 
 
 def _tile_readable(u: Tensor, x: Tensor, grad_h: Tensor, mask_pad: Tensor | None) -> bool:
-    """Whether the lean backward's tile can read these: it loads two 16-bit values as one 4-byte word (so D even
-    and the tensors 4-byte aligned), and its int32 offsets reach FLAG_COPIES per padding flag."""
+    """Whether the lean backward's tile can read these: one dtype for u and grad_h (the tile reads both as u's),
+    two 16-bit values loaded as one 4-byte word (so D even and the tensors 4-byte aligned), and int32 offsets
+    that reach FLAG_COPIES per padding flag."""
+    if grad_h.dtype != u.dtype:
+        return False
     if mask_pad is not None and mask_pad.numel() * FLAG_COPIES >= 2**31:
         return False
     if u.element_size() != 2:
