@@ -9,7 +9,8 @@ shared machine hits every tree alike), one torch thread:
 
 Figures are new tokens per second, the prompt's time included: a process's best of ``--repeats`` runs after one
 warm-up, by wall clock and by the process's CPU time (the least disturbed by other processes on a shared machine;
-the runs use one thread). Per tree the median and the best process are reported, with ratios to the first tree.
+the runs use one thread). Per tree the median and the best process are reported, with ratios to the first tree,
+and each greedy figure over the float32 compiled one (per process, the median of the ratios).
 Attention's ``alpha`` is set to 0.7 (its initial 0 would leave attention out of the tokens).
 
     PYTHONPATH=src:. python3 -m benchmarks.decoding                        # this checkout, ~1 min
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +151,22 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def over_float32(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per tree, each greedy figure over the float32 compiled one of the same process (the same load), the median
+    over its processes; printed."""
+    ratios = {}
+    for tree, processes in runs.items():
+        ratios[tree] = {}
+        for name in processes[0]["figures"]:
+            reference = "greedy_float32_compiled" + "_cpu" * name.endswith("_cpu")
+            pairs = [run["figures"] for run in processes if name in run["figures"] and reference in run["figures"]]
+            if name.startswith("greedy_") and name != reference and pairs:
+                ratios[tree][name] = statistics.median(figures[name] / figures[reference] for figures in pairs)
+        shown = ", ".join(f"{name} {ratio:.3f}x" for name, ratio in ratios[tree].items())
+        print(f"{tree}: over greedy_float32_compiled (of the same process, median): {shown}")
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", action="append", type=Path, help="a source tree (repeatable; default: src)")
@@ -176,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "figures": summarise(runs),
+        "over_float32_compiled": over_float32(runs),
         "missing": {tree: processes[0]["missing"] for tree, processes in runs.items()},
         "compiled": {tree: processes[0]["compiled"] for tree, processes in runs.items()},
         "same_tokens": same_tokens(runs),

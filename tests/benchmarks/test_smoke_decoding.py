@@ -1,7 +1,7 @@
 import shutil
 
 import pytest
-from benchmarks.decoding import same_tokens, summarise
+from benchmarks.decoding import over_float32, same_tokens, summarise
 
 from tests.benchmarks import ROOT, assert_provenance, read_json, run_benchmark
 
@@ -61,3 +61,15 @@ def test_same_tokens_compares_every_process_and_bfloat16_with_float32():
     assert agree["beam"] is False and agree["greedy_float32_compiled"] is True
     assert agree["greedy_bfloat16_compiled_as_float32"] is True
     assert agree["greedy_bfloat16_torch_ops_as_float32"] is False
+
+
+def test_over_float32_is_the_median_of_each_process_ratio():
+    processes = [
+        run({"greedy_float32_compiled": 100.0, "greedy_bfloat16_compiled": 110.0, "beam": 5.0}),
+        run({"greedy_float32_compiled": 50.0, "greedy_bfloat16_compiled": 60.0}),
+        run({"greedy_float32_compiled": 200.0, "greedy_bfloat16_compiled": 180.0}),
+    ]
+    processes[0]["figures"] |= {"greedy_float32_compiled_cpu": 10.0, "greedy_bfloat16_torch_ops_cpu": 2.0}
+    assert over_float32({"tree": processes}) == {
+        "tree": {"greedy_bfloat16_compiled": 1.1, "greedy_bfloat16_torch_ops_cpu": 0.2}
+    }
