@@ -7,22 +7,21 @@ shared machine hits every tree alike), one torch thread:
   byte-level SRUppLM d=256, d'=64, 4 layers, random weights: float32 and bfloat16 weights, each through the
   compiled one-token step and through the torch ops (the session's ``stack.kernel`` set to None).
 
-Figures are new tokens per second, the prompt's time included: a process's best of ``--repeats`` runs after one
-warm-up, by wall clock and by the process's CPU time (the least disturbed by other processes on a shared machine;
-the runs use one thread). Per tree the median and the best process are reported, with ratios to the first tree,
-and each greedy figure over the float32 compiled one (per process, the median of the ratios).
-Attention's ``alpha`` is set to 0.7 (its initial 0 would leave attention out of the tokens).
+Figures are new tokens per second, the prompt's time included: a process's best of ``--repeats`` beam searches
+and of ``--greedy-repeats`` greedy runs of each kind (the kinds taken in turn), each after one warm-up, by wall
+clock and by the process's CPU time (the least disturbed by other processes on a shared machine; the runs use one
+thread). Per tree the median and the best process are reported, with ratios to the first tree, and each greedy
+figure over the float32 compiled one (per process, the median of the ratios). Attention's ``alpha`` is set to 0.7
+(its initial 0 would leave attention out of the tokens).
 
-    PYTHONPATH=src:. python3 -m benchmarks.decoding                        # this checkout, ~1 min
+    PYTHONPATH=src:. python3 -m benchmarks.decoding                        # this checkout, ~2 min
     PYTHONPATH=src:. python3 -m benchmarks.decoding --src /tmp/old/src --src src   # before | after
     PYTHONPATH=src:. python3 -m benchmarks.decoding --quick                # a smoke run, seconds
 
-An old tree: ``mkdir -p /tmp/old && git archive a435ea9 src | tar -x -C /tmp/old`` and its C library, built from
-the same commit (``git archive a435ea9 | tar -x -C /tmp/old && cd /tmp/old && python setup.py build_ext
---inplace``) or copied from a checkout whose ``src/srupp/ops/csrc`` is the same. What a tree lacks (``srupp.hf``
-or transformers, sessions, a session's ``kernel`` switch) is recorded under ``missing`` and its figures left out;
-which runs took the compiled step is recorded under ``compiled``. Writes ``decoding.json`` (``--quick``:
-``decoding_quick.json``) under ``--out``.
+An old tree with its own C library: ``mkdir -p /tmp/old && git archive a435ea9 | tar -x -C /tmp/old && (cd
+/tmp/old && python setup.py -q build_ext --inplace)``. What a tree lacks (``srupp.hf`` or transformers, sessions,
+a session's ``kernel`` switch) is recorded under ``missing`` and its figures left out; which runs took the compiled
+step, under ``compiled``. Writes ``decoding.json`` (``--quick``: ``decoding_quick.json``) under ``--out``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from benchmarks.common import RESULTS, compare_rounds, provenance, tree_environm
 
 # Run in a process of its own with the tree to time first on the path: only what every tree since the sessions has.
 WORKER = r"""
-import copy, json, sys, time
+import copy, functools, json, sys, time
 import torch
 from srupp.models import LMConfig, SRUppLM
 
@@ -58,19 +57,22 @@ def language_model(hidden_size, proj_size, num_layers):
     return model
 
 
-def best_rates(name, run, new_tokens):
-    # run() returns the new tokens; every repeat must give the warm-up's
-    tokens = run()
-    walls, cpus = [], []
-    for _ in range(config["repeats"]):
-        wall, cpu = time.perf_counter(), time.process_time()
-        again = run()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-        assert again == tokens, f"{name}: a repeat gave other tokens"
-    result["figures"][name] = new_tokens / min(walls)
-    result["figures"][name + "_cpu"] = new_tokens / min(cpus)
-    result["tokens"][name] = tokens
+def best_rates(runs, repeats, new_tokens):
+    # runs: {name: run}, run() returning the new tokens, which every repeat must repeat; taken in turn, so that a
+    # change of load hits every run alike
+    tokens = {name: run() for name, run in runs.items()}
+    walls, cpus = ({name: [] for name in runs} for _ in range(2))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            again = run()
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+            assert again == tokens[name], f"{name}: a repeat gave other tokens"
+    for name in runs:
+        result["figures"][name] = new_tokens / min(walls[name])
+        result["figures"][name + "_cpu"] = new_tokens / min(cpus[name])
+        result["tokens"][name] = tokens[name]
 
 
 def beam():
@@ -83,7 +85,7 @@ def beam():
     prompt = torch.randint(1, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     new = config["new_tokens"]
     options = dict(max_new_tokens=new, num_beams=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-    best_rates("beam", lambda: model.generate(prompt, **options)[0, 16:].tolist(), new)
+    best_rates({"beam": lambda: model.generate(prompt, **options)[0, 16:].tolist()}, config["repeats"], new)
 
 
 @torch.inference_mode()
@@ -108,7 +110,7 @@ def greedy():
         return
     models = {"float32": model, "bfloat16": copy.deepcopy(model).bfloat16()}
     prompt = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(1))
-    new = config["new_tokens"]
+    new, runs = config["new_tokens"], {}
     for dtype, weights in models.items():
         for path, compiled in (("compiled", True), ("torch_ops", False)):
             name = f"greedy_{dtype}_{path}"
@@ -117,7 +119,8 @@ def greedy():
             except AttributeError as err:  # a tree whose session cannot switch its kernel off
                 result["missing"][name] = f"{type(err).__name__}: {err}"
                 continue
-            best_rates(name, lambda: greedy_tokens(weights, prompt, new, compiled)[0], new)
+            runs[name] = functools.partial(lambda *run: greedy_tokens(*run)[0], weights, prompt, new, compiled)
+    best_rates(runs, config["greedy_repeats"], new)
 
 
 beam()
@@ -128,7 +131,7 @@ print(json.dumps(result))
 
 def measure(src: Path, args: argparse.Namespace) -> dict:
     """One process of ``WORKER`` with ``src`` first on the path: its figures, tokens and what it lacked."""
-    config = json.dumps({"new_tokens": args.new_tokens, "repeats": args.repeats})
+    config = json.dumps({name: getattr(args, name) for name in ("new_tokens", "repeats", "greedy_repeats")})
     command = [sys.executable, "-c", WORKER, config]
     done = subprocess.run(command, env=tree_environment(src), capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
@@ -171,16 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", action="append", type=Path, help="a source tree (repeatable; default: src)")
     parser.add_argument("--rounds", type=int, default=7, help="processes per tree")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per process and figure")
-    parser.add_argument("--quick", action="store_true", help="one round, one repeat, 8 new tokens (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed beam searches per process")
+    parser.add_argument("--greedy-repeats", type=int, default=20, help="timed greedy runs per process and figure")
+    parser.add_argument("--quick", action="store_true", help="one round and repeat, 8 new tokens (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for decoding.json")
     args = parser.parse_args(argv)
     args.new_tokens = 8 if args.quick else 128
     if args.quick:
-        args.rounds, args.repeats = 1, 1
-    for name in ("rounds", "repeats"):
+        args.rounds = args.repeats = args.greedy_repeats = 1
+    for name in ("rounds", "repeats", "greedy_repeats"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     trees = [str(tree) for tree in args.src or [Path("src")]]
     origin = provenance("decoding", argv)
     runs: dict[str, list[dict]] = {tree: [] for tree in trees}
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "greedy_repeats": args.greedy_repeats,
         "figures": summarise(runs),
         "over_float32_compiled": over_float32(runs),
         "missing": {tree: processes[0]["missing"] for tree, processes in runs.items()},
