@@ -317,7 +317,11 @@ def stage_spec(run: Run) -> dict[str, object]:
             skipped.append(f"{shape} {variant} {dtype_name} reverse={reverse}")
             continue
         rows.append(run.row("spec", spec_row(shape, variant, dtype_name, reverse, run.device)))
-    failed = [f"{row['variant']} {row['dtype']} {(row['T'], row['B'], row['D'])}" for row in rows if not row["ok"]]
+    failed = [
+        f"{row['variant']} {row['dtype']} {(row['T'], row['B'], row['D'])} reverse={row['reverse']}"
+        for row in rows
+        if not row["ok"]
+    ]
     if failed:
         raise AssertionError(f"differs from the naive spec: {', '.join(failed)}")
     return {"variants": list(kernel_variants()), "rows": len(rows), "skipped_for_time": skipped}

@@ -3,13 +3,16 @@ import shutil
 import pytest
 from benchmarks.decoding import over_float32, same_tokens, summarise
 
+from srupp.ops import library
 from tests.benchmarks import ROOT, assert_provenance, read_json, run_benchmark
 
 PATHS = ("float32_compiled", "float32_torch_ops", "bfloat16_compiled", "bfloat16_torch_ops")
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not library.is_available(), reason=library.unavailable_reason())
 def test_decoding_benchmark_quick_run_writes_json_and_records_what_a_tree_lacks(tmp_path):
+    pytest.importorskip("transformers")
     # A second tree without srupp.hf stands for an old one: its beam search is recorded missing, the rest timed.
     shutil.copytree(ROOT / "src", tmp_path / "old", ignore=shutil.ignore_patterns("__pycache__", "hf"))
     args = ("--src", tmp_path / "old", "--src", ROOT / "src", "--quick")

@@ -619,6 +619,18 @@ def test_state_keeps_key_pad_through_tensors_and_to():
     assert moved.key_pad.dtype == torch.bool and moved.c.dtype == torch.float64
 
 
+
+def test_state_tensors_are_every_field_it_holds():
+    """``tensors()`` lists each tensor field, so a check over it (inference tensors) misses none."""
+    model = make(num_layers=2)
+    mask_pad = torch.tensor([[True, False], [False, False], [False, False]])
+    _, state = model.step(torch.randn(3, 2, 6), model.init_decode_state(2), mask_pad=mask_pad)
+    expected = [state.c, state.key_pad, *[t for t in (*state.keys, *state.values) if t is not None]]
+    assert sorted(map(id, state.tensors())) == sorted(map(id, expected))
+    _, state = model(torch.randn(3, 2, 6), causal=True)
+    assert sorted(map(id, state.tensors())) == sorted(map(id, [state.c, *[m for m in state.memory if m is not None]]))
+
+
 CAUSALITY = {
     "unidirectional-default": (dict(), {}, True),
     "unidirectional-explicit-non-causal": (dict(), {"causal": False}, False),

@@ -4,7 +4,9 @@ tensors of its launch: checked in Triton's interpreter, whose loads and stores t
 On a GPU an access past a tensor reads whatever lies there, or faults only now and then; the spec tests catch
 it only where the stray value reaches an output. The prefetch kernels load unmasked (lanes past D read column
 D - 1) and issue loads a block of steps ahead, so their addresses are the ones most worth checking. The checker
-uses the interpreter's private classes; where they are missing the tests skip.
+uses the interpreter's private classes; where they are missing the tests skip (a Triton that renames the
+smaller internals it also reads, such as a handle's ``data``, makes them fail instead: a checker to update). An
+access that runs past one tensor into another of the same launch passes unseen: the check is "inside some tensor".
 """
 
 from __future__ import annotations

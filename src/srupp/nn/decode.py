@@ -148,11 +148,6 @@ def _kernel_weights(weights: LayerWeights | None) -> TokenKernel | None:
     )
 
 
-def _holds_inference_tensors(state: SRUppState) -> bool:
-    tensors = [state.c, state.key_pad, *(state.memory or ()), *(state.keys or ()), *(state.values or ())]
-    return any(tensor is not None and tensor.is_inference() for tensor in tensors)
-
-
 class SRUppDecoder:
     """A decoding session of a unidirectional ``SRUpp`` over ``batch_size`` streams (see ``SRUpp.decoder``).
 
@@ -341,7 +336,7 @@ class SRUppDecoder:
         returns: ``(output,)``, or with ``all_layers`` every layer's output."""
         state = self._pending if self._pending is not None else self._live_state(copy=False)
         # Tensors made in inference mode (by a step or select there) cannot be saved for backward: normal copies.
-        if torch.is_grad_enabled() and _holds_inference_tensors(state):
+        if torch.is_grad_enabled() and any(tensor.is_inference() for tensor in state.tensors()):
             state = state.clone()
         if all_layers:
             outputs, state = self.model.step_layers(input, state, mask_pad=mask_pad)

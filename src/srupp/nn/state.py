@@ -79,6 +79,11 @@ class SRUppState:
         """The same state on ``device`` and/or with floating-point ``dtype``."""
         return self._apply(lambda tensor: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the state holds (c, memory, keys, values, key_pad), in no particular order."""
+        items = [self.c, self.key_pad, *(self.memory or ()), *(self.keys or ()), *(self.values or ())]
+        return [tensor for tensor in items if tensor is not None]
+
     def _apply(self, fn) -> SRUppState:
         key_pad = None if self.key_pad is None else fn(self.key_pad)
         return SRUppState(

@@ -110,8 +110,9 @@ def sru_recurrence(
     results returned in ``u``'s dtype. ``x``, ``v``, ``b``, ``c0`` and ``mask_c`` may be in
     ``u``'s dtype or in that compute dtype (autocast hands fp32 parameters beside fp16 activations).
 
-    Gradients: first order on every backend; only ``"naive"`` (plain torch ops) also gives higher orders
-    (``create_graph=True`` through a fused backend raises).
+    Gradients: first order on every backend; only ``"naive"`` (plain torch ops) also gives higher orders. A fused
+    backend refuses more: an eager call raises at ``create_graph=True``, a traced one (torch.compile, torch.func)
+    when the second backward reaches its kernels' registered backward.
 
     Returns:
         ``(h [T, B, D], c_last [B, D])``, both in ``u``'s dtype.
