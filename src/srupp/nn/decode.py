@@ -385,8 +385,8 @@ class SRUppDecoder:
             self.kernel(x.contiguous(), c, c_next, output, self.start, self.end, ends)
             output = output if ends else output.to(self.dtype)
         else:
-            layers = tuple(x.view(self.output_shape).to(self.dtype) for x in self._token_ops(input, c, c_next))
-            output = layers if all_layers else layers[-1]
+            layers = self._token_ops(input, c, c_next)
+            output = tuple(map(self._as_output, layers)) if all_layers else self._as_output(layers[-1])
         self.c = c_next
         self.end += 1
         if self.max_context is not None and self.end - self.start > self.max_context:
@@ -402,13 +402,20 @@ class SRUppDecoder:
         if self.pad is not None:
             self.pad.select(1, self.end).fill_(False)
             mask = self.pad.narrow(1, start, length).logical_not().view(-1, 1, 1, length)
-        x, outputs = input.reshape(self.batch_size, -1).to(self.cache_dtype), []
+        x, outputs = input.reshape(self.batch_size, -1), []
+        if x.dtype != self.cache_dtype:  # (a `.to` that changes nothing still costs a dispatch, per token)
+            x = x.to(self.cache_dtype)
         layers = self.weights if self.cache_dtype == self.dtype else self._weights32
         for weights, buffer, c_in, c_out in zip(layers, self.buffers, c.unbind(0), c_next.unbind(0), strict=True):
             window = None if buffer is None else buffer.narrow(3, start, length)
             x = token_step(x, c_in, c_out, weights, window, mask)
             outputs.append(x)
         return outputs
+
+    def _as_output(self, layer_output: Tensor) -> Tensor:
+        """A layer's ``[B, hidden_size]`` result of ``_token_ops`` as the step's output: its shape and dtype."""
+        output = layer_output.view(self.output_shape)
+        return output if output.dtype == self.dtype else output.to(self.dtype)
 
     def _store(self, state: SRUppState) -> None:
         """Take over a checked ``state`` (``SRUpp.step``'s result): its caches are copied into the buffers."""
